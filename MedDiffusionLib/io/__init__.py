@@ -1,0 +1,1 @@
+"""File formats: official checkpoints, our safetensors format, volume I/O."""

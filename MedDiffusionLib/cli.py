@@ -1,9 +1,154 @@
-"""``meddiffusion`` command line."""
+"""``meddiffusion`` command line: generate volumes, manage weights, convert checkpoints."""
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
+
+EXAMPLES_GENERATE = """examples:
+  meddiffusion generate --out sample.nii.gz                      # bundled demo model, CPU is fine
+  meddiffusion generate --model official-8x --class 1 --size 256 256 256 --spacing 1.25 1.25 1.25 --out chest.nii.gz
+  meddiffusion generate --model official-4x --class "MR T1" --sampler ddim --steps 100 --num-volumes 4 --out t1.nrrd
+  meddiffusion generate --weights ~/Downloads/meddiffusion --class 0 --hu-window -1000 1500 --out head.nii.gz
+"""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registry model id (see `meddiffusion models list`); default: the bundled model")
+    p.add_argument("--weights", help="folder with weights downloaded by hand (official PatchVolume_*.ckpt + "
+                                     "BiFlowNet_*.pt, or converted autoencoder/biflownet .safetensors)")
+    p.add_argument("--offline", action="store_true", help="never contact the hub; use cached files only "
+                                                          "(same as HF_HUB_OFFLINE=1)")
+
+
+def _outputs(out: str, n: int) -> list[Path]:
+    from .data.volumes import SUFFIXES
+
+    path = Path(out)
+    if n == 1:
+        return [path]
+    name = path.name
+    suffix = next((s for s in SUFFIXES if name.lower().endswith(s)), path.suffix)
+    stem = name[: len(name) - len(suffix)]
+    return [path.with_name(f"{stem}_{i}{suffix}") for i in range(n)]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .data.volumes import check_writable, write_volume
+    from .estimate import estimate_seconds, human_seconds
+    from .registry import get_model, parse_class
+
+    if args.num_volumes < 1:
+        raise ValueError(f"--num-volumes must be positive, got {args.num_volumes}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    outs = _outputs(args.out, args.num_volumes)
+    for o in outs:
+        check_writable(o, args.overwrite)
+    entry = get_model(args.model) if (args.model or not args.weights) else None
+    cls = parse_class(args.class_ if args.class_ is not None else entry.raw["defaults"]["class"] if entry else 1, entry)
+    hu_window = args.hu_window
+    if args.hu and hu_window is None:
+        info = entry.class_info(cls) if entry else {}
+        if "hu_window" not in info:
+            raise ValueError("this model has no suggested HU window for that class; give one with --hu-window LO HI")
+        hu_window = info["hu_window"]
+    if hu_window is not None:
+        from .registry import class_names
+        if not class_names()[cls].startswith("CT"):
+            raise ValueError(f"--hu-window applies to CT classes only; class {cls} is {class_names()[cls]}")
+        if hu_window[1] <= hu_window[0]:
+            raise ValueError(f"--hu-window needs LO < HI, got {hu_window}")
+
+    import torch
+
+    from .pipelines.generation import GenerationPipeline, legal_size, resolve_device
+
+    device = resolve_device(args.device)
+    if entry is not None and args.size is not None:
+        legal_size(args.size, entry.compression)
+    t0 = time.time()
+    pipe = GenerationPipeline.from_pretrained(args.model, args.weights, device=str(device),
+                                              local_files_only=True if args.offline else None)
+    size = args.size or (pipe.entry.default_size(cls)[0] if pipe.entry else None)
+    if size is None:
+        raise ValueError("--size X Y Z is required with --weights")
+    legal_size(size, pipe.compression)
+    sampler = args.sampler or (pipe.entry.raw["defaults"]["sampler"] if pipe.entry else "ddpm")
+    steps = args.steps if sampler == "ddim" else 1000
+    if sampler == "ddim" and steps is None:
+        defaults = pipe.entry.raw["defaults"] if pipe.entry else {}
+        steps = defaults.get("steps", 100) if defaults.get("sampler") == "ddim" else 100
+    if sampler == "ddpm" and args.steps not in (None, 1000):
+        raise ValueError("DDPM always runs 1000 steps; use --sampler ddim --steps N for fewer")
+    est = estimate_seconds(pipe.entry.raw if pipe.entry else None, pipe.compression, size, steps, device.type,
+                           args.num_volumes)
+    if device.type == "cpu":
+        print(f"warning: running on the CPU; expected time about {human_seconds(est)}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, unit="step", desc=f"sampling ({sampler})", disable=args.quiet)
+
+    def progress(i: int, n: int) -> None:
+        bar.update(i - bar.n)
+
+    try:
+        results = pipe.generate(cls, size, args.spacing, args.seed, sampler, steps if sampler == "ddim" else None,
+                                args.num_volumes, progress)
+    except torch.cuda.OutOfMemoryError:
+        raise MemoryError(f"the GPU ran out of memory for {'x'.join(map(str, size))}; try a smaller --size, fewer "
+                          "--num-volumes, or --device cpu") from None
+    finally:
+        bar.close()
+    for res, out in zip(results, outs):
+        write_volume(res.volume(hu_window), out, args.overwrite)
+        print(f"wrote {out}  ({'x'.join(map(str, size))} voxels, spacing {tuple(round(s, 3) for s in res.spacing_xyz)} "
+              f"mm, class {cls}, seed {args.seed}, {'HU' if hu_window else 'model units [-1, 1]'})")
+    print(f"done in {time.time() - t0:.1f} s on {device}")
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    from .registry import models
+    from .weights import status
+
+    for m in models():
+        st = status(m)
+        states = {v["state"] for v in st.values()}
+        state = "bundled" if states == {"bundled"} else "downloaded" if states == {"cached"} else \
+            "partly downloaded" if "cached" in states else "not downloaded"
+        sizes = [v["size"] for v in st.values() if v["size"]]
+        size = f"{sum(sizes) / 2**20:.1f} MiB" if sizes else "size unknown"
+        print(f"{m.id:<16} {state:<18} {size:<14} {m.raw['compression']}  {m.raw['title']}")
+        classes = ", ".join(f"{c['index']} {c['name']}" for c in m.raw["classes"])
+        print(f"{'':<16} classes: {classes}")
+        print(f"{'':<16} licence: {m.raw['license']}")
+    return 0
+
+
+def _cmd_models_download(args: argparse.Namespace) -> int:
+    from .registry import get_model
+    from .weights import download_file
+
+    entry = get_model(args.id)
+    if entry.bundled:
+        print(f"{entry.id} is bundled with MedDiffusion; nothing to download")
+        return 0
+    for spec in entry.files:
+        path = download_file(entry, spec, local_files_only=False if not args.offline else True)
+        print(f"{spec['role']:<12} {path}")
+    return 0
+
+
+def _cmd_models_verify(args: argparse.Namespace) -> int:
+    from .registry import get_model
+    from .weights import verify
+
+    rows = verify(get_model(args.id))
+    for role, state, detail in rows:
+        print(f"{role:<12} {state:<10} {detail}")
+    return 0 if all(s in ("ok", "unverified") for _, s, _ in rows) else 1
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -12,62 +157,107 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from . import __version__
 
     print(f"meddiffusion {__version__}")
-    print(f"torch        {torch.__version__} (threads: {torch.get_num_threads()})")
+    print(f"torch        {torch.__version__} (CPU threads: {torch.get_num_threads()})")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
             print(f"cuda:{i}       {torch.cuda.get_device_name(i)}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
     else:
-        print("cuda         not available (generation runs on the CPU, which is slow for released models)")
+        print("cuda         not available: generation runs on the CPU (fine for the bundled model, hours for the "
+              "released 256^3 models)")
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .io.checkpoints import CheckpointError, load_official_autoencoder, load_official_biflownet, read_checkpoint, save_model
+    from .io.checkpoints import load_official_autoencoder, load_official_biflownet, read_checkpoint, save_model
 
     src = Path(args.checkpoint)
-    out = Path(args.out_dir)
     ckpt = read_checkpoint(src)
     is_ae = isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
     del ckpt
-    try:
-        model = load_official_autoencoder(src) if is_ae else load_official_biflownet(src)
-    except CheckpointError:
-        raise
-    name = "autoencoder" if is_ae else "biflownet"
-    path = save_model(model, out / name, meta={"converted_from": src.name})
+    model = load_official_autoencoder(src) if is_ae else load_official_biflownet(src)
+    path = save_model(model, Path(args.out_dir) / ("autoencoder" if is_ae else "biflownet"),
+                      meta={"converted_from": src.name})
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meddiffusion", description="3D MedDiffusion: generate and reconstruct "
-                                     "CT/MR volumes with latent diffusion.")
+    parser = argparse.ArgumentParser(prog="meddiffusion", description="3D MedDiffusion: generate CT/MR volumes with "
+                                     "latent diffusion, manage model weights.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions, CUDA devices and free GPU memory",
-                       description="Print library/torch versions and the GPUs torch can use.")
-    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("generate", help="generate synthetic volumes", epilog=EXAMPLES_GENERATE,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate class-conditional volumes. Output is float32 in model units [-1, 1] "
+                                   "(per-volume normalised intensities, as the authors' model produces), or HU with "
+                                   "--hu-window/--hu (our convention). Geometry: array axes i, j, k = X, Y, Z with a "
+                                   "diagonal affine of the spacing (RAS), like the official writer.")
+    _add_model_args(p)
+    p.add_argument("--class", dest="class_", help="class index 0-6 or a name such as 'chest' or 'MR T1'")
+    p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output voxels (default: the model's first trained size)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="voxel size in mm")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], help="ddpm: 1000 ancestral steps (official default); ddim: --steps deterministic steps")
+    p.add_argument("--steps", type=int, help="DDIM steps (default 100)")
+    p.add_argument("--num-volumes", type=int, default=1, help="volumes generated together in one batch")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="CT only: map model units to HU as LO + (v+1)/2*(HI-LO) (our convention, not the authors')")
+    p.add_argument("--hu", action="store_true", help="CT only: use the model's suggested HU window")
+    p.add_argument("--out", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha); with --num-volumes N, "
+                                                "files are numbered _0 ... _N-1")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_generate)
+
+    pm = sub.add_parser("models", help="list, download and verify model weights",
+                        description="Model weights: list what exists, download to the Hugging Face cache, verify checksums.")
+    msub = pm.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("list", help="models, download state, sizes, licences", description="List registry models.")
+    q.set_defaults(func=_cmd_models_list)
+    q = msub.add_parser("download", help="download a model's files", description="Download a model's files into the "
+                        "Hugging Face cache (HF_HOME). Example: meddiffusion models download official-8x")
+    q.add_argument("id")
+    q.add_argument("--offline", action="store_true", help=argparse.SUPPRESS)
+    q.set_defaults(func=_cmd_models_download)
+    q = msub.add_parser("verify", help="check downloaded files against their sha256",
+                        description="Check a model's cached files against the registry's sha256 (exit 1 on mismatch "
+                                    "or missing files). Example: meddiffusion models verify official-8x")
+    q.add_argument("id")
+    q.set_defaults(func=_cmd_models_verify)
+
     p = sub.add_parser("convert", help="convert an official checkpoint to safetensors + JSON",
                        description="Convert an official PatchVolume_*.ckpt or BiFlowNet_*.pt to our safetensors + JSON "
-                                   "format (no pickled code is executed). Example: meddiffusion convert "
+                                   "format without executing pickled code. Example: meddiffusion convert "
                                    "checkpoints/PatchVolume_8x_s2.ckpt models/official-8x")
     p.add_argument("checkpoint", help="official .ckpt / .pt file")
     p.add_argument("out_dir", help="folder for autoencoder.* or biflownet.*")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("info", help="versions, CUDA devices and free GPU memory",
+                       description="Print library/torch versions and the GPUs torch can use.")
+    p.set_defaults(func=_cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .io.checkpoints import CheckpointError
-
     args = build_parser().parse_args(argv)
+    if getattr(args, "offline", False):
+        import os
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from .io.checkpoints import CheckpointError
+    from .registry import RegistryError
+    from .weights import WeightsError
+
     try:
         return int(args.func(args) or 0)
-    except CheckpointError as exc:
+    except (CheckpointError, RegistryError, WeightsError, ValueError, FileExistsError, FileNotFoundError,
+            PermissionError, MemoryError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted: stopped cleanly, no output file was written", file=sys.stderr)
         return 130
 
 

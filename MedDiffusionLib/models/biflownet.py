@@ -101,6 +101,10 @@ class BiFlowNet(EncoderSideMixin, nn.Module):
         if len(use_sparse_linear_attn) != len(in_out):
             raise ValueError("use_sparse_linear_attn needs one flag per U-Net level")
         self.n_fusion = sum(1 for a, b in in_out if a == b)
+        if self.n_fusion > 2:
+            raise ValueError(f"dim_mults {list(dim_mults)} repeat a width after the first two U-Net levels; the DiT "
+                             "branch fuses one map per repeated width at full resolution, so only the first two "
+                             "levels may keep the width (e.g. (1, 1, 2, 4, 8) or (1, 1, 2, 3, 4))")
         out_dim = channels * (2 if learn_sigma else 1)
 
         self.init_conv = nn.Conv3d(channels, init_dim, init_kernel_size, padding=init_kernel_size // 2)

@@ -1,0 +1,187 @@
+"""Class-conditional generation: noise -> BiFlowNet sampler -> de-normalise -> decode -> volumes.
+
+Sizes are given as image voxels ``(X, Y, Z)`` = NIfTI ``(i, j, k)``; the network works on
+``(D, H, W) = (Z, X, Y)`` and latents are ``1/f`` of that per axis (f = 4 or 8).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..data.volumes import Volume, model_to_hu
+from ..models.autoencoder import PatchVolumeAE
+from ..models.biflownet import BiFlowNet
+from ..registry import ModelEntry, parse_class
+from ..schedulers import GaussianDiffusion
+
+log = logging.getLogger("meddiffusion")
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+# The official pipeline decodes a latent whole up to these many voxels, else in 32^3 tiles.
+WHOLE_DECODE_MAX = {8: 32 ** 3, 4: 64 ** 3}
+OFFICIAL_TILE = 32
+
+
+def legal_size(size_xyz: Sequence[int], compression: int) -> tuple[int, int, int]:
+    """Check an output size; the error lists the nearest legal sizes. Each side must be a
+    multiple of 8 latent voxels (the DiT sub-volume), i.e. 64 (8x) or 32 (4x) image voxels."""
+    step = 8 * compression
+    size = tuple(int(s) for s in size_xyz)
+    if len(size) != 3 or any(s <= 0 for s in size):
+        raise ValueError(f"size must be three positive integers X Y Z, got {list(size_xyz)}")
+    if all(s % step == 0 for s in size):
+        return size  # type: ignore[return-value]
+    down = tuple(max(step, (s // step) * step) for s in size)
+    up = tuple(math.ceil(s / step) * step for s in size)
+    options = sorted({down, up, tuple(round(s / step) * step or step for s in size)})
+    text = " or ".join("x".join(map(str, o)) for o in options)
+    raise ValueError(f"size {'x'.join(map(str, size))} is not possible for this {compression}x model: every side must "
+                     f"be a multiple of {step} voxels; nearest legal sizes: {text}")
+
+
+def resolve_device(requested: str | None = None) -> torch.device:
+    """'auto'/None -> CUDA when available, else CPU (with a warning). Asking for CUDA without it fails."""
+    req = (requested or "auto").lower()
+    if req == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
+                      RuntimeWarning, stacklevel=2)
+        return torch.device("cpu")
+    if req.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
+                               "(CPU-only build or no driver); use --device cpu or install a CUDA build of torch")
+        dev = torch.device(req)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return dev
+    if req == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
+
+
+@dataclass
+class GeneratedVolume:
+    """One result: ``image`` in model units (float32, network order (D, H, W)) and its geometry."""
+
+    image: np.ndarray
+    spacing_xyz: tuple[float, float, float]
+    class_index: int
+    seed: int
+    meta: dict = field(default_factory=dict)
+
+    def volume(self, hu_window: Sequence[float] | None = None) -> Volume:
+        arr = self.image if hu_window is None else model_to_hu(self.image, float(hu_window[0]), float(hu_window[1]))
+        return Volume.from_network(arr.astype(np.float32), self.spacing_xyz)
+
+
+class GenerationPipeline:
+    """Autoencoder + BiFlowNet + sampler on one device."""
+
+    def __init__(self, autoencoder: PatchVolumeAE, biflownet: BiFlowNet, entry: ModelEntry | None = None,
+                 device: str | torch.device | None = "cpu", timesteps: int = 1000):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.ae = autoencoder.eval().to(self.device)
+        self.net = biflownet.eval().to(self.device)
+        self.entry = entry
+        self.diffusion = GaussianDiffusion(timesteps, device=self.device)
+
+    @classmethod
+    def from_pretrained(cls, model: str | None = None, weights: str | Path | None = None, device: str | None = None,
+                        local_files_only: bool | None = None) -> "GenerationPipeline":
+        from ..weights import load_models
+
+        entry, ae, net = load_models(model, weights, local_files_only, log=log.info)
+        return cls(ae, net, entry, device)
+
+    @property
+    def compression(self) -> int:
+        return self.ae.compression
+
+    def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
+        x, y, z = legal_size(size_xyz, self.compression)
+        f = self.compression
+        return z // f, x // f, y // f
+
+    # -- steps ---------------------------------------------------------------------------------------
+    def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str = "ddpm",
+                       steps: int | None = None, batch: int = 1, progress: ProgressFn | None = None,
+                       cancel: CancelFn | None = None, model_fn: Callable | None = None) -> torch.Tensor:
+        """Diffusion-space latents ``(batch, C, d, h, w)``. With a CPU or CUDA generator seeded
+        with ``seed`` the noise sequence equals the official ``torch.manual_seed(seed)`` run."""
+        if batch < 1:
+            raise ValueError(f"number of volumes must be positive, got {batch}")
+        d, h, w = self.latent_shape(size_xyz)
+        gen = torch.Generator(device=self.device).manual_seed(int(seed))
+        z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
+        y = torch.full((batch,), int(class_index), dtype=torch.long, device=self.device)
+        res = torch.tensor([d, h, w], dtype=torch.float32, device=self.device) / 64.0
+        fn = model_fn or (lambda x, t: self.net(x, t, y, res))
+        with torch.inference_mode():
+            if sampler == "ddpm":
+                if steps not in (None, self.diffusion.num_timesteps):
+                    raise ValueError(f"DDPM always runs {self.diffusion.num_timesteps} steps; use --sampler ddim "
+                                     "for fewer")
+                return self.diffusion.sample_ddpm(fn, z, progress, cancel, generator=gen)
+            if sampler == "ddim":
+                n = 100 if steps is None else int(steps)
+                if n < 1:
+                    raise ValueError(f"the number of sampler steps must be positive, got {n}")
+                return self.diffusion.sample_ddim(fn, z, n, progress, cancel)
+        raise ValueError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+
+    def decode(self, latents: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
+        ``auto`` follows the official rule: whole-volume decode up to 32^3 (8x) / 64^3 (4x)
+        latent voxels, else the official 32^3 tiles."""
+        out = []
+        with torch.inference_mode():
+            for lat in latents.split(1):
+                z = self.ae.denormalize_latent(lat)
+                use_tiles = mode == "tiled" or (mode == "auto" and z[0, 0].numel() > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
+                                                and all(s % OFFICIAL_TILE == 0 for s in z.shape[2:]))
+                img = self.ae.decode_tiled_official(z, OFFICIAL_TILE) if use_tiles else self.ae.decode(z)
+                out.append(img.float().cpu())
+        return torch.cat(out)
+
+    # -- all together --------------------------------------------------------------------------------
+    def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,
+                 spacing_xyz: Sequence[float] | None = None, seed: int = 0, sampler: str | None = None,
+                 steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
+                 cancel: CancelFn | None = None) -> list[GeneratedVolume]:
+        """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
+        registry entry (default class, its first trained size and spacing, default sampler)."""
+        entry = self.entry
+        if class_index is None:
+            if entry is None:
+                raise ValueError("pass class_index: this model has no registry entry with a default class")
+            class_index = entry.raw["defaults"]["class"]
+        class_index = parse_class(class_index, entry)
+        if not 0 <= class_index < (self.net.cond_emb.num_embeddings if self.net.cond_emb is not None else 1):
+            raise ValueError(f"class {class_index} is outside this network's {self.net.cond_emb.num_embeddings} classes")
+        if size_xyz is None or spacing_xyz is None:
+            if entry is None:
+                raise ValueError("pass size and spacing: this model has no registry entry with trained sizes")
+            d_size, d_spacing = entry.default_size(class_index)
+            size_xyz = size_xyz or d_size
+            spacing_xyz = spacing_xyz or d_spacing
+        if sampler is None:
+            sampler = entry.raw["defaults"]["sampler"] if entry else "ddpm"
+            if steps is None and sampler == "ddim" and entry:
+                steps = entry.raw["defaults"]["steps"]
+        if any(float(s) <= 0 for s in spacing_xyz):
+            raise ValueError(f"spacing must be positive, got {list(spacing_xyz)}")
+        lat = self.sample_latents(class_index, size_xyz, seed, sampler, steps, num_volumes, progress, cancel)
+        images = self.decode(lat)
+        meta = {"model": entry.id if entry else None, "sampler": sampler, "steps": steps or (1000 if sampler == "ddpm" else 100)}
+        return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
+                for i, img in enumerate(images)]

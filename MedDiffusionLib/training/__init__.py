@@ -1,0 +1,1 @@
+"""Training utilities: small autoencoders (for bundled demo models), diffusion and ControlNet training."""

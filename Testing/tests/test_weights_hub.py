@@ -140,6 +140,6 @@ def test_generate_from_hub_converts_once(env, files, tmp_path):
         assert len(converted) == 2
         stamp = [p.stat().st_mtime_ns for p in converted]
         r = _cli(["generate", "--model", "tiny-hub", "--device", "cpu", "--out", str(out), "--overwrite", "--quiet",
-                  "--offline"]  # registry default: ddim, 2 steps, dict(e, HF_HUB_OFFLINE="1"))
+                  "--offline"], dict(e, HF_HUB_OFFLINE="1"))  # registry default sampler: ddim, 2 steps
         assert r.returncode == 0, r.stderr
         assert [p.stat().st_mtime_ns for p in converted] == stamp  # reused, not converted again

@@ -182,6 +182,81 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_bar(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="step", desc=desc, disable=quiet)
+
+    def update(i: int, n: int) -> None:
+        bar.update(i - bar.n)
+
+    return bar, update
+
+
+def _run_controlled(args: argparse.Namespace, kind: str) -> int:
+    from .data.volumes import check_writable, read_volume, write_volume
+    from .pipelines.conditioned import ControlledPipeline, reconstruct_sparse_view, synthesize_from_labels
+
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
+    check_writable(args.out, args.overwrite)
+    vol = read_volume(args.input)
+    pipe = ControlledPipeline.from_files(args.controlnet, args.model, args.weights, device=args.device)
+    steps = args.steps if args.sampler == "ddim" else 1000
+    bar, update = _progress_bar(steps or 50, f"{kind} ({args.sampler})", args.quiet)
+    try:
+        run = synthesize_from_labels if kind == "synthesize" else reconstruct_sparse_view
+        out = run(vol, pipe, seed=args.seed, sampler=args.sampler, steps=steps if args.sampler == "ddim" else None,
+                  progress=update)
+    finally:
+        bar.close()
+    write_volume(out, args.out, args.overwrite)
+    print(f"wrote {args.out} ({'x'.join(map(str, out.shape))} voxels, on the input's grid)")
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    return _run_controlled(args, "synthesize")
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    return _run_controlled(args, "reconstruct")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .data.volumes import check_writable, read_volume, write_volume
+    from .pipelines.conditioned import simulate_sparse_view
+
+    if args.views < 2:
+        raise ValueError(f"--views must be at least 2, got {args.views}")
+    check_writable(args.out, args.overwrite)
+    out = simulate_sparse_view(read_volume(args.input), views=args.views, bins=args.bins, device=args.device)
+    write_volume(out, args.out, args.overwrite)
+    print(f"wrote {args.out}: FBP of {args.views} fan-beam views (HU)")
+    return 0
+
+
+def _cmd_train_controlnet(args: argparse.Namespace) -> int:
+    from .training.controlnet import ControlNetTrainer, TrainConfig, find_pairs
+
+    if args.steps < 1 or args.batch < 1:
+        raise ValueError("--steps and --batch must be positive")
+    pairs = find_pairs(args.pairs)
+    val = find_pairs(args.val_pairs) if args.val_pairs else None
+    cfg = TrainConfig(task=args.task, out=args.out, model=args.model, weights=args.weights, class_index=args.class_index,
+                      spacing_xyz=args.spacing, label_values=args.label_values, label_mode=args.label_mode,
+                      hu_window=args.hu_window, steps=args.steps, batch=args.batch, lr=args.lr,
+                      optimizer=args.optimizer, loss=args.loss, ema_decay=args.ema_decay, seed=args.seed,
+                      ckpt_every=args.ckpt_every, val_every=args.val_every, augment=args.augment,
+                      stop_after=args.stop_after)
+    trainer = ControlNetTrainer(cfg, log=lambda m: print(m, file=sys.stderr))
+    result = trainer.fit(pairs, val, resume=not args.restart)
+    if trainer.rank == 0:
+        print(f"trained {result['steps']} steps in {result['seconds']:.0f} s; final loss {result['final_loss']}; "
+              f"weights: {Path(args.out) / 'controlnet.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiffusion", description="3D MedDiffusion: generate CT/MR volumes with "
                                      "latent diffusion, manage model weights.")
@@ -226,6 +301,73 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or missing files). Example: meddiffusion models verify official-8x")
     q.add_argument("id")
     q.set_defaults(func=_cmd_models_verify)
+
+    for name, kind, helptext in (("synthesize", "labels", "synthesize CT from a label map (ControlNet)"),
+                                 ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume (ControlNet)")):
+        p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"{helptext[0].upper()}{helptext[1:]}. The input is resampled to the model's "
+                                       "working grid and the result comes back on the input's grid.",
+                           epilog=("example:\n  meddiffusion synthesize labels.nii.gz --controlnet "
+                                   "chest-ct-mini-labels --out synthetic_ct.nii.gz" if name == "synthesize" else
+                                   "example:\n  meddiffusion reconstruct fbp40.nii.gz --controlnet "
+                                   "chest-ct-mini-sparse-view --out recon.nii.gz"))
+        p.add_argument("input", help="label map (integer values)" if name == "synthesize" else "FBP volume in HU")
+        p.add_argument("--controlnet", required=True, help="ControlNet .safetensors (with its .json), or a bundled "
+                                                           "name: chest-ct-mini-labels, chest-ct-mini-sparse-view")
+        _add_model_args(p)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+        p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--out", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--quiet", action="store_true")
+        p.set_defaults(func=_cmd_synthesize if name == "synthesize" else _cmd_reconstruct)
+
+    p = sub.add_parser("simulate-sparse-view", help="full CT -> FBP of a sparse fan-beam scan",
+                       description="Simulate a sparse-view CT: forward-project each axial slice of a CT (HU) over "
+                                   "--views fan-beam views (flat detector, source-isocentre 500 mm, source-detector "
+                                   "1000 mm) and reconstruct it with FBP. Example: meddiffusion simulate-sparse-view "
+                                   "ct.nii.gz --views 40 --out fbp40.nii.gz")
+    p.add_argument("input")
+    p.add_argument("--views", type=int, default=40)
+    p.add_argument("--bins", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("train-controlnet", help="fine-tune a ControlNet on (condition, target) pairs",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Fine-tune a ControlNet on a frozen base model. PAIRS is a folder with condition/ "
+                                   "and target/ sub-folders (same file names) or a CSV with condition,target columns. "
+                                   "Several GPUs or machines: run it under torchrun.",
+                       epilog="examples:\n  meddiffusion train-controlnet pairs/ --task sparse-view --out runs/sv "
+                              "--steps 5000\n  torchrun --nproc_per_node 4 -m MedDiffusionLib.cli train-controlnet "
+                              "pairs/ --task labels --label-values 0 1 2 3 4 --model official-8x --out runs/seg")
+    p.add_argument("pairs")
+    p.add_argument("--task", required=True, choices=["sparse-view", "labels", "mri"])
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt (resume) and controlnet.safetensors")
+    _add_model_args(p)
+    p.add_argument("--val-pairs", help="held-out pairs (same layout) for the validation loss")
+    p.add_argument("--class", dest="class_index", type=int)
+    p.add_argument("--spacing", type=float, nargs=3, help="working spacing (default: the base model's trained spacing)")
+    p.add_argument("--label-values", type=int, nargs="+", help="labels task: label values, background first")
+    p.add_argument("--label-mode", choices=["nearest", "area"], default="nearest")
+    p.add_argument("--hu-window", type=float, nargs=2, help="CT: HU window that maps to model units [-1, 1]")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=4, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--optimizer", choices=["adam", "adamw"], default="adamw")
+    p.add_argument("--loss", choices=["l1", "l2"], default="l1")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--augment", type=int, default=0, help="random affine copies per training pair")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    p.add_argument("--stop-after", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_train_controlnet)
 
     p = sub.add_parser("convert", help="convert an official checkpoint to safetensors + JSON",
                        description="Convert an official PatchVolume_*.ckpt or BiFlowNet_*.pt to our safetensors + JSON "

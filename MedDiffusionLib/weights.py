@@ -250,3 +250,17 @@ def verify(entry: ModelEntry) -> list[tuple[str, str, str]]:
 
 __all__ = ["WeightsError", "RegistryError", "resolve_weights", "load_models", "download_file", "status", "verify",
            "sha256_file", "cache_root"]
+
+
+def resolve_controlnet(name_or_path: str | Path) -> Path:
+    """A ControlNet file path, or the name of a bundled one (``chest-ct-mini-labels`` ...)."""
+    p = Path(name_or_path).expanduser()
+    if p.exists() or p.with_suffix(".safetensors").exists():
+        return p
+    bundled = RESOURCES / "models" / str(name_or_path) / "controlnet.safetensors"
+    if bundled.exists():
+        return bundled
+    known = sorted(d.name for d in (RESOURCES / "models").iterdir() if (d / "controlnet.safetensors").exists()) \
+        if (RESOURCES / "models").exists() else []
+    raise WeightsError(f"ControlNet {name_or_path!r} not found: not a file, and not a bundled ControlNet "
+                       f"({', '.join(known) or 'none bundled'})")

@@ -51,12 +51,36 @@ class Volume:
 
     def canonical(self) -> "Volume":
         """Same image with axes permuted/flipped so i -> R, j -> A, k -> S (closest canonical)."""
+        return self.canonical_with_orientation()[0]
+
+    def canonical_with_orientation(self) -> tuple["Volume", np.ndarray]:
+        """Canonical volume and the nibabel orientation that produced it (for :meth:`restore`)."""
         import nibabel as nib
 
         ornt = nib.orientations.io_orientation(self.affine)
         arr = nib.orientations.apply_orientation(self.array, ornt)
         aff = self.affine @ nib.orientations.inv_ornt_aff(ornt, self.array.shape)
-        return Volume(np.ascontiguousarray(arr), aff)
+        return Volume(np.ascontiguousarray(arr), aff), ornt
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        """Same geometry, new voxel values."""
+        if array.shape[:3] != self.array.shape[:3]:
+            raise ValueError(f"array {array.shape} does not fit the grid {self.array.shape}")
+        return Volume(array, self.affine.copy())
+
+    @staticmethod
+    def restore(canonical_array: np.ndarray, ornt: np.ndarray, original: "Volume") -> "Volume":
+        """Put an array computed on the canonical grid back on ``original``'s grid."""
+        import nibabel as nib
+
+        return original.with_array(np.ascontiguousarray(nib.orientations.apply_orientation(canonical_array, _inverse_ornt(ornt))))
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    inv = np.empty_like(ornt)
+    for in_ax, (out_ax, flip) in enumerate(ornt):
+        inv[int(out_ax)] = (in_ax, flip)
+    return inv
 
 
 def _suffix(path: Path) -> str:

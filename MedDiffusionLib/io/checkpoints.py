@@ -268,3 +268,14 @@ def load_any(path: str | Path, expect: str) -> nn.Module:
     if expect == "biflownet":
         return load_official_biflownet(p)
     raise CheckpointError(f"{p}: no official checkpoint format exists for {expect}; use a .safetensors file")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """Short stable hash of a model's weights (identifies the base a ControlNet was trained on)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

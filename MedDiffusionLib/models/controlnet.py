@@ -29,6 +29,12 @@ class ControlNet(EncoderSideMixin, nn.Module):
                  resnet_groups: int = 24, DiT_num_heads: int = 8, mlp_ratio: float = 4, vq_size: int = 64,
                  res_condition: bool = True, dit_branch: bool = True):
         super().__init__()
+        self.config = dict(dim=dim, hint_channel=hint_channel, cond_classes=cond_classes, dim_mults=list(dim_mults),
+                           sub_volume_size=list(sub_volume_size), channels=channels, patch_size=patch_size,
+                           attn_heads=attn_heads, init_dim=init_dim, init_kernel_size=init_kernel_size,
+                           use_sparse_linear_attn=list(use_sparse_linear_attn), resnet_groups=resnet_groups,
+                           DiT_num_heads=DiT_num_heads, mlp_ratio=mlp_ratio, vq_size=vq_size,
+                           res_condition=res_condition, dit_branch=dit_branch)
         self.dim, self.channels, self.patch_size, self.hint_channel = dim, channels, patch_size, hint_channel
         self.sub_volume_size = tuple(int(s) for s in sub_volume_size)
         self.dit_branch = dit_branch

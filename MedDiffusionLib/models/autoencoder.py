@@ -296,6 +296,58 @@ class PatchVolumeAE(nn.Module):
                     out[..., i * f:(i + t) * f, j * f:(j + t) * f, k * f:(k + t) * f] = dec
         return out
 
+    def decode_tiled(self, latent: torch.Tensor, tile: int = 32, overlap: int = 8, quantize: bool = True,
+                     out_device: torch.device | str | None = None) -> torch.Tensor:
+        """Seamless tiled decode: overlapping ``tile``-cubes of the latent (``overlap`` latent voxels
+        shared with each neighbour), blended with linear ramps, so no seams appear at tile borders.
+        Codes are chosen once for the whole latent. Peak memory is one tile's activations plus the
+        output (kept on ``out_device``, default the latent's device)."""
+        indices = self.quantize(latent) if quantize else latent
+        b, d, h, w = indices.shape
+        f = self.compression
+        tile = int(tile)
+        overlap = max(0, min(int(overlap), tile - 1))
+        dev = torch.device(out_device) if out_device is not None else latent.device
+
+        def starts(n: int) -> list[int]:
+            if n <= tile:
+                return [0]
+            step = tile - overlap
+            s = list(range(0, n - tile + 1, step))
+            if s[-1] != n - tile:
+                s.append(n - tile)
+            return s
+
+        def ramp(length: int, at_start: bool, at_end: bool, blend: int) -> torch.Tensor:
+            wgt = torch.ones(length)
+            if blend > 0:
+                up = (torch.arange(blend, dtype=torch.float32) + 0.5) / blend
+                if not at_start:
+                    wgt[:blend] = up
+                if not at_end:
+                    wgt[-blend:] = torch.minimum(wgt[-blend:], up.flip(0))
+            return wgt
+
+        out = wsum = None
+        for i in starts(d):
+            for j in starts(h):
+                for k in starts(w):
+                    sl = indices[:, i:i + tile, j:j + tile, k:k + tile]
+                    dec = self.decoder(self.post_vq_conv(self.codes(sl))).to(dev)
+                    td, th, tw = sl.shape[1:]
+                    if out is None:
+                        out = torch.zeros(b, dec.shape[1], d * f, h * f, w * f, device=dev, dtype=dec.dtype)
+                        wsum = torch.zeros(1, 1, d * f, h * f, w * f, device=dev, dtype=dec.dtype)
+                    blend = overlap * f
+                    wz = ramp(td * f, i == 0, i + td >= d, blend)
+                    wy = ramp(th * f, j == 0, j + th >= h, blend)
+                    wx = ramp(tw * f, k == 0, k + tw >= w, blend)
+                    wgt = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).to(dev, dec.dtype)
+                    region = (..., slice(i * f, (i + td) * f), slice(j * f, (j + th) * f), slice(k * f, (k + tw) * f))
+                    out[region] += dec * wgt
+                    wsum[region] += wgt
+        return out / wsum
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stage-2 reconstruction: patch-wise encode, quantise, volume-wise decode."""
         return self.decode(self.patch_encode(x), quantize=True)

@@ -92,6 +92,26 @@ class ControlNet(EncoderSideMixin, nn.Module):
         return outs
 
 
+@torch.no_grad()
+def init_from_base(controlnet: ControlNet, base: BiFlowNet) -> dict[str, list[str]]:
+    """Official initialisation: copy every base tensor the ControlNet shares; zero-pad the extra
+    hint input channels; keys without a counterpart (zero convs) keep their init."""
+    base_state = base.state_dict()
+    padded, fresh = [], []
+    for key, tensor in controlnet.state_dict().items():
+        if key not in base_state:
+            fresh.append(key)
+            continue
+        src = base_state[key]
+        if src.shape == tensor.shape:
+            tensor.copy_(src)
+        else:
+            tensor.zero_()
+            tensor[:, :src.shape[1]].copy_(src)
+            padded.append(key)
+    return {"keys_zero_padded": padded, "keys_fresh": sorted(fresh)}
+
+
 class ControlLDM(nn.Module):
     """Frozen BiFlowNet + ControlNet. ``forward(x, time, hint, y, res)`` -> controlled noise."""
 
@@ -124,24 +144,8 @@ class ControlLDM(nn.Module):
         controls = [c * s for c, s in zip(controls, self.control_scales)]
         return self.noise_estimator(x, time, y, res, controls=controls)
 
-    @torch.no_grad()
     def init_controlnet_from_base(self) -> dict[str, list[str]]:
-        """Official initialisation: copy every base tensor the ControlNet shares; zero-pad the
-        extra hint input channels; keys without a counterpart (zero convs) keep their init."""
-        base = self.noise_estimator.state_dict()
-        padded, fresh = [], []
-        for key, tensor in self.controlnet.state_dict().items():
-            if key not in base:
-                fresh.append(key)
-                continue
-            src = base[key]
-            if src.shape == tensor.shape:
-                tensor.copy_(src)
-            else:
-                tensor.zero_()
-                tensor[:, :src.shape[1]].copy_(src)
-                padded.append(key)
-        return {"keys_zero_padded": padded, "keys_fresh": sorted(fresh)}
+        return init_from_base(self.controlnet, self.noise_estimator)
 
     def freeze_base(self) -> None:
         self.noise_estimator.eval().requires_grad_(False)

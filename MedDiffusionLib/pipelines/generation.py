@@ -132,24 +132,33 @@ class GenerationPipeline:
                     raise ValueError(f"DDPM always runs {self.diffusion.num_timesteps} steps; use --sampler ddim "
                                      "for fewer")
                 return self.diffusion.sample_ddpm(fn, z, progress, cancel, generator=gen)
-            if sampler == "ddim":
-                n = 100 if steps is None else int(steps)
+            if sampler in ("ddim", "dpm++"):
+                n = (100 if sampler == "ddim" else 20) if steps is None else int(steps)
                 if n < 1:
                     raise ValueError(f"the number of sampler steps must be positive, got {n}")
-                return self.diffusion.sample_ddim(fn, z, n, progress, cancel)
-        raise ValueError(f"unknown sampler {sampler!r}; use ddpm or ddim")
+                solve = self.diffusion.sample_ddim if sampler == "ddim" else self.diffusion.sample_dpmpp_2m
+                return solve(fn, z, n, progress, cancel)
+        raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
 
-    def decode(self, latents: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "official") -> torch.Tensor:
         """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
-        ``auto`` follows the official rule: whole-volume decode up to 32^3 (8x) / 64^3 (4x)
-        latent voxels, else the official 32^3 tiles."""
+        ``auto`` follows the official rule: whole-volume decode up to 32^3 (8x) / 64^3 (4x) latent
+        voxels, else tiles of 32^3 latent voxels: ``tiling="official"`` (non-overlapping, as the
+        authors) or ``"seamless"`` (overlapping, blended; no seams)."""
+        if tiling not in ("official", "seamless"):
+            raise ValueError(f"unknown tiling {tiling!r}; use official or seamless")
         out = []
         with torch.inference_mode():
             for lat in latents.split(1):
                 z = self.ae.denormalize_latent(lat)
-                use_tiles = mode == "tiled" or (mode == "auto" and z[0, 0].numel() > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
-                                                and all(s % OFFICIAL_TILE == 0 for s in z.shape[2:]))
-                img = self.ae.decode_tiled_official(z, OFFICIAL_TILE) if use_tiles else self.ae.decode(z)
+                big = z[0, 0].numel() > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
+                use_tiles = mode == "tiled" or (mode == "auto" and big)
+                if use_tiles and tiling == "official" and all(s % OFFICIAL_TILE == 0 for s in z.shape[2:]):
+                    img = self.ae.decode_tiled_official(z, OFFICIAL_TILE)
+                elif use_tiles:
+                    img = self.ae.decode_tiled(z, tile=OFFICIAL_TILE, overlap=OFFICIAL_TILE // 4)
+                else:
+                    img = self.ae.decode(z)
                 out.append(img.float().cpu())
         return torch.cat(out)
 
@@ -157,7 +166,7 @@ class GenerationPipeline:
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,
                  spacing_xyz: Sequence[float] | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None) -> list[GeneratedVolume]:
+                 cancel: CancelFn | None = None, tiling: str = "official") -> list[GeneratedVolume]:
         """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
         registry entry (default class, its first trained size and spacing, default sampler)."""
         entry = self.entry
@@ -176,12 +185,12 @@ class GenerationPipeline:
             spacing_xyz = spacing_xyz or d_spacing
         if sampler is None:
             sampler = entry.raw["defaults"]["sampler"] if entry else "ddpm"
-            if steps is None and sampler == "ddim" and entry:
+            if steps is None and sampler != "ddpm" and entry:
                 steps = entry.raw["defaults"]["steps"]
         if any(float(s) <= 0 for s in spacing_xyz):
             raise ValueError(f"spacing must be positive, got {list(spacing_xyz)}")
         lat = self.sample_latents(class_index, size_xyz, seed, sampler, steps, num_volumes, progress, cancel)
-        images = self.decode(lat)
+        images = self.decode(lat, tiling=tiling)
         meta = {"model": entry.id if entry else None, "sampler": sampler, "steps": steps or (1000 if sampler == "ddpm" else 100)}
         return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
                 for i, img in enumerate(images)]

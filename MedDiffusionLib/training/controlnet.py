@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
 from ..io.checkpoints import fingerprint, save_model
-from ..models.controlnet import ControlNet
+from ..models.controlnet import ControlNet, init_from_base
 from ..pipelines.conditioned import ControlledPipeline, resample, working_grid
 from ..pipelines.generation import GenerationPipeline
 from ..schedulers import GaussianDiffusion
@@ -155,17 +155,7 @@ class ControlNetTrainer:
                         use_sparse_linear_attn=c["use_sparse_linear_attn"], resnet_groups=c["resnet_groups"],
                         DiT_num_heads=c["DiT_num_heads"], mlp_ratio=c["mlp_ratio"], vq_size=c["vq_size"],
                         res_condition=c["res_condition"], dit_branch=self.meta["hint"]["type"] == "image")
-        # official initialisation: copy the base encoder side, zero-pad the extra hint channels
-        base = self.base.net.state_dict()
-        with torch.no_grad():
-            for key, tensor in cn.state_dict().items():
-                if key in base:
-                    src = base[key]
-                    if src.shape == tensor.shape:
-                        tensor.copy_(src)
-                    else:
-                        tensor.zero_()
-                        tensor[:, :src.shape[1]].copy_(src)
+        init_from_base(cn, self.base.net)  # official initialisation from the frozen base
         return cn.to(self.device)
 
     # -- data -----------------------------------------------------------------------------------------------

@@ -1,0 +1,189 @@
+#!/usr/bin/env python
+"""Reference vs fast paths, side by side in one run (ratios on CPU; absolute times count on a GPU).
+
+    python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick]
+
+Cases (bundled chest-ct-mini weights on CPU; on CUDA also the released 8x/4x shapes at 256^3 with
+random weights):
+  * BiFlowNet forward: reference = fp32; fast = channels_last_3d (+ bf16 autocast on CUDA);
+  * autoencoder decode: whole volume (reference) vs seamless tiles, official tiles for comparison;
+    time, peak memory (own subprocess per case: CPU peak RSS / CUDA max_memory_allocated) and the
+    decode-memory estimator's prediction;
+  * samplers: DDPM 1000 (reference), DDIM N and DPM-Solver++ N, each compared with a 1000-step DDIM
+    solution from the same noise (all approximate the same probability-flow ODE);
+  * end to end: official defaults (DDPM 1000, whole decode) vs DPM++ 20.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(case: str, device: str, arg: str) -> dict:
+    """Run one memory case in a fresh process so that peak memory belongs to it alone."""
+    out = subprocess.run([sys.executable, __file__, "--child", case, "--device", device, "--arg", arg],
+                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _timeit(fn, device: str, repeat: int = 3) -> float:
+    import torch
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat
+
+
+def child_main(case: str, device: str, arg: str) -> None:
+    import torch
+    from MedDiffusionLib.estimate import decode_peak_bytes
+    from MedDiffusionLib.weights import load_models
+    _, ae, _ = load_models("chest-ct-mini")
+    ae = ae.to(device)
+    side = int(arg)
+    lat = torch.randn(1, 8, side, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 0.5
+    z = ae.denormalize_latent(lat)
+    base = _rss_mb()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tile = None
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        if case == "whole":
+            ae.decode(z)
+        elif case == "seamless":
+            tile = max(4, side // 2)
+            ae.decode_tiled(z, tile=tile, overlap=max(1, tile // 4))
+        else:
+            tile = max(4, side // 2)
+            ae.decode_tiled_official(z, tile)
+        secs = time.perf_counter() - t0
+    f = ae.compression
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20) if device == "cuda" else (_rss_mb() - base)
+    est = decode_peak_bytes(ae.config["n_hiddens"], f, (side * f) ** 3, None if tile is None else (tile * f) ** 3) / 2 ** 20
+    print(json.dumps({"case": case, "side": side, "seconds": secs, "peak_mb": peak, "estimate_mb": est}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="fewer sampler comparisons")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--arg", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args.child, args.device, args.arg)
+        return 0
+    import torch
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    dev = args.device
+    report: dict = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
+    rows = []
+    pipe = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev)
+    net, ae = pipe.net, pipe.ae
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 16, 16, 16, generator=g).to(dev)
+    t, y, res = torch.tensor([500], device=dev), torch.tensor([1], device=dev), torch.full((3,), 0.25, device=dev)
+
+    # 1. BiFlowNet forward -------------------------------------------------------------------------
+    with torch.inference_mode():
+        ref = net(x, t, y, res)
+        t_ref = _timeit(lambda: net(x, t, y, res), dev, 5)
+        net_cl = net.to(memory_format=torch.channels_last_3d)
+        x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            fast = net_cl(x_cl, t, y, res).float()
+            t_fast = _timeit(lambda: net_cl(x_cl, t, y, res), dev, 5)
+        net.to(memory_format=torch.contiguous_format)
+    rows.append(("BiFlowNet forward 16^3 latent", t_ref, t_fast, float((fast - ref).abs().max())))
+
+    # 2. decode: time, memory, estimator ------------------------------------------------------------
+    with torch.inference_mode():
+        z = ae.denormalize_latent(torch.randn(1, 8, 16, 16, 16, generator=g).to(dev) * 0.5)
+        whole = ae.decode(z)
+        t_whole = _timeit(lambda: ae.decode(z), dev, 2)
+        seam = ae.decode_tiled(z, tile=8, overlap=2)
+        t_seam = _timeit(lambda: ae.decode_tiled(z, tile=8, overlap=2), dev, 2)
+        off = ae.decode_tiled_official(z, 8)
+    rows.append(("AE decode 64^3 (whole vs seamless tiles)", t_whole, t_seam, float((seam - whole).abs().max())))
+    report["tile_error_vs_whole_64"] = {"official_tiles_max": float((off - whole).abs().max()),
+                                        "official_tiles_mean": float((off - whole).abs().mean()),
+                                        "seamless_max": float((seam - whole).abs().max()),
+                                        "seamless_mean": float((seam - whole).abs().mean())}
+    mem = []
+    for side in (16, 24, 32):
+        for case in ("whole", "seamless", "official"):
+            mem.append(_child(case, dev, str(side)))
+    report["decode_memory"] = mem
+
+    # 3. samplers against the 1000-step DDIM ODE solution ------------------------------------------------
+    zz = torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(7)).to(dev)
+    fn = lambda xx, tt: net(xx, tt, y, res)  # noqa: E731
+    gd = pipe.diffusion
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        ref_ode = gd.sample_ddim(fn, zz, 1000)
+        t_ode = time.perf_counter() - t0
+        samplers = {}
+        for name, solve, steps in [("ddim", gd.sample_ddim, (100, 50, 20, 10)), ("dpm++", gd.sample_dpmpp_2m, (50, 20, 10))]:
+            for n in steps[1:] if args.quick else steps:
+                t0 = time.perf_counter()
+                out = solve(fn, zz, n)
+                samplers[f"{name} {n}"] = {"seconds": time.perf_counter() - t0,
+                                           "mean_abs_err_latent": float((out - ref_ode).abs().mean()),
+                                           "mean_abs_err_image": float((pipe.decode(out) - pipe.decode(ref_ode)).abs().mean())}
+    report["samplers_vs_ddim1000"] = samplers
+    report["ddim1000_seconds"] = t_ode
+
+    # 4. end to end -------------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    pipe.generate(seed=0, sampler="ddpm")
+    t_ref_e2e = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pipe.generate(seed=0, sampler="dpm++", steps=20)
+    t_fast_e2e = time.perf_counter() - t0
+    rows.append(("generation 64^3 (DDPM 1000 vs DPM++ 20)", t_ref_e2e, t_fast_e2e, samplers.get("dpm++ 20", {}).get("mean_abs_err_image", float("nan"))))
+
+    report["rows"] = [dict(case=c, reference_s=a, fast_s=b, speedup=a / b, max_abs_err=e) for c, a, b, e in rows]
+    print(f"\nMedDiffusion benchmark on {dev} ({report['gpu'] or f'{report['threads']} CPU threads'}), torch {report['torch']}")
+    print(f"{'case':<44} {'reference':>10} {'fast':>10} {'speed-up':>9} {'error':>10}")
+    for c, a, b, e in rows:
+        print(f"{c:<44} {a:>9.3f}s {b:>9.3f}s {a / b:>8.2f}x {e:>10.2e}")
+    print("\ndecode peak memory (MB; CPU: peak RSS growth of a fresh process) and the estimator's prediction")
+    print(f"{'latent':<8} {'mode':<10} {'seconds':>8} {'peak MB':>9} {'estimate':>9} {'est/meas':>8}")
+    for m in mem:
+        print(f"{m['side']:<8} {m['case']:<10} {m['seconds']:>8.2f} {m['peak_mb']:>9.1f} {m['estimate_mb']:>9.1f} "
+              f"{m['estimate_mb'] / max(m['peak_mb'], 1e-9):>8.2f}")
+    print("\nsamplers vs 1000-step DDIM from the same noise (mean |error|: latent / decoded image, model units)")
+    for k, v in samplers.items():
+        print(f"{k:<10} {v['seconds']:>7.2f}s  {v['mean_abs_err_latent']:.4f} / {v['mean_abs_err_image']:.4f}")
+    te = report["tile_error_vs_whole_64"]
+    print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
+          f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,6 @@ so this module loads before torch is installed.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 import threading
@@ -14,7 +13,12 @@ from typing import Any, Callable, Optional
 import vtk
 
 import slicer
-from slicer.i18n import tr as _
+
+try:  # Slicer >= 5.4 translation helper
+    from slicer.i18n import tr as _
+except ImportError:  # pragma: no cover - older Slicer
+    def _(text: str) -> str:
+        return text
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.parameterNodeWrapper import parameterNodeWrapper
@@ -271,7 +275,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         result = jobOrResult.wait(0) if hasattr(jobOrResult, "wait") else jobOrResult
         nodes = []
         if result[0] == "generate":
-            _, params, hu_window, map_to_hu, volumes = result
+            _kind, params, hu_window, map_to_hu, volumes = result
             from MedDiffusionLib.registry import class_names
             pipe = self.generationPipeline(params["modelId"], params["weightsFolder"], params["device"])
             for res in volumes:
@@ -288,7 +292,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
                 window_level(node, *(hu_window_to_window_level(*window) if window else (2.0, 0.0)))
                 nodes.append(node)
         else:
-            _, name, vol, hu_window = result
+            _kind, name, vol, hu_window = result
             node = volume_to_node(vol.array, vol.affine, slicer.mrmlScene, slicer.mrmlScene.GenerateUniqueName(name))
             node.CreateDefaultDisplayNodes()
             window_level(node, *hu_window_to_window_level(*hu_window))

@@ -165,7 +165,8 @@ def main() -> int:
     rows.append(("generation 64^3 (DDPM 1000 vs DPM++ 20)", t_ref_e2e, t_fast_e2e, samplers.get("dpm++ 20", {}).get("mean_abs_err_image", float("nan"))))
 
     report["rows"] = [dict(case=c, reference_s=a, fast_s=b, speedup=a / b, max_abs_err=e) for c, a, b, e in rows]
-    print(f"\nMedDiffusion benchmark on {dev} ({report['gpu'] or f'{report['threads']} CPU threads'}), torch {report['torch']}")
+    where = report["gpu"] or f"{report['threads']} CPU threads"
+    print(f"\nMedDiffusion benchmark on {dev} ({where}), torch {report['torch']}")
     print(f"{'case':<44} {'reference':>10} {'fast':>10} {'speed-up':>9} {'error':>10}")
     for c, a, b, e in rows:
         print(f"{c:<44} {a:>9.3f}s {b:>9.3f}s {a / b:>8.2f}x {e:>10.2e}")

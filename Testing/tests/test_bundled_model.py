@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from MedDiffusionLib.registry import RESOURCES, get_model
 from MedDiffusionLib.weights import resolve_weights, sha256_file
 

@@ -1,10 +1,8 @@
 """Official checkpoint layouts built here (Lightning AE .ckpt with an OmegaConf config,
 BiFlowNet .pt with an argparse Namespace), safe loading, clear errors, our safetensors format."""
 import argparse
-import io
 import sys
 import types
-import zipfile
 
 import pytest
 import torch

@@ -5,10 +5,9 @@ import torch
 
 from MedDiffusionLib.conditioning import image_hint, label_hint, one_hot_labels
 from MedDiffusionLib.data.volumes import Volume
-from MedDiffusionLib.io.checkpoints import CheckpointError, load_model, save_model
+from MedDiffusionLib.io.checkpoints import CheckpointError, load_model
 from MedDiffusionLib.metrics import dice, psnr, ssim
 from MedDiffusionLib.models import BiFlowNet
-from MedDiffusionLib.models.controlnet import ControlNet
 from MedDiffusionLib.pipelines.conditioned import (ControlledPipeline, ct_labels_from_hu, reconstruct_sparse_view,
                                                    simulate_sparse_view, synthesize_from_labels, working_grid)
 from MedDiffusionLib.pipelines.generation import GenerationPipeline

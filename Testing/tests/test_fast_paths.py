@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
+from MedDiffusionLib.models import PatchVolumeAE
 from MedDiffusionLib.schedulers import GaussianDiffusion
 
 AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups", "embedding_dim", "n_codes", "patch_size")

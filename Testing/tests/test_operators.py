@@ -1,5 +1,4 @@
 """Fan-beam CT and k-space operators."""
-import math
 
 import pytest
 import torch

@@ -2,7 +2,6 @@
 shared/reference), plus checks that the parity tool itself fails when it should."""
 import copy
 import importlib.util
-import sys
 
 import pytest
 import torch

@@ -150,6 +150,9 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
             img.SetOrigin([float(v) for v in lps[:3, 3]])
             sitk.WriteImage(img, tmp, useCompression=True)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -20,6 +20,10 @@ def test_round_trip_keeps_values_and_geometry(tmp_path, suffix):
     np.testing.assert_array_equal(back.array, v.array)
     np.testing.assert_allclose(back.affine, v.affine, atol=1e-5)
     assert not list(tmp_path.glob(".meddiffusion-*"))
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_network_order_and_official_writer_geometry():

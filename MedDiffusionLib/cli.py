@@ -70,7 +70,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         legal_size(args.size, entry.compression)
     t0 = time.time()
     pipe = GenerationPipeline.from_pretrained(args.model, args.weights, device=str(device),
-                                              local_files_only=True if args.offline else None)
+                                              local_files_only=True if args.offline else None, precision=args.precision)
     size = args.size or (pipe.entry.default_size(cls)[0] if pipe.entry else None)
     if size is None:
         raise ValueError("--size X Y Z is required with --weights")
@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "non-overlapping tiles, or overlapping blended tiles without seams")
     p.add_argument("--num-volumes", type=int, default=1, help="volumes generated together in one batch")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="network precision: fp32 = the reference; bf16/fp16 = autocast (faster on GPUs with tensor "
+                        "cores; codes and samplers stay fp32)")
     p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="CT only: map model units to HU as LO + (v+1)/2*(HI-LO) (our convention, not the authors')")
     p.add_argument("--hu", action="store_true", help="CT only: use the model's suggested HU window")

@@ -333,11 +333,11 @@ class PatchVolumeAE(nn.Module):
             for j in starts(h):
                 for k in starts(w):
                     sl = indices[:, i:i + tile, j:j + tile, k:k + tile]
-                    dec = self.decoder(self.post_vq_conv(self.codes(sl))).to(dev)
+                    dec = self.decoder(self.post_vq_conv(self.codes(sl))).to(dev, torch.float32)
                     td, th, tw = sl.shape[1:]
-                    if out is None:
-                        out = torch.zeros(b, dec.shape[1], d * f, h * f, w * f, device=dev, dtype=dec.dtype)
-                        wsum = torch.zeros(1, 1, d * f, h * f, w * f, device=dev, dtype=dec.dtype)
+                    if out is None:  # blend in fp32 whatever the decoder's precision
+                        out = torch.zeros(b, dec.shape[1], d * f, h * f, w * f, device=dev)
+                        wsum = torch.zeros(1, 1, d * f, h * f, w * f, device=dev)
                     blend = overlap * f
                     wz = ramp(td * f, i == 0, i + td >= d, blend)
                     wy = ramp(th * f, j == 0, j + th >= h, blend)

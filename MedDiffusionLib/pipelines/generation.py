@@ -87,21 +87,31 @@ class GeneratedVolume:
 class GenerationPipeline:
     """Autoencoder + BiFlowNet + sampler on one device."""
 
+    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
     def __init__(self, autoencoder: PatchVolumeAE, biflownet: BiFlowNet, entry: ModelEntry | None = None,
-                 device: str | torch.device | None = "cpu", timesteps: int = 1000):
+                 device: str | torch.device | None = "cpu", timesteps: int = 1000, precision: str = "fp32"):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.ae = autoencoder.eval().to(self.device)
         self.net = biflownet.eval().to(self.device)
         self.entry = entry
         self.diffusion = GaussianDiffusion(timesteps, device=self.device)
+        if precision not in self.PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+        self.precision = precision
+
+    def autocast(self):
+        """Mixed precision for the networks (weights stay fp32; samplers and codebook in fp32)."""
+        dtype = self.PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, weights: str | Path | None = None, device: str | None = None,
-                        local_files_only: bool | None = None) -> "GenerationPipeline":
+                        local_files_only: bool | None = None, precision: str = "fp32") -> "GenerationPipeline":
         from ..weights import load_models
 
         entry, ae, net = load_models(model, weights, local_files_only, log=log.info)
-        return cls(ae, net, entry, device)
+        return cls(ae, net, entry, device, precision=precision)
 
     @property
     def compression(self) -> int:
@@ -125,7 +135,12 @@ class GenerationPipeline:
         z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
         y = torch.full((batch,), int(class_index), dtype=torch.long, device=self.device)
         res = torch.tensor([d, h, w], dtype=torch.float32, device=self.device) / 64.0
-        fn = model_fn or (lambda x, t: self.net(x, t, y, res))
+        base_fn = model_fn or (lambda x, t: self.net(x, t, y, res))
+
+        def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return base_fn(x, t).float()
+
         with torch.inference_mode():
             if sampler == "ddpm":
                 if steps not in (None, self.diffusion.num_timesteps):
@@ -147,20 +162,26 @@ class GenerationPipeline:
         authors) or ``"seamless"`` (overlapping, blended; no seams)."""
         if tiling not in ("official", "seamless"):
             raise ValueError(f"unknown tiling {tiling!r}; use official or seamless")
+        if mode not in ("auto", "whole", "tiled"):
+            raise ValueError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
         out = []
         with torch.inference_mode():
             for lat in latents.split(1):
                 z = self.ae.denormalize_latent(lat)
-                big = z[0, 0].numel() > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
-                use_tiles = mode == "tiled" or (mode == "auto" and big)
-                if use_tiles and tiling == "official" and all(s % OFFICIAL_TILE == 0 for s in z.shape[2:]):
-                    img = self.ae.decode_tiled_official(z, OFFICIAL_TILE)
-                elif use_tiles:
-                    img = self.ae.decode_tiled(z, tile=OFFICIAL_TILE, overlap=OFFICIAL_TILE // 4)
-                else:
-                    img = self.ae.decode(z)
+                img = self._decode_one(z, mode, tiling)
                 out.append(img.float().cpu())
         return torch.cat(out)
+
+    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str) -> torch.Tensor:
+        indices = self.ae.quantize(z)  # codes are always chosen in fp32
+        big = z[0, 0].numel() > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
+        use_tiles = mode == "tiled" or (mode == "auto" and big)
+        with self.autocast():
+            if use_tiles and tiling == "official" and all(s % OFFICIAL_TILE == 0 for s in z.shape[2:]):
+                return self.ae.decode_tiled_official(indices, OFFICIAL_TILE, quantize=False)
+            if use_tiles:
+                return self.ae.decode_tiled(indices, tile=OFFICIAL_TILE, overlap=OFFICIAL_TILE // 4, quantize=False)
+            return self.ae.decode(indices, quantize=False)
 
     # -- all together --------------------------------------------------------------------------------
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,

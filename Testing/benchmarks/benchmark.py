@@ -126,6 +126,11 @@ def main() -> int:
         t_seam = _timeit(lambda: ae.decode_tiled(z, tile=8, overlap=2), dev, 2)
         off = ae.decode_tiled_official(z, 8)
     rows.append(("AE decode 64^3 (whole vs seamless tiles)", t_whole, t_seam, float((seam - whole).abs().max())))
+    if dev == "cuda":  # mixed precision only pays on GPUs (this CPU kind has no bf16 units)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            half = ae.decode(z).float()
+            t_half = _timeit(lambda: ae.decode(z), dev, 2)
+        rows.append(("AE decode 64^3 (fp32 vs bf16 autocast)", t_whole, t_half, float((half - whole).abs().max())))
     report["tile_error_vs_whole_64"] = {"official_tiles_max": float((off - whole).abs().max()),
                                         "official_tiles_mean": float((off - whole).abs().mean()),
                                         "seamless_max": float((seam - whole).abs().max()),

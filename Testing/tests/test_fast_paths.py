@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from MedDiffusionLib.models import PatchVolumeAE
+from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
 from MedDiffusionLib.schedulers import GaussianDiffusion
 
 AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups", "embedding_dim", "n_codes", "patch_size")
@@ -55,3 +55,18 @@ def test_dpm_solver_converges_to_the_ddim_ode_solution():
     for n in (10, 20, 50):
         assert err[("dpm", n)] < err[("ddim", n)], err   # second order beats first order
     assert err[("dpm", 50)] < 2e-3, err  # measured 1.0e-3 (DDIM 50: 1.0e-2)
+
+
+def test_bf16_pipeline_close_to_fp32(parity_ae, parity_bf):
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    ae = PatchVolumeAE(**{k: parity_ae["config"][k] for k in AE_ARGS})
+    ae.load_state_dict(parity_ae["state_dict"])
+    net = BiFlowNet(**parity_bf["config"])
+    net.load_state_dict(parity_bf["state_dict"])
+    lat = torch.rand(1, 8, 8, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    ref = GenerationPipeline(ae, net, device="cpu").decode(lat)
+    fast = GenerationPipeline(ae, net, device="cpu", precision="bf16").decode(lat)
+    err = (fast - ref).abs()
+    assert err.mean() < 0.01 * ref.abs().mean() + 1e-3 and err.max() < 0.1 * ref.abs().max(), (err.mean(), err.max())
+    with pytest.raises(ValueError, match="precision"):
+        GenerationPipeline(ae, net, device="cpu", precision="int8")

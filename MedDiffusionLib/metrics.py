@@ -26,10 +26,12 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, window: tuple[float, float] =
     ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g1 = torch.exp(-0.5 * (ax / sigma) ** 2)
     g1 = g1 / g1.sum()
-    k = (g1[:, None, None] * g1[None, :, None] * g1[None, None, :])[None, None]
+    kernels = [g1.view(1, 1, -1, 1, 1), g1.view(1, 1, 1, -1, 1), g1.view(1, 1, 1, 1, -1)]
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv3d(t, k)
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable Gaussian, 'valid' borders
+        for k in kernels:
+            t = F.conv3d(t, k)
+        return t
 
     mx, my = blur(x), blur(y)
     sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my

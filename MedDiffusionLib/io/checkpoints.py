@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -218,6 +219,10 @@ def save_model(model: nn.Module, path: str | Path, config: dict[str, Any] | None
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_w), metadata={"format": "meddiffusion", "family": doc["family"]})
     tmp_c.write_text(json.dumps(doc, indent=2))
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp in (tmp_w, tmp_c):
+        os.chmod(tmp, 0o666 & ~umask)
     tmp_w.replace(weights)
     tmp_c.replace(cfg_path)
     return weights

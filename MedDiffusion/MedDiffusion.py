@@ -332,15 +332,22 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.samplerComboBox.addItems(["ddpm", "ddim"])
         self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
         self._fillModels()
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", self._onModelChanged)
-        self.ui.downloadButton.connect("clicked(bool)", self._onDownload)
-        self.ui.verifyButton.connect("clicked(bool)", self._onVerify)
-        self.ui.generateButton.connect("clicked(bool)", self._onGenerate)
-        self.ui.synthesizeButton.connect("clicked(bool)", self._onSynthesize)
-        self.ui.simulateButton.connect("clicked(bool)", self._onSimulate)
-        self.ui.reconstructButton.connect("clicked(bool)", self._onReconstruct)
-        self.ui.cancelButton.connect("clicked(bool)", self._onCancel)
-        self.ui.estimateButton.connect("clicked(bool)", lambda _checked: self._updateEstimate())
+        def guarded(handler):
+            """Slot wrapper: an exception before a job starts becomes an error dialog."""
+            def slot(*_args):
+                with slicer.util.tryWithErrorDisplay(_("MedDiffusion could not start."), waitCursor=False):
+                    handler()
+            return slot
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", guarded(self._onModelChanged))
+        self.ui.downloadButton.connect("clicked(bool)", guarded(self._onDownload))
+        self.ui.verifyButton.connect("clicked(bool)", guarded(self._onVerify))
+        self.ui.generateButton.connect("clicked(bool)", guarded(self._onGenerate))
+        self.ui.synthesizeButton.connect("clicked(bool)", guarded(self._onSynthesize))
+        self.ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
+        self.ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
+        self.ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
+        self.ui.estimateButton.connect("clicked(bool)", guarded(self._updateEstimate))
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.setValue(0)
         self.ui.deviceLabel.text = MedDiffusionLogic.deviceInfo()

@@ -39,15 +39,17 @@ def human_seconds(s: float) -> str:
 
 
 # Live full-resolution feature maps during a decode, in units of (n_hiddens x image voxels) floats,
-# calibrated on the CPU with the bundled autoencoder (see Testing/benchmarks/benchmark.py).
-DECODE_LIVE_MAPS = 4.0
+# plus a fixed overhead; fitted on the CPU to whole-volume decodes of the bundled autoencoder at
+# 64^3-128^3 (Testing/benchmarks/benchmark.py: 112 / 391 / 672 MB measured).
+DECODE_LIVE_MAPS = 11.0
+DECODE_OVERHEAD_BYTES = 30 * 2 ** 20
 
 
 def decode_peak_bytes(n_hiddens: int, compression: int, image_voxels: int, tile_image_voxels: int | None = None) -> float:
     """Peak extra memory of a decode (float32): live full-resolution maps of one tile (or of the
     whole volume), plus the output and blending weights when tiled."""
     active = image_voxels if tile_image_voxels is None else min(tile_image_voxels, image_voxels)
-    peak = DECODE_LIVE_MAPS * n_hiddens * active * 4
+    peak = DECODE_OVERHEAD_BYTES + DECODE_LIVE_MAPS * n_hiddens * active * 4
     if tile_image_voxels is not None:
         peak += 2 * image_voxels * 4
     return float(peak)

@@ -28,8 +28,30 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+class PeakRSS:
+    """Samples the resident set every 2 ms on a thread; ``peak - start`` is the case's own peak."""
+
+    def __enter__(self) -> "PeakRSS":
+        import threading
+        self.start = self.peak = _current_rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _current_rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_mb())
 
 
 def _child(case: str, device: str, arg: str) -> dict:
@@ -61,11 +83,10 @@ def child_main(case: str, device: str, arg: str) -> None:
     side = int(arg)
     lat = torch.randn(1, 8, side, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 0.5
     z = ae.denormalize_latent(lat)
-    base = _rss_mb()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tile = None
-    with torch.inference_mode():
+    with torch.inference_mode(), PeakRSS() as rss:
         t0 = time.perf_counter()
         if case == "whole":
             ae.decode(z)
@@ -77,7 +98,7 @@ def child_main(case: str, device: str, arg: str) -> None:
             ae.decode_tiled_official(z, tile)
         secs = time.perf_counter() - t0
     f = ae.compression
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20) if device == "cuda" else (_rss_mb() - base)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20) if device == "cuda" else (rss.peak - rss.start)
     est = decode_peak_bytes(ae.config["n_hiddens"], f, (side * f) ** 3, None if tile is None else (tile * f) ** 3) / 2 ** 20
     print(json.dumps({"case": case, "side": side, "seconds": secs, "peak_mb": peak, "estimate_mb": est}))
 
@@ -86,7 +107,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json")
-    ap.add_argument("--quick", action="store_true", help="fewer sampler comparisons")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--arg", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -122,10 +142,13 @@ def main() -> int:
         z = ae.denormalize_latent(torch.randn(1, 8, 16, 16, 16, generator=g).to(dev) * 0.5)
         whole = ae.decode(z)
         t_whole = _timeit(lambda: ae.decode(z), dev, 2)
+        ae_cl = ae.to(memory_format=torch.channels_last_3d)
+        cl = ae_cl.decode(z)
+        t_cl = _timeit(lambda: ae_cl.decode(z), dev, 2)
+        ae.to(memory_format=torch.contiguous_format)
         seam = ae.decode_tiled(z, tile=8, overlap=2)
-        t_seam = _timeit(lambda: ae.decode_tiled(z, tile=8, overlap=2), dev, 2)
         off = ae.decode_tiled_official(z, 8)
-    rows.append(("AE decode 64^3 (whole vs seamless tiles)", t_whole, t_seam, float((seam - whole).abs().max())))
+    rows.append(("AE decode 64^3 (fp32 vs channels_last_3d)", t_whole, t_cl, float((cl - whole).abs().max())))
     if dev == "cuda":  # mixed precision only pays on GPUs (this CPU kind has no bf16 units)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
             half = ae.decode(z).float()
@@ -142,23 +165,27 @@ def main() -> int:
     report["decode_memory"] = mem
 
     # 3. samplers against the 1000-step DDIM ODE solution ------------------------------------------------
-    zz = torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(7)).to(dev)
-    fn = lambda xx, tt: net(xx, tt, y, res)  # noqa: E731
+    # The tiny demo model memorised two volumes; its probability-flow ODE jumps between them under
+    # different discretisations, so solver accuracy is measured on data ~ N(mu, s^2) per voxel, whose
+    # optimal noise prediction is exact: every sampler then solves the same ODE as 1000-step DDIM.
     gd = pipe.diffusion
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        ref_ode = gd.sample_ddim(fn, zz, 1000)
-        t_ode = time.perf_counter() - t0
-        samplers = {}
-        for name, solve, steps in [("ddim", gd.sample_ddim, (100, 50, 20, 10)), ("dpm++", gd.sample_dpmpp_2m, (50, 20, 10))]:
-            for n in steps[1:] if args.quick else steps:
-                t0 = time.perf_counter()
-                out = solve(fn, zz, n)
-                samplers[f"{name} {n}"] = {"seconds": time.perf_counter() - t0,
-                                           "mean_abs_err_latent": float((out - ref_ode).abs().mean()),
-                                           "mean_abs_err_image": float((pipe.decode(out) - pipe.decode(ref_ode)).abs().mean())}
+    mu, s2 = 0.2, 0.3 ** 2
+
+    def exact_eps(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+        ab = gd.alphas_cumprod[tt].view(-1, 1, 1, 1, 1)
+        return (xx - ab.sqrt() * mu) * (1 - ab).sqrt() / (ab * s2 + 1 - ab)
+
+    zz = torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(7)).to(dev)
+    ref_ode = gd.sample_ddim(exact_eps, zz, 1000)
+    step_s = t_ref  # one BiFlowNet forward of the bundled model at 16^3
+    samplers = {}
+    for name, solve, steps in [("ddim", gd.sample_ddim, (100, 50, 20, 10)), ("dpm++", gd.sample_dpmpp_2m, (50, 20, 10))]:
+        for n in steps:
+            out = solve(exact_eps, zz, n)
+            samplers[f"{name} {n}"] = {"model_seconds_at_16^3": n * step_s,
+                                       "mean_abs_err_latent": float((out - ref_ode).abs().mean()),
+                                       "max_abs_err_latent": float((out - ref_ode).abs().max())}
     report["samplers_vs_ddim1000"] = samplers
-    report["ddim1000_seconds"] = t_ode
 
     # 4. end to end -------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -167,7 +194,8 @@ def main() -> int:
     t0 = time.perf_counter()
     pipe.generate(seed=0, sampler="dpm++", steps=20)
     t_fast_e2e = time.perf_counter() - t0
-    rows.append(("generation 64^3 (DDPM 1000 vs DPM++ 20)", t_ref_e2e, t_fast_e2e, samplers.get("dpm++ 20", {}).get("mean_abs_err_image", float("nan"))))
+    rows.append(("generation 64^3 (DDPM 1000 vs DPM++ 20)", t_ref_e2e, t_fast_e2e,
+                 samplers["dpm++ 20"]["mean_abs_err_latent"]))
 
     report["rows"] = [dict(case=c, reference_s=a, fast_s=b, speedup=a / b, max_abs_err=e) for c, a, b, e in rows]
     where = report["gpu"] or f"{report['threads']} CPU threads"
@@ -180,9 +208,10 @@ def main() -> int:
     for m in mem:
         print(f"{m['side']:<8} {m['case']:<10} {m['seconds']:>8.2f} {m['peak_mb']:>9.1f} {m['estimate_mb']:>9.1f} "
               f"{m['estimate_mb'] / max(m['peak_mb'], 1e-9):>8.2f}")
-    print("\nsamplers vs 1000-step DDIM from the same noise (mean |error|: latent / decoded image, model units)")
+    print("\nsamplers vs 1000-step DDIM from the same noise on the exact Gaussian ODE (latent |error| mean / max;"
+          " time = steps x one bundled-model forward)")
     for k, v in samplers.items():
-        print(f"{k:<10} {v['seconds']:>7.2f}s  {v['mean_abs_err_latent']:.4f} / {v['mean_abs_err_image']:.4f}")
+        print(f"{k:<10} {v['model_seconds_at_16^3']:>7.2f}s  {v['mean_abs_err_latent']:.5f} / {v['max_abs_err_latent']:.5f}")
     te = report["tile_error_vs_whole_64"]
     print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
           f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")

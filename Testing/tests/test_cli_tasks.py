@@ -47,7 +47,7 @@ def test_reconstruct_rejects_nan_and_wrong_controlnet(tmp_path, capsys):
     ct = read_volume(CT)
     arr = ct.array.astype(np.float32)
     arr[0, 0, 0] = np.nan
-    nan = tmp_path / "nan.nii.gz"
+    nan = tmp_path / "nan.nrrd"  # nibabel would store NaN as 0
     write_volume(ct.with_array(arr), nan)
     assert main(["reconstruct", str(nan), "--controlnet", "chest-ct-mini-sparse-view", "--out",
                  str(tmp_path / "r.nii.gz"), "--quiet"]) == 2

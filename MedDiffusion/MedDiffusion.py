@@ -194,6 +194,31 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
             job.cancel_event = cancelEvent
         return job
 
+    # -- weights ------------------------------------------------------------------------------------
+    def downloadModel(self, modelId: str, blocking: bool = True, progressCallback=None, cancelEvent=None):
+        """Download a registry model's files into the Hugging Face cache (no-op for bundled models).
+        Blocking: returns {role: path}; else a job."""
+        def compute(progress, cancel):
+            from MedDiffusionLib.registry import get_model
+            from MedDiffusionLib.weights import download_file
+            entry = get_model(modelId)
+            paths = {}
+            for i, spec in enumerate([] if entry.bundled else entry.files):
+                if progress:
+                    progress(i, len(entry.files))
+                paths[spec["role"]] = str(download_file(entry, spec, progress=False))
+            return ("download", entry.id, paths)
+
+        result = self._run("download", compute, blocking, progressCallback, cancelEvent)
+        return result[2] if blocking else result
+
+    @staticmethod
+    def verifyModel(modelId: str) -> list:
+        """sha256 check of a model's files: [(role, state, detail)], state ok/unverified/missing/CORRUPT."""
+        from MedDiffusionLib.registry import get_model
+        from MedDiffusionLib.weights import verify
+        return verify(get_model(modelId))
+
     # -- tasks: computation (any thread) -----------------------------------------------------------
     def _generateCompute(self, p: dict, progress, cancel):
         pipe = self.generationPipeline(p["modelId"], p["weightsFolder"], p["device"])
@@ -427,21 +452,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onDownload(self) -> None:
         if not self._ensureDeps():
             return
-        from MedDiffusionLib.registry import get_model
-        from MedDiffusionLib.weights import download_file
-        entry = get_model(self._currentModelId())
-
-        def fn(job):
-            for i, spec in enumerate(entry.files):
-                job.progress(i, len(entry.files))
-                download_file(entry, spec, progress=False)
-            return ("download", entry.id)
-        self._start(self.logic.worker.submit("download", fn))
+        self._start(self.logic.downloadModel(self._currentModelId(), blocking=False))
 
     def _onVerify(self) -> None:
-        from MedDiffusionLib.registry import get_model
-        from MedDiffusionLib.weights import verify
-        rows = verify(get_model(self._currentModelId()))
+        rows = self.logic.verifyModel(self._currentModelId())
         slicer.util.infoDisplay("\n".join(f"{role}: {state} ({detail})" for role, state, detail in rows),
                                 windowTitle=_("MedDiffusion: verify weights"))
 

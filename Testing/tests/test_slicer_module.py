@@ -203,3 +203,22 @@ def test_segmentation_exports_to_model_labels_on_reference_grid(scene):
     assert scene.GetFirstNodeByName("__meddiffusion_tmp_labels") is None
     with pytest.raises(ValueError, match="not found"):
         geometry.segmentation_to_labels(scene, seg, ref, {"nope": 1})
+
+
+def test_every_panel_action_maps_to_a_logic_method_in_the_readme():
+    tree = _module_ast()
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffusionWidget")
+    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffusionLogic")
+    logic_methods = {f.name for f in logic.body if isinstance(f, ast.FunctionDef)}
+    readme = (ROOT / "README.md").read_text()
+    handlers = [f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name.startswith("_on")
+                and f.name not in ("_onModelChanged", "_onCancel")]
+    assert len(handlers) >= 6
+    for handler in handlers:
+        called = {n.func.attr for n in ast.walk(handler) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                  and isinstance(n.func.value, (ast.Attribute, ast.Name))
+                  and getattr(n.func.value, "attr", getattr(n.func.value, "id", "")) in ("logic", "MedDiffusionLogic")}
+        public = {c for c in called if c in logic_methods and not c.startswith("_")}
+        assert public, f"{handler.name} calls no public Logic method"
+        for method in public:
+            assert f"logic.{method}(" in readme, f"README has no console example of logic.{method}"

@@ -57,6 +57,22 @@ def resample(arr: torch.Tensor, shape: Sequence[int], kind: str) -> torch.Tensor
     return F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
 
 
+def make_hint(ae, hint_meta: dict[str, Any], work: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Working-grid condition ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` following a ControlNet's
+    recorded recipe: label values (one-hot on the latent grid) or an image (HU window or
+    percentile normalisation, then the autoencoder)."""
+    if hint_meta["type"] == "labels":
+        latent_shape = [s // ae.compression for s in work.shape]
+        return label_hint(work[None].long(), hint_meta["values"], latent_shape,
+                          hint_meta.get("mode", "nearest")).to(device)
+    if hint_meta.get("normalize") == "hu_window":
+        lo, hi = hint_meta.get("hu_window", (-1000.0, 1000.0))
+        img = torch.from_numpy(hu_to_model(work.numpy(), lo, hi))
+    else:
+        img = torch.from_numpy(percentile_normalize(work.numpy())[0])
+    return image_hint(ae, img[None, None].to(device))
+
+
 class ControlledPipeline(GenerationPipeline):
     """Base generation pipeline + one ControlNet for one task."""
 
@@ -100,22 +116,13 @@ class ControlledPipeline(GenerationPipeline):
         return tuple(self.entry.default_size(self.class_index)[1])
 
     def hu_window(self) -> tuple[float, float]:
-        return tuple(self.meta["hint"].get("hu_window", (-1000.0, 1000.0)))
+        """HU window that maps model units of the *targets* (the one training used)."""
+        window = self.meta.get("hu_window") or self.meta["hint"].get("hu_window") or (-1000.0, 1000.0)
+        return tuple(float(v) for v in window)
 
     def make_hint(self, work: torch.Tensor) -> torch.Tensor:
         """Working-grid input ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` per the task recipe."""
-        hint_meta = self.meta["hint"]
-        f = self.compression
-        if hint_meta["type"] == "labels":
-            latent_shape = [s // f for s in work.shape]
-            return label_hint(work[None].long(), hint_meta["values"], latent_shape,
-                              hint_meta.get("mode", "nearest")).to(self.device)
-        if hint_meta.get("normalize") == "hu_window":
-            lo, hi = self.hu_window()
-            img = torch.from_numpy(hu_to_model(work.numpy(), lo, hi))
-        else:
-            img = torch.from_numpy(percentile_normalize(work.numpy())[0])
-        return image_hint(self.ae, img[None, None].to(self.device))
+        return make_hint(self.ae, self.meta["hint"], work, self.device)
 
     def check_hint(self, hint: torch.Tensor) -> None:
         if hint.shape[1] != self.controlnet.hint_channel:
@@ -211,5 +218,5 @@ def ct_labels_from_hu(hu: np.ndarray, tumour: np.ndarray | None = None) -> np.nd
     return lab
 
 
-__all__ = ["ControlledPipeline", "simulate_sparse_view", "reconstruct_sparse_view", "reconstruct_undersampled_mri",
+__all__ = ["ControlledPipeline", "make_hint", "simulate_sparse_view", "reconstruct_sparse_view", "reconstruct_undersampled_mri",
            "synthesize_from_labels", "ct_labels_from_hu", "working_grid", "resample"]

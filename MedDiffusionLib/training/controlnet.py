@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
 from ..io.checkpoints import fingerprint, save_model
 from ..models.controlnet import ControlNet, init_from_base
-from ..pipelines.conditioned import ControlledPipeline, resample, working_grid
+from ..pipelines.conditioned import make_hint, resample, working_grid
 from ..pipelines.generation import GenerationPipeline
 from ..schedulers import GaussianDiffusion
 from .diffusion import EMA
@@ -167,8 +167,6 @@ class ControlNetTrainer:
 
     def prepare(self, pairs: list[tuple[Path, Path]], augment: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0 latents, hints) for every pair and augmented copy, on the working grid."""
-        pipe = ControlledPipeline.__new__(ControlledPipeline)  # reuse its hint recipe without a trained net
-        pipe.ae, pipe.meta, pipe.device = self.base.ae, self.meta, self.device
         g = torch.Generator().manual_seed(seed)
         lats, hints = [], []
         for cond_path, targ_path in pairs:
@@ -192,7 +190,7 @@ class ControlNetTrainer:
                 x = torch.from_numpy(self._target_model_units(t_arr.numpy()))[None, None].to(self.device)
                 with torch.no_grad():
                     lats.append(self.base.ae.normalize_latent(self.base.ae.patch_encode(x)).cpu())
-                    hints.append(pipe.make_hint(c_arr).cpu())
+                    hints.append(make_hint(self.base.ae, self.meta["hint"], c_arr, self.device).cpu())
         shapes = {tuple(x.shape) for x in lats}
         if len(shapes) != 1:
             raise DataError(f"training volumes map to different latent sizes {sorted(shapes)}; resample them to one "

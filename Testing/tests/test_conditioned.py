@@ -36,6 +36,7 @@ def test_synthesis_returns_on_input_grid(labels_controlnet, base_dir):  # noqa: 
     assert out.shape == lab.shape
     np.testing.assert_allclose(out.affine, lab.affine)
     lo, hi = pipe.hu_window()
+    assert (lo, hi) == (-1000.0, 500.0)  # the window the targets were trained in, not a default
     assert out.array.min() >= lo and out.array.max() <= hi and np.isfinite(out.array).all()
 
 

@@ -169,14 +169,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .io.checkpoints import load_official_autoencoder, load_official_biflownet, read_checkpoint, save_model
+    from .io.checkpoints import load_official, save_model
 
     src = Path(args.checkpoint)
-    ckpt = read_checkpoint(src)
-    is_ae = isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict)
-    del ckpt
-    model = load_official_autoencoder(src) if is_ae else load_official_biflownet(src)
-    path = save_model(model, Path(args.out_dir) / ("autoencoder" if is_ae else "biflownet"),
+    family, model = load_official(src)  # the file is unpickled once
+    path = save_model(model, Path(args.out_dir) / ("autoencoder" if family == "patchvolume" else "biflownet"),
                       meta={"converted_from": src.name})
     print(f"wrote {path} and {path.with_suffix('.json')}")
     return 0

@@ -111,7 +111,10 @@ def infer_autoencoder_config(sd: dict[str, torch.Tensor], yaml_cfg: dict[str, An
 def load_official_autoencoder(path: str | Path) -> PatchVolumeAE:
     """Released ``PatchVolume_*.ckpt`` -> :class:`PatchVolumeAE` in eval mode (training-only
     discriminator and LPIPS tensors are dropped)."""
-    ckpt = read_checkpoint(path)
+    return _autoencoder_from(read_checkpoint(path), path)
+
+
+def _autoencoder_from(ckpt: Any, path: str | Path) -> PatchVolumeAE:
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not _is_ae_state(sd):
         if isinstance(ckpt, dict) and ("ema" in ckpt or _is_biflownet_state(sd) or _is_biflownet_state(ckpt)):
@@ -159,7 +162,18 @@ def infer_biflownet_config(sd: dict[str, torch.Tensor], args: dict[str, Any] | N
 
 def load_official_biflownet(path: str | Path, weights: str = "ema") -> BiFlowNet:
     """Released ``BiFlowNet_*.pt`` -> :class:`BiFlowNet` (EMA weights by default), eval mode."""
+    return _biflownet_from(read_checkpoint(path), path, weights)
+
+
+def load_official(path: str | Path) -> tuple[str, nn.Module]:
+    """Either official checkpoint, read once: ``("patchvolume", ae)`` or ``("biflownet", net)``."""
     ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and _is_ae_state(ckpt.get("state_dict")):
+        return "patchvolume", _autoencoder_from(ckpt, path)
+    return "biflownet", _biflownet_from(ckpt, path, "ema")
+
+
+def _biflownet_from(ckpt: Any, path: str | Path, weights: str) -> BiFlowNet:
     if isinstance(ckpt, dict) and _is_ae_state(ckpt.get("state_dict")):
         raise CheckpointError(f"{path}: this is a Patch-Volume autoencoder checkpoint, not a BiFlowNet; "
                               "pass it as the autoencoder weights")

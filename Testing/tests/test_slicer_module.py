@@ -130,7 +130,10 @@ def test_worker_cancel_between_steps():
 
 
 # -- geometry with real MRML (slicer-core) -----------------------------------------------------------------
-slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test extra; see README")
+if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
+    import slicer  # the test extra installs slicer-core here: a missing wheel must fail, not skip
+else:  # no slicer-core wheel exists for this platform/Python
+    slicer = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
 from MedDiffusionGlue import geometry  # noqa: E402
 
 

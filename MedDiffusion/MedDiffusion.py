@@ -69,6 +69,7 @@ class MedDiffusionParameterNode:
     numberOfVolumes: int = 1
     mapToHU: bool = True
     device: str = "auto"
+    referenceKernels: bool = False
     segmentation: slicer.vtkMRMLSegmentationNode
     referenceVolume: slicer.vtkMRMLScalarVolumeNode
     labelsControlNet: str = "chest-ct-mini-labels"
@@ -148,20 +149,29 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         return self._worker
 
     def generationPipeline(self, modelId: Optional[str] = None, weightsFolder: Optional[str] = None,
-                           device: Optional[str] = None):
+                           device: Optional[str] = None, mode: str = "fast"):
+        """Cached pipeline; ``mode`` "fast" (default) or "reference" kernels (switched in place)."""
         from MedDiffusionLib.pipelines.generation import GenerationPipeline
         key = ("gen", modelId or None, weightsFolder or None, device or "auto")
         if key not in self._pipelines:
-            self._pipelines[key] = GenerationPipeline.from_pretrained(modelId or None, weightsFolder or None, device)
-        return self._pipelines[key]
+            self._pipelines[key] = GenerationPipeline.from_pretrained(modelId or None, weightsFolder or None, device,
+                                                                      mode=mode)
+        pipe = self._pipelines[key]
+        if pipe.mode != mode:
+            pipe.set_mode(mode)
+        return pipe
 
     def controlledPipeline(self, controlNet: str, modelId: Optional[str] = None, weightsFolder: Optional[str] = None,
-                           device: Optional[str] = None):
+                           device: Optional[str] = None, mode: str = "fast"):
         from MedDiffusionLib.pipelines.conditioned import ControlledPipeline
         key = ("cn", controlNet, modelId or None, weightsFolder or None, device or "auto")
         if key not in self._pipelines:
-            self._pipelines[key] = ControlledPipeline.from_files(controlNet, modelId or None, weightsFolder or None, device)
-        return self._pipelines[key]
+            self._pipelines[key] = ControlledPipeline.from_files(controlNet, modelId or None, weightsFolder or None,
+                                                                 device, mode=mode)
+        pipe = self._pipelines[key]
+        if pipe.mode != mode:
+            pipe.set_mode(mode)
+        return pipe
 
     @staticmethod
     def deviceInfo() -> str:
@@ -174,15 +184,17 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         return _("CPU only (no CUDA GPU found): fine for the bundled model, hours for released 256^3 models")
 
     @staticmethod
-    def estimate(modelId: Optional[str], size: tuple[int, int, int], steps: int, device: str) -> tuple[float, str]:
-        """(seconds, text) expected for one run before it starts."""
-        from MedDiffusionLib.estimate import estimate_seconds, human_seconds
+    def estimate(modelId: Optional[str], size: tuple[int, int, int], steps: int, device: str,
+                 mode: str = "fast") -> tuple[float, str]:
+        """(seconds, text) expected for one run before it starts: time, peak memory, decode plan."""
+        from MedDiffusionLib.estimate import available_memory_bytes, estimate_run
         from MedDiffusionLib.registry import get_model
+        from MedDiffusionLib.weights import bundled_ae_width
         entry = get_model(modelId or None)
-        secs = estimate_seconds(entry.raw, entry.compression, size, steps, device)
-        mem = entry.raw.get("resources", {}).get("gpu_memory_gb")
-        text = f"~{human_seconds(secs)} on {device}" + (f", ~{mem} GB GPU memory" if mem and device != "cpu" else "")
-        return secs, text
+        avail = available_memory_bytes(device)
+        est = estimate_run(entry.raw, entry.compression, size, steps, device, mode,
+                           n_hiddens=bundled_ae_width(entry), budget_bytes=None if avail is None else 0.8 * avail)
+        return est.seconds, est.text(device)
 
     def _run(self, name: str, fn: Callable, blocking: bool, progressCallback, cancelEvent):
         """Run ``fn(progress, cancel)`` here (blocking) or on the worker thread (returns the job)."""
@@ -221,19 +233,22 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
 
     # -- tasks: computation (any thread) -----------------------------------------------------------
     def _generateCompute(self, p: dict, progress, cancel):
-        pipe = self.generationPipeline(p["modelId"], p["weightsFolder"], p["device"])
+        pipe = self.generationPipeline(p["modelId"], p["weightsFolder"], p["device"], p["mode"])
         return pipe.generate(p["classIndex"], p["size"], p["spacing"], p["seed"], p["sampler"],
-                             p["steps"] if p["sampler"] == "ddim" else None, p["numberOfVolumes"], progress, cancel)
+                             p["steps"] if p["sampler"] not in (None, "ddpm") else None, p["numberOfVolumes"],
+                             progress, cancel)
 
     # -- tasks: console API -----------------------------------------------------------------------
     def generate(self, modelId: Optional[str] = None, classIndex: Optional[int] = None, size=None, spacing=None,
                  seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None, numberOfVolumes: int = 1,
                  huWindow=None, mapToHU: bool = True, weightsFolder: Optional[str] = None, device: Optional[str] = None,
-                 progressCallback=None, cancelEvent: Optional[threading.Event] = None, blocking: bool = True):
-        """Generate volumes; blocking: returns the new volume nodes, else a job for :meth:`finishJob`."""
+                 progressCallback=None, cancelEvent: Optional[threading.Event] = None, blocking: bool = True,
+                 mode: str = "fast"):
+        """Generate volumes; blocking: returns the new volume nodes, else a job for :meth:`finishJob`.
+        ``mode="reference"`` runs the plain kernels the parity tests pin (slower on the CPU)."""
         params = dict(modelId=modelId, weightsFolder=weightsFolder, classIndex=classIndex, size=size,
                       spacing=spacing, seed=seed, sampler=sampler, steps=steps, numberOfVolumes=numberOfVolumes,
-                      device=device)
+                      device=device, mode=mode)
         result = self._run("generate", lambda pr, ca: ("generate", params, huWindow, mapToHU,
                                                        self._generateCompute(params, pr, ca)),
                            blocking, progressCallback, cancelEvent)
@@ -256,7 +271,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
 
     def reconstructSparseView(self, fbpVolumeNode, controlNet: str = "chest-ct-mini-sparse-view", seed: int = 0,
                               steps: int = 50, modelId=None, weightsFolder=None, device=None, blocking: bool = True,
-                              progressCallback=None, cancelEvent=None):
+                              progressCallback=None, cancelEvent=None, mode: str = "fast"):
         """Sparse-view FBP node (HU) -> reconstructed CT node on the same grid."""
         from MedDiffusionGlue.geometry import node_to_volume
         arr, ijk_to_ras = node_to_volume(fbpVolumeNode)
@@ -264,7 +279,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         def compute(progress, cancel):
             from MedDiffusionLib.data.volumes import Volume
             from MedDiffusionLib.pipelines.conditioned import reconstruct_sparse_view
-            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device)
+            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device, mode)
             out = reconstruct_sparse_view(Volume(arr.astype("float32"), ijk_to_ras), pipe, seed=seed, sampler="ddim",
                                           steps=steps, progress=progress, cancel=cancel)
             return ("volume", f"{fbpVolumeNode.GetName()} MedDiffusion recon", out, pipe.hu_window())
@@ -275,7 +290,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
     def synthesizeFromSegmentation(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
                                    controlNet: str = "chest-ct-mini-labels", seed: int = 0, steps: int = 50,
                                    modelId=None, weightsFolder=None, device=None, blocking: bool = True,
-                                   progressCallback=None, cancelEvent=None):
+                                   progressCallback=None, cancelEvent=None, mode: str = "fast"):
         """Segments (id -> model label value) rasterised on the reference grid -> synthetic CT node
         on that grid. The conditioning segmentation stays in the scene."""
         from MedDiffusionGlue.geometry import node_ijk_to_ras, segmentation_to_labels
@@ -285,7 +300,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         def compute(progress, cancel):
             from MedDiffusionLib.data.volumes import Volume
             from MedDiffusionLib.pipelines.conditioned import synthesize_from_labels
-            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device)
+            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device, mode)
             out = synthesize_from_labels(Volume(labels, ijk_to_ras), pipe, seed=seed, sampler="ddim", steps=steps,
                                          progress=progress, cancel=cancel)
             return ("volume", f"{segmentationNode.GetName()} synthetic CT seed{seed}", out, pipe.hu_window())
@@ -302,7 +317,8 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic):
         if result[0] == "generate":
             _kind, params, hu_window, map_to_hu, volumes = result
             from MedDiffusionLib.registry import class_names
-            pipe = self.generationPipeline(params["modelId"], params["weightsFolder"], params["device"])
+            pipe = self.generationPipeline(params["modelId"], params["weightsFolder"], params["device"],
+                                           params.get("mode", "fast"))
             for res in volumes:
                 window = hu_window
                 if window is None and map_to_hu and pipe.entry is not None:
@@ -489,9 +505,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import torch
         device = p.device if p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         steps = 1000 if p.sampler == "ddpm" else p.steps
-        seconds, text = MedDiffusionLogic.estimate(self._currentModelId(), self._size(), steps, device)
+        seconds, text = MedDiffusionLogic.estimate(self._currentModelId(), self._size(), steps, device,
+                                                   self._mode())
         self.ui.estimateLabel.text = text
         return seconds, device
+
+    def _mode(self) -> str:
+        return "reference" if self._parameterNode.referenceKernels else "fast"
 
     def _onGenerate(self) -> None:
         if not self._ensureDeps():
@@ -511,7 +531,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job = self.logic.generate(modelId=self._currentModelId(), classIndex=self.ui.classComboBox.currentData,
                                   size=self._size(), spacing=self._spacing(), seed=p.seed, sampler=p.sampler,
                                   steps=p.steps, numberOfVolumes=p.numberOfVolumes, mapToHU=p.mapToHU,
-                                  weightsFolder=p.weightsFolder or None, device=p.device, blocking=False)
+                                  weightsFolder=p.weightsFolder or None, device=p.device, blocking=False,
+                                  mode=self._mode())
         self._start(job)
 
     def _onSynthesize(self) -> None:
@@ -527,7 +548,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._start(self.logic.synthesizeFromSegmentation(p.segmentation, p.referenceVolume, mapping,
                                                           controlNet=p.labelsControlNet, seed=p.seed, steps=p.steps,
-                                                          device=p.device, blocking=False))
+                                                          device=p.device, blocking=False, mode=self._mode()))
 
     def _segmentMapping(self) -> dict:
         """'Segment name=label' pairs from the mapping field; segment names are matched case-insensitively."""
@@ -560,7 +581,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._ensureDeps():
             return
         self._start(self.logic.reconstructSparseView(p.fbpVolume, controlNet=p.sparseViewControlNet, seed=p.seed,
-                                                     steps=p.steps, device=p.device, blocking=False))
+                                                     steps=p.steps, device=p.device, blocking=False,
+                                                     mode=self._mode()))
 
     # job handling (main thread) -------------------------------------------------------------------------
     def _setBusy(self, busy: bool) -> None:

@@ -22,6 +22,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                           "(same as HF_HUB_OFFLINE=1)")
 
 
+def _add_speed_args(p: argparse.ArgumentParser, compile_option: bool = True) -> None:
+    p.add_argument("--reference", action="store_true",
+                   help="run the plain reference kernels the parity tests pin (default: fast kernels with the same "
+                        "float32 results to ~1e-5, seamless memory-aware decoding)")
+    if compile_option:
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile BiFlowNet before sampling (one-time cost, about 1.5 min on a small CPU; pays "
+                            "off for long samplers such as DDPM 1000; falls back to eager if compiling fails)")
+
+
 def _outputs(out: str, n: int) -> list[Path]:
     from .data.volumes import SUFFIXES
 
@@ -36,7 +46,7 @@ def _outputs(out: str, n: int) -> list[Path]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data.volumes import check_writable, write_volume
-    from .estimate import estimate_seconds, human_seconds
+    from .estimate import estimate_run
     from .registry import get_model, parse_class
 
     if args.num_volumes < 1:
@@ -69,8 +79,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if entry is not None and args.size is not None:
         legal_size(args.size, entry.compression)
     t0 = time.time()
+    mode = "reference" if args.reference else "fast"
     pipe = GenerationPipeline.from_pretrained(args.model, args.weights, device=str(device),
-                                              local_files_only=True if args.offline else None, precision=args.precision)
+                                              local_files_only=True if args.offline else None, precision=args.precision,
+                                              mode=mode, compile=args.compile,
+                                              memory_limit_bytes=None if args.max_memory_gb is None
+                                              else args.max_memory_gb * 2 ** 30)
     size = args.size or (pipe.entry.default_size(cls)[0] if pipe.entry else None)
     if size is None:
         raise ValueError("--size X Y Z is required with --weights")
@@ -82,10 +96,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         steps = defaults["steps"] if defaults.get("sampler") == sampler else (100 if sampler == "ddim" else 20)
     if sampler == "ddpm" and args.steps not in (None, 1000):
         raise ValueError("DDPM always runs 1000 steps; use --sampler ddim or dpm++ with --steps N for fewer")
-    est = estimate_seconds(pipe.entry.raw if pipe.entry else None, pipe.compression, size, steps, device.type,
-                           args.num_volumes)
+    est = estimate_run(pipe.entry.raw if pipe.entry else None, pipe.compression, size, steps, str(device), mode,
+                       args.num_volumes, pipe.ae.config["n_hiddens"],
+                       4.0 * sum(p.numel() for m in (pipe.ae, pipe.net) for p in m.parameters()),
+                       pipe.memory_budget())
     if device.type == "cpu":
-        print(f"warning: running on the CPU; expected time about {human_seconds(est)}", file=sys.stderr)
+        print(f"warning: running on the CPU; expected {est.text('cpu')}", file=sys.stderr)
+    elif not args.quiet:
+        print(f"expected {est.text(str(device))}", file=sys.stderr)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, unit="step", desc=f"sampling ({sampler})", disable=args.quiet)
@@ -198,7 +216,8 @@ def _run_controlled(args: argparse.Namespace, kind: str) -> int:
         raise ValueError(f"--steps must be positive, got {args.steps}")
     check_writable(args.out, args.overwrite)
     vol = read_volume(args.input)
-    pipe = ControlledPipeline.from_files(args.controlnet, args.model, args.weights, device=args.device)
+    pipe = ControlledPipeline.from_files(args.controlnet, args.model, args.weights, device=args.device,
+                                         mode="reference" if args.reference else "fast")
     steps = args.steps if args.sampler != "ddpm" else 1000
     bar, update = _progress_bar(steps or 50, f"{kind} ({args.sampler})", args.quiet)
     try:
@@ -274,11 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: 1000 ancestral steps (official default); ddim: --steps deterministic steps (official "
                         "variant); dpm++: DPM-Solver++(2M), --steps deterministic steps (ours; 20-50 are enough)")
     p.add_argument("--steps", type=int, help="steps for ddim (default 100) or dpm++ (default 20)")
-    p.add_argument("--tiling", choices=["official", "seamless"], default="official",
-                   help="how volumes above 32^3 (8x) / 64^3 (4x) latent voxels are decoded: the authors' "
-                        "non-overlapping tiles, or overlapping blended tiles without seams")
+    p.add_argument("--tiling", choices=["auto", "official", "seamless"], default="auto",
+                   help="decoding of large volumes. official: the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) "
+                        "latent voxels, else non-overlapping tiles with seams); seamless: whole when it fits in free "
+                        "memory, else overlapping blended tiles sized to the memory; auto (default): seamless, or "
+                        "official with --reference")
     p.add_argument("--num-volumes", type=int, default=1, help="volumes generated together in one batch")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    _add_speed_args(p)
+    p.add_argument("--max-memory-gb", type=float, help="memory (RAM or GPU) the decoder may plan to use; larger "
+                                                       "volumes are decoded in seamless tiles that fit")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="network precision: fp32 = the reference; bf16/fp16 = autocast (faster on GPUs with tensor "
                         "cores; codes and samplers stay fp32)")
@@ -324,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
         p.add_argument("--steps", type=int, default=50, help="ddim or dpm++ steps (default 50)")
         p.add_argument("--device", default="auto")
+        _add_speed_args(p, compile_option=False)
         p.add_argument("--out", required=True)
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--quiet", action="store_true")

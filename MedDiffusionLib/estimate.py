@@ -1,33 +1,47 @@
-"""Rough time estimates shown before long runs (CPU warnings, Slicer panel).
+"""Time and memory estimates shown before a run (CLI warnings, Slicer panel) and used to pick
+decode tiles.
 
-Sampling cost scales with latent voxels x steps. Per-model CPU seconds come from the registry
-when measured; otherwise forward cost is taken from the measured FLOPs of the released networks
-(BiFlowNet 8x: 0.34 TFLOP per step at a 32^3 latent; 4x: 2.46 TFLOP at 64^3; decoder 23 / 54
-TFLOP for a 256^3 output) and an effective device throughput.
+Time: sampling cost scales with latent voxels x steps. Per-model CPU seconds come from the
+registry when measured (fast mode); otherwise forward cost is taken from the measured FLOPs of the
+released networks (BiFlowNet 8x: 0.34 TFLOP per step at a 32^3 latent; 4x: 2.46 TFLOP at 64^3;
+decoder 23 / 54 TFLOP for a 256^3 output) and an effective device throughput.
+
+Memory: the decoder dominates. Its peak is a fixed overhead plus a number of live float32 maps of
+the full-resolution width (``n_hiddens`` channels) over the decoded block, plus, in reference mode
+on the CPU, the im2col buffer of PyTorch's ``slow_conv3d`` (used for small maps), plus the output
+and blending weights when tiled. Calibrated on the CPU (Testing/benchmarks/benchmark.py validates
+it against measured peaks); on CUDA the same model is used for tile choice, with an OOM retry.
 """
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from typing import Sequence
 
-# effective throughput of the 3-D convolutions, TFLOP/s (2-core CPU measured ~0.15; A100/H100 fp32+TF32 ~60)
+# effective throughput of the 3-D convolutions in fast mode, TFLOP/s (2-core CPU ~0.15; A100/H100 ~60)
 THROUGHPUT = {"cpu": 0.15, "cuda": 60.0}
+# reference kernels on the CPU (slow_conv3d for small maps) are this much slower per step (benchmark)
+CPU_REFERENCE_SLOWDOWN = 1.7
 STEP_TFLOP_PER_LATENT_VOXEL = {8: 0.34 / 32 ** 3, 4: 2.46 / 64 ** 3}
 DECODE_TFLOP_PER_IMAGE_VOXEL = {8: 23.0 / 256 ** 3, 4: 53.9 / 256 ** 3}
 
 
 def estimate_seconds(entry_raw: dict | None, compression: int, size_xyz: Sequence[int], steps: int, device: str,
-                     volumes: int = 1) -> float:
+                     volumes: int = 1, mode: str = "fast") -> float:
     """Estimated wall time of sampling + decoding."""
     x, y, z = (int(s) for s in size_xyz)
     vox = x * y * z
     lat = vox / compression ** 3
     kind = "cuda" if device.startswith("cuda") else "cpu"
+    slow = CPU_REFERENCE_SLOWDOWN if (kind == "cpu" and mode == "reference") else 1.0
     if entry_raw is not None and kind == "cpu" and entry_raw.get("resources", {}).get("cpu_seconds"):
         base = entry_raw["classes"][0]["sizes"][0]["image_xyz"]
         base_vox = base[0] * base[1] * base[2]
-        return float(entry_raw["resources"]["cpu_seconds"]) * vox / base_vox * (0.1 + 0.9 * steps / 1000) * volumes
+        return (float(entry_raw["resources"]["cpu_seconds"]) * vox / base_vox * (0.1 + 0.9 * steps / 1000)
+                * volumes * slow)
     tflop = steps * lat * STEP_TFLOP_PER_LATENT_VOXEL.get(compression, 0.0) + vox * DECODE_TFLOP_PER_IMAGE_VOXEL.get(compression, 0.0)
-    return tflop * volumes / THROUGHPUT[kind]
+    return tflop * volumes / THROUGHPUT[kind] * slow
 
 
 def human_seconds(s: float) -> str:
@@ -38,18 +52,97 @@ def human_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-# Live full-resolution feature maps during a decode, in units of (n_hiddens x image voxels) floats,
-# plus a fixed overhead; fitted on the CPU to whole-volume decodes of the bundled autoencoder at
-# 64^3-128^3 (Testing/benchmarks/benchmark.py: 112 / 391 / 672 MB measured).
-DECODE_LIVE_MAPS = 11.0
-DECODE_OVERHEAD_BYTES = 30 * 2 ** 20
+# -- decode memory ------------------------------------------------------------------------------------
+# Fitted on the CPU to whole-volume decodes of the bundled autoencoder at 96^3 and 128^3 output
+# (fresh processes, glibc mmap threshold fixed so that RSS follows live memory).
+DECODE_OVERHEAD_BYTES = 14 * 2 ** 20
+DECODE_LIVE_MAPS = {"fast": 5.75, "reference": 7.6}
+SLOW_CONV3D_LIMIT = 20480  # PyTorch runs batch-1 k3 float32 convs as slow_conv3d when C*D*H <= this
+RELEASED_AE_N_HIDDENS = 48  # both released autoencoders (official config)
 
 
-def decode_peak_bytes(n_hiddens: int, compression: int, image_voxels: int, tile_image_voxels: int | None = None) -> float:
-    """Peak extra memory of a decode (float32): live full-resolution maps of one tile (or of the
-    whole volume), plus the output and blending weights when tiled."""
-    active = image_voxels if tile_image_voxels is None else min(tile_image_voxels, image_voxels)
-    peak = DECODE_OVERHEAD_BYTES + DECODE_LIVE_MAPS * n_hiddens * active * 4
-    if tile_image_voxels is not None:
-        peak += 2 * image_voxels * 4
-    return float(peak)
+def _decoder_levels(n_hiddens: int, compression: int, latent_dhw: Sequence[int]) -> list[tuple[int, tuple[int, int, int]]]:
+    """(input width, (D, H, W)) of the decoder's 3x3x3 convolutions at each level, lowest first."""
+    levels = int(round(math.log2(compression)))
+    widths = [n_hiddens * 2 ** i for i in range(levels)]
+    widths = (widths + [widths[-1]])[::-1]
+    d, h, w = (int(v) for v in latent_dhw)
+    return [(widths[max(i - 1, 0)] if i else widths[0], (d << i, h << i, w << i)) for i in range(levels + 1)]
+
+
+def decode_peak_bytes(n_hiddens: int, compression: int, latent_dhw: Sequence[int], tile: int | None = None,
+                      mode: str = "fast", device: str = "cpu") -> float:
+    """Peak extra memory (bytes) of decoding a latent of ``latent_dhw`` voxels, whole (``tile``
+    None) or in overlapping ``tile``-cubes; float32."""
+    full = [int(v) for v in latent_dhw]
+    block = full if tile is None else [min(int(tile), v) for v in full]
+    maps = DECODE_LIVE_MAPS["reference" if mode == "reference" else "fast"]
+    f3 = compression ** 3
+    live = maps * n_hiddens * math.prod(block) * f3 * 4
+    peak = live
+    if mode == "reference" and device == "cpu":
+        for width, (d, h, w) in _decoder_levels(n_hiddens, compression, block):
+            if width * d * h <= SLOW_CONV3D_LIMIT:  # im2col columns next to that level's live maps
+                level_live = maps * width * d * h * w * 4
+                peak = max(peak, level_live + width * 27 * d * h * w * 4)
+    if tile is not None:
+        peak += 2 * math.prod(full) * f3 * 4  # output + blending weights
+    return float(DECODE_OVERHEAD_BYTES + peak)
+
+
+def choose_decode_tile(n_hiddens: int, compression: int, latent_dhw: Sequence[int], budget_bytes: float | None,
+                       mode: str = "fast", device: str = "cpu", min_tile: int = 8) -> int | None:
+    """``None`` when the whole latent decodes within ``budget_bytes`` (or the budget is unknown),
+    else the largest tile side (latent voxels, >= ``min_tile``) whose tiled decode fits."""
+    if budget_bytes is None or decode_peak_bytes(n_hiddens, compression, latent_dhw, None, mode, device) <= budget_bytes:
+        return None
+    for t in range(max(latent_dhw) - 1, min_tile - 1, -1):
+        if decode_peak_bytes(n_hiddens, compression, latent_dhw, t, mode, device) <= budget_bytes:
+            return t
+    return min_tile
+
+
+def available_memory_bytes(device: str = "cpu") -> float | None:
+    """Memory a run may still use on ``device``: CUDA free + cached-but-unused, or the OS's
+    MemAvailable (Linux) / available physical pages; ``None`` when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass
+class RunEstimate:
+    seconds: float
+    peak_bytes: float  # weights + decode peak (the decoder dominates the sampler's activations)
+    tile: int | None  # decode tile side in latent voxels, None = whole volume
+
+    def text(self, device: str) -> str:
+        where = "GPU memory" if device.startswith("cuda") else "RAM"
+        tiles = "whole-volume decode" if self.tile is None else f"decoded in {self.tile}^3-latent tiles"
+        return f"~{human_seconds(self.seconds)} on {device}, ~{self.peak_bytes / 2 ** 30:.1f} GB {where} ({tiles})"
+
+
+def estimate_run(entry_raw: dict | None, compression: int, size_xyz: Sequence[int], steps: int, device: str = "cpu",
+                 mode: str = "fast", volumes: int = 1, n_hiddens: int | None = None, weight_bytes: float = 0.0,
+                 budget_bytes: float | None = None) -> RunEstimate:
+    """Time, peak memory and decode plan of one generation run (``size_xyz`` image voxels X, Y, Z)."""
+    x, y, z = (int(s) for s in size_xyz)
+    latent = (z // compression, x // compression, y // compression)
+    nh = n_hiddens or RELEASED_AE_N_HIDDENS
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    tile = choose_decode_tile(nh, compression, latent, budget_bytes, mode, kind)
+    peak = weight_bytes + decode_peak_bytes(nh, compression, latent, tile, mode, kind)
+    return RunEstimate(estimate_seconds(entry_raw, compression, size_xyz, steps, device, volumes, mode), peak, tile)

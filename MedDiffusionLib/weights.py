@@ -57,6 +57,18 @@ def _bundled_paths(entry: ModelEntry) -> dict[str, Path]:
     return out
 
 
+def bundled_ae_width(entry: ModelEntry) -> int | None:
+    """``n_hiddens`` of a bundled model's autoencoder (from its JSON config, no weights read);
+    ``None`` for downloadable models (the estimator then assumes the released width)."""
+    if not entry.bundled:
+        return None
+    for f in entry.files:
+        if f["role"] == "autoencoder":
+            doc = json.loads((RESOURCES / f["path"]).with_suffix(".json").read_text())
+            return int(doc["config"]["n_hiddens"])
+    return None
+
+
 def _missing_message(entry: ModelEntry, filename: str, why: str) -> str:
     src = entry.raw["source"]
     lines = [f"weights for model {entry.id!r} are not available: {why}.",

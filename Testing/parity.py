@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Compare MedDiffusionLib against parity files produced by the official 3D MedDiffusion code.
 
-Usage: python Testing/parity.py FILE [FILE ...]
+Usage: python Testing/parity.py [--mode reference|fast] FILE [FILE ...]
 
 For each file (layout: ``../shared/reference/README.md``) the family is detected from its
 content, the model is built from the file's ``config``, its ``state_dict`` is loaded strictly,
 the main case and every ``extra_cases`` entry are run, and every output tensor in the file is
 compared with the tolerances of the reference README. One line per key; exit status 1 if any
-comparison fails or any output key was left uncompared.
+comparison fails or any output key was left uncompared. ``--mode fast`` runs the models on the
+pipelines' fast kernels (oneDNN convolutions, channels-last decoder) against the same tolerances.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffusionLib.models.autoencoder import PatchVolumeAE  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlLDM  # noqa: E402
+from MedDiffusionLib.models.kernels import use_fast_kernels  # noqa: E402
 from MedDiffusionLib.schedulers import GaussianDiffusion, ddim_timesteps  # noqa: E402
 
 # Tolerances from the reference README, section 3.
@@ -35,6 +37,19 @@ TINY_GAP = 1e-4  # codebook ties: index mismatches allowed only where the top-2 
 
 AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups", "embedding_dim", "n_codes",
            "patch_size")
+
+
+MODE = {"name": "reference"}
+
+
+def prepare(model: torch.nn.Module) -> torch.nn.Module:
+    """Put ``model`` (in place) in eval mode on the kernels of the selected mode, as GenerationPipeline.set_mode."""
+    model.eval()
+    if MODE["name"] == "fast":
+        use_fast_kernels(model)
+        if isinstance(model, PatchVolumeAE):
+            model.decoder.to(memory_format=torch.channels_last_3d)
+    return model
 
 
 class Report:
@@ -117,6 +132,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
     cfg = case["config"]
     ae = PatchVolumeAE(**{k: cfg[k] for k in AE_ARGS if k in cfg}).eval()
     ae.load_state_dict(case["state_dict"], strict=True)
+    prepare(ae)
     out = case["outputs"]
     rep = Report(label, out)
     x = case["inputs"]["x"]
@@ -191,6 +207,7 @@ def _forward_with_hooks(model: torch.nn.Module, rep: Report, out: dict[str, Any]
 def run_biflownet(case: dict[str, Any], label: str) -> int:
     net = BiFlowNet(**case["config"]).eval()
     net.load_state_dict(case["state_dict"], strict=True)
+    prepare(net)
     inp = case["inputs"]
     expected = dict(case["outputs"])
     if "diffusion_buffers" in case:
@@ -242,6 +259,7 @@ def run_controlnet(case: dict[str, Any], label: str, init_ref: dict[str, Any] | 
         for k in init_ref:
             rep.check(f"init_from_base/{k}", sorted(got.get(k, [])), {}, "")
     model.load_state_dict(case["state_dict"], strict=True)
+    prepare(model)
     inp = case["inputs"]
     out = case["outputs"]
     with torch.no_grad():
@@ -281,7 +299,11 @@ def run_file(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", help="parity_<family>.pt files")
+    parser.add_argument("--mode", choices=["reference", "fast"], default="reference",
+                        help="kernels to run: the plain reference path or the pipelines' fast path")
     args = parser.parse_args(argv)
+    MODE["name"] = args.mode
+    print(f"== kernels: {args.mode}", flush=True)
     total = 0
     for path in args.files:
         try:

@@ -22,6 +22,23 @@ def _norm(channels: int, num_groups: int, norm_type: str = "group") -> nn.Module
     raise ValueError(f"unknown norm_type {norm_type!r} (expected 'group' or 'batch')")
 
 
+def _act(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient is recorded (inference keeps one map fewer alive)."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def _residual(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``h + skip``, accumulated into ``h`` when no gradient is recorded."""
+    return h.add_(skip) if not torch.is_grad_enabled() else h + skip
+
+
+class _SiLU(nn.Module):
+    """Module form of :func:`_act` (no parameters; keeps the official ``final_block`` indices)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _act(x)
+
+
 class ResBlockX(nn.Module):
     """Residual block with equal input and output width."""
 
@@ -33,9 +50,9 @@ class ResBlockX(nn.Module):
         self.conv2 = nn.Conv3d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return x + h
+        h = self.conv1(_act(self.norm1(x)))
+        h = self.conv2(_act(self.norm2(h)))
+        return _residual(h, x)
 
 
 class ResBlockXY(nn.Module):
@@ -50,9 +67,9 @@ class ResBlockXY(nn.Module):
         self.conv2 = nn.Conv3d(out_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + self.resConv(x)
+        h = self.conv1(_act(self.norm1(x)))
+        h = self.conv2(_act(self.norm2(h)))
+        return _residual(h, self.resConv(x))
 
 
 def _res_block(cin: int, cout: int, norm_type: str, num_groups: int) -> nn.Module:
@@ -79,7 +96,7 @@ class AttentionBlock(nn.Module):
         q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
         out = out.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, d, h, w)
-        return self.to_out(out) + x
+        return _residual(self.to_out(out), x)
 
 
 class MidBlock(nn.Module):
@@ -141,7 +158,7 @@ class Encoder(nn.Module):
             self.conv_blocks.append(_LevelBlock(cin, widths[i], down, "down", norm_type, num_groups))
         self.conv_first = nn.Conv3d(image_channel, n_hiddens, 3, padding=1)
         self.mid_block = MidBlock(widths[-1], norm_type, num_groups)
-        self.final_block = nn.Sequential(_norm(widths[-1], num_groups, norm_type), nn.SiLU(),
+        self.final_block = nn.Sequential(_norm(widths[-1], num_groups, norm_type), _SiLU(),
                                          nn.Conv3d(widths[-1], embedding_dim, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,7 +183,7 @@ class Decoder(nn.Module):
             cin = widths[0] if i == 0 else widths[i - 1]
             up = _Upsample(widths[i]) if i < levels else nn.Identity()
             self.conv_blocks.append(_LevelBlock(cin, widths[i], up, "up", norm_type, num_groups))
-        self.final_block = nn.Sequential(_norm(widths[-1], num_groups, norm_type), nn.SiLU(),
+        self.final_block = nn.Sequential(_norm(widths[-1], num_groups, norm_type), _SiLU(),
                                          nn.Conv3d(widths[-1], image_channel, 3, padding=1))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

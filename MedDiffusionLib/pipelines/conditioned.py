@@ -77,8 +77,9 @@ class ControlledPipeline(GenerationPipeline):
     """Base generation pipeline + one ControlNet for one task."""
 
     def __init__(self, base: GenerationPipeline, controlnet: ControlNet, meta: dict[str, Any]):
-        super().__init__(base.ae, base.net, base.entry, base.device)
-        self.controlnet = controlnet.eval().to(self.device)
+        self.controlnet = controlnet.eval().to(base.device)
+        super().__init__(base.ae, base.net, base.entry, base.device, precision=base.precision, mode=base.mode,
+                         compile=base.compile)
         self.meta = meta
         self.task = meta.get("task")
         if self.task not in TASKS:
@@ -92,15 +93,19 @@ class ControlledPipeline(GenerationPipeline):
         scale = meta.get("control_scale", 1.0)
         self.control_scales = [float(scale)] * (len(controlnet.downs) + 1)
 
+    def networks(self) -> list[torch.nn.Module]:
+        return [*super().networks(), self.controlnet]
+
     @classmethod
     def from_files(cls, controlnet_path: str | Path, model: str | None = None, weights: str | Path | None = None,
-                   device: str | None = None) -> "ControlledPipeline":
+                   device: str | None = None, mode: str = "fast") -> "ControlledPipeline":
         from ..weights import resolve_controlnet
 
         controlnet_path = resolve_controlnet(controlnet_path)
         doc = read_model_config(controlnet_path)
         meta = doc.get("meta", {})
-        base = GenerationPipeline.from_pretrained(model or (None if weights else meta.get("base_model")), weights, device)
+        base = GenerationPipeline.from_pretrained(model or (None if weights else meta.get("base_model")), weights, device,
+                                                  mode=mode)
         return cls(base, load_model(controlnet_path, expect="controlnet"), meta)
 
     # -- hints ------------------------------------------------------------------------------------------

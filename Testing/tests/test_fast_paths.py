@@ -70,3 +70,152 @@ def test_bf16_pipeline_close_to_fp32(parity_ae, parity_bf):
     assert err.mean() < 0.01 * ref.abs().mean() + 1e-3 and err.max() < 0.1 * ref.abs().max(), (err.mean(), err.max())
     with pytest.raises(ValueError, match="precision"):
         GenerationPipeline(ae, net, device="cpu", precision="int8")
+
+
+# -- fast kernels (oneDNN convolutions, channels-last decoder) ------------------------------------------
+def _ops_run(fn) -> set[str]:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_fast_kernels_route_small_convs_to_onednn_with_same_results():
+    from MedDiffusionLib.models.kernels import FastConv3d, use_fast_kernels, uses_fast_kernels
+    model = torch.nn.Sequential(torch.nn.Conv3d(12, 12, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv3d(12, 4, 1)).eval()
+    x = torch.randn(1, 12, 16, 16, 16)
+    keys = dict(model.state_dict())
+    with torch.inference_mode():
+        ref = model(x)
+        ref_ops = _ops_run(lambda: model[0](x))
+        use_fast_kernels(model)
+        assert type(model[0]) is FastConv3d and type(model[2]) is torch.nn.Conv3d  # 1x1x1 stays
+        fast = model(x)
+        fast_ops = _ops_run(lambda: model[0](x))
+    assert "aten::slow_conv3d_forward" in ref_ops  # what PyTorch picks for this small batch-1 map
+    assert "aten::mkldnn_convolution" in fast_ops and "aten::slow_conv3d_forward" not in fast_ops
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert list(model.state_dict()) == list(keys)
+    # training (gradients) takes the usual path, and switching back restores the reference module
+    y = torch.randn(1, 12, 8, 8, 8, requires_grad=True)
+    model[0](y).sum().backward()
+    assert y.grad is not None
+    use_fast_kernels(model, False)
+    assert not uses_fast_kernels(model) and type(model[0]) is torch.nn.Conv3d
+
+
+def test_fast_mode_matches_reference_on_the_bundled_model():
+    """Bundled chest-ct-mini: one BiFlowNet forward and a decode agree with the reference kernels
+    within the reference README's single-forward tolerance (1e-4), a sampler run within its loop one."""
+    from MedDiffusionLib.models.kernels import uses_fast_kernels
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    pipe = GenerationPipeline.from_pretrained("chest-ct-mini", device="cpu", mode="reference")
+    assert not uses_fast_kernels(pipe.net) and not uses_fast_kernels(pipe.ae)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 16, 16, 16, generator=g)
+    lat = torch.rand(1, 8, 16, 16, 16, generator=g) * 2 - 1
+    t, y, res = torch.tensor([500]), torch.tensor([1]), torch.full((3,), 0.25)
+    with torch.inference_mode():
+        ref_eps = pipe.net(x, t, y, res)
+        ref_img = pipe.decode(lat)
+        ref_lat = pipe.sample_latents(1, (64, 64, 64), seed=0, sampler="dpm++", steps=5)
+        pipe.set_mode("fast")
+        assert uses_fast_kernels(pipe.net) and uses_fast_kernels(pipe.ae)
+        assert pipe.ae.decoder.conv_first.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        fast_eps = pipe.net(x, t, y, res)
+        fast_img = pipe.decode(lat)
+        fast_lat = pipe.sample_latents(1, (64, 64, 64), seed=0, sampler="dpm++", steps=5)
+    torch.testing.assert_close(fast_eps, ref_eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast_img, ref_img, atol=1e-4, rtol=1e-4)  # what users see
+    # a deterministic sampler loop: the reference README's DDIM-loop tolerance (measured 5e-4 after 5 DPM++ steps)
+    torch.testing.assert_close(fast_lat, ref_lat, atol=5e-3, rtol=0)
+    with pytest.raises(ValueError, match="mode"):
+        pipe.set_mode("turbo")
+
+
+def test_inplace_inference_ops_keep_training_gradients(ae):
+    """The decoder accumulates residuals in place only without autograd; with gradients it matches."""
+    z = torch.randn(1, 8, 4, 4, 4)
+    with torch.no_grad():
+        ref = ae.decoder(z)
+    zz = z.clone().requires_grad_(True)
+    out = ae.decoder(zz)
+    out.mean().backward()
+    torch.testing.assert_close(out.detach(), ref, atol=1e-6, rtol=1e-6)
+    assert zz.grad is not None and torch.isfinite(zz.grad).all()
+
+
+# -- torch.compile with graceful fallback ----------------------------------------------------------------
+def test_compiled_biflownet_matches_eager_or_falls_back(parity_bf):
+    import shutil
+
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from MedDiffusionLib.models.kernels import CompiledOrEager, use_fast_kernels
+    net = BiFlowNet(**parity_bf["config"]).eval()
+    net.load_state_dict(parity_bf["state_dict"])
+    use_fast_kernels(net)  # what the fast pipeline compiles
+    x = torch.randn(1, 8, 8, 8, 16)
+    t, y, res = torch.tensor([10]), torch.tensor([0]), torch.tensor([8.0, 8.0, 16.0]) / 64
+    with torch.inference_mode():
+        ref = net(x, t, y, res)
+        # no C++ compiler: a warning, then the eager result
+        torch._dynamo.reset()
+        with inductor_config.patch({"cpp.cxx": (None, "/nonexistent/g++")}):
+            broken = CompiledOrEager(net)
+            with pytest.warns(RuntimeWarning, match="torch.compile is not usable"):
+                out = broken(x, t, y, res)
+        assert broken.compiled is None and "compiler" in broken.error.lower()
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+        torch._dynamo.reset()
+        compiled = CompiledOrEager(net)
+        out = compiled(x, t, y, res)
+        out2 = compiled(x, t * 50, y, res)
+    if shutil.which("g++") or shutil.which("c++"):
+        assert compiled.error is None and compiled.compiled is not None
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    with torch.inference_mode():
+        torch.testing.assert_close(out2, net(x, t * 50, y, res), atol=1e-4, rtol=1e-4)
+
+
+# -- memory-aware seamless decoding and the estimator ----------------------------------------------------
+def test_decode_plan_follows_memory_and_stays_close_to_whole(parity_ae, parity_bf):
+    from MedDiffusionLib.estimate import choose_decode_tile, decode_peak_bytes
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    ae = PatchVolumeAE(**{k: parity_ae["config"][k] for k in AE_ARGS})
+    ae.load_state_dict(parity_ae["state_dict"])
+    net = BiFlowNet(**parity_bf["config"])
+    net.load_state_dict(parity_bf["state_dict"])
+    lat = torch.rand(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    nh, f = ae.config["n_hiddens"], ae.compression
+    whole_need = decode_peak_bytes(nh, f, (16, 16, 16))
+    roomy = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=10 * whole_need)
+    tight = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=0.5 * whole_need)
+    reference = GenerationPipeline(ae, net, device="cpu", mode="reference")
+    assert roomy.decode_plan((16, 16, 16)) is None
+    tile = tight.decode_plan((16, 16, 16))
+    assert tile is not None and 8 <= tile < 16
+    assert decode_peak_bytes(nh, f, (16, 16, 16), tile) <= 0.5 * whole_need
+    assert choose_decode_tile(nh, f, (16, 16, 16), None) is None  # unknown budget: whole
+    whole = roomy.decode(lat)
+    tiled = tight.decode(lat)
+    official = reference.decode(lat, mode="tiled")  # authors' 32^3 tiles cover 16^3 whole
+    torch.testing.assert_close(official, whole, atol=1e-4, rtol=1e-4)
+    err = (tiled - whole).abs().mean().item()
+    assert 0 < err < 0.05, err
+    official8 = reference.ae.decode_tiled_official(lat, 8)
+    assert err < (official8 - whole).abs().mean().item()  # blended tiles beat the official seams
+    with pytest.raises(ValueError, match="memory limit"):
+        GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=0)
+
+
+def test_decode_estimator_shape():
+    from MedDiffusionLib.estimate import decode_peak_bytes, estimate_run
+    # the reference path adds slow_conv3d's im2col buffers on small maps; tiles cost less than whole
+    assert decode_peak_bytes(8, 4, (16,) * 3, mode="reference") > decode_peak_bytes(8, 4, (16,) * 3, mode="fast")
+    assert decode_peak_bytes(48, 8, (64,) * 3, 32) < 0.2 * decode_peak_bytes(48, 8, (64,) * 3)
+    # 512^3 with the released 8x decoder in 24 GB: tiles, and the plan fits the budget
+    est = estimate_run(None, 8, (512, 512, 512), 1000, "cuda", budget_bytes=24 * 2 ** 30 * 0.8)
+    assert est.tile is not None and est.peak_bytes <= 24 * 2 ** 30 * 0.8
+    assert "tiles" in est.text("cuda") and "GB GPU memory" in est.text("cuda")

@@ -22,7 +22,7 @@ from typing import Sequence
 # effective throughput of the 3-D convolutions in fast mode, TFLOP/s (2-core CPU ~0.15; A100/H100 ~60)
 THROUGHPUT = {"cpu": 0.15, "cuda": 60.0}
 # reference kernels on the CPU (slow_conv3d for small maps) are this much slower per step (benchmark)
-CPU_REFERENCE_SLOWDOWN = 1.7
+CPU_REFERENCE_SLOWDOWN = 1.8
 STEP_TFLOP_PER_LATENT_VOXEL = {8: 0.34 / 32 ** 3, 4: 2.46 / 64 ** 3}
 DECODE_TFLOP_PER_IMAGE_VOXEL = {8: 23.0 / 256 ** 3, 4: 53.9 / 256 ** 3}
 
@@ -38,7 +38,8 @@ def estimate_seconds(entry_raw: dict | None, compression: int, size_xyz: Sequenc
     if entry_raw is not None and kind == "cpu" and entry_raw.get("resources", {}).get("cpu_seconds"):
         base = entry_raw["classes"][0]["sizes"][0]["image_xyz"]
         base_vox = base[0] * base[1] * base[2]
-        return (float(entry_raw["resources"]["cpu_seconds"]) * vox / base_vox * (0.1 + 0.9 * steps / 1000)
+        # measured for 1000 DDPM steps; the decode is ~1 % of that at the base size
+        return (float(entry_raw["resources"]["cpu_seconds"]) * vox / base_vox * (0.01 + 0.99 * steps / 1000)
                 * volumes * slow)
     tflop = steps * lat * STEP_TFLOP_PER_LATENT_VOXEL.get(compression, 0.0) + vox * DECODE_TFLOP_PER_IMAGE_VOXEL.get(compression, 0.0)
     return tflop * volumes / THROUGHPUT[kind] * slow
@@ -132,7 +133,8 @@ class RunEstimate:
     def text(self, device: str) -> str:
         where = "GPU memory" if device.startswith("cuda") else "RAM"
         tiles = "whole-volume decode" if self.tile is None else f"decoded in {self.tile}^3-latent tiles"
-        return f"~{human_seconds(self.seconds)} on {device}, ~{self.peak_bytes / 2 ** 30:.1f} GB {where} ({tiles})"
+        return (f"~{human_seconds(self.seconds)} on {device}, ~{self.peak_bytes / 2 ** 30:.1f} GB {where} for weights "
+                f"and decoding ({tiles})")
 
 
 def estimate_run(entry_raw: dict | None, compression: int, size_xyz: Sequence[int], steps: int, device: str = "cpu",

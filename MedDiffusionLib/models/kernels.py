@@ -65,9 +65,17 @@ class CompiledOrEager:
         self.compiled: Any = None
         self.error: str | None = None
         try:
-            self.compiled = torch.compile(module, dynamic=False, options={"freezing": True})
+            self.compiled = torch.compile(module, dynamic=False)
         except Exception as exc:  # torch.compile unsupported on this platform / Python
             self._give_up(exc)
+
+    @staticmethod
+    def _freezing():
+        """Inductor's ``freezing`` switch for this call only (``torch.compile(options=...)`` does not
+        reach it); compilation happens lazily inside the call, and again on a new input shape."""
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
 
     def _give_up(self, exc: BaseException) -> None:
         self.compiled = None
@@ -78,7 +86,8 @@ class CompiledOrEager:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is not None:
             try:
-                return self.compiled(*args, **kwargs)
+                with self._freezing():
+                    return self.compiled(*args, **kwargs)
             except Exception as exc:  # compile-time failure surfaces at the first call
                 self._give_up(exc)
         return self.module(*args, **kwargs)

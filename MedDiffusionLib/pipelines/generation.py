@@ -123,7 +123,8 @@ class GenerationPipeline:
         return [self.net, self.ae]
 
     def set_mode(self, mode: str) -> None:
-        """Switch between ``"fast"`` and ``"reference"`` kernels (weights untouched)."""
+        """Switch between ``"fast"`` and ``"reference"`` kernels (weights untouched). The modules are
+        switched in place, so pipelines built on the same module objects share the switch."""
         if mode not in self.MODES:
             raise ValueError(f"unknown mode {mode!r}; use fast or reference")
         self.mode = mode

@@ -1,17 +1,21 @@
 #!/usr/bin/env python
 """Reference vs fast paths, side by side in one run (ratios on CPU; absolute times count on a GPU).
 
-    python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick]
+    python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick] [--no-compile]
 
-Cases (bundled chest-ct-mini weights on CPU; on CUDA also the released 8x/4x shapes at 256^3 with
-random weights):
-  * BiFlowNet forward: reference = fp32; fast = channels_last_3d (+ bf16 autocast on CUDA);
-  * autoencoder decode: whole volume (reference) vs seamless tiles, official tiles for comparison;
-    time, peak memory (own subprocess per case: CPU peak RSS / CUDA max_memory_allocated) and the
-    decode-memory estimator's prediction;
-  * samplers: DDPM 1000 (reference), DDIM N and DPM-Solver++ N, each compared with a 1000-step DDIM
-    solution from the same noise (all approximate the same probability-flow ODE);
-  * end to end: official defaults (DDPM 1000, whole decode) vs DPM++ 20.
+Reference = float32, plain PyTorch kernels, the authors' decode rule (what the parity tests pin).
+Fast = the pipelines' default: oneDNN convolutions on the CPU, channels-last decoder, in-place
+inference ops, memory-aware seamless decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
+bf16 autocast. Every fast row prints its error against the reference.
+
+CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
+  * BiFlowNet forward; batched forward (2 volumes in one batch vs 2 calls); compiled forward;
+  * decode 64^3 whole; decode 128^3: reference whole vs fast seamless tiles (time, peak memory);
+  * decode peak memory in fresh processes, both modes, whole and tiled, against the estimator;
+  * samplers (DDIM N, DPM-Solver++ N) against a 1000-step DDIM solution of the same ODE;
+  * end to end: reference DDPM 1000 vs fast DDPM 1000 vs fast DPM++ 20 (decoded-volume error).
+CUDA additionally: the released 8x/4x shapes with random weights at 256^3 and 512^3 (forward
+fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20).
 """
 from __future__ import annotations
 
@@ -54,121 +58,159 @@ class PeakRSS:
         self.peak = max(self.peak, _current_rss_mb())
 
 
-def _child(case: str, device: str, arg: str) -> dict:
-    """Run one memory case in a fresh process so that peak memory belongs to it alone."""
-    out = subprocess.run([sys.executable, __file__, "--child", case, "--device", device, "--arg", arg],
-                         capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+def _child(mode: str, side: int, tile: int | None, device: str) -> dict:
+    """One decode in a fresh process, so that the peak belongs to it alone. glibc's mmap threshold is
+    fixed so that freed blocks go back to the OS and RSS follows live memory (slower, memory only)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--child", f"{mode},{side},{tile or 0}", "--device", device]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _timeit(fn, device: str, repeat: int = 3) -> float:
+def child_main(spec: str, device: str) -> None:
     import torch
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeat
 
-
-def child_main(case: str, device: str, arg: str) -> None:
-    import torch
     from MedDiffusionLib.estimate import decode_peak_bytes
-    from MedDiffusionLib.weights import load_models
-    _, ae, _ = load_models("chest-ct-mini")
-    ae = ae.to(device)
-    side = int(arg)
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    mode, side, tile = spec.split(",")
+    side, tile = int(side), int(tile) or None
+    pipe = GenerationPipeline.from_pretrained("chest-ct-mini", device=device, mode=mode)
+    ae = pipe.ae
     lat = torch.randn(1, 8, side, side, side, generator=torch.Generator().manual_seed(0)).to(device) * 0.5
-    z = ae.denormalize_latent(lat)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    tile = None
-    with torch.inference_mode(), PeakRSS() as rss:
-        t0 = time.perf_counter()
-        if case == "whole":
-            ae.decode(z)
-        elif case == "seamless":
-            tile = max(4, side // 2)
-            ae.decode_tiled(z, tile=tile, overlap=max(1, tile // 4))
-        else:
-            tile = max(4, side // 2)
-            ae.decode_tiled_official(z, tile)
-        secs = time.perf_counter() - t0
-    f = ae.compression
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 20) if device == "cuda" else (rss.peak - rss.start)
-    est = decode_peak_bytes(ae.config["n_hiddens"], f, (side * f) ** 3, None if tile is None else (tile * f) ** 3) / 2 ** 20
-    print(json.dumps({"case": case, "side": side, "seconds": secs, "peak_mb": peak, "estimate_mb": est}))
+    with torch.inference_mode():
+        idx = ae.quantize(ae.denormalize_latent(lat))
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRSS() as rss:
+            if tile is None:
+                ae.decode(idx, quantize=False)
+            else:
+                ae.decode_tiled(idx, tile=tile, overlap=max(1, tile // 4), quantize=False)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device == "cuda" else rss.peak - rss.start
+    est = decode_peak_bytes(ae.config["n_hiddens"], ae.compression, (side,) * 3, tile, mode, device) / 2 ** 20
+    print(json.dumps({"mode": mode, "side": side, "tile": tile, "peak_mb": peak, "estimate_mb": est}))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--json")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--arg", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        child_main(args.child, args.device, args.arg)
-        return 0
+def _sync(device: str) -> None:
     import torch
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timeit(fn, device: str, repeat: int = 5) -> float:
+    """Median wall time of ``repeat`` calls after one warm-up call (robust to a noisy machine)."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _maxerr(a, b) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+class Table:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def add(self, case: str, ref_s: float, fast_s: float, err: float | None, ref_mb: float | None = None,
+            fast_mb: float | None = None, note: str = "") -> None:
+        self.rows.append(dict(case=case, reference_s=ref_s, fast_s=fast_s, speedup=ref_s / fast_s, max_abs_err=err,
+                              reference_peak_mb=ref_mb, fast_peak_mb=fast_mb, note=note))
+
+    def print(self) -> None:
+        print(f"{'case':<50} {'reference':>10} {'fast':>10} {'speed-up':>9} {'max err':>9} {'ref MB':>8} "
+              f"{'fast MB':>8}  note")
+        for r in self.rows:
+            mb = [f"{v:>8.0f}" if v is not None else f"{'':>8}" for v in (r["reference_peak_mb"], r["fast_peak_mb"])]
+            err = f"{r['max_abs_err']:>9.1e}" if r["max_abs_err"] is not None else f"{'':>9}"
+            print(f"{r['case']:<50} {r['reference_s']:>9.3f}s {r['fast_s']:>9.3f}s {r['speedup']:>8.2f}x {err} "
+                  f"{mb[0]} {mb[1]}  {r['note']}")
+
+
+def cpu_cases(args, table: Table, report: dict) -> None:
+    import torch
+
+    from MedDiffusionLib.models.kernels import CompiledOrEager
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     dev = args.device
-    report: dict = {"device": dev, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if dev == "cuda" else None}
-    rows = []
-    pipe = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev)
-    net, ae = pipe.net, pipe.ae
+    ref = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev, mode="reference")
+    fast = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev, mode="fast")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 16, 16, 16, generator=g).to(dev)
     t, y, res = torch.tensor([500], device=dev), torch.tensor([1], device=dev), torch.full((3,), 0.25, device=dev)
 
-    # 1. BiFlowNet forward -------------------------------------------------------------------------
+    # 1. BiFlowNet forward: reference, fast, batched -------------------------------------------------
     with torch.inference_mode():
-        ref = net(x, t, y, res)
-        t_ref = _timeit(lambda: net(x, t, y, res), dev, 5)
-        net_cl = net.to(memory_format=torch.channels_last_3d)
-        x_cl = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
-            fast = net_cl(x_cl, t, y, res).float()
-            t_fast = _timeit(lambda: net_cl(x_cl, t, y, res), dev, 5)
-        net.to(memory_format=torch.contiguous_format)
-    rows.append(("BiFlowNet forward 16^3 latent", t_ref, t_fast, float((fast - ref).abs().max())))
+        e_ref = ref.net(x, t, y, res)
+        t_ref = _timeit(lambda: ref.net(x, t, y, res), dev, 10)
+        e_fast = fast.net(x, t, y, res)
+        t_fast = _timeit(lambda: fast.net(x, t, y, res), dev, 10)
+        table.add("BiFlowNet forward, 16^3 latent", t_ref, t_fast, _maxerr(e_fast, e_ref), note="oneDNN convs")
+        x2, t2, y2 = x.repeat(2, 1, 1, 1, 1), t.repeat(2), y.repeat(2)
+        e_b = fast.net(x2, t2, y2, res)
+        t_b = _timeit(lambda: fast.net(x2, t2, y2, res), dev, 5)
+        table.add("  2 volumes: 2 calls vs one batch of 2 (fast)", 2 * t_fast, t_b, _maxerr(e_b[1:], e_fast))
 
-    # 2. decode: time, memory, estimator ------------------------------------------------------------
+    # 2. decode ---------------------------------------------------------------------------------------
     with torch.inference_mode():
-        z = ae.denormalize_latent(torch.randn(1, 8, 16, 16, 16, generator=g).to(dev) * 0.5)
-        whole = ae.decode(z)
-        t_whole = _timeit(lambda: ae.decode(z), dev, 2)
-        ae_cl = ae.to(memory_format=torch.channels_last_3d)
-        cl = ae_cl.decode(z)
-        t_cl = _timeit(lambda: ae_cl.decode(z), dev, 2)
-        ae.to(memory_format=torch.contiguous_format)
-        seam = ae.decode_tiled(z, tile=8, overlap=2)
-        off = ae.decode_tiled_official(z, 8)
-    rows.append(("AE decode 64^3 (fp32 vs channels_last_3d)", t_whole, t_cl, float((cl - whole).abs().max())))
-    if dev == "cuda":  # mixed precision only pays on GPUs (this CPU kind has no bf16 units)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            half = ae.decode(z).float()
-            t_half = _timeit(lambda: ae.decode(z), dev, 2)
-        rows.append(("AE decode 64^3 (fp32 vs bf16 autocast)", t_whole, t_half, float((half - whole).abs().max())))
-    report["tile_error_vs_whole_64"] = {"official_tiles_max": float((off - whole).abs().max()),
-                                        "official_tiles_mean": float((off - whole).abs().mean()),
-                                        "seamless_max": float((seam - whole).abs().max()),
-                                        "seamless_mean": float((seam - whole).abs().mean())}
-    mem = []
-    for side in (16, 24, 32):
-        for case in ("whole", "seamless", "official"):
-            mem.append(_child(case, dev, str(side)))
-    report["decode_memory"] = mem
+        lat = torch.randn(1, 8, 16, 16, 16, generator=g).to(dev) * 0.5
+        z = ref.ae.denormalize_latent(lat)
+        idx = ref.ae.quantize(z)
+        d_ref = ref.ae.decode(idx, quantize=False)
+        t_dref = _timeit(lambda: ref.ae.decode(idx, quantize=False), dev, 5)
+        d_fast = fast.ae.decode(idx, quantize=False)
+        t_dfast = _timeit(lambda: fast.ae.decode(idx, quantize=False), dev, 5)
+        table.add("AE decode 64^3, whole", t_dref, t_dfast, _maxerr(d_fast, d_ref), note="oneDNN + channels-last")
+        seam = fast.ae.decode_tiled(idx, tile=8, overlap=2, quantize=False)
+        off = ref.ae.decode_tiled_official(idx, 8, quantize=False)
+        report["tile_error_vs_whole_64"] = {"official_tiles_max": _maxerr(off, d_ref),
+                                            "official_tiles_mean": float((off - d_ref).abs().mean()),
+                                            "seamless_max": _maxerr(seam, d_ref),
+                                            "seamless_mean": float((seam - d_ref).abs().mean())}
+        lat32 = torch.randn(1, 8, 32, 32, 32, generator=g).to(dev) * 0.5
+        idx32 = ref.ae.quantize(ref.ae.denormalize_latent(lat32))
+        t0 = time.perf_counter()
+        w32 = ref.ae.decode(idx32, quantize=False)
+        t_w32 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        s32 = fast.ae.decode_tiled(idx32, tile=16, overlap=4, quantize=False)
+        t_s32 = time.perf_counter() - t0
+    with torch.inference_mode():  # compiled BiFlowNet (after the decode rows: compiling leaves worker processes)
+        if not args.no_compile:
+            comp = CompiledOrEager(fast.net)
+            t0 = time.perf_counter()
+            e_c = comp(x, t, y, res)
+            compile_s = time.perf_counter() - t0
+            t_c = _timeit(lambda: comp(x, t, y, res), dev, 10)
+            gain = t_fast - t_c
+            note = (f"compile {compile_s:.0f} s once; pays off after {compile_s / gain:.0f} steps" if gain > 0
+                    else f"compile {compile_s:.0f} s; no gain") if comp.error is None else f"fell back: {comp.error[:40]}"
+            table.add("BiFlowNet forward, torch.compile (frozen weights)", t_ref, t_c, _maxerr(e_c, e_ref), note=note)
+            report["compile_seconds"] = compile_s
 
-    # 3. samplers against the 1000-step DDIM ODE solution ------------------------------------------------
+    mem = {}
+    for mode, side, tile in [("reference", 16, None), ("fast", 16, None), ("reference", 24, None), ("fast", 24, None),
+                             ("reference", 32, None), ("fast", 32, None), ("reference", 32, 16), ("fast", 32, 16),
+                             ("fast", 32, 8), ("fast", 24, 12)]:
+        mem[(mode, side, tile)] = _child(mode, side, tile, dev)
+    table.add("AE decode 128^3: ref whole vs fast 16^3-latent tiles", t_w32, t_s32, _maxerr(s32, w32),
+              mem[("reference", 32, None)]["peak_mb"], mem[("fast", 32, 16)]["peak_mb"],
+              note=f"mean err {float((s32 - w32).abs().mean()):.1e}")
+    report["decode_memory"] = list(mem.values())
+
+    # 3. samplers against the 1000-step DDIM ODE solution ----------------------------------------------
     # The tiny demo model memorised two volumes; its probability-flow ODE jumps between them under
     # different discretisations, so solver accuracy is measured on data ~ N(mu, s^2) per voxel, whose
     # optimal noise prediction is exact: every sampler then solves the same ODE as 1000-step DDIM.
-    gd = pipe.diffusion
+    gd = fast.diffusion
     mu, s2 = 0.2, 0.3 ** 2
 
     def exact_eps(xx: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
@@ -177,44 +219,156 @@ def main() -> int:
 
     zz = torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(7)).to(dev)
     ref_ode = gd.sample_ddim(exact_eps, zz, 1000)
-    step_s = t_ref  # one BiFlowNet forward of the bundled model at 16^3
     samplers = {}
     for name, solve, steps in [("ddim", gd.sample_ddim, (100, 50, 20, 10)), ("dpm++", gd.sample_dpmpp_2m, (50, 20, 10))]:
         for n in steps:
             out = solve(exact_eps, zz, n)
-            samplers[f"{name} {n}"] = {"model_seconds_at_16^3": n * step_s,
+            samplers[f"{name} {n}"] = {"steps": n, "model_seconds_at_16^3": n * t_fast,
                                        "mean_abs_err_latent": float((out - ref_ode).abs().mean()),
-                                       "max_abs_err_latent": float((out - ref_ode).abs().max())}
+                                       "max_abs_err_latent": _maxerr(out, ref_ode)}
     report["samplers_vs_ddim1000"] = samplers
 
-    # 4. end to end -------------------------------------------------------------------------------------
+    # 4. end to end ----------------------------------------------------------------------------------
+    ref_sampler = ("ddim", 100) if args.quick else ("ddpm", None)
+    name = "DDIM 100" if args.quick else "DDPM 1000"
     t0 = time.perf_counter()
-    pipe.generate(seed=0, sampler="ddpm")
-    t_ref_e2e = time.perf_counter() - t0
+    v_ref = ref.generate(seed=0, sampler=ref_sampler[0], steps=ref_sampler[1])[0].image
+    t_e_ref = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pipe.generate(seed=0, sampler="dpm++", steps=20)
-    t_fast_e2e = time.perf_counter() - t0
-    rows.append(("generation 64^3 (DDPM 1000 vs DPM++ 20)", t_ref_e2e, t_fast_e2e,
-                 samplers["dpm++ 20"]["mean_abs_err_latent"]))
+    v_fast = fast.generate(seed=0, sampler=ref_sampler[0], steps=ref_sampler[1])[0].image
+    t_e_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    v_dpm = fast.generate(seed=0, sampler="dpm++", steps=20)[0].image
+    t_e_dpm = time.perf_counter() - t0
+    table.add(f"generation 64^3, {name}: reference vs fast", t_e_ref, t_e_fast, float(abs(v_fast - v_ref).max()),
+              note="decoded volume, model units")
+    table.add(f"generation 64^3: reference {name} vs fast DPM++ 20", t_e_ref, t_e_dpm, None,
+              note=f"DPM++ 20 ODE error {samplers['dpm++ 20']['mean_abs_err_latent']:.1e} (latent, exact ODE)")
+    del v_dpm
 
-    report["rows"] = [dict(case=c, reference_s=a, fast_s=b, speedup=a / b, max_abs_err=e) for c, a, b, e in rows]
+
+def _reset_peak(dev: str) -> None:
+    import torch
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_mb(dev: str) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None
+
+
+def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512)) -> None:
+    """Released 8x/4x shapes with random weights (timing only; weights do not change the cost).
+    ``dev``/``sides`` let the same code be smoke-tested on a CPU at a small size."""
+    import torch
+
+    from MedDiffusionLib.estimate import decode_peak_bytes
+    from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
+    from MedDiffusionLib.models.kernels import CompiledOrEager
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    released = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())
+    for comp in ("8x", "4x"):
+        cfg = released[comp]
+        ae = PatchVolumeAE(**cfg["autoencoder"])
+        net = BiFlowNet(**cfg["biflownet"])
+        f = ae.compression
+        for side_img in sides:
+            s = side_img // f
+            label = f"{comp} {side_img}^3"
+            try:
+                _reset_peak(dev)
+                pipe = GenerationPipeline(ae, net, None, dev, mode="fast")
+                x = torch.randn(1, 8, s, s, s, device=dev)
+                t, y = torch.tensor([500], device=dev), torch.tensor([1], device=dev)
+                res = torch.tensor([s, s, s], dtype=torch.float32, device=dev) / 64
+                with torch.inference_mode():
+                    e_ref = net(x, t, y, res)
+                    t_ref = _timeit(lambda: net(x, t, y, res), dev, 3)
+                    with torch.autocast(dev, dtype=torch.bfloat16):
+                        e_bf = net(x, t, y, res)
+                        t_bf = _timeit(lambda: net(x, t, y, res), dev, 3)
+                    table.add(f"{label} BiFlowNet forward fp32 vs bf16", t_ref, t_bf, _maxerr(e_bf, e_ref))
+                    if not args.no_compile:
+                        cn = CompiledOrEager(net)
+                        with torch.autocast(dev, dtype=torch.bfloat16):
+                            t0 = time.perf_counter()
+                            e_c = cn(x, t, y, res)
+                            _sync(dev)
+                            c_s = time.perf_counter() - t0
+                            t_c = _timeit(lambda: cn(x, t, y, res), dev, 3)
+                        table.add(f"{label} forward fp32 vs bf16 + compile", t_ref, t_c, _maxerr(e_c, e_ref),
+                                  note=f"compile {c_s:.0f} s")
+                    idx = torch.randint(0, ae.config["n_codes"], (1, s, s, s), device=dev)
+                    budget = pipe.memory_budget()
+                    tile = pipe.decode_plan((s, s, s))
+                    _reset_peak(dev)
+                    t0 = time.perf_counter()
+                    if tile is None:
+                        ae.decode(idx, quantize=False)
+                    else:
+                        ae.decode_tiled(idx, tile=tile, overlap=max(1, tile // 4), quantize=False)
+                    _sync(dev)
+                    t_dec = time.perf_counter() - t0
+                    peak = _peak_mb(dev)
+                    est = decode_peak_bytes(ae.config["n_hiddens"], f, (s,) * 3, tile, "fast", dev) / 2 ** 20
+                    report.setdefault("cuda_decode", []).append(dict(case=label, tile=tile, seconds=t_dec, peak_mb=peak,
+                                                                     estimate_mb=est, budget_mb=(budget or 0) / 2 ** 20))
+                    runs = {("8x", 0): (("dpm++", 20), ("ddpm", None)), ("8x", 1): (("dpm++", 20),),
+                            ("4x", 0): (("dpm++", 20),)}.get((comp, sides.index(side_img)), ())
+                    for sampler, steps in runs:
+                        pipe.precision = "bf16"
+                        _reset_peak(dev)
+                        t0 = time.perf_counter()
+                        pipe.decode(pipe.sample_latents(1, (side_img,) * 3, 0, sampler, steps))
+                        _sync(dev)
+                        report.setdefault("cuda_generation", []).append(
+                            dict(case=label, sampler=sampler, steps=steps or 1000, seconds=time.perf_counter() - t0,
+                                 peak_mb=_peak_mb(dev)))
+            except Exception as exc:  # report and go on: one failing size must not hide the others
+                report.setdefault("cuda_errors", []).append(f"{label}: {type(exc).__name__}: {exc}"[:300])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="DDIM 100 instead of DDPM 1000 for the end-to-end rows")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(args.child, args.device)
+        return 0
+    import torch
+    report: dict = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    table = Table()
+    cpu_cases(args, table, report)
+    if args.device == "cuda":
+        cuda_cases(args, table, report)
+    report["rows"] = table.rows
+
     where = report["gpu"] or f"{report['threads']} CPU threads"
-    print(f"\nMedDiffusion benchmark on {dev} ({where}), torch {report['torch']}")
-    print(f"{'case':<44} {'reference':>10} {'fast':>10} {'speed-up':>9} {'error':>10}")
-    for c, a, b, e in rows:
-        print(f"{c:<44} {a:>9.3f}s {b:>9.3f}s {a / b:>8.2f}x {e:>10.2e}")
-    print("\ndecode peak memory (MB; CPU: peak RSS growth of a fresh process) and the estimator's prediction")
-    print(f"{'latent':<8} {'mode':<10} {'seconds':>8} {'peak MB':>9} {'estimate':>9} {'est/meas':>8}")
-    for m in mem:
-        print(f"{m['side']:<8} {m['case']:<10} {m['seconds']:>8.2f} {m['peak_mb']:>9.1f} {m['estimate_mb']:>9.1f} "
-              f"{m['estimate_mb'] / max(m['peak_mb'], 1e-9):>8.2f}")
-    print("\nsamplers vs 1000-step DDIM from the same noise on the exact Gaussian ODE (latent |error| mean / max;"
-          " time = steps x one bundled-model forward)")
-    for k, v in samplers.items():
+    print(f"\nMedDiffusion benchmark on {args.device} ({where}), torch {report['torch']}")
+    table.print()
+    print("\ndecode peak memory (MB; CPU: RSS growth of a fresh process) vs the estimator (target within +-25 %)")
+    print(f"{'mode':<10} {'latent':>6} {'tile':>5} {'peak MB':>9} {'estimate':>9} {'est/meas':>8}")
+    for m in report["decode_memory"]:
+        ratio = m["estimate_mb"] / max(m["peak_mb"], 1e-9)
+        print(f"{m['mode']:<10} {m['side']:>6} {m['tile'] or '-':>5} {m['peak_mb']:>9.1f} {m['estimate_mb']:>9.1f} "
+              f"{ratio:>8.2f} {'ok' if 0.75 <= ratio <= 1.25 else 'OFF'}")
+    print("\nsamplers vs 1000-step DDIM from the same noise on the exact Gaussian ODE "
+          "(latent |error| mean / max; time = steps x one fast bundled-model forward)")
+    for k, v in report["samplers_vs_ddim1000"].items():
         print(f"{k:<10} {v['model_seconds_at_16^3']:>7.2f}s  {v['mean_abs_err_latent']:.5f} / {v['max_abs_err_latent']:.5f}")
     te = report["tile_error_vs_whole_64"]
     print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
           f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")
+    for key in ("cuda_decode", "cuda_generation", "cuda_errors"):
+        for item in report.get(key, []):
+            print(key, item)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -57,12 +57,19 @@ def test_dpm_solver_converges_to_the_ddim_ode_solution():
     assert err[("dpm", 50)] < 2e-3, err  # measured 1.0e-3 (DDIM 50: 1.0e-2)
 
 
-def test_bf16_pipeline_close_to_fp32(parity_ae, parity_bf):
-    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+@pytest.fixture()
+def fresh_models(parity_ae, parity_bf):
+    """A new (autoencoder, BiFlowNet) pair per test: pipelines switch kernels in place."""
     ae = PatchVolumeAE(**{k: parity_ae["config"][k] for k in AE_ARGS})
     ae.load_state_dict(parity_ae["state_dict"])
     net = BiFlowNet(**parity_bf["config"])
     net.load_state_dict(parity_bf["state_dict"])
+    return ae, net
+
+
+def test_bf16_pipeline_close_to_fp32(fresh_models):
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    ae, net = fresh_models
     lat = torch.rand(1, 8, 8, 8, 8, generator=torch.Generator().manual_seed(3)) * 2 - 1
     ref = GenerationPipeline(ae, net, device="cpu").decode(lat)
     fast = GenerationPipeline(ae, net, device="cpu", precision="bf16").decode(lat)
@@ -180,13 +187,10 @@ def test_compiled_biflownet_matches_eager_or_falls_back(parity_bf):
 
 
 # -- memory-aware seamless decoding and the estimator ----------------------------------------------------
-def test_decode_plan_follows_memory_and_stays_close_to_whole(parity_ae, parity_bf):
+def test_decode_plan_follows_memory_and_stays_close_to_whole(fresh_models):
     from MedDiffusionLib.estimate import choose_decode_tile, decode_peak_bytes
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
-    ae = PatchVolumeAE(**{k: parity_ae["config"][k] for k in AE_ARGS})
-    ae.load_state_dict(parity_ae["state_dict"])
-    net = BiFlowNet(**parity_bf["config"])
-    net.load_state_dict(parity_bf["state_dict"])
+    ae, net = fresh_models
     lat = torch.rand(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
     nh, f = ae.config["n_hiddens"], ae.compression
     whole_need = decode_peak_bytes(nh, f, (16, 16, 16))

@@ -251,7 +251,7 @@ class GenerationPipeline:
     def _decode_one(self, z: torch.Tensor, mode: str, tiling: str) -> torch.Tensor:
         indices = self.ae.quantize(z)  # codes are always chosen in fp32
         dhw = tuple(z.shape[2:])
-        tile = {"whole": None, "tiled": OFFICIAL_TILE}.get(mode, self.decode_plan(dhw, tiling))
+        tile = None if mode == "whole" else OFFICIAL_TILE if mode == "tiled" else self.decode_plan(dhw, tiling)
         while True:
             try:
                 with self.autocast():

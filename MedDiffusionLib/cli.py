@@ -46,7 +46,6 @@ def _outputs(out: str, n: int) -> list[Path]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data.volumes import check_writable, write_volume
-    from .estimate import estimate_run
     from .registry import get_model, parse_class
 
     if args.num_volumes < 1:
@@ -96,10 +95,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         steps = defaults["steps"] if defaults.get("sampler") == sampler else (100 if sampler == "ddim" else 20)
     if sampler == "ddpm" and args.steps not in (None, 1000):
         raise ValueError("DDPM always runs 1000 steps; use --sampler ddim or dpm++ with --steps N for fewer")
-    est = estimate_run(pipe.entry.raw if pipe.entry else None, pipe.compression, size, steps, str(device), mode,
-                       args.num_volumes, pipe.ae.config["n_hiddens"],
-                       4.0 * sum(p.numel() for m in (pipe.ae, pipe.net) for p in m.parameters()),
-                       pipe.memory_budget())
+    est = pipe.estimate(size, steps, args.num_volumes)
     if device.type == "cpu":
         print(f"warning: running on the CPU; expected {est.text('cpu')}", file=sys.stderr)
     elif not args.quiet:

@@ -68,7 +68,7 @@ def _decoder_levels(n_hiddens: int, compression: int, latent_dhw: Sequence[int])
     widths = [n_hiddens * 2 ** i for i in range(levels)]
     widths = (widths + [widths[-1]])[::-1]
     d, h, w = (int(v) for v in latent_dhw)
-    return [(widths[max(i - 1, 0)] if i else widths[0], (d << i, h << i, w << i)) for i in range(levels + 1)]
+    return [(widths[max(i - 1, 0)], (d << i, h << i, w << i)) for i in range(levels + 1)]
 
 
 def decode_peak_bytes(n_hiddens: int, compression: int, latent_dhw: Sequence[int], tile: int | None = None,

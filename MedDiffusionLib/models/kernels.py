@@ -10,14 +10,11 @@ stay the same; switching back restores the reference modules.
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
-
-log = logging.getLogger("meddiffusion")
 
 
 def fast_kernels_available() -> bool:
@@ -28,8 +25,8 @@ class FastConv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs oneDNN on CPU float32 inference; anything else takes the usual path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.weight.dtype == torch.float32 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and not torch.is_autocast_enabled("cpu")):
             return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, list(self.padding),

@@ -239,6 +239,16 @@ class GenerationPipeline:
         return choose_decode_tile(self.ae.config["n_hiddens"], self.compression, latent_dhw, self.memory_budget(),
                                   self.mode, self.device.type)
 
+    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1):
+        """Time, peak memory (weights + decode) and decode plan of a run, before it starts
+        (:class:`MedDiffusionLib.estimate.RunEstimate`)."""
+        from ..estimate import estimate_run
+
+        weight_bytes = sum(p.numel() * p.element_size() for m in (self.ae, self.net) for p in m.parameters())
+        return estimate_run(self.entry.raw if self.entry else None, self.compression, size_xyz, steps,
+                            str(self.device), self.mode, volumes, self.ae.config["n_hiddens"], weight_bytes,
+                            self.memory_budget())
+
     def memory_budget(self) -> float | None:
         """Bytes a decode may plan for: 80 % of the free device memory / RAM, capped by
         ``memory_limit_bytes``; ``None`` when neither is known."""

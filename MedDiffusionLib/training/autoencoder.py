@@ -18,6 +18,17 @@ from ..models.quantizer import nearest_code_indices
 LogFn = Callable[[str], None]
 
 
+def _optimise(opt: torch.optim.Optimizer, loss: torch.Tensor, losses: list[float], step: int, steps: int,
+              log: LogFn | None, log_every: int, label: str) -> None:
+    """One optimiser step on ``loss``; records it and logs the running mean every ``log_every`` steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+    if log and (step % log_every == 0 or step == steps):
+        log(f"{label} step {step}/{steps} l1 {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+
+
 def random_crops(volumes: Sequence[torch.Tensor], size: int, batch: int, generator: torch.Generator,
                  flip_dims: Sequence[int] = (3,)) -> torch.Tensor:
     """``batch`` random ``size``-cubes ``(batch, 1, s, s, s)`` with random flips on ``flip_dims``."""
@@ -45,14 +56,8 @@ def train_stage1(ae: PatchVolumeAE, volumes: Sequence[torch.Tensor], steps: int,
     for step in range(1, steps + 1):
         x = random_crops(volumes, ae.patch_size, batch, g)
         recon = ae.decoder(ae.post_vq_conv(ae.encode(x)))
-        loss = F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _optimise(opt, F.l1_loss(recon, x), losses, step, steps, log, log_every, "ae stage1")
         sched.step()
-        losses.append(loss.item())
-        if log and (step % log_every == 0 or step == steps):
-            log(f"ae stage1 step {step}/{steps} l1 {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
     ae.eval()
     return losses
 
@@ -97,11 +102,6 @@ def train_stage2(ae: PatchVolumeAE, volumes: Sequence[torch.Tensor], steps: int,
     for step in range(1, steps + 1):
         i = int(torch.randint(len(volumes), (1,), generator=g))
         loss = F.l1_loss(ae.decoder(ae.post_vq_conv(codes[i])), volumes[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log and (step % log_every == 0 or step == steps):
-            log(f"ae stage2 step {step}/{steps} l1 {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f}")
+        _optimise(opt, loss, losses, step, steps, log, log_every, "ae stage2")
     ae.eval()
     return losses

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import UserError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -169,6 +171,36 @@ def percentile_normalize(arr: np.ndarray, low: float = 0.5, high: float = 99.5) 
         raise ValueError("volume has no intensity range between its 0.5th and 99.5th percentiles (constant image?)")
     out = (np.clip(arr, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
     return out.astype(np.float32), float(lo), float(hi)
+
+
+def check_finite(vol: Volume | np.ndarray, name: str = "the volume") -> None:
+    """A :class:`UserError` naming how many voxels are NaN or infinite, if any."""
+    arr = np.asarray(vol.array if isinstance(vol, Volume) else vol)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        nan, inf = int(np.isnan(arr).sum()), int((~finite).sum() - np.isnan(arr).sum())
+        what = " and ".join(t for t in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if t)
+        raise UserError(f"{name} has {what} voxel(s) out of {arr.size}; fill or mask them (e.g. with -1000 HU "
+                        "for air) before running")
+
+
+def check_ct_intensities(vol: Volume | np.ndarray) -> str | None:
+    """A warning text when the intensities do not look like CT in Hounsfield units, else ``None``.
+
+    CT in HU has air near -1000 and soft tissue near 0..100: its 1st percentile lies below -500 and
+    its values span more than 500 HU. An 8-bit MR (0..255), a normalised image (0..1 or -1..1) or
+    any non-negative volume fails this."""
+    arr = np.asarray(vol.array if isinstance(vol, Volume) else vol)
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr.ravel()
+    if finite.size == 0:
+        return "the volume has no finite voxel; it cannot be CT in Hounsfield units"
+    lo, hi = (float(v) for v in np.percentile(finite, [1, 99]))
+    if lo < -500 and hi - lo > 500:
+        return None
+    return (f"the input does not look like CT in Hounsfield units (1st-99th percentile {lo:g} to {hi:g}, "
+            f"dtype {arr.dtype}; CT air is about -1000 HU): it is treated as HU anyway")
 
 
 def model_to_hu(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:

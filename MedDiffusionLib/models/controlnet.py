@@ -112,6 +112,40 @@ def init_from_base(controlnet: ControlNet, base: BiFlowNet) -> dict[str, list[st
     return {"keys_zero_padded": padded, "keys_fresh": sorted(fresh)}
 
 
+def controlled_noise(base: BiFlowNet, controlnet: ControlNet, control_scales: Sequence[float], x: torch.Tensor,
+                     time: torch.Tensor, hint: torch.Tensor, y: torch.Tensor | None = None,
+                     res: torch.Tensor | None = None) -> torch.Tensor:
+    """The official ControlLDM noise: ControlNet residuals, each times its scale, added into the
+    frozen base's U-Net. ``x`` ``(B, C, D, H, W)``, ``hint`` ``(B, K, D, H, W)``."""
+    controls = [c * s for c, s in zip(controlnet(x, hint, time, y, res), control_scales)]
+    return base(x, time, y, res, controls=controls)
+
+
+def control_scales_list(control_scales: float | Sequence[float], controlnet: ControlNet) -> list[float]:
+    """One scale per ControlNet output (a single value is repeated)."""
+    n = len(controlnet.downs) + 1
+    scales = [float(control_scales)] * n if isinstance(control_scales, (int, float)) else [float(s) for s in control_scales]
+    if len(scales) != n:
+        raise ValueError(f"control_scales needs one value or {n}")
+    return scales
+
+
+class ControlledNoise(nn.Module):
+    """An existing base network and ControlNet (shared, not copied) as one noise model
+    ``forward(x, time, y, res, hint) -> eps`` (the argument order of BiFlowNet, hint last)."""
+
+    def __init__(self, base: BiFlowNet, controlnet: ControlNet, control_scales: float | Sequence[float] = 1.0):
+        super().__init__()
+        self.base, self.controlnet = base, controlnet
+        self.control_scales = control_scales_list(control_scales, controlnet)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
+                res: torch.Tensor | None = None, hint: torch.Tensor | None = None) -> torch.Tensor:
+        if hint is None:
+            raise ValueError("a ControlNet needs its hint")
+        return controlled_noise(self.base, self.controlnet, self.control_scales, x, time, hint, y, res)
+
+
 class ControlLDM(nn.Module):
     """Frozen BiFlowNet + ControlNet. ``forward(x, time, hint, y, res)`` -> controlled noise."""
 
@@ -130,19 +164,13 @@ class ControlLDM(nn.Module):
                       res_condition=res_condition)
         self.noise_estimator = BiFlowNet(dim, learn_sigma=learn_sigma, num_mid_DiT=num_mid_DiT, **common)
         self.controlnet = ControlNet(dim, hint_channel=hint_channel or channels, dit_branch=dit_branch, **common)
-        n = len(self.controlnet.downs) + 1
-        scales = [float(control_scales)] * n if isinstance(control_scales, (int, float)) else list(control_scales)
-        if len(scales) != n:
-            raise ValueError(f"control_scales needs one value or {n}")
-        self.control_scales = scales
+        self.control_scales = control_scales_list(control_scales, self.controlnet)
         self.config = dict(self.noise_estimator.config, control_scales=control_scales,
                            hint_channel=hint_channel or channels, dit_branch=dit_branch)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, hint: torch.Tensor, y: torch.Tensor | None = None,
                 res: torch.Tensor | None = None) -> torch.Tensor:
-        controls = self.controlnet(x, hint, time, y, res)
-        controls = [c * s for c, s in zip(controls, self.control_scales)]
-        return self.noise_estimator(x, time, y, res, controls=controls)
+        return controlled_noise(self.noise_estimator, self.controlnet, self.control_scales, x, time, hint, y, res)
 
     def init_controlnet_from_base(self) -> dict[str, list[str]]:
         return init_from_base(self.controlnet, self.noise_estimator)

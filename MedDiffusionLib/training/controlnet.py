@@ -216,7 +216,7 @@ class ControlNetTrainer:
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema = EMA(cn, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
-        gd = GaussianDiffusion(1000, device=self.device)
+        gd = GaussianDiffusion(device=self.device)
         step, history = 0, {"loss": [], "val": []}
         ckpt_path = out / "checkpoint.pt"
         if resume and ckpt_path.exists():

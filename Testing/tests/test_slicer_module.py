@@ -110,16 +110,17 @@ def test_worker_runs_jobs_reports_progress_and_errors():
 
 
 def test_worker_cancel_between_steps():
-    from MedDiffusionLib.schedulers import Cancelled, GaussianDiffusion
+    from MedDiffusionLib.pipelines.loop import denoise
+    from MedDiffusionLib.schedulers import Cancelled, make_scheduler
     import torch
     w = Worker()
-    gd = GaussianDiffusion()
 
     def slow_model(x, t):
         time.sleep(0.01)
         return torch.zeros_like(x)
 
-    job = w.submit("sample", lambda j: gd.sample_ddpm(slow_model, torch.zeros(1, 1, 2, 2, 2), j.progress, j.cancelled))
+    job = w.submit("sample", lambda j: denoise(make_scheduler("ddpm"), slow_model, torch.zeros(1, 1, 2, 2, 2),
+                                               progress=j.progress, cancel=j.cancelled))
     while job.step < 3:
         time.sleep(0.005)
     job.cancel()

@@ -195,15 +195,24 @@ def converted_path(src: Path, role: str, log: Callable[[str], None] | None = Non
 
     if src.suffix == ".safetensors":
         return src
+    from filelock import FileLock
+
+    from .io.atomic import atomic_write_text
+
     out_dir = _converted_dir(src)
     stem = out_dir / role
-    if stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists():
+    done = lambda: stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists()  # noqa: E731
+    if done():
         return stem.with_suffix(".safetensors")
-    if log:
-        log(f"converting {src.name} to safetensors (once) ...")
-    model = load_official_autoencoder(src) if role == "autoencoder" else load_official_biflownet(src)
-    save_model(model, stem, meta={"converted_from": str(src), "source_size": src.stat().st_size})
-    (out_dir / "SOURCE.json").write_text(json.dumps({"source": str(src)}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (torchrun ranks, parallel jobs); the others wait, then reuse its files
+    with FileLock(str(out_dir / f"{role}.lock")):
+        if not done():
+            if log:
+                log(f"converting {src.name} to safetensors (once) ...")
+            model = load_official_autoencoder(src) if role == "autoencoder" else load_official_biflownet(src)
+            save_model(model, stem, meta={"converted_from": str(src), "source_size": src.stat().st_size})
+            atomic_write_text(out_dir / "SOURCE.json", json.dumps({"source": str(src)}))
     return stem.with_suffix(".safetensors")
 
 

@@ -9,7 +9,6 @@ NIfTI is written with nibabel (RAS), NRRD and other ITK formats with SimpleITK (
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -90,7 +89,7 @@ def _suffix(path: Path) -> str:
     for s in SUFFIXES:
         if name.endswith(s):
             return s
-    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -101,9 +100,14 @@ def read_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
     _suffix(path)
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:  # SimpleITK's reader reports every unreadable file this way
+        reason = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
+        raise UserError(f"{path}: not a readable volume{f' ({reason[:160]})' if reason else ''}; MedDiffusion "
+                        f"reads {', '.join(SUFFIXES)} images") from err
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
+        raise UserError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
                          f"{img.GetNumberOfComponentsPerPixel()} component(s)")
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
     direction = np.array(img.GetDirection()).reshape(3, 3)
@@ -128,12 +132,13 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically: a temporary file in the same folder, renamed when complete."""
+    """Write atomically (:func:`MedDiffusionLib.io.atomic.atomic_path`): a temporary file in the
+    same folder, renamed when complete; a full disk raises ResourceError and leaves nothing."""
+    from ..io.atomic import atomic_path
+
     path = check_writable(path, overwrite)
     suffix = _suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=".meddiffusion-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix in (".nii.gz", ".nii"):
             import nibabel as nib
 
@@ -141,7 +146,7 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.header.set_xyzt_units("mm")
             img.set_qform(vol.affine, code=1)
             img.set_sform(vol.affine, code=1)
-            nib.save(img, tmp)
+            nib.save(img, str(tmp))
         else:
             import SimpleITK as sitk
 
@@ -151,14 +156,7 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.SetSpacing([float(s) for s in spacing])
             img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
             img.SetOrigin([float(v) for v in lps[:3, 3]])
-            sitk.WriteImage(img, tmp, useCompression=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            sitk.WriteImage(img, str(tmp), useCompression=True)
     return path
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.controlnet import ControlLDM, ControlNet
+from .atomic import atomic_write_bytes, atomic_write_text
 from .safe_pickle import safe_load, to_plain
 
 FORMAT_VERSION = 1
@@ -222,23 +223,17 @@ def _pair(path: str | Path) -> tuple[Path, Path]:
 
 def save_model(model: nn.Module, path: str | Path, config: dict[str, Any] | None = None,
                meta: dict[str, Any] | None = None) -> Path:
-    """Write ``path.safetensors`` + ``path.json`` atomically (temporary files, then rename)."""
-    from safetensors.torch import save_file
+    """Write ``path.safetensors`` + ``path.json``, each atomically (:mod:`.atomic`); the config is
+    written last, so a complete pair means a complete save."""
+    from safetensors.torch import save
 
     weights, cfg_path = _pair(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": "meddiffusion", "format_version": FORMAT_VERSION, "family": model_family(model),
            "config": config if config is not None else model.config, "meta": meta or {}}
-    tmp_w, tmp_c = weights.with_name(weights.name + ".part"), cfg_path.with_name(cfg_path.name + ".part")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp_w), metadata={"format": "meddiffusion", "family": doc["family"]})
-    tmp_c.write_text(json.dumps(doc, indent=2))
-    umask = os.umask(0)
-    os.umask(umask)
-    for tmp in (tmp_w, tmp_c):
-        os.chmod(tmp, 0o666 & ~umask)
-    tmp_w.replace(weights)
-    tmp_c.replace(cfg_path)
+    atomic_write_bytes(weights, save(state, metadata={"format": "meddiffusion", "family": doc["family"]}))
+    atomic_write_text(cfg_path, json.dumps(doc, indent=2))
     return weights
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
+from ..io.atomic import atomic_path
 from ..io.checkpoints import fingerprint, save_model
 from ..models.controlnet import ControlNet, init_from_base
 from ..pipelines.conditioned import make_hint, resample, working_grid
@@ -261,11 +262,10 @@ class ControlNetTrainer:
                 history["val"].append([step, self.validate(ema.shadow, val, gd, res)])
                 self.log(f"step {step}: validation loss {history['val'][-1][1]:.4f}")
             if self.rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after):
-                tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"controlnet": cn.state_dict(), "ema": ema.shadow.state_dict(), "optimizer": opt.state_dict(),
-                            "generator": gen.get_state(), "step": step, "history": history,
-                            "config": json.loads(json.dumps(asdict(cfg)))}, tmp)
-                tmp.replace(ckpt_path)
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save({"controlnet": cn.state_dict(), "ema": ema.shadow.state_dict(),
+                                "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
+                                "history": history, "config": json.loads(json.dumps(asdict(cfg)))}, tmp)
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
         bar.close()

@@ -11,11 +11,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 RESOURCES = Path(__file__).resolve().parent / "resources"
 REGISTRY_FILE = RESOURCES / "models.json"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """Unknown model or class, or a request the model cannot serve."""
 
 

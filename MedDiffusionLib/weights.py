@@ -19,12 +19,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
 from .registry import RESOURCES, ModelEntry, RegistryError, get_model
 
 ROLES = ("autoencoder", "biflownet")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError):
     """Weights that are missing, corrupt or unusable; the message says what to do."""
 
 
@@ -110,9 +111,9 @@ def download_file(entry: ModelEntry, spec: dict[str, Any], local_files_only: boo
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         why = "offline mode is on and the file is not in the cache" if only_local or offline() else \
             f"the hub could not be reached and the file is not cached ({type(exc).__name__})"
-        raise WeightsError(_missing_message(entry, filename, why)) from None
+        raise WeightsError(_missing_message(entry, filename, why)) from exc
     except Exception as exc:  # network errors, HTTP errors, broken connections
-        raise WeightsError(_missing_message(entry, filename, f"download failed: {type(exc).__name__}: {exc}")) from None
+        raise WeightsError(_missing_message(entry, filename, f"download failed: {type(exc).__name__}: {exc}")) from exc
     if spec.get("sha256"):
         digest = sha256_file(path)
         if digest != spec["sha256"]:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import register_to_config
 from .quantizer import lookup_codes, nearest_code_indices
 
 
@@ -210,14 +211,12 @@ class PatchVolumeAE(nn.Module):
     of the image cubes used for patch-wise encoding (64 in the released models).
     """
 
+    @register_to_config
     def __init__(self, n_hiddens: int = 48, downsample: Sequence[int] = (8, 8, 8), image_channels: int = 1,
                  norm_type: str = "group", num_groups: int = 24, embedding_dim: int = 8, n_codes: int = 8192,
                  patch_size: int = 64):
         super().__init__()
         downsample = [int(f) for f in downsample]
-        self.config = dict(n_hiddens=n_hiddens, downsample=downsample, image_channels=image_channels,
-                           norm_type=norm_type, num_groups=num_groups, embedding_dim=embedding_dim,
-                           n_codes=n_codes, patch_size=patch_size)
         self.encoder = Encoder(n_hiddens, downsample, image_channels, norm_type, num_groups, embedding_dim)
         self.decoder = Decoder(n_hiddens, downsample, image_channels, norm_type, num_groups, embedding_dim)
         self.pre_vq_conv = nn.Conv3d(embedding_dim, embedding_dim, 1)

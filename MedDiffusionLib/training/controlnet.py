@@ -22,9 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
+from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..io.checkpoints import fingerprint, save_model
-from ..models.controlnet import ControlNet, init_from_base
+from ..models.config import init_args
+from ..models.controlnet import ControlNet, control_scales_list, controlled_noise, init_from_base
 from ..pipelines.conditioned import make_hint, resample, working_grid
 from ..pipelines.generation import GenerationPipeline
 from ..schedulers import GaussianDiffusion
@@ -55,10 +57,9 @@ class TrainConfig:
     augment: int = 0                       # random affine copies per training pair
     control_scale: float = 1.0
     stop_after: int | None = None          # stop early (simulates an interruption; resume continues)
-    extra: dict = field(default_factory=dict)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training pairs that are missing, unpaired or mis-sized (the message names the files)."""
 
 
@@ -150,12 +151,7 @@ class ControlNetTrainer:
     def _controlnet(self) -> ControlNet:
         c = self.base.net.config
         hint_ch = len(self.meta["hint"]["values"]) if self.meta["hint"]["type"] == "labels" else c["channels"]
-        cn = ControlNet(c["dim"], hint_channel=hint_ch, cond_classes=c["cond_classes"], dim_mults=c["dim_mults"],
-                        sub_volume_size=c["sub_volume_size"], channels=c["channels"], patch_size=c["patch_size"],
-                        attn_heads=c["attn_heads"], init_dim=c["init_dim"], init_kernel_size=c["init_kernel_size"],
-                        use_sparse_linear_attn=c["use_sparse_linear_attn"], resnet_groups=c["resnet_groups"],
-                        DiT_num_heads=c["DiT_num_heads"], mlp_ratio=c["mlp_ratio"], vq_size=c["vq_size"],
-                        res_condition=c["res_condition"], dit_branch=self.meta["hint"]["type"] == "image")
+        cn = ControlNet(**init_args(ControlNet, c, hint_channel=hint_ch, dit_branch=self.meta["hint"]["type"] == "image"))
         init_from_base(cn, self.base.net)  # official initialisation from the frozen base
         return cn.to(self.device)
 
@@ -212,6 +208,7 @@ class ControlNetTrainer:
         model = cn
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(cn, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        scales = control_scales_list(cfg.control_scale, cn)
         params = [p for p in cn.parameters() if p.requires_grad]
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -246,8 +243,7 @@ class ControlNetTrainer:
             tt, nn_, yy = t[lo:hi].to(self.device), noise[lo:hi].to(self.device), y_all[lo:hi].to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 xt = gd.q_sample(x0, tt, nn_)
-                controls = [c * cfg.control_scale for c in model(xt, h, tt, yy, res)]
-                pred = self.base.net(xt, tt, yy, res, controls=controls)
+                pred = controlled_noise(self.base.net, model, scales, xt, tt, h, yy, res)
             pred = pred.float()
             loss = F.l1_loss(pred, nn_) if cfg.loss == "l1" else F.mse_loss(pred, nn_)
             opt.zero_grad(set_to_none=True)
@@ -291,7 +287,8 @@ class ControlNetTrainer:
             x0, h, nz, tt = lat.to(self.device), hint.to(self.device), noise.to(self.device), t.to(self.device)
             y = torch.full((lat.shape[0],), self.class_index, dtype=torch.long, device=self.device)
             xt = gd.q_sample(x0, tt, nz)
-            pred = self.base.net(xt, tt, y, res, controls=[c * self.cfg.control_scale for c in model(xt, h, tt, y, res)])
+            pred = controlled_noise(self.base.net, model, control_scales_list(self.cfg.control_scale, model), xt, tt, h,
+                                    y, res)
             losses.append(float(F.l1_loss(pred, nz)))
         return float(np.mean(losses))
 

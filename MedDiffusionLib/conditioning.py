@@ -4,11 +4,12 @@ All hints are ``(B, K, d, h, w)`` on the latent grid and stay constant over the 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .data.volumes import hu_to_model, percentile_normalize
 from .models.autoencoder import PatchVolumeAE
 
 
@@ -48,3 +49,19 @@ def label_hint(labels: torch.Tensor, values: Sequence[int], latent_shape: Sequen
     if mode == "area":
         return F.adaptive_avg_pool3d(oh, tuple(latent_shape))
     raise ValueError(f"unknown label hint mode {mode!r}; use nearest or area")
+
+
+def make_hint(ae, hint_meta: dict[str, Any], work: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Working-grid condition ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` following a ControlNet's
+    recorded recipe: label values (one-hot on the latent grid) or an image (HU window or
+    percentile normalisation, then the autoencoder)."""
+    if hint_meta["type"] == "labels":
+        latent_shape = [s // ae.compression for s in work.shape]
+        return label_hint(work[None].long(), hint_meta["values"], latent_shape,
+                          hint_meta.get("mode", "nearest")).to(device)
+    if hint_meta.get("normalize") == "hu_window":
+        lo, hi = hint_meta.get("hu_window", (-1000.0, 1000.0))
+        img = torch.from_numpy(hu_to_model(work.numpy(), lo, hi))
+    else:
+        img = torch.from_numpy(percentile_normalize(work.numpy())[0])
+    return image_hint(ae, img[None, None].to(device))

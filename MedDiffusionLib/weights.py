@@ -71,7 +71,7 @@ def bundled_ae_width(entry: ModelEntry) -> int | None:
 
 
 def _missing_message(entry: ModelEntry, filename: str, why: str) -> str:
-    src = entry.raw["source"]
+    src = entry.source
     lines = [f"weights for model {entry.id!r} are not available: {why}.",
              f"  - online: run `meddiffusion models download {entry.id}` (hub repo {src.get('repo_id')}, file {filename})",
              "  - offline: copy the files on a machine with internet into the Hugging Face cache (same command there, "
@@ -99,7 +99,7 @@ def download_file(entry: ModelEntry, spec: dict[str, Any], local_files_only: boo
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    src = entry.raw["source"]
+    src = entry.source
     if src["kind"] != "hub":
         raise WeightsError(f"model {entry.id!r} is not downloaded from the hub")
     only_local = offline() if local_files_only is None else local_files_only
@@ -242,7 +242,7 @@ def status(entry: ModelEntry) -> dict[str, Any]:
             out[f["role"]] = {"state": "bundled" if p.exists() else "missing", "path": str(p),
                               "size": p.stat().st_size if p.exists() else None}
             continue
-        src = entry.raw["source"]
+        src = entry.source
         hit = try_to_load_from_cache(src["repo_id"], f["filename"], revision=f.get("revision") or src.get("revision"))
         if isinstance(hit, str) and Path(hit).exists():
             out[f["role"]] = {"state": "cached", "path": hit, "size": Path(hit).stat().st_size}

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import register_to_config
 from .quantizer import lookup_codes, nearest_code_indices
+from .unet_blocks import voxel_attention
 
 
 def _norm(channels: int, num_groups: int, norm_type: str = "group") -> nn.Module:
@@ -91,13 +92,7 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.Conv3d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, d, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C), N in (d, h, w) raster order
-        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
-        out = out.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, d, h, w)
-        return _residual(self.to_out(out), x)
+        return _residual(self.to_out(voxel_attention(self.norm(x), self.to_qkv, self.heads, self.dim_head)), x)
 
 
 class MidBlock(nn.Module):

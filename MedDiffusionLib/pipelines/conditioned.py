@@ -11,71 +11,25 @@ recipe (``hint``), the base model's fingerprint and the class it was trained for
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..conditioning import image_hint, label_hint
-from ..data.volumes import Volume, check_finite, hu_to_model, model_to_hu, percentile_normalize
+from ..conditioning import make_hint
+from ..data.grid import resample, working_grid
+from ..data.volumes import Volume, check_finite, model_to_hu
 from ..errors import UserError
 from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_model_config
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..models.kernels import apply_kernel_mode
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
 from ..schedulers import resolve_sampling
-from .generation import CompiledNoise, GenerationPipeline, legal_size, networks_mode
+from .generation import CompiledNoise, GenerationPipeline, networks_mode
 from .loop import CancelFn, ProgressFn, StepCallback
 
 TASKS = ("sparse-view", "labels", "mri")
-
-
-@dataclass
-class WorkingGrid:
-    """How an input volume maps onto the model's grid (network order (D, H, W))."""
-
-    shape_dhw: tuple[int, int, int]
-    spacing_xyz: tuple[float, float, float]
-
-
-def working_grid(vol: Volume, spacing_xyz: Sequence[float], compression: int) -> WorkingGrid:
-    """Legal size nearest to the input's extent at the model's trained spacing."""
-    step = 8 * compression
-    ext = [n * s for n, s in zip(vol.shape, vol.spacing)]  # (i, j, k) mm
-    size_xyz = [max(step, int(round(e / sp / step)) * step) for e, sp in zip(ext, spacing_xyz)]
-    legal_size(size_xyz, compression)
-    spacing = tuple(e / n for e, n in zip(ext, size_xyz))
-    return WorkingGrid((size_xyz[2], size_xyz[0], size_xyz[1]), spacing)
-
-
-def resample(arr: torch.Tensor, shape: Sequence[int], kind: str) -> torch.Tensor:
-    """``(D, H, W)`` -> ``shape``; ``image``: area-averaged where shrinking, then trilinear; ``labels``: nearest."""
-    x = arr[None, None].float()
-    if kind == "labels":
-        return F.interpolate(x, size=tuple(shape), mode="nearest")[0, 0].to(arr.dtype)
-    shrink = tuple(min(a, b) for a, b in zip(x.shape[2:], shape))
-    if shrink != tuple(x.shape[2:]):
-        x = F.adaptive_avg_pool3d(x, shrink)
-    return F.interpolate(x, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
-
-
-def make_hint(ae, hint_meta: dict[str, Any], work: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Working-grid condition ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` following a ControlNet's
-    recorded recipe: label values (one-hot on the latent grid) or an image (HU window or
-    percentile normalisation, then the autoencoder)."""
-    if hint_meta["type"] == "labels":
-        latent_shape = [s // ae.compression for s in work.shape]
-        return label_hint(work[None].long(), hint_meta["values"], latent_shape,
-                          hint_meta.get("mode", "nearest")).to(device)
-    if hint_meta.get("normalize") == "hu_window":
-        lo, hi = hint_meta.get("hu_window", (-1000.0, 1000.0))
-        img = torch.from_numpy(hu_to_model(work.numpy(), lo, hi))
-    else:
-        img = torch.from_numpy(percentile_normalize(work.numpy())[0])
-    return image_hint(ae, img[None, None].to(device))
 
 
 class ControlledPipeline:

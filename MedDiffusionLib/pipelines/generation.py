@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
 from ..errors import ResourceError, UserError
 from ..models.autoencoder import PatchVolumeAE
@@ -29,23 +30,6 @@ log = logging.getLogger("meddiffusion")
 # The official pipeline decodes a latent whole up to these many voxels, else in 32^3 tiles.
 WHOLE_DECODE_MAX = {8: 32 ** 3, 4: 64 ** 3}
 OFFICIAL_TILE = 32
-
-
-def legal_size(size_xyz: Sequence[int], compression: int) -> tuple[int, int, int]:
-    """Check an output size; the error lists the nearest legal sizes. Each side must be a
-    multiple of 8 latent voxels (the DiT sub-volume), i.e. 64 (8x) or 32 (4x) image voxels."""
-    step = 8 * compression
-    size = tuple(int(s) for s in size_xyz)
-    if len(size) != 3 or any(s <= 0 for s in size):
-        raise UserError(f"size must be three positive integers X Y Z, got {list(size_xyz)}")
-    if all(s % step == 0 for s in size):
-        return size  # type: ignore[return-value]
-    down = tuple(max(step, (s // step) * step) for s in size)
-    up = tuple(math.ceil(s / step) * step for s in size)
-    options = sorted({down, up, tuple(round(s / step) * step or step for s in size)})
-    text = " or ".join("x".join(map(str, o)) for o in options)
-    raise UserError(f"size {'x'.join(map(str, size))} is not possible for this {compression}x model: every side must "
-                     f"be a multiple of {step} voxels; nearest legal sizes: {text}")
 
 
 def resolve_device(requested: str | None = None) -> torch.device:

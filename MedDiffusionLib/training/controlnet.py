@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conditioning import make_hint
+from ..data.grid import apply_affine, random_affine_theta, resample, working_grid
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..io.checkpoints import fingerprint, save_model
 from ..models.config import init_args
 from ..models.controlnet import ControlNet, control_scales_list, controlled_noise, init_from_base
-from ..pipelines.conditioned import make_hint, resample, working_grid
 from ..pipelines.generation import GenerationPipeline
 from ..schedulers import GaussianDiffusion
 from .diffusion import EMA
@@ -93,19 +93,6 @@ def find_pairs(source: str | Path) -> list[tuple[Path, Path]]:
     return [(cond[n], targ[n]) for n in sorted(cond)]
 
 
-def _affine(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    grid = F.affine_grid(theta[None], [1, 1, *x.shape], align_corners=False)
-    return F.grid_sample(x[None, None].float(), grid, mode=mode, padding_mode="border", align_corners=False)[0, 0]
-
-
-def _random_theta(g: torch.Generator) -> torch.Tensor:
-    ang = math.radians(float(torch.empty(1).uniform_(-6, 6, generator=g)))
-    s = float(torch.empty(1).uniform_(0.92, 1.08, generator=g))
-    tr = torch.empty(3).uniform_(-0.1, 0.1, generator=g)
-    c, si = math.cos(ang) / s, math.sin(ang) / s
-    return torch.tensor([[c, -si, 0.0, float(tr[0])], [si, c, 0.0, float(tr[1])], [0.0, 0.0, 1.0 / s, float(tr[2])]])
-
-
 class ControlNetTrainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
@@ -123,11 +110,11 @@ class ControlNetTrainer:
         self.device = self.base.device
         entry = self.base.entry
         self.class_index = cfg.class_index if cfg.class_index is not None else (
-            entry.raw["defaults"]["class"] if entry else 1)
+            entry.default_class if entry else 1)
         if cfg.spacing_xyz is None and entry is not None:
             cfg.spacing_xyz = entry.default_size(self.class_index)[1]
         if cfg.hu_window is None and entry is not None:
-            cfg.hu_window = entry.class_info(self.class_index).get("hu_window")
+            cfg.hu_window = entry.hu_window(self.class_index)
         self.meta = self._meta()
 
     # -- task recipe ------------------------------------------------------------------------------------
@@ -180,9 +167,9 @@ class ControlNetTrainer:
             c_work = resample(c_src if kind == "labels" else c_src.float(), grid.shape_dhw, kind)
             variants = [(t_work, c_work)]
             for _ in range(augment):
-                theta = _random_theta(g)
-                variants.append((_affine(t_work, theta, "bilinear"),
-                                 _affine(c_work, theta, "nearest" if kind == "labels" else "bilinear").to(c_work.dtype)))
+                theta = random_affine_theta(g)
+                variants.append((apply_affine(t_work, theta), apply_affine(c_work, theta, "nearest" if kind == "labels"
+                                                                           else "bilinear")))
             for t_arr, c_arr in variants:
                 x = torch.from_numpy(self._target_model_units(t_arr.numpy()))[None, None].to(self.device)
                 with torch.no_grad():

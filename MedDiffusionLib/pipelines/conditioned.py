@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -23,19 +23,19 @@ from ..data.volumes import Volume, check_finite, model_to_hu
 from ..errors import UserError
 from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_model_config
 from ..models.controlnet import ControlledNoise, ControlNet
-from ..models.kernels import apply_kernel_mode
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
 from ..schedulers import resolve_sampling
-from .generation import CompiledNoise, GenerationPipeline, networks_mode
+from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin
 from .loop import CancelFn, ProgressFn, StepCallback
 
 TASKS = ("sparse-view", "labels", "mri")
 
 
-class ControlledPipeline:
+class ControlledPipeline(KernelModeMixin):
     """A base :class:`GenerationPipeline` (composed, not subclassed) plus one ControlNet for the
     task recorded in the ControlNet's ``meta``. Every setting of the base (device, precision,
-    compile, memory limit, kernel mode) applies; the noise model is :class:`ControlledNoise`."""
+    compile, memory limit, kernel mode) applies; the noise model is :class:`ControlledNoise`
+    ``(x, t, y, res, hint) -> eps`` over the base's own network."""
 
     DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50}
 
@@ -76,21 +76,8 @@ class ControlledPipeline:
         return self.noise_net.control_scales
 
     def networks(self) -> list[torch.nn.Module]:
+        """The base's networks and the ControlNet: ``set_mode`` switches the base too (it sees that)."""
         return [*self.base.networks(), self.controlnet]
-
-    @property
-    def mode(self) -> str:
-        """Kernel mode read from the base networks and the ControlNet (``"mixed"`` if they differ)."""
-        return networks_mode(self.networks())
-
-    def set_mode(self, mode: str) -> None:
-        """Switch the ControlNet *and the base's networks* in place (the base sees the switch)."""
-        for module in self.networks():
-            apply_kernel_mode(module, mode)
-
-    def noise_model(self) -> Callable[..., torch.Tensor]:
-        """``(x, t, y, res, hint) -> eps``, compiled when the base has ``compile=True``."""
-        return self._compiled.get(self.mode)
 
     def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
         return self.base.latent_shape(size_xyz)

@@ -92,7 +92,33 @@ class GeneratedVolume:
         return Volume.from_network(arr.astype(np.float32), self.spacing_xyz)
 
 
-class GenerationPipeline:
+class KernelModeMixin:
+    """Kernel mode of a pipeline, read from the modules its ``networks()`` returns, never stored;
+    ``noise_model()`` is its noise network, compiled per mode when asked (``self._compiled``)."""
+
+    _compiled: CompiledNoise
+
+    def networks(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def mode(self) -> str:
+        """``"fast"`` or ``"reference"``, read from the networks (``"mixed"`` if someone switched
+        only some of them)."""
+        return networks_mode(self.networks())
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the networks between ``"fast"`` and ``"reference"`` kernels, in place (weights
+        untouched): every pipeline built on the same module objects runs the new kernels."""
+        for module in self.networks():
+            apply_kernel_mode(module, mode)
+
+    def noise_model(self) -> Callable[..., torch.Tensor]:
+        """The noise network, compiled when ``compile=True`` (once per kernel mode, lazily)."""
+        return self._compiled.get(self.mode)
+
+
+class GenerationPipeline(KernelModeMixin):
     """Autoencoder + BiFlowNet + sampler on one device.
 
     ``mode="fast"`` (default) runs the same float32 arithmetic on faster kernels: oneDNN for every
@@ -132,22 +158,6 @@ class GenerationPipeline:
     def networks(self) -> list[torch.nn.Module]:
         """The modules whose kernels :meth:`set_mode` switches."""
         return [self.net, self.ae]
-
-    @property
-    def mode(self) -> str:
-        """``"fast"`` or ``"reference"``, read from the networks (``"mixed"`` if someone switched
-        only some of them)."""
-        return networks_mode(self.networks())
-
-    def set_mode(self, mode: str) -> None:
-        """Switch the networks between ``"fast"`` and ``"reference"`` kernels, in place (weights
-        untouched): every pipeline built on the same module objects runs the new kernels."""
-        for module in self.networks():
-            apply_kernel_mode(module, mode)
-
-    def noise_model(self) -> Callable[..., torch.Tensor]:
-        """BiFlowNet ``(x, t, y, res) -> eps``, compiled when ``compile=True`` (once per kernel mode, lazily)."""
-        return self._compiled.get(self.mode)
 
     def autocast(self):
         """Mixed precision for the networks (weights stay fp32; samplers and codebook in fp32)."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data.volumes import Volume, model_to_hu
+from ..errors import ResourceError
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.kernels import CompiledOrEager, use_fast_kernels
@@ -34,36 +35,29 @@ OFFICIAL_TILE = 32
 def legal_size(size_xyz: Sequence[int], compression: int) -> tuple[int, int, int]:
     """Check an output size; the error lists the nearest legal sizes. Each side must be a
     multiple of 8 latent voxels (the DiT sub-volume), i.e. 64 (8x) or 32 (4x) image voxels."""
-    step = 8 * compression
-    size = tuple(int(s) for s in size_xyz)
-    if len(size) != 3 or any(s <= 0 for s in size):
-        raise ValueError(f"size must be three positive integers X Y Z, got {list(size_xyz)}")
-    if all(s % step == 0 for s in size):
-        return size  # type: ignore[return-value]
-    down = tuple(max(step, (s // step) * step) for s in size)
-    up = tuple(math.ceil(s / step) * step for s in size)
-    options = sorted({down, up, tuple(round(s / step) * step or step for s in size)})
-    text = " or ".join("x".join(map(str, o)) for o in options)
-    raise ValueError(f"size {'x'.join(map(str, size))} is not possible for this {compression}x model: every side must "
-                     f"be a multiple of {step} voxels; nearest legal sizes: {text}")
+    from ..jobs import check_size
+
+    return check_size(size_xyz, compression)
 
 
-def resolve_device(requested: str | None = None) -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU (with a warning). Asking for CUDA without it fails."""
+def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
+    """'auto'/None -> CUDA when available, else CPU (with a warning unless ``warn=False``: front ends
+    that print their own CPU notice pass False). Asking for CUDA without it fails."""
     req = (requested or "auto").lower()
     if req == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
-                      RuntimeWarning, stacklevel=2)
+        if warn:
+            warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
+                          RuntimeWarning, stacklevel=2)
         return torch.device("cpu")
     if req.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
+            raise ResourceError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
                                "(CPU-only build or no driver); use --device cpu or install a CUDA build of torch")
         dev = torch.device(req)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ResourceError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         return dev
     if req == "cpu":
         return torch.device("cpu")

@@ -412,8 +412,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._isLocal() and self._missing:
             self._onInstall(then=action)
             return
-        if self.logic.cachedHealth() is not None and self.logic.serverReady():
-            action()
+        server = self.logic.server
+        if self.logic.cachedHealth() is not None and (not self.logic.isLocal or (server is not None and server.running)):
+            action()  # connected before: a dead remote service shows up as the job's error
             return
         if self._isLocal():
             self.logic.startServer(wait=False)
@@ -426,7 +427,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.start()
 
     def _serviceReadyTick(self) -> None:
-        if self.logic.serverReady():
+        if self.logic.serverReady(timeout=0.25):
             self._setBusy(False)
             self._timer.stop()
             self._setServiceInfo(self.logic.health(refresh=True, timeout=5))
@@ -744,9 +745,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             st = self.logic.poll(job)
         except ServiceUnavailable:
-            self._misses += 1
+            self._misses += 1  # a busy service may miss a short poll: keep polling while it lives
             server = self.logic.server
-            if (self.logic.isLocal and server is not None and not server.running) or self._misses > 120:
+            dead = (server is None or not server.running) if self.logic.isLocal else self._misses > 240
+            if dead:
                 self._endJob()
                 detail = self.logic.serverLog() if self.logic.isLocal else ""
                 self._status(_("the MedDiffusion service stopped answering"))

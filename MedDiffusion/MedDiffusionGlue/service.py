@@ -123,7 +123,9 @@ class ServiceLogic:
         """Run jobs on a ``meddiffusion serve`` child process (started on first use) on ``python``
         (default: Slicer's own Python). A running server on another interpreter is stopped."""
         python = python or None
-        if self.server is not None and (python or default_python()) != self.server.python:
+        if self.remote is None and (python, env) == (self.serverPython, self.serverEnv):
+            return  # unchanged: keep the server and what it told us
+        if self.server is not None:
             self.stopServer()
         self.serverPython, self.serverEnv, self.remote = python, env, None
         self._health = None
@@ -133,6 +135,8 @@ class ServiceLogic:
         if not url:
             raise InputError("enter the server address (http://HOST:PORT)")
         Client(url, token)  # validates the address
+        if self.remote == (url, token):
+            return
         self.stopServer()
         self.remote = (url, token)
         self._health = None
@@ -170,13 +174,17 @@ class ServiceLogic:
             self.server = None
         self._health = None
 
-    def client(self, timeout: float | None = None) -> Client:
-        """A client of the current service; starts (or restarts) the local server if needed."""
+    def client(self, timeout: float | None = None, start: bool = True) -> Client:
+        """A client of the current service. ``start``: start (or restart) the local server if it
+        is not running (blocks until it answers); else raise ``ServiceUnavailable`` at once."""
         timeout = self.REQUEST_TIMEOUT_S if timeout is None else timeout
         if self.remote is not None:
             return Client(self.remote[0], self.remote[1], timeout)
         server = self.localServer()
         if not server.running:
+            if not start:
+                raise ServiceUnavailable("the local MedDiffusion service is not running" +
+                                         (f":\n{server.log_tail()}" if server.log_tail() else ""))
             server.ensure()
         return server.client(timeout)
 
@@ -313,12 +321,12 @@ class ServiceLogic:
     # -- following a job (main thread) --------------------------------------------------------------------
     def poll(self, job: Job, timeout: float = POLL_TIMEOUT_S) -> dict:
         """Refresh ``job.status`` with one short request (raises ``ServiceUnavailable`` on timeout)."""
-        job.status = self.client(timeout).status(job.id, timeout=timeout)
+        job.status = self.client(timeout, start=False).status(job.id, timeout=timeout)
         return job.status
 
     def cancel(self, job: Job) -> dict:
         """Ask the service to stop the job (it stops between sampler steps); keep polling."""
-        job.status = self.client(self.POLL_TIMEOUT_S * 20).cancel(job.id)
+        job.status = self.client(self.POLL_TIMEOUT_S * 20, start=False).cancel(job.id)
         return job.status
 
     def updatePreview(self, job: Job) -> Any:
@@ -327,7 +335,7 @@ class ServiceLogic:
         if step is None or step == job.previewStep or job.done:
             return job.previewNode
         path = os.path.join(job.workDir, "preview.nrrd")
-        if self.client().preview(job.id, path) is None:
+        if self.client(start=False).preview(job.id, path) is None:
             return job.previewNode
         job.previewNode = read_volume(self.scene, path, PREVIEW_NAME, like=job.like, window=job.window,
                                       node=job.previewNode)
@@ -346,7 +354,7 @@ class ServiceLogic:
                 raise JobCancelled("the job was cancelled; the scene was left unchanged", None)
             if job.state != "done":
                 raise ServiceError(f"job {job.id} is still {job.state}")
-            client = self.client()
+            client = self.client(start=False)
             results = job.status.get("results") or []
             for i, res in enumerate(results):
                 path = client.download(job.id, res["name"], os.path.join(job.workDir, res["name"]))
@@ -374,7 +382,7 @@ class ServiceLogic:
             job.previewNode = None
         shutil.rmtree(job.workDir, ignore_errors=True)
         try:
-            self.client(self.POLL_TIMEOUT_S * 20).delete(job.id)
+            self.client(self.POLL_TIMEOUT_S * 20, start=False).delete(job.id)
         except ServiceError:
             pass  # the service expires finished jobs by itself
 

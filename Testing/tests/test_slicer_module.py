@@ -5,6 +5,7 @@ import ast
 import hashlib
 import re
 import sys
+import urllib.request
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -256,14 +257,17 @@ def test_requirements_exclude_torch_and_match_pyproject():
     assert f'"torch{dependencies.TORCH_REQUIREMENT},' in pyproject
 
 
-def test_sample_data_files_match_their_registered_checksums():
+def test_sample_data_files_match_their_registered_checksums(tmp_path):
     src = (MODULE / "MedDiffusion.py").read_text()
     entries = re.findall(r'SAMPLE_\w+ = \("([^"]+)", "SHA256:([0-9a-f]{64})"\)', src)
     assert len(entries) == 2
     for name, digest in entries:
-        data = (MODULE / "Resources" / "SampleData" / name).read_bytes()
-        assert len(data) < 1_500_000
-        assert hashlib.sha256(data).hexdigest() == digest, name
+        path = MODULE / "Resources" / "SampleData" / name
+        assert path.stat().st_size < 1_500_000
+        # SampleData fetches registered URIs with urllib.request.urlretrieve, then checks the SHA256
+        # (Slicer v5.10.0 Modules/Scripted/SampleData/SampleData.py:1098, :1106)
+        fetched, _ = urllib.request.urlretrieve(path.as_uri(), tmp_path / name)
+        assert hashlib.sha256(open(fetched, "rb").read()).hexdigest() == digest, name
 
 
 def test_icon_is_128_png():
@@ -307,3 +311,11 @@ def test_missing_dependencies_are_found_without_importing(tmp_path):
     assert dependencies.missing(str(other), reqs) == here
     cmd = dependencies.pip_command("/py", ["torch>=2.6", "numpy>=1.24"])
     assert cmd[:3] == ["/py", "-m", "pip"] and "torch>=2.6" not in cmd and "numpy>=1.24" in cmd
+
+
+def test_service_errors_use_the_panels_words():
+    from MedDiffusionGlue.service import panel_message
+    msg = panel_message("this model has no suggested HU window for that class; give one with --hu-window LO HI")
+    assert "--" not in msg and "Map CT to HU" in msg
+    assert "--weights" not in panel_message("size and spacing are required with --weights FOLDER")
+    assert panel_message(None) == "unknown error"

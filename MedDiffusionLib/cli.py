@@ -214,6 +214,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach this port and has the token can run jobs. Keep "
               "it on a trusted network or behind a TLS reverse proxy.", file=sys.stderr)
+    if args.controlnet_dir:
+        from .jobs import CONTROLNET_DIRS_ENV
+
+        for d in args.controlnet_dir:
+            if not Path(d).is_dir():
+                raise UserError(f"--controlnet-dir {d}: not a folder")
+        os.environ[CONTROLNET_DIRS_ENV] = os.pathsep.join(
+            [*(str(Path(d).resolve()) for d in args.controlnet_dir), os.environ.get(CONTROLNET_DIRS_ENV, "")]).strip(os.pathsep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"MedDiffusion job service on http://{args.host}:{args.port} (token {source})", flush=True)
     serve(args.host, args.port, token, args.work_dir,
@@ -373,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_models_verify)
 
     for name, kind, helptext in (("synthesize", "labels", "synthesize CT from a label map (ControlNet)"),
-                                 ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume (ControlNet)")):
+                                 ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume or an under-sampled MRI (ControlNet; the "
+                                                                 "ControlNet says which)")):
         p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{helptext[0].upper()}{helptext[1:]}. The input is resampled to the model's "
                                        "working grid and the result comes back on the input's grid.",
@@ -381,9 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "chest-ct-mini-labels --out synthetic_ct.nii.gz" if name == "synthesize" else
                                    "example:\n  meddiffusion reconstruct fbp40.nii.gz --controlnet "
                                    "chest-ct-mini-sparse-view --out recon.nii.gz"))
-        p.add_argument("input", help="label map (integer values)" if name == "synthesize" else "FBP volume in HU")
-        p.add_argument("--controlnet", required=True, help="ControlNet .safetensors (with its .json), or a bundled "
-                                                           "name: chest-ct-mini-labels, chest-ct-mini-sparse-view")
+        p.add_argument("input", help="label map (integer values)" if name == "synthesize" else
+                       "FBP volume in HU (sparse-view ControlNet) or zero-filled MRI magnitude (MRI ControlNet)")
+        p.add_argument("--controlnet", required=True, help="ControlNet .safetensors (with its .json), a train-controlnet "
+                                                           "run folder, or a bundled name: chest-ct-mini-labels, "
+                                                           "chest-ct-mini-sparse-view")
         _add_model_args(p)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default ddim")
@@ -467,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload accepted (default 2048)")
     p.add_argument("--max-queue", type=int, default=16, help="most jobs waiting (default 16)")
     p.add_argument("--result-ttl", type=float, default=3600, help="seconds finished jobs and results are kept")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="folder of your own ControlNets (DIR/NAME/controlnet.safetensors + .json, as train-controlnet "
+                        "writes them); clients choose them by NAME (repeatable)")
     p.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
 

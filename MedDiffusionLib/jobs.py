@@ -134,12 +134,36 @@ def resolve_sampling(sampler: str | None, steps: int | None, defaults: dict[str,
     return sampler, int(steps)
 
 
+def generation_defaults(entry: Any, class_: int | str | None, size: Sequence[int] | None,
+                        spacing: Sequence[float] | None, sampler: str | None, steps: int | None,
+                        num_timesteps: int = 1000) -> dict[str, Any]:
+    """Class, size, spacing, sampler and steps of a generation run, unset ones from the model's
+    registry entry (``entry``; ``None`` for a weights folder, which then needs size and spacing).
+    Used by :func:`resolve` and by ``GenerationPipeline.generate``."""
+    from .registry import parse_class
+
+    defaults = entry.raw["defaults"] if entry is not None else {}
+    cls = parse_class(class_ if class_ is not None else defaults.get("class", 1), entry)
+    size = _triple(size, "size", int) if size is not None else None
+    spacing = _triple(spacing, "spacing", float) if spacing is not None else None
+    if entry is not None:
+        d_size, d_spacing = entry.default_size(cls)
+        size, spacing = size or list(d_size), spacing or list(d_spacing)
+        check_size(size, entry.compression)
+    elif size is None or spacing is None:
+        raise UserError("size and spacing are required with a weights folder (the model's trained sizes are unknown)")
+    if any(v <= 0 for v in spacing):
+        raise UserError(f"spacing must be positive, got {spacing}")
+    sampler, steps = resolve_sampling(sampler, steps, defaults, num_timesteps)
+    return {"class": cls, "size": size, "spacing": spacing, "sampler": sampler, "steps": steps}
+
+
 def resolve(spec: JobSpec | dict, service: bool = False) -> JobSpec:
     """Fill every unset parameter and validate the request; return a new, fully resolved spec.
 
     ``service=True`` (the job service) refuses local paths: ``weights`` folders and ControlNet
     files that are not bundled or registered names."""
-    from .registry import class_names, get_model, parse_class
+    from .registry import class_names, get_model
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
     p = dict(PARAM_DEFAULTS)
@@ -192,23 +216,8 @@ def resolve(spec: JobSpec | dict, service: bool = False) -> JobSpec:
     # generate
     entry = get_model(spec.model) if (spec.model or not spec.weights) else None
     out.model = entry.id if entry else None
-    cls = p["class"] if p["class"] is not None else (entry.raw["defaults"]["class"] if entry else 1)
-    p["class"] = parse_class(cls, entry)
     p["num_volumes"] = _int(p, "num_volumes", minimum=1, what="the number of volumes")
-    if p["size"] is not None:
-        p["size"] = _triple(p["size"], "size", int)
-    if p["spacing"] is not None:
-        p["spacing"] = _triple(p["spacing"], "spacing", float)
-    if entry is not None:
-        d_size, d_spacing = entry.default_size(p["class"])
-        p["size"] = p["size"] or d_size
-        p["spacing"] = p["spacing"] or d_spacing
-        check_size(p["size"], entry.compression)
-    elif p["size"] is None or p["spacing"] is None:
-        raise UserError("size and spacing are required with a weights folder (the model's trained sizes are unknown)")
-    if any(s <= 0 for s in p["spacing"]):
-        raise UserError(f"spacing must be positive, got {p['spacing']}")
-    p["sampler"], p["steps"] = resolve_sampling(p["sampler"], p["steps"], entry.raw["defaults"] if entry else None)
+    p.update(generation_defaults(entry, p["class"], p["size"], p["spacing"], p["sampler"], p["steps"]))
     window = p["hu_window"]
     if p["hu"] and window is None:
         info = entry.class_info(p["class"]) if entry else {}
@@ -257,21 +266,59 @@ def controlnet_meta(name: str | None, service: bool = False) -> dict[str, Any]:
         raise UserError("this task needs a ControlNet (e.g. chest-ct-mini-labels or chest-ct-mini-sparse-view)")
     path = bundled_controlnet(name)
     if path is None and service:
-        from .server import bundled_controlnets
-
         raise UserError(f"unknown ControlNet {name!r}; the job service offers "
-                        f"{', '.join(c['name'] for c in bundled_controlnets()) or 'none'} (it never opens local paths)")
+                        f"{', '.join(c['name'] for c in named_controlnets()) or 'none'} (it never opens local paths)")
     return read_model_config(path or resolve_controlnet(name)).get("meta", {})
 
 
-def bundled_controlnet(name: str) -> Path | None:
-    """The file of a bundled ControlNet called ``name``, else ``None`` (never looks at the working folder)."""
+CONTROLNET_DIRS_ENV = "MEDDIFFUSION_CONTROLNET_DIRS"
+
+
+def controlnet_dirs() -> list[Path]:
+    """Folders whose sub-folders hold named ControlNets (``NAME/controlnet.safetensors``): the bundled
+    ones, then those in ``$MEDDIFFUSION_CONTROLNET_DIRS`` (``meddiffusion serve --controlnet-dir``)."""
+    import os
+
     from .registry import RESOURCES
 
+    extra = [Path(d).expanduser() for d in os.environ.get(CONTROLNET_DIRS_ENV, "").split(os.pathsep) if d]
+    return [RESOURCES / "models", *extra]
+
+
+def bundled_controlnet(name: str) -> Path | None:
+    """The file of the named ControlNet (bundled or in a configured folder), else ``None``. Never
+    looks at the working folder or at paths: names only."""
     if not name or any(c in name for c in "/\\:") or name.startswith("."):
         return None
-    path = RESOURCES / "models" / name / "controlnet.safetensors"
-    return path if path.exists() else None
+    for folder in controlnet_dirs():
+        path = folder / name / "controlnet.safetensors"
+        if path.exists():
+            return path
+    return None
+
+
+def named_controlnets() -> list[dict[str, Any]]:
+    """Every named ControlNet with its task, base model, class and hint (for health and the Slicer panel)."""
+    import json
+
+    out, seen = [], set()
+    for folder in controlnet_dirs():
+        if not folder.is_dir():
+            continue
+        for d in sorted(folder.iterdir()):
+            cfg = d / "controlnet.json"
+            if d.name in seen or not cfg.exists():
+                continue
+            seen.add(d.name)
+            meta = json.loads(cfg.read_text()).get("meta", {})
+            item = {"name": d.name, "task": meta.get("task"), "base_model": meta.get("base_model"),
+                    "class": meta.get("class")}
+            if meta.get("hint", {}).get("type") == "labels":
+                item["label_values"] = meta["hint"].get("values")
+            if meta.get("hu_window"):
+                item["hu_window"] = meta["hu_window"]
+            out.append(item)
+    return out
 
 
 # -- progress ---------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from . import __version__
 from .errors import Cancelled, MedDiffusionError, ResourceError, UserError
-from .jobs import JobSpec, ModelCache, ProgressEvent, oom_advice, resolve, result_names, run_job
+from .jobs import JobSpec, ModelCache, ProgressEvent, named_controlnets, oom_advice, resolve, run_job
 
 log = logging.getLogger("meddiffusion.server")
 
@@ -275,29 +275,11 @@ def health_info(service: JobService) -> dict[str, Any]:
                            "state": state, "license": m.raw.get("license"), "classes": m.raw["classes"],
                            "defaults": m.raw.get("defaults", {})})
     return {"version": __version__, "torch": torch.__version__, "devices": devices, "models": out_models,
-            "controlnets": bundled_controlnets(),
+            "controlnets": named_controlnets(),
             "loaded": [k for c in service.caches.values() for k in c.keys()],
             "model_loads": sum(c.loads for c in service.caches.values()),
             "queue": sum(1 for j in service.jobs.values() if j.state == "queued"),
             "running": [j for j in service.running.values() if j]}
-
-
-def bundled_controlnets() -> list[dict[str, Any]]:
-    from .registry import RESOURCES
-
-    out = []
-    for d in sorted((RESOURCES / "models").iterdir()):
-        cfg = d / "controlnet.json"
-        if cfg.exists():
-            meta = json.loads(cfg.read_text()).get("meta", {})
-            item = {"name": d.name, "task": meta.get("task"), "base_model": meta.get("base_model"),
-                    "class": meta.get("class")}
-            if meta.get("hint", {}).get("type") == "labels":
-                item["label_values"] = meta["hint"].get("values")
-            if meta.get("hu_window"):
-                item["hu_window"] = meta["hu_window"]
-            out.append(item)
-    return out
 
 
 def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | None = None) -> FastAPI:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..data.volumes import Volume, model_to_hu
-from ..errors import ResourceError
+from ..errors import ResourceError, UserError
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.kernels import CompiledOrEager, use_fast_kernels
@@ -279,28 +279,20 @@ class GenerationPipeline:
                  cancel: CancelFn | None = None, tiling: str = "auto") -> list[GeneratedVolume]:
         """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
         registry entry (default class, its first trained size and spacing, default sampler)."""
+        from ..jobs import generation_defaults
+
         entry = self.entry
-        if class_index is None:
-            if entry is None:
-                raise ValueError("pass class_index: this model has no registry entry with a default class")
-            class_index = entry.raw["defaults"]["class"]
-        class_index = parse_class(class_index, entry)
-        if not 0 <= class_index < (self.net.cond_emb.num_embeddings if self.net.cond_emb is not None else 1):
-            raise ValueError(f"class {class_index} is outside this network's {self.net.cond_emb.num_embeddings} classes")
-        if size_xyz is None or spacing_xyz is None:
-            if entry is None:
-                raise ValueError("pass size and spacing: this model has no registry entry with trained sizes")
-            d_size, d_spacing = entry.default_size(class_index)
-            size_xyz = size_xyz or d_size
-            spacing_xyz = spacing_xyz or d_spacing
-        if sampler is None:
-            sampler = entry.raw["defaults"]["sampler"] if entry else "ddpm"
-            if steps is None and sampler != "ddpm" and entry:
-                steps = entry.raw["defaults"]["steps"]
-        if any(float(s) <= 0 for s in spacing_xyz):
-            raise ValueError(f"spacing must be positive, got {list(spacing_xyz)}")
-        lat = self.sample_latents(class_index, size_xyz, seed, sampler, steps, num_volumes, progress, cancel)
+        n_classes = self.net.cond_emb.num_embeddings if self.net.cond_emb is not None else None
+        if n_classes is None and class_index is None:
+            class_index = 0  # an unconditional model ignores the class
+        r = generation_defaults(entry, class_index, size_xyz, spacing_xyz, sampler, steps, self.diffusion.num_timesteps)
+        class_index = r["class"]
+        if n_classes is not None and not 0 <= class_index < n_classes:
+            raise UserError(f"class {class_index} is outside this network's {n_classes} classes")
+        lat = self.sample_latents(class_index, r["size"], seed, r["sampler"],
+                                  None if r["sampler"] == "ddpm" else r["steps"], num_volumes, progress, cancel)
         images = self.decode(lat, tiling=tiling)
-        meta = {"model": entry.id if entry else None, "sampler": sampler, "steps": steps or (1000 if sampler == "ddpm" else 100)}
+        meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
+        spacing_xyz = r["spacing"]
         return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
                 for i, img in enumerate(images)]

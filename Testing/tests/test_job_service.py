@@ -253,6 +253,10 @@ def test_in_process_resolver_is_the_one_source_of_defaults():
     res = run_job(spec, cache=ModelCache())
     assert res.results[0].meta["steps"] == 20
     assert resolve({"task": "generate"}).params["steps"] == 1000
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+
+    gen = GenerationPipeline.from_pretrained(device="cpu").generate(sampler="dpm++", steps=None)
+    assert gen[0].meta["steps"] == 20 and gen[0].meta["sampler"] == "dpm++"
 
 
 def test_size_beyond_memory_is_refused_before_starting(client, tmp_path, capsys):
@@ -264,3 +268,71 @@ def test_size_beyond_memory_is_refused_before_starting(client, tmp_path, capsys)
     with pytest.raises(ServiceError) as exc:
         client.wait(st["id"], timeout=60)
     assert "needs about" in exc.value.message and client.status(st["id"])["step"] == 0
+
+
+@pytest.fixture(scope="module")
+def mri_controlnets(tmp_path_factory):
+    """A folder with an MRI ControlNet ("mri-demo"): the bundled sparse-view weights relabelled as an
+    MRI task (percentile-normalised image hint, output in model units). It exercises the MRI path;
+    it was not trained for MRI."""
+    import json
+    import shutil
+
+    from MedDiffusionLib.registry import RESOURCES
+
+    root = tmp_path_factory.mktemp("controlnets")
+    dst = root / "mri-demo"
+    dst.mkdir()
+    src = RESOURCES / "models" / "chest-ct-mini-sparse-view"
+    shutil.copy(src / "controlnet.safetensors", dst / "controlnet.safetensors")
+    doc = json.loads((src / "controlnet.json").read_text())
+    doc["meta"].update(task="mri", output="model", hint={"type": "image", "normalize": "percentile"})
+    doc["meta"].pop("hu_window", None)
+    (dst / "controlnet.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_mri_reconstruction_from_cli_and_server(mri_controlnets, tmp_path, capsys):
+    import torch
+
+    from MedDiffusionLib.operators.mri import gaussian_column_mask, zero_filled_recon
+
+    ct = read_volume(CT)
+    img = torch.from_numpy(ct.array.astype(np.float32)).permute(2, 0, 1)  # slices (k, i, j)
+    zf = zero_filled_recon(img, gaussian_column_mask(tuple(img.shape[1:]), 4.0)).permute(1, 2, 0).numpy()
+    path = tmp_path / "zero_filled.nrrd"
+    write_volume(ct.with_array(np.ascontiguousarray(zf, dtype=np.float32)), path)
+    local = tmp_path / "local.nrrd"
+    assert main(["reconstruct", str(path), "--controlnet", str(mri_controlnets / "mri-demo"), "--steps", "2",
+                 "--out", str(local), "--quiet"]) == 0, capsys.readouterr().err
+    out = read_volume(local)
+    assert out.shape == ct.shape and -1.01 <= out.array.min() and out.array.max() <= 1.01
+    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--controlnet-dir", str(mri_controlnets)])
+    srv.start()
+    try:
+        c = srv.client()
+        assert "mri-demo" in {n["name"] for n in c.health()["controlnets"]}
+        st, _, paths = run_remote(c, {"task": "reconstruct", "controlnet": "mri-demo", "params": {"steps": 2},
+                                      "inputs": {"input": path.name}}, {"input": path}, tmp_path)
+        assert st["results"][0]["meta"]["controlnet_task"] == "mri"
+        np.testing.assert_allclose(read_volume(paths[0]).array, out.array, atol=1e-3)
+    finally:
+        srv.stop()
+
+
+def test_cli_prints_one_cpu_warning_and_warns_on_non_ct_input(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "generate", "--sampler", "ddim", "--steps", "2",
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and proc.stderr.count("running on the CPU") == 1, proc.stderr
+    ct = read_volume(CT)
+    mr = tmp_path / "t1.nrrd"
+    write_volume(ct.with_array(np.clip(ct.array / 8 + 128, 0, 255).astype(np.uint8)), mr)
+    proc = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "simulate-sparse-view", str(mr), "--views",
+                           "8", "--bins", "64", "--out", str(tmp_path / "fbp.nrrd"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "does not look like a CT in HU" in proc.stderr, proc.stderr

@@ -319,3 +319,22 @@ def test_service_errors_use_the_panels_words():
     assert "--" not in msg and "Map CT to HU" in msg
     assert "--weights" not in panel_message("size and spacing are required with --weights FOLDER")
     assert panel_message(None) == "unknown error"
+
+
+def test_a_broken_torch_cannot_break_the_dependency_check(tmp_path):
+    """The panel checks packages by metadata, never by importing: a torch that raises on import (a
+    Windows DLL error is an OSError) is reported by version, and an old one as missing."""
+    from MedDiffusionGlue import dependencies
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("raise OSError('[WinError 126] fbgemm.dll not found')\n")
+    dist = site / "torch-2.7.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.7.1\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{site}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    assert dependencies.installed_versions(["torch"], str(python)) == {"torch": "2.7.1"}
+    assert "torch>=2.6" not in dependencies.missing(str(python), [])
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.5.0\n")
+    assert "torch>=2.6" in dependencies.missing(str(python), [])

@@ -300,9 +300,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             self._updateButtons()
         try:
-            self._refreshDependencies()
-        except Exception as exc:  # a broken Python must not break the panel
+            self._onRunOnChanged()  # shows the local or server fields, checks the local Python's packages
+        except Exception as exc:  # a broken Python or a bad saved address must not break the panel
             self._setDependencies(None, _("could not check the Python packages: {error}").format(error=exc))
+            self._status(str(exc))
 
     def _guardedCall(self, handler) -> None:
         try:

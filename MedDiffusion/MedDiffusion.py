@@ -222,10 +222,10 @@ def _isSlicerPython(python: str) -> bool:
 
 def externalPythonEnvironment() -> dict:
     """The environment for a user-picked Python: Slicer's start-up environment, with the variables
-    Slicer's launcher added (PYTHONHOME, PYTHONPATH, library paths) blanked out."""
+    Slicer's launcher added (PYTHONHOME, PYTHONPATH, library paths) removed."""
     env = dict(slicer.util.startupEnvironment())
     for key in os.environ:
-        env.setdefault(key, "")  # LocalServer starts from os.environ: "" unsets what the launcher added
+        env.setdefault(key, None)  # LocalServer starts from os.environ: None removes what the launcher added
     return env
 
 

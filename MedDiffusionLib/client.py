@@ -130,8 +130,9 @@ class Client:
         """Version, devices, models (with download state), ControlNets, loaded models, queue."""
         return self._request("GET", "/health", timeout=timeout)
 
-    def submit(self, spec: dict, files: dict[str, str | Path] | None = None) -> dict:
-        """Submit a job spec with its input files (``{input name: local path}``); returns its status."""
+    def submit(self, spec: dict, files: dict[str, str | Path] | None = None, timeout: float | None = None) -> dict:
+        """Submit a job spec with its input files (``{input name: local path}``); returns its status.
+        ``timeout`` bounds each socket operation (default: the client's)."""
         boundary = uuid.uuid4().hex
         parts: list[tuple[bytes, Path | bytes]] = []
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n'
@@ -160,7 +161,7 @@ class Client:
             yield tail
 
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
-        return self._request("POST", "/jobs", body=body(), headers=headers)
+        return self._request("POST", "/jobs", body=body(), headers=headers, timeout=timeout)
 
     def status(self, job_id: str, timeout: float | None = None) -> dict:
         return self._request("GET", f"/jobs/{quote(job_id)}", timeout=timeout)
@@ -222,10 +223,11 @@ class LocalServer:
 
     ``python``: the interpreter to run it with (default: this one), e.g. a conda env with CUDA torch.
     The child imports the same ``MedDiffusionLib`` as this process (its folder is put on
-    ``PYTHONPATH``) and exits by itself when this process dies."""
+    ``PYTHONPATH``) and exits by itself when this process dies. ``env`` is laid over this process's
+    environment; a value of ``None`` removes that variable."""
 
     def __init__(self, python: str | None = None, port: int | None = None, token: str | None = None,
-                 env: dict[str, str] | None = None, log_file: str | Path | None = None,
+                 env: dict[str, str | None] | None = None, log_file: str | Path | None = None,
                  extra_args: list[str] | None = None):
         import secrets
 
@@ -259,7 +261,11 @@ class LocalServer:
             return
         self.port = self.port or free_port()
         env = dict(os.environ)
-        env.update(self.env)
+        for key, value in self.env.items():  # None removes a variable (e.g. one Slicer's launcher set)
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         lib_parent = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (lib_parent, env.get("PYTHONPATH", "")) if p)
         env[TOKEN_ENV] = self.token

@@ -109,9 +109,14 @@ def pip_command(python: str, requirements: list[str]) -> list[str]:
     return [python, "-m", "pip", "install", "--disable-pip-version-check", *reqs]
 
 
-def _clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def _clean_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
+    """This process's environment with ``extra`` laid over it; a ``None`` value removes the variable."""
     env = dict(os.environ)
-    env.update(extra or {})
+    for key, value in (extra or {}).items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     return env
 
 

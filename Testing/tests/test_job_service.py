@@ -336,3 +336,31 @@ def test_cli_prints_one_cpu_warning_and_warns_on_non_ct_input(tmp_path):
                            "8", "--bins", "64", "--out", str(tmp_path / "fbp.nrrd"), "--quiet"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "does not look like a CT in HU" in proc.stderr, proc.stderr
+
+
+def test_queue_limit_and_result_lifetime(tmp_path):
+    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--max-queue", "1", "--result-ttl", "1"])
+    srv.start()
+    try:
+        c = srv.client()
+        first = c.submit({"task": "generate", "params": {"sampler": "ddpm"}})
+        while c.status(first["id"])["state"] == "queued":
+            time.sleep(0.05)
+        second = c.submit({"task": "generate", "params": QUICK})
+        with pytest.raises(ServiceError) as err:
+            c.submit({"task": "generate", "params": QUICK})
+        assert err.value.status == 503 and "queue is full" in err.value.message
+        c.cancel(first["id"])
+        assert c.wait(second["id"], timeout=120)["state"] == "done"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                c.status(second["id"])
+            except ServiceError as exc:
+                assert exc.status == 404
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("a finished job outlived --result-ttl")
+    finally:
+        srv.stop()

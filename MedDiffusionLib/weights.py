@@ -275,9 +275,12 @@ __all__ = ["WeightsError", "RegistryError", "resolve_weights", "load_models", "d
 
 
 def resolve_controlnet(name_or_path: str | Path) -> Path:
-    """A ControlNet file path, or the name of a bundled one (``chest-ct-mini-labels`` ...)."""
+    """A ControlNet file path, a run folder holding ``controlnet.safetensors``, or the name of a
+    bundled one (``chest-ct-mini-labels`` ...)."""
     p = Path(name_or_path).expanduser()
-    if p.exists() or p.with_suffix(".safetensors").exists():
+    if p.is_dir() and (p / "controlnet.safetensors").exists():  # a train-controlnet run folder
+        return p / "controlnet.safetensors"
+    if p.is_file() or p.with_suffix(".safetensors").exists():
         return p
     bundled = RESOURCES / "models" / str(name_or_path) / "controlnet.safetensors"
     if bundled.exists():

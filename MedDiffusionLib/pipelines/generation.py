@@ -21,8 +21,8 @@ from ..errors import ResourceError, UserError
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode
-from ..registry import ModelEntry, parse_class
-from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler, resolve_sampling
+from ..registry import ModelEntry
+from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler
 from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
@@ -32,14 +32,16 @@ WHOLE_DECODE_MAX = {8: 32 ** 3, 4: 64 ** 3}
 OFFICIAL_TILE = 32
 
 
-def resolve_device(requested: str | None = None) -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU (with a warning). Asking for CUDA without it fails."""
+def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
+    """'auto'/None -> CUDA when available, else CPU (with a warning unless ``warn=False``: front ends
+    that print their own CPU notice pass False). Asking for CUDA without it fails."""
     req = (requested or "auto").lower()
     if req == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
-                      RuntimeWarning, stacklevel=2)
+        if warn:
+            warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
+                          RuntimeWarning, stacklevel=2)
         return torch.device("cpu")
     if req.startswith("cuda"):
         if not torch.cuda.is_available():
@@ -303,29 +305,18 @@ class GenerationPipeline(KernelModeMixin):
         """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
         registry entry (default class, its first trained size and spacing, default sampler).
         ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step."""
+        from ..jobs import generation_defaults
+
         entry = self.entry
-        if class_index is None:
-            if entry is None:
-                raise ValueError("pass class_index: this model has no registry entry with a default class")
-            class_index = entry.raw["defaults"]["class"]
-        class_index = parse_class(class_index, entry)
+        if self.net.cond_emb is None and class_index is None:
+            class_index = 0  # an unconditional model ignores the class
+        r = generation_defaults(entry, class_index, size_xyz, spacing_xyz, sampler, steps, self.diffusion.num_timesteps)
+        class_index = r["class"]
         self.check_class(class_index)
-        if size_xyz is None or spacing_xyz is None:
-            if entry is None:
-                raise ValueError("pass size and spacing: this model has no registry entry with trained sizes")
-            d_size, d_spacing = entry.default_size(class_index)
-            size_xyz = size_xyz or d_size
-            spacing_xyz = spacing_xyz or d_spacing
-        if sampler is None:
-            sampler = entry.raw["defaults"]["sampler"] if entry else "ddpm"
-            if steps is None and sampler != "ddpm" and entry:
-                steps = entry.raw["defaults"]["steps"]
-        if any(float(s) <= 0 for s in spacing_xyz):
-            raise UserError(f"spacing must be positive, got {list(spacing_xyz)}")
-        sampler, steps = resolve_sampling(sampler, steps, num_train_timesteps=self.diffusion.num_timesteps)
-        lat = self.sample_latents(class_index, size_xyz, seed, sampler, steps, num_volumes, progress, cancel,
+        lat = self.sample_latents(class_index, r["size"], seed, r["sampler"], r["steps"], num_volumes, progress, cancel,
                                   callback=callback)
         images = self.decode(lat, tiling=tiling)
-        meta = {"model": entry.id if entry else None, "sampler": sampler, "steps": steps}
+        meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
+        spacing_xyz = r["spacing"]
         return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
                 for i, img in enumerate(images)]

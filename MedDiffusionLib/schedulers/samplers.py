@@ -196,6 +196,8 @@ def resolve_sampling(sampler: str | None, steps: int | None, defaults: Mapping[s
     ``steps=None`` takes ``defaults["steps"]`` when the sampler is the default one, else the
     sampler's own default (DDPM: always ``num_train_timesteps``; DDIM 100; DPM++ 20). Bad values
     raise :class:`UserError`."""
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise UserError(f"the number of sampler steps must be a positive whole number, got {steps!r}")
     defaults = defaults or {}
     default_sampler = defaults.get("sampler") or "ddpm"
     sampler = sampler or default_sampler
@@ -203,7 +205,7 @@ def resolve_sampling(sampler: str | None, steps: int | None, defaults: Mapping[s
         raise UserError(f"unknown sampler {sampler!r}; use {', '.join(SCHEDULERS)}")
     cls = SCHEDULERS[sampler]
     if steps is None and sampler == default_sampler and cls.default_steps is not None:
-        steps = defaults.get("steps")
+        steps = defaults.get("steps") or None
     return sampler, cls.steps_for(steps, num_train_timesteps)
 
 

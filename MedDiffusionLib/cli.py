@@ -303,7 +303,7 @@ def _cmd_train_controlnet(args: argparse.Namespace) -> int:
     from .training.controlnet import ControlNetTrainer, TrainConfig, find_pairs
 
     if args.steps < 1 or args.batch < 1:
-        raise ValueError("--steps and --batch must be positive")
+        raise UserError("--steps and --batch must be positive")
     pairs = find_pairs(args.pairs)
     val = find_pairs(args.val_pairs) if args.val_pairs else None
     cfg = TrainConfig(task=args.task, out=args.out, model=args.model, weights=args.weights, class_index=args.class_index,
@@ -492,19 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks for every error")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for every error (also "
+                                                             "MEDDIFFUSION_DEBUG=1)")
     args = parser.parse_args(argv)
+    import os
+
+    args.debug = args.debug or os.environ.get("MEDDIFFUSION_DEBUG", "") not in ("", "0")
     if getattr(args, "offline", False):
-        import os
         os.environ["HF_HUB_OFFLINE"] = "1"
     from .client import ServiceError
     from .errors import MedDiffusionError
-    from .io.checkpoints import CheckpointError
-    from .registry import RegistryError
-    from .weights import WeightsError
 
-    expected = (MedDiffusionError, CheckpointError, RegistryError, WeightsError, ServiceError, ValueError,
-                FileExistsError, FileNotFoundError, PermissionError, MemoryError)
+    # the library's own errors (UserError, ResourceError, and the loaders' subclasses) and the
+    # file checks are the user's to fix: one line. Anything else is a fault of ours: a traceback.
+    expected = (MedDiffusionError, ServiceError, FileExistsError, FileNotFoundError, PermissionError, MemoryError)
     try:
         return int(args.func(args) or 0)
     except expected as exc:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .data.volumes import hu_to_model, percentile_normalize
 from .models.autoencoder import PatchVolumeAE
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -20,7 +21,7 @@ def image_hint(ae: PatchVolumeAE, image: torch.Tensor, patch_batch: int | None =
     if image.dim() != 5 or image.shape[1] != 1:
         raise ValueError(f"image condition must be (B, 1, D, H, W), got {tuple(image.shape)}")
     if not torch.isfinite(image).all():
-        raise ValueError("the condition volume contains NaN or infinite values")
+        raise UserError("the condition volume contains NaN or infinite values")
     return ae.normalize_latent(ae.patch_encode(image, batch=patch_batch))
 
 
@@ -31,7 +32,7 @@ def one_hot_labels(labels: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
     present = torch.unique(labels).tolist()
     unknown = sorted(set(int(v) for v in present) - set(values))
     if unknown:
-        raise ValueError(f"label values {unknown} were not in the training labels {values}")
+        raise UserError(f"label values {unknown} were not in the training labels {values}")
     return torch.stack([(labels == v) for v in values], dim=1).float()
 
 

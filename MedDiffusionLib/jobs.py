@@ -508,14 +508,6 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         pipe = cache.controlled(spec, device)
         prog.emit("sampling", 0, p["steps"], "sampling")
         kw = _preview_kw(pipe, p, preview)
-        import inspect
-
-        if "kind" in inspect.signature(pipe.run).parameters:  # TODO(merge): run() takes the kind from the meta
-            kw["kind"] = "labels" if pipe.task == "labels" else "image"
-            if pipe.task == "labels":
-                import numpy as np
-
-                vols["input"] = vols["input"].with_array(np.rint(vols["input"].array).astype(np.int64))
         out = pipe.run(vols["input"], seed=p["seed"], sampler=p["sampler"],
                        steps=None if p["sampler"] == "ddpm" else p["steps"], progress=prog.step, cancel=cancel, **kw)
         prog.emit("writing", p["steps"], p["steps"], "writing")
@@ -552,7 +544,9 @@ def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None
         img = base.decode(pred_x0[:1])[0, 0].numpy()
         from .data.volumes import Volume
 
-        spacing = p["spacing"] or (1.0, 1.0, 1.0)
+        # generation: the output grid; conditioned tasks: the model's working grid (resampling the
+        # preview onto the input's grid each time would cost more than the decode)
+        spacing = p["spacing"] or (pipe.working_spacing() if hasattr(pipe, "working_spacing") else (1.0, 1.0, 1.0))
         preview(i + 1, Volume.from_network(img, spacing))
 
     return {"callback": callback}

@@ -34,7 +34,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from . import __version__
-from .errors import Cancelled, MedDiffusionError, ResourceError, UserError
+from .errors import Cancelled, MedDiffusionError, UserError
 from .jobs import JobSpec, ModelCache, ProgressEvent, named_controlnets, oom_advice, resolve, run_job
 
 log = logging.getLogger("meddiffusion.server")
@@ -72,11 +72,7 @@ class Job:
 
 def _user_message(exc: BaseException) -> str | None:
     """The message to show a client for an expected failure, ``None`` for an internal fault."""
-    from .io.checkpoints import CheckpointError
-    from .registry import RegistryError
-    from .weights import WeightsError
-
-    if isinstance(exc, (MedDiffusionError, CheckpointError, RegistryError, WeightsError, ValueError)):
+    if isinstance(exc, (MedDiffusionError, MemoryError)):
         return str(exc)
     return None
 

@@ -166,7 +166,7 @@ def percentile_normalize(arr: np.ndarray, low: float = 0.5, high: float = 99.5) 
     Returns the array and the (lo, hi) intensities used."""
     lo, hi = np.percentile(arr, [low, high])
     if hi <= lo:
-        raise ValueError("volume has no intensity range between its 0.5th and 99.5th percentiles (constant image?)")
+        raise UserError("volume has no intensity range between its 0.5th and 99.5th percentiles (constant image?)")
     out = (np.clip(arr, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
     return out.astype(np.float32), float(lo), float(hi)
 

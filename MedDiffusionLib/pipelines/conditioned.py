@@ -176,7 +176,7 @@ def simulate_sparse_view(ct_hu: Volume, views: int = 40, arc_degrees: float = 36
     canon, ornt = ct_hu.canonical_with_orientation()
     sp = canon.spacing
     if abs(sp[0] - sp[1]) > 1e-3 * max(sp[:2]):
-        raise ValueError(f"axial pixels must be square for the fan-beam simulation, got {sp[0]:.4f} x {sp[1]:.4f} mm")
+        raise UserError(f"axial pixels must be square for the fan-beam simulation, got {sp[0]:.4f} x {sp[1]:.4f} mm")
     arr = torch.from_numpy(np.ascontiguousarray(canon.to_network()).astype(np.float32))  # (k, i, j)
     # fan-beam image rows = y (j axis), columns = x (i axis)
     slices = arr.transpose(1, 2)

@@ -12,7 +12,7 @@ import csv
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,7 +102,7 @@ class ControlNetTrainer:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
         if cfg.batch % self.world:
-            raise ValueError(f"global batch {cfg.batch} must be divisible by the number of processes {self.world}")
+            raise UserError(f"global batch {cfg.batch} must be divisible by the number of processes {self.world}")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.base = GenerationPipeline.from_pretrained(cfg.model, cfg.weights, device=device)
         self.base.net.requires_grad_(False)
@@ -122,14 +122,14 @@ class ControlNetTrainer:
         cfg = self.cfg
         if cfg.task == "labels":
             if not cfg.label_values:
-                raise ValueError("the labels task needs --label-values (e.g. 0 1 2 3 4)")
+                raise UserError("the labels task needs --label-values (e.g. 0 1 2 3 4)")
             hint = {"type": "labels", "values": [int(v) for v in cfg.label_values], "mode": cfg.label_mode}
         elif cfg.task == "sparse-view":
             hint = {"type": "image", "normalize": "hu_window", "hu_window": list(cfg.hu_window or (-1000.0, 1000.0))}
         elif cfg.task == "mri":
             hint = {"type": "image", "normalize": "percentile"}
         else:
-            raise ValueError(f"unknown task {cfg.task!r}; use sparse-view, labels or mri")
+            raise UserError(f"unknown task {cfg.task!r}; use sparse-view, labels or mri")
         return {"task": cfg.task, "hint": hint, "class": self.class_index, "control_scale": cfg.control_scale,
                 "base_model": self.base.entry.id if self.base.entry else None,
                 "base_fingerprint": fingerprint(self.base.net), "spacing_xyz": cfg.spacing_xyz,

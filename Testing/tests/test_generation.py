@@ -91,8 +91,8 @@ def test_cli_generate_writes_geometry_and_hu(weights_dir, tmp_path, capsys):
     (["--class", "9"], "unknown class"),
     (["--class", "MR T1"], "does not know class 3"),
     (["--size", "100", "64", "64"], "nearest legal sizes"),
-    (["--sampler", "ddim", "--steps", "0"], "must be positive"),
-    (["--sampler", "ddim", "--steps", "-3"], "must be positive"),
+    (["--sampler", "ddim", "--steps", "0"], "positive"),
+    (["--sampler", "ddim", "--steps", "-3"], "positive"),
     (["--num-volumes", "0"], "must be positive"),
     (["--hu-window", "100", "-100"], "LO < HI"),
 ])

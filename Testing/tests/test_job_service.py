@@ -126,7 +126,7 @@ BAD = [
     ({"task": "generate", "params": {"class": 9}}, None, 400, "unknown class"),
     ({"task": "generate", "params": {"class": "MR T1"}}, None, 400, "does not know class 3"),
     ({"task": "generate", "params": {"size": [100, 64, 64]}}, None, 400, "nearest legal sizes"),
-    ({"task": "generate", "params": {"steps": 0, "sampler": "ddim"}}, None, 400, "must be positive"),
+    ({"task": "generate", "params": {"steps": 0, "sampler": "ddim"}}, None, 400, "must be a positive"),
     ({"task": "generate", "params": {"colour": "red"}}, None, 400, "unknown parameter"),
     ({"task": "generate", "weights": "/etc"}, None, 400, "does not open local paths"),
     ({"task": "synthesize", "controlnet": "/etc/passwd", "inputs": {"input": "x.nrrd"}}, "empty.nrrd", 400,
@@ -364,3 +364,35 @@ def test_queue_limit_and_result_lifetime(tmp_path):
             pytest.fail("a finished job outlived --result-ttl")
     finally:
         srv.stop()
+
+
+def test_live_preview_every_n_steps(client, tmp_path):
+    st = client.submit({"task": "generate", "params": {"sampler": "ddim", "steps": 4, "preview_every": 2}})
+    done = client.wait(st["id"], timeout=120)
+    assert done["preview_step"] == 4
+    prev = read_volume(client.preview(st["id"], tmp_path / "preview.nrrd"))
+    final = read_volume(client.download(st["id"], "result_0.nrrd", tmp_path / "final.nrrd"))
+    assert prev.shape == final.shape and np.allclose(prev.affine, final.affine)
+    # the last preview decodes the last step's predicted clean latent, which the sampler's final
+    # update (to alpha-bar at t=0, the authors' DDIM) moves only slightly
+    assert np.abs(prev.array - final.array).mean() < 0.02
+    assert np.abs(prev.array - final.array).mean() < 0.2 * np.abs(final.array - final.array.mean()).mean()
+
+
+def test_cli_user_errors_one_line_internal_errors_traceback(tmp_path, capsys, monkeypatch):
+    from MedDiffusionLib.errors import UserError
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+
+    out = str(tmp_path / "x.nii.gz")
+    assert main(["generate", "--class", "9", "--out", out]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown class")
+    with pytest.raises(UserError):
+        main(["--debug", "generate", "--class", "9", "--out", out])
+
+    def bug(*a, **k):
+        raise RuntimeError("an internal fault")
+
+    monkeypatch.setattr(GenerationPipeline, "generate", bug)
+    with pytest.raises(RuntimeError, match="an internal fault"):  # not turned into a one-line user error
+        main(["generate", "--sampler", "ddim", "--steps", "2", "--out", out, "--quiet"])
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -235,7 +235,11 @@ class LocalServer:
         self.port = port
         self.token = token or secrets.token_urlsafe(32)
         self.env = dict(env or {})
-        self.log_file = Path(log_file) if log_file else Path(tempfile.gettempdir()) / f"meddiffusion-serve-{os.getpid()}.log"
+        if log_file is None:  # a fresh private file (mkstemp: 0600, unpredictable name, no symlink games)
+            fd, name = tempfile.mkstemp(prefix="meddiffusion-serve-", suffix=".log")
+            os.close(fd)
+            log_file = name
+        self.log_file = Path(log_file)
         self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen | None = None
         self._log = None

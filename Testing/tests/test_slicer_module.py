@@ -7,6 +7,7 @@ import re
 import sys
 import urllib.request
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -220,16 +221,73 @@ def test_every_widget_used_in_python_exists_with_expected_class_and_every_contro
 
 
 # -- packaging ------------------------------------------------------------------------------------------------
-def test_cmake_lists_every_module_and_library_file():
+LISTS = ("MODULE_PYTHON_SCRIPTS", "MODULE_PYTHON_RESOURCES", "LIB_PYTHON_SCRIPTS", "LIB_PYTHON_RESOURCES")
+GLOBS = {  # what each list globs (relative to the module folder / the repository root)
+    "MODULE_PYTHON_SCRIPTS": '"${CMAKE_CURRENT_SOURCE_DIR}/*.py"',
+    "MODULE_PYTHON_RESOURCES": '"${CMAKE_CURRENT_SOURCE_DIR}/Resources/*"',
+    "LIB_PYTHON_SCRIPTS": '"${MEDDIFFUSION_ROOT}/MedDiffusionLib/*.py"',
+    "LIB_PYTHON_RESOURCES": '"${MEDDIFFUSION_ROOT}/MedDiffusionLib/resources/*"',
+}
+
+
+def _cmake_file_lists(module_dir, tmp_path) -> dict[str, set[str]] | None:
+    """Run the file-list block of MedDiffusion/CMakeLists.txt with ``cmake -P`` in ``module_dir``
+    (script mode sets CMAKE_CURRENT_SOURCE_DIR to the working directory); None without cmake."""
+    import shutil
+    import subprocess
+
+    cmake = shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
+    if cmake is None:
+        return None
+    text = (MODULE / "CMakeLists.txt").read_text()
+    block = re.search(r"^# -- file lists: begin$.*^# -- file lists: end$", text, re.M | re.S).group(0)
+    script = tmp_path / "lists.cmake"
+    script.write_text(block + "\nforeach(v " + " ".join(LISTS) + ")\n  message(\"${v}=${${v}}\")\nendforeach()\n")
+    out = subprocess.run([cmake, "-P", str(script)], cwd=module_dir, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lists = dict(line.split("=", 1) for line in out.stderr.splitlines() if "=" in line)
+    return {k: set(filter(None, lists[k].split(";"))) for k in LISTS}
+
+
+def _tree_files(folder, relative_to) -> set[str]:
+    return {p.relative_to(relative_to).as_posix() for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")}
+
+
+def test_cmake_lists_every_module_and_library_file(tmp_path):
     cmake = (MODULE / "CMakeLists.txt").read_text()
-    listed = set(re.findall(r"^\s+([\w/.${}-]+\.(?:py|ui|png|txt|json|safetensors|nrrd))\s*$", cmake, re.M))
-    listed = {p.replace("${MODULE_NAME}", "MedDiffusion") for p in listed}
-    module_files = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
-    lib_files = {str(p.relative_to(ROOT)) for p in (ROOT / "MedDiffusionLib").rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts}
-    missing = (module_files - {"CMakeLists.txt"}) | lib_files
-    assert not missing - listed, sorted(missing - listed)
-    assert not {p for p in listed if not ((MODULE / p).exists() or (ROOT / p).exists())}
+    for name, pattern in GLOBS.items():  # globbed, relative paths (what ctkMacroCompilePythonScript expects)
+        assert re.search(rf"file\(GLOB_RECURSE {name} LIST_DIRECTORIES false [^\n]*\n\s+RELATIVE [^\n]*"
+                         + re.escape(pattern), cmake), name
+    assert "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in cmake and "RESOURCES ${MODULE_PYTHON_RESOURCES}" in cmake
+    assert 'SCRIPTS "${LIB_PYTHON_SCRIPTS}"' in cmake and 'RESOURCES "${LIB_PYTHON_RESOURCES}"' in cmake
+    assert "SOURCE_DIR ${MEDDIFFUSION_ROOT}" in cmake
+
+    lists = _cmake_file_lists(MODULE, tmp_path)
+    if lists is not None:  # what CMake itself lists in this checkout: every file, nothing else
+        module = _tree_files(MODULE, MODULE) - {"CMakeLists.txt"}
+        lib = _tree_files(ROOT / "MedDiffusionLib", ROOT)
+        assert lists["MODULE_PYTHON_SCRIPTS"] | lists["MODULE_PYTHON_RESOURCES"] == module
+        assert lists["LIB_PYTHON_SCRIPTS"] == {p for p in lib if p.endswith(".py")}
+        assert lists["LIB_PYTHON_RESOURCES"] == {p for p in lib if not p.endswith(".py")}
+        assert {"MedDiffusionLib/io/atomic.py", "MedDiffusionLib/schedulers/samplers.py",
+                "MedDiffusionLib/resources/models/chest-ct-mini/biflownet.safetensors"} <= lib
+
+        # a file added later (e.g. a new library module) is packaged; caches and hidden files are not
+        fake = tmp_path / "repo"
+        (fake / "MedDiffusion" / "Resources" / "UI").mkdir(parents=True)
+        for rel in ("MedDiffusion/MedDiffusion.py", "MedDiffusion/Resources/UI/MedDiffusion.ui",
+                    "MedDiffusion/__pycache__/MedDiffusion.cpython-312.pyc", "MedDiffusionLib/__init__.py",
+                    "MedDiffusionLib/models/streaming_decode.py", "MedDiffusionLib/models/__pycache__/x.pyc",
+                    "MedDiffusionLib/resources/models/new/model.json", "MedDiffusionLib/resources/.DS_Store",
+                    "MedDiffusionLib/.hidden/x.py"):
+            (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+            (fake / rel).write_text("")
+        got = _cmake_file_lists(fake / "MedDiffusion", tmp_path)
+        assert got == {"MODULE_PYTHON_SCRIPTS": {"MedDiffusion.py"},
+                       "MODULE_PYTHON_RESOURCES": {"Resources/UI/MedDiffusion.ui"},
+                       "LIB_PYTHON_SCRIPTS": {"MedDiffusionLib/__init__.py", "MedDiffusionLib/models/streaming_decode.py"},
+                       "LIB_PYTHON_RESOURCES": {"MedDiffusionLib/resources/models/new/model.json"}}
     top = (ROOT / "CMakeLists.txt").read_text()
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
                 "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(MedDiffusion)"):

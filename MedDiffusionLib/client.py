@@ -17,10 +17,14 @@ Never import torch, numpy or any other third-party package here.
 """
 from __future__ import annotations
 
+import errno
 import http.client
+import io
 import json
 import os
+import select
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -56,6 +60,53 @@ class JobCancelled(ServiceError):
     """The job was cancelled."""
 
 
+def _http_error(status: int, raw: bytes) -> ServiceError:
+    """The :class:`ServiceError` for an HTTP error answer (the server's ``detail`` as the message)."""
+    try:
+        detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
+    except (ValueError, AttributeError):
+        detail = raw.decode(errors="replace")
+    if not isinstance(detail, str):
+        detail = json.dumps(detail)
+    if status == 401:
+        detail = f"{detail} (check the service token)"
+    return ServiceError(detail, status)
+
+
+def _multipart(spec: dict, files: dict[str, str | Path] | None) -> tuple[dict[str, str], int, Iterator[bytes]]:
+    """(headers, content length, body blocks) of a job submission: the spec as JSON and the input
+    files, read in 1 MiB blocks as the body is consumed."""
+    boundary = uuid.uuid4().hex
+    parts: list[tuple[bytes, Path | bytes]] = []
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n'
+            "Content-Type: application/json\r\n\r\n").encode()
+    parts.append((head, json.dumps(spec).encode() + b"\r\n"))
+    for name, path in (files or {}).items():
+        path = Path(path)
+        if not path.is_file():
+            raise ServiceError(f"{path}: input file not found")
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{quote(name)}"; '
+                f'filename="{quote(path.name)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        parts.append((head, path))
+    tail = f"--{boundary}--\r\n".encode()
+    length = len(tail) + sum(len(h) + (p.stat().st_size + 2 if isinstance(p, Path) else len(p)) for h, p in parts)
+
+    def body() -> Iterator[bytes]:
+        for h, p in parts:
+            yield h
+            if isinstance(p, Path):
+                with open(p, "rb") as fh:
+                    while block := fh.read(1 << 20):
+                        yield block
+                yield b"\r\n"
+            else:
+                yield p
+        yield tail
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+    return headers, length, body()
+
+
 class Client:
     """One MedDiffusion service at ``url`` (``http://host:port`` or ``https://...`` behind a proxy)."""
 
@@ -68,6 +119,8 @@ class Client:
         self._prefix = parts.path.rstrip("/")
         self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         self.timeout = timeout
+        self._netloc = parts.netloc
+        self._addr: tuple | None = None  # name lookup result, made once (for the stepwise transfers)
 
     # -- transport ------------------------------------------------------------------------------------
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
@@ -87,16 +140,7 @@ class Client:
                 raise ServiceUnavailable(f"cannot reach the MedDiffusion service at {self.url} "
                                          f"({type(exc).__name__}: {exc}); is it running?") from exc
             if resp.status >= 400:
-                raw = resp.read()
-                try:
-                    detail = json.loads(raw).get("detail", raw.decode(errors="replace"))
-                except (ValueError, AttributeError):
-                    detail = raw.decode(errors="replace")
-                if not isinstance(detail, str):
-                    detail = json.dumps(detail)
-                if resp.status == 401:
-                    detail = f"{detail} (check the service token)"
-                raise ServiceError(detail, resp.status)
+                raise _http_error(resp.status, resp.read())
             if stream_to is not None:
                 return self._save(resp, stream_to)
             raw = resp.read()
@@ -133,35 +177,8 @@ class Client:
     def submit(self, spec: dict, files: dict[str, str | Path] | None = None, timeout: float | None = None) -> dict:
         """Submit a job spec with its input files (``{input name: local path}``); returns its status.
         ``timeout`` bounds each socket operation (default: the client's)."""
-        boundary = uuid.uuid4().hex
-        parts: list[tuple[bytes, Path | bytes]] = []
-        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n'
-                "Content-Type: application/json\r\n\r\n").encode()
-        parts.append((head, json.dumps(spec).encode() + b"\r\n"))
-        for name, path in (files or {}).items():
-            path = Path(path)
-            if not path.is_file():
-                raise ServiceError(f"{path}: input file not found")
-            head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{quote(name)}"; '
-                    f'filename="{quote(path.name)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
-            parts.append((head, path))
-        tail = f"--{boundary}--\r\n".encode()
-        length = len(tail) + sum(len(h) + (p.stat().st_size + 2 if isinstance(p, Path) else len(p)) for h, p in parts)
-
-        def body() -> Iterator[bytes]:
-            for h, p in parts:
-                yield h
-                if isinstance(p, Path):
-                    with open(p, "rb") as fh:
-                        while block := fh.read(1 << 20):
-                            yield block
-                    yield b"\r\n"
-                else:
-                    yield p
-            yield tail
-
-        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
-        return self._request("POST", "/jobs", body=body(), headers=headers, timeout=timeout)
+        headers, _length, body = _multipart(spec, files)
+        return self._request("POST", "/jobs", body=body, headers=headers, timeout=timeout)
 
     def status(self, job_id: str, timeout: float | None = None) -> dict:
         return self._request("GET", f"/jobs/{quote(job_id)}", timeout=timeout)
@@ -210,6 +227,366 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise ServiceError(f"job {job_id} did not finish within {timeout} s")
             time.sleep(poll)
+
+
+
+    # -- stepwise (non-blocking) forms, for an event loop: see :class:`Transfer` --------------------------------
+    def _address(self) -> tuple:
+        if self._addr is None:
+            port = self._port or (443 if self._scheme == "https" else 80)
+            self._addr = socket.getaddrinfo(self._host, port, type=socket.SOCK_STREAM)[0]
+        return self._addr
+
+    def start_request(self, method: str, path: str) -> "Transfer":
+        """Any JSON request without a body (e.g. ``("GET", "/health")``), stepwise."""
+        return Transfer(self, method, path)
+
+    def start_health(self) -> "Transfer":
+        """:meth:`health`, stepwise."""
+        return Transfer(self, "GET", "/health")
+
+    def start_status(self, job_id: str) -> "Transfer":
+        return Transfer(self, "GET", f"/jobs/{quote(job_id)}")
+
+    def start_cancel(self, job_id: str) -> "Transfer":
+        return Transfer(self, "POST", f"/jobs/{quote(job_id)}/cancel")
+
+    def start_delete(self, job_id: str) -> "Transfer":
+        return Transfer(self, "DELETE", f"/jobs/{quote(job_id)}")
+
+    def start_unload(self) -> "Transfer":
+        return Transfer(self, "POST", "/unload")
+
+    def start_submit(self, spec: dict, files: dict[str, str | Path] | None = None) -> "Transfer":
+        """:meth:`submit`, stepwise: the input files are read and sent a block at a time."""
+        headers, length, body = _multipart(spec, files)
+        return Transfer(self, "POST", "/jobs", body=body, length=length, headers=headers)
+
+    def start_download(self, job_id: str, name: str, dest: str | Path) -> "Transfer":
+        """:meth:`download`, stepwise (a temporary file renamed onto ``dest`` at the end)."""
+        return Transfer(self, "GET", f"/jobs/{quote(job_id)}/results/{quote(name)}", dest=dest)
+
+    def start_preview(self, job_id: str, dest: str | Path) -> "Transfer":
+        """:meth:`preview`, stepwise; its result is ``None`` when there is no preview yet."""
+        return Transfer(self, "GET", f"/jobs/{quote(job_id)}/preview", dest=dest, missing_ok=True)
+
+
+class Transfer:
+    """One request to the service moved forward in short steps, for a caller that must never block
+    (Slicer's GUI thread, driven by a ``QTimer``): each :meth:`step` sends or receives what the
+    non-blocking socket takes within ``budget_s`` (``select`` with the remaining time) and returns.
+
+    After the last step ``done`` is true and either ``result`` (the decoded JSON answer, or the
+    saved file's path for a download) or ``error`` (:class:`ServiceError` /
+    :class:`ServiceUnavailable`, with the messages of the blocking :class:`Client` calls) is set.
+    Downloads go to a temporary file (``O_CREAT | O_EXCL``, mode 0o666 less the umask) renamed onto
+    ``dest`` at the end and removed on error or :meth:`cancel`. ``sent``/``received`` count body bytes
+    (``total``: the size when known), for a progress bar.
+
+    Not done without blocking: the name lookup of a host name (an IP address or ``localhost`` is
+    immediate); each lookup is made once per :class:`Client`.
+    """
+
+    CHUNK = 1 << 18  # bytes handed to the socket (or read from it) at a time
+
+    def __init__(self, client: "Client", method: str, path: str, body: Iterator[bytes] | None = None,
+                 length: int = 0, headers: dict[str, str] | None = None, dest: str | Path | None = None,
+                 missing_ok: bool = False):
+        self.client = client
+        self.dest = Path(dest) if dest is not None else None
+        self.missing_ok = missing_ok  # a 404 answer is a result of None (the live preview)
+        self.done = False
+        self.result: Any = None
+        self.error: ServiceError | None = None
+        self.cancelled = False
+        self.sent = 0
+        self.received = 0
+        self.total: int | None = length or None
+        hdrs = {"Host": client._netloc, "Authorization": f"Bearer {client.token}", "Accept": "application/json",
+                "Connection": "close", "Content-Length": str(length), **(headers or {})}
+        head = f"{method} {quote(client._prefix + API + path, safe='/%:@!$&()*+,;=-._~')} HTTP/1.1\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
+        self._out = memoryview(head.encode("latin-1"))
+        self._head_left = len(self._out)
+        self._body = body
+        self._sock: socket.socket | None = None
+        self._phase = "connect"
+        self._inbuf = bytearray()
+        self._status = 0
+        self._headers: Any = None
+        self._length: int | None = None
+        self._chunked: _ChunkDecoder | None = None
+        self._answer = bytearray()
+        self._tmp: str | None = None
+        self._fh: Any = None
+        self._last = time.monotonic()
+
+    # -- public --------------------------------------------------------------------------------------------
+    def step(self, budget_s: float = 0.05) -> bool:
+        """Move the transfer on for at most about ``budget_s`` seconds; True once it is done."""
+        deadline = time.monotonic() + max(0.0, budget_s)
+        try:
+            while not self.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if self._advance(left):
+                    self._last = time.monotonic()
+                elif time.monotonic() - self._last > self.client.timeout:
+                    raise socket.timeout(f"no answer for {self.client.timeout:.0f} s")
+        except ServiceError as exc:
+            self._finish(error=exc)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self._finish(error=self._unavailable(exc))
+        return self.done
+
+    def wait(self, budget_s: float = 0.05) -> Any:
+        """Step until done (a blocking convenience for scripts); the result, or raise the error."""
+        while not self.step(budget_s):
+            pass
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self) -> None:
+        """Stop now: close the connection and remove a partial download."""
+        if not self.done:
+            self.cancelled = True
+            self._finish(error=ServiceError("the transfer was cancelled"))
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _unavailable(self, exc: BaseException) -> ServiceUnavailable:
+        url = self.client.url
+        if self._phase == "connect":
+            return ServiceUnavailable(f"cannot reach the MedDiffusion service at {url} ({type(exc).__name__}: {exc}); "
+                                      "is it running?")
+        return ServiceUnavailable(f"the MedDiffusion service at {url} stopped answering ({type(exc).__name__}: {exc})")
+
+    def _wait(self, read: bool, write: bool, timeout: float) -> tuple[bool, bool]:
+        sock = self._sock
+        if read and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True, False
+        r, w, x = select.select([sock] if read else [], [sock] if write else [], [sock], timeout)
+        return bool(r or x), bool(w or x)
+
+    def _advance(self, left: float) -> bool:
+        """One wait-and-act on the socket; True when something moved."""
+        if self._phase == "connect":
+            return self._connect(left)
+        if self._phase == "handshake":
+            try:
+                self._sock.do_handshake()
+            except ssl.SSLWantReadError:
+                return any(self._wait(True, False, left))
+            except ssl.SSLWantWriteError:
+                return any(self._wait(False, True, left))
+            self._phase = "send"
+            return True
+        if self._phase == "send":
+            return self._send(left)
+        return self._receive(left)
+
+    def _connect(self, left: float) -> bool:
+        if self._sock is None:
+            family, kind, proto, _name, addr = self.client._address()
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            self._sock = sock
+            err = sock.connect_ex(addr)
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035):  # 10035: WSAEWOULDBLOCK
+                raise ConnectionRefusedError(err, os.strerror(err))
+            return True
+        _r, writable = self._wait(False, True, left)
+        if not writable:
+            return False
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise ConnectionRefusedError(err, os.strerror(err))
+        if self.client._scheme == "https":
+            ctx = ssl.create_default_context()
+            self._sock = ctx.wrap_socket(self._sock, server_hostname=self.client._host, do_handshake_on_connect=False)
+            self._phase = "handshake"
+        else:
+            self._phase = "send"
+        return True
+
+    def _send(self, left: float) -> bool:
+        if not self._out:
+            block = next(self._body, None) if self._body is not None else None
+            if block is None:
+                self._phase = "head"
+                return True
+            self._out = memoryview(block)
+            return True
+        readable, writable = self._wait(True, True, left)
+        if readable:  # the server answered before reading everything (e.g. 413 too large): read that
+            self._phase = "head"
+            return True
+        if not writable:
+            return False
+        try:
+            n = self._sock.send(self._out[:self.CHUNK])
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+            return False
+        except (BrokenPipeError, ConnectionResetError):
+            self._phase = "head"  # the server closed its side: an answer may be waiting
+            return True
+        head = min(n, self._head_left)  # the request line and headers are not counted
+        self._head_left -= head
+        self.sent += n - head
+        self._out = self._out[n:]
+        return n > 0
+
+    def _receive(self, left: float) -> bool:
+        readable, _w = self._wait(True, False, left)
+        if not readable:
+            return False
+        try:
+            data = self._sock.recv(self.CHUNK)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return False
+        if self._phase == "head":
+            if not data:
+                raise http.client.RemoteDisconnected("the connection closed before an answer")
+            self._inbuf += data
+            end = self._inbuf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._inbuf) > 65536:
+                    raise http.client.HTTPException("answer headers too long")
+                return True
+            self._parse_head(bytes(self._inbuf[:end + 2]))
+            rest, self._inbuf = bytes(self._inbuf[end + 4:]), bytearray()
+            self._phase = "body"
+            self._take(rest)
+            self._maybe_complete(eof=False)
+            return True
+        if not data:
+            self._maybe_complete(eof=True)
+            return True
+        self._take(data)
+        self._maybe_complete(eof=False)
+        return True
+
+    def _parse_head(self, raw: bytes) -> None:
+        line, _, rest = raw.partition(b"\r\n")
+        parts = line.decode("latin-1").split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise http.client.BadStatusLine(line.decode("latin-1"))
+        self._status = int(parts[1])
+        self._headers = http.client.parse_headers(io.BytesIO(rest + b"\r\n"))
+        if "chunked" in (self._headers.get("Transfer-Encoding") or "").lower():
+            self._chunked = _ChunkDecoder()
+        elif self._headers.get("Content-Length") is not None:
+            self._length = int(self._headers["Content-Length"])
+        if self._status < 400 and self.dest is not None:
+            self.total = self._length
+            self.received = 0
+            self._tmp = str(self.dest.parent / f".{self.dest.name}.{uuid.uuid4().hex}.part")
+            fd = os.open(self._tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+            self._fh = os.fdopen(fd, "wb")
+
+    def _take(self, data: bytes) -> None:
+        if self._chunked is not None:
+            data = self._chunked.feed(data)
+        if self._fh is not None:
+            self._fh.write(data)
+            self.received += len(data)
+        else:
+            self._answer += data
+            if len(self._answer) > (64 << 20):
+                raise http.client.HTTPException("answer too long")
+
+    def _maybe_complete(self, eof: bool) -> None:
+        got = self.received if self._fh is not None else len(self._answer)
+        if self._chunked is not None:
+            complete = self._chunked.finished
+        elif self._length is not None:
+            complete = got >= self._length
+        else:
+            complete = eof
+        if not complete:
+            if eof:
+                raise http.client.IncompleteRead(b"", None if self._length is None else self._length - got)
+            return
+        if self._status >= 400:
+            if self.missing_ok and self._status == 404:
+                self._finish(result=None)
+                return
+            raise _http_error(self._status, bytes(self._answer))
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+            os.replace(self._tmp, self.dest)
+            self._tmp = None
+            self._finish(result=self.dest)
+        else:
+            self._finish(result=json.loads(bytes(self._answer)) if self._answer else None)
+
+    def _finish(self, result: Any = None, error: ServiceError | None = None) -> None:
+        self.done = True
+        self.result, self.error = result, error
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._tmp is not None:
+            try:
+                os.remove(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+        self._body = None
+
+
+class _ChunkDecoder:
+    """Incremental decoder of an HTTP/1.1 chunked body."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._left = 0  # bytes of the current chunk still to come
+        self._state = "size"  # size | data | crlf | trailer | end
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        self._buf += data
+        out = bytearray()
+        while True:
+            if self._state == "size":
+                end = self._buf.find(b"\r\n")
+                if end < 0:
+                    break
+                size = int(bytes(self._buf[:end]).split(b";", 1)[0].strip() or b"0", 16)
+                del self._buf[:end + 2]
+                self._left, self._state = size, ("data" if size else "trailer")
+            elif self._state == "data":
+                take = min(self._left, len(self._buf))
+                out += self._buf[:take]
+                del self._buf[:take]
+                self._left -= take
+                if self._left:
+                    break
+                self._state = "crlf"
+            elif self._state == "crlf":
+                if len(self._buf) < 2:
+                    break
+                del self._buf[:2]
+                self._state = "size"
+            elif self._state == "trailer":
+                end = self._buf.find(b"\r\n")
+                if end < 0:
+                    break
+                line = bytes(self._buf[:end])
+                del self._buf[:end + 2]
+                if not line:
+                    self._state, self.finished = "end", True
+            else:
+                break
+        return bytes(out)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -339,4 +716,4 @@ class LocalServer:
             self._log = None
 
 
-__all__ = ["Client", "LocalServer", "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "free_port"]
+__all__ = ["Client", "Transfer", "LocalServer", "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "free_port"]

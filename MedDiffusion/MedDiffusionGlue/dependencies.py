@@ -1,6 +1,7 @@
 """Python packages of the Python that runs the local job service (Slicer's own or one the user
 picked). Versions are read from package metadata (nothing is imported, so a broken torch cannot
-break the check), in this process for this interpreter and in a short subprocess otherwise.
+break the check), in this process for this interpreter and in a short subprocess otherwise, which
+:class:`DependencyCheck` polls so that Slicer's GUI thread never waits for it.
 
 torch is never installed from here: ``MedDiffusion.py`` installs it into Slicer's Python through
 the PyTorch extension's ``PyTorchUtils`` (CUDA build matched to the driver) and only when no
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 TORCH_REQUIREMENT = ">=2.6"  # MedDiffusionLib's minimum (pyproject.toml: torch>=2.6,<3)
 REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
@@ -72,35 +74,113 @@ def satisfies(version: str | None, spec: str) -> bool:
     return True
 
 
-def installed_versions(names: list[str], python: str | None = None, timeout: float = 30.0) -> dict[str, str | None]:
-    """{distribution name: installed version or None} in ``python`` (None = this interpreter)."""
-    if python is None or os.path.realpath(python) == os.path.realpath(sys.executable):
-        import importlib.metadata as metadata
+def _versions_here(names: list[str]) -> dict[str, str | None]:
+    import importlib.metadata as metadata
 
-        out: dict[str, str | None] = {}
-        for name in names:
-            try:
-                out[name] = metadata.version(name)
-            except metadata.PackageNotFoundError:
-                out[name] = None
-        return out
-    try:
-        proc = subprocess.run([python, "-c", _PROBE, *names], capture_output=True, text=True, timeout=timeout,
-                              env=_clean_env())
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise RuntimeError(f"cannot run {python}: {exc}") from exc
-    if proc.returncode != 0:
-        raise RuntimeError(f"{python} failed to report its packages: {proc.stderr.strip()[-500:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
-def missing(python: str | None = None, requirements: list[str] | None = None) -> list[str]:
-    """Requirements (torch's included) that ``python`` does not satisfy, as requirement strings."""
-    reqs = list(requirements if requirements is not None else read_requirements())
-    reqs.append("torch" + TORCH_REQUIREMENT)
-    pairs = [split_requirement(r) for r in reqs]
-    versions = installed_versions([name for name, _ in pairs], python)
-    return [f"{name}{spec}" for name, spec in pairs if not satisfies(versions.get(name), spec)]
+def _is_this_python(python: str | None) -> bool:
+    return python is None or os.path.realpath(python) == os.path.realpath(sys.executable)
+
+
+class DependencyCheck:
+    """Which requirements (torch's included) ``python`` lacks, found without blocking the caller:
+    at once for this interpreter (package metadata), else by a short child process started with
+    ``env`` (laid over this environment; ``None`` removes a variable: the environment the local
+    service will run with) and polled with :meth:`poll` (from a ``QTimer`` in Slicer).
+
+    After ``poll()`` returns True: ``versions`` ({name: version or None}) and ``missing``
+    (requirement strings), or ``error`` (a message) when the interpreter could not be asked."""
+
+    def __init__(self, python: str | None = None, requirements: list[str] | None = None,
+                 env: dict[str, str | None] | None = None, timeout: float = 30.0):
+        reqs = list(requirements if requirements is not None else read_requirements())
+        reqs.append("torch" + TORCH_REQUIREMENT)
+        self.python = python
+        self.pairs = [split_requirement(r) for r in reqs]
+        self.versions: dict[str, str | None] | None = None
+        self.missing: list[str] | None = None
+        self.error: str | None = None
+        self.process: subprocess.Popen | None = None
+        self._deadline = time.monotonic() + timeout
+        self._timeout = timeout
+        names = [name for name, _ in self.pairs]
+        if _is_this_python(python):
+            self._finish(_versions_here(names))
+            return
+        try:
+            self.process = subprocess.Popen([python, "-c", _PROBE, *names], stdin=subprocess.DEVNULL,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                            env=_clean_env(env))
+        except OSError as exc:
+            self.error = f"cannot run {python}: {exc}"
+
+    @property
+    def done(self) -> bool:
+        return self.missing is not None or self.error is not None
+
+    def poll(self) -> bool:
+        """True once the answer (or an error) is in; never blocks (the output is a few bytes)."""
+        if self.done:
+            return True
+        rc = self.process.poll()
+        if rc is None:
+            if time.monotonic() < self._deadline:
+                return False
+            self.kill()
+            self.error = f"{self.python} did not report its packages within {self._timeout:.0f} s"
+            return True
+        out, err = self.process.communicate()
+        if rc != 0:
+            self.error = f"{self.python} failed to report its packages: {err.strip()[-500:]}"
+            return True
+        try:
+            self._finish(json.loads(out.strip().splitlines()[-1]))
+        except (ValueError, IndexError):
+            self.error = f"{self.python} gave no package list: {out.strip()[-200:]!r}"
+        return True
+
+    def wait(self) -> "DependencyCheck":
+        """Block until done (scripts and tests)."""
+        while not self.poll():
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+    def _finish(self, versions: dict[str, str | None]) -> None:
+        self.versions = versions
+        self.missing = [f"{name}{spec}" for name, spec in self.pairs if not satisfies(versions.get(name), spec)]
+
+
+def installed_versions(names: list[str], python: str | None = None, timeout: float = 30.0,
+                       env: dict[str, str | None] | None = None) -> dict[str, str | None]:
+    """{distribution name: installed version or None} in ``python`` (None = this interpreter); blocking."""
+    if _is_this_python(python):
+        return _versions_here(names)
+    check = DependencyCheck(python, [f"{n}" for n in names], env=env, timeout=timeout).wait()
+    if check.error is not None:
+        raise RuntimeError(check.error)
+    return {n: check.versions.get(n) for n in names}
+
+
+def missing(python: str | None = None, requirements: list[str] | None = None,
+            env: dict[str, str | None] | None = None) -> list[str]:
+    """Requirements (torch's included) that ``python`` does not satisfy, as requirement strings; blocking."""
+    check = DependencyCheck(python, requirements, env=env).wait()
+    if check.error is not None:
+        raise RuntimeError(check.error)
+    return check.missing
 
 
 def pip_command(python: str, requirements: list[str]) -> list[str]:
@@ -161,4 +241,4 @@ class PipProcess:
 
 
 __all__ = ["TORCH_REQUIREMENT", "REQUIREMENTS_FILE", "read_requirements", "split_requirement", "parse_version",
-           "satisfies", "installed_versions", "missing", "pip_command", "PipProcess"]
+           "satisfies", "DependencyCheck", "installed_versions", "missing", "pip_command", "PipProcess"]

@@ -5,11 +5,19 @@
 polls them with short timeouts, and loads the result files as nodes on the calling (main)
 thread. ``MedDiffusionLogic`` in ``MedDiffusion.py`` adds Slicer's application services to it.
 
-Console use (the blocking forms poll until the job ends and return the new nodes)::
+Nothing here blocks the calling thread for longer than about :data:`POLL_BUDGET_S` once the
+service answers: uploads, status requests, previews and downloads are ``Transfer`` objects of the
+client moved on in short steps by :meth:`ServiceLogic.poll` (from the panel's ``QTimer``), and a
+local server is started (or restarted) without waiting and probed by :meth:`ServiceLogic.connectStep`.
+A job goes through ``uploading`` -> ``queued``/``running`` (the service's states) -> ``downloading``
+-> ``done`` (or ``failed``/``cancelled``), with nothing added to the scene unless it is ``done``.
+
+Console use (the blocking forms step until the job ends and return the new nodes)::
 
     logic = slicer.util.getModuleLogic("MedDiffusion")
     ct = logic.generate(seed=3, sampler="ddim", steps=50)
-    job = logic.submitGenerate(seed=4)        # non-blocking; then logic.poll(job) / logic.finishJob(job)
+    job = logic.submitGenerate(seed=4)        # non-blocking; then logic.poll(job) until job.done
+    nodes = logic.finishJob(job)              # the nodes (or raises JobFailed / JobCancelled)
 """
 from __future__ import annotations
 
@@ -67,10 +75,18 @@ def default_python() -> str:
     return sys.executable
 
 
+POLL_BUDGET_S = 0.05  # the longest one poll() moves a job on (the GUI stays responsive)
+START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
+
+
 @dataclass
 class Job:
     """A submitted job as the module sees it: the service's status plus what is needed to turn
-    the results into nodes (names and input captured on the main thread at submission)."""
+    the results into nodes (names and input captured on the main thread at submission).
+
+    ``phase``: ``uploading`` -> ``service`` (queued/running on the service) -> ``downloading`` ->
+    ``cleanup`` (the service's copy is deleted) -> ``finished``; ``error`` is set when it ended
+    without results (:class:`JobFailed`, :class:`JobCancelled` or a :class:`ServiceError`)."""
 
     id: str
     task: str
@@ -82,23 +98,39 @@ class Job:
     nodes: list = field(default_factory=list)
     previewNode: Any = None
     previewStep: int | None = None
-    finished: bool = False
+    phase: str = "uploading"
+    error: ServiceError | None = None
+    transfer: Any = None  # the upload, the current status request or download, or the delete
+    previewTransfer: Any = None
+    cancelTransfer: Any = None
+    downloaded: int = 0  # results loaded so far
 
     @property
     def state(self) -> str:
+        """uploading, queued, running, downloading, done, failed or cancelled."""
+        if isinstance(self.error, JobCancelled):
+            return "cancelled"
+        if self.error is not None:
+            return "failed"
+        if self.phase in ("uploading", "downloading"):
+            return self.phase
         return self.status.get("state", "queued")
 
     @property
+    def finished(self) -> bool:
+        return self.phase == "finished"
+
+    @property
     def done(self) -> bool:
-        return self.state in TERMINAL
+        """Nothing more to do: results loaded (``nodes``) or ``error`` set."""
+        return self.phase == "finished"
 
 
 class ServiceLogic:
     """Jobs on a MedDiffusion service from Slicer's main thread. ``scene`` defaults to
     ``slicer.mrmlScene``; ``segmentationsLogic`` to a private one (tests have no application)."""
 
-    POLL_TIMEOUT_S = 0.1  # the longest a status request may block the GUI
-    REQUEST_TIMEOUT_S = 30.0
+    REQUEST_TIMEOUT_S = 30.0  # a transfer that moves nothing for this long fails
 
     def __init__(self, scene=None, segmentationsLogic=None) -> None:
         self._scene = scene
@@ -108,6 +140,7 @@ class ServiceLogic:
         self.serverEnv: dict[str, str] | None = None
         self.remote: tuple[str, str] | None = None
         self._health: dict | None = None
+        self._connecting: dict | None = None  # connectStep's state
         self.logCallback: Callable[[str], None] | None = None
 
     # -- where jobs run ------------------------------------------------------------------------------
@@ -155,16 +188,6 @@ class ServiceLogic:
         if self.isLocal:
             self.localServer().start(wait=wait, timeout=timeout)
 
-    def serverReady(self, timeout: float = POLL_TIMEOUT_S) -> bool:
-        """A quick probe (at most ``timeout`` seconds)."""
-        if self.isLocal:
-            return self.server is not None and self.server.ready(timeout=timeout)
-        try:
-            self.client(timeout).health(timeout=timeout)
-            return True
-        except ServiceError:
-            return False
-
     def serverLog(self) -> str:
         return self.server.log_tail() if self.server is not None else ""
 
@@ -173,10 +196,12 @@ class ServiceLogic:
             self.server.stop()
             self.server = None
         self._health = None
+        self._connecting = None
 
     def client(self, timeout: float | None = None, start: bool = True) -> Client:
         """A client of the current service. ``start``: start (or restart) the local server if it
-        is not running (blocks until it answers); else raise ``ServiceUnavailable`` at once."""
+        is not running and wait until it answers (console use; the panel uses :meth:`connectStep`);
+        else raise ``ServiceUnavailable`` at once."""
         timeout = self.REQUEST_TIMEOUT_S if timeout is None else timeout
         if self.remote is not None:
             return Client(self.remote[0], self.remote[1], timeout)
@@ -185,13 +210,63 @@ class ServiceLogic:
             if not start:
                 raise ServiceUnavailable("the local MedDiffusion service is not running" +
                                          (f":\n{server.log_tail()}" if server.log_tail() else ""))
-            server.ensure()
+            self.connect()
         return server.client(timeout)
+
+    def connectStep(self, budget: float = POLL_BUDGET_S) -> dict | None:
+        """Connect without blocking: start (or restart) a local server that is not running with
+        ``start(wait=False)``, then probe ``/v1/health`` with a stepwise request. Call it again (from
+        a timer) while it returns None; it returns the health answer (also cached) once the service
+        answers, and raises ``ServiceUnavailable`` when the local server exits or a remote one
+        cannot be reached."""
+        c = self._connecting
+        if c is None:
+            c = self._connecting = {"since": time.monotonic(), "transfer": None, "started": False}
+        try:
+            if self.isLocal:
+                server = self.localServer()
+                if not server.running:
+                    if c["started"]:
+                        code = server.process.returncode if server.process is not None else None
+                        raise ServiceUnavailable(f"the local MedDiffusion server exited (code {code}):\n"
+                                                 f"{server.log_tail()}")
+                    server.stop(timeout=0)  # collects a dead process (a no-op otherwise)
+                    server.start(wait=False)
+                    c["started"], self._health = True, None
+            if c["transfer"] is None:
+                c["transfer"] = self.client(start=False).start_health()
+            transfer = c["transfer"]
+            if not transfer.step(budget):
+                return None
+            c["transfer"] = None
+            if transfer.error is None:
+                self._connecting, self._health = None, transfer.result
+                return transfer.result
+            waited = time.monotonic() - c["since"]
+            if (self.isLocal and isinstance(transfer.error, ServiceUnavailable) and self.server.running
+                    and waited < START_TIMEOUT_S):
+                return None  # still starting (or busy): probe again on the next call
+            if self.isLocal and waited >= START_TIMEOUT_S:
+                raise ServiceUnavailable(f"the local MedDiffusion server did not answer within {START_TIMEOUT_S:.0f} s:"
+                                         f"\n{self.serverLog()}")
+            raise transfer.error
+        except BaseException:
+            self._connecting = None
+            raise
+
+    def connect(self) -> dict:
+        """Blocking :meth:`connectStep` (console use; keeps the application painting)."""
+        while True:
+            health = self.connectStep()
+            if health is not None:
+                return health
+            self._idle(0.05)
 
     def health(self, refresh: bool = False, timeout: float | None = None) -> dict:
         """The service's ``/v1/health`` (models, ControlNets, devices), cached until ``refresh``."""
         if self._health is None or refresh:
-            self._health = self.client(timeout).health(timeout=timeout)
+            self._health = None
+            self._health = self.connect()
         return self._health
 
     def cachedHealth(self) -> dict | None:
@@ -200,6 +275,10 @@ class ServiceLogic:
     def unload(self) -> dict:
         """Free GPU memory: the service drops the models it keeps loaded."""
         return self.client().unload()
+
+    def startUnload(self):
+        """:meth:`unload` as a stepwise request (``Transfer``; the panel steps it from its timer)."""
+        return self.client(start=False).start_unload()
 
     # -- registry facts from the service ----------------------------------------------------------------
     def modelInfo(self, modelId: str | None = None) -> dict:
@@ -232,8 +311,9 @@ class ServiceLogic:
         return tempfile.mkdtemp(prefix="meddiffusion-job-")
 
     def _submit(self, spec: dict, name: str, like=None, window=None, inputNode=None, labels=None) -> Job:
-        """Write the input (a volume node, or ``labels`` = (segmentation, reference, mapping)),
-        submit, and return the job. Inputs are written on this (main) thread."""
+        """Write the input (a volume node, or ``labels`` = (segmentation, reference, mapping)) and
+        start its upload; returns the job in phase ``uploading`` (move it on with :meth:`poll`).
+        Inputs are written on this (main) thread."""
         work = self._newWorkDir()
         files = {}
         try:
@@ -245,16 +325,12 @@ class ServiceLogic:
                                               logic=self.segmentationsLogic, compress=not self.isLocal)
             if files:
                 spec = dict(spec, inputs={"input": "input.nrrd"})
-            status = self.client().submit(spec, files)
+            transfer = self.client().start_submit(spec, files)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        finally:
-            for path in files.values():  # the upload is done: the service keeps its own copy
-                if os.path.exists(path):
-                    os.remove(path)
-        job = Job(status["id"], spec["task"], name, like, window, status, work)
-        self._log(f"submitted {job.task} job {job.id}")
+        job = Job("", spec["task"], name, like, window, {"state": "uploading"}, work, transfer=transfer)
+        self.poll(job)
         return job
 
     def submitGenerate(self, modelId: str | None = None, classIndex: int | None = None, size=None, spacing=None,
@@ -318,52 +394,145 @@ class ServiceLogic:
             window = None
         return tuple(window) if window else CT_WINDOW
 
-    # -- following a job (main thread) --------------------------------------------------------------------
-    def poll(self, job: Job, timeout: float = POLL_TIMEOUT_S) -> dict:
-        """Refresh ``job.status`` with one short request (raises ``ServiceUnavailable`` on timeout)."""
-        job.status = self.client(timeout, start=False).status(job.id, timeout=timeout)
+    # -- following a job (main thread, in short steps) ----------------------------------------------------
+    def poll(self, job: Job, budget: float = POLL_BUDGET_S) -> dict:
+        """Move the job on for at most about ``budget`` seconds: the upload, a status request, the
+        live preview, the downloads (each result loaded as a node when complete) and the clean-up.
+        Returns ``job.status``. Raises ``ServiceUnavailable`` when a status request finds no service
+        (the job is kept: poll again); any other failure ends the job with ``job.error``."""
+        deadline = time.monotonic() + budget
+        left = lambda: max(0.0, deadline - time.monotonic())  # noqa: E731
+        if job.phase == "uploading":
+            self._stepUpload(job, left())
+        if job.phase == "service":
+            self._stepService(job, left)
+        if job.phase == "downloading":
+            self._stepDownloads(job, left)
+        if job.phase == "cleanup" and (job.transfer is None or job.transfer.step(left())):
+            job.transfer, job.phase = None, "finished"
         return job.status
 
-    def cancel(self, job: Job) -> dict:
-        """Ask the service to stop the job (it stops between sampler steps); keep polling."""
-        job.status = self.client(self.POLL_TIMEOUT_S * 20, start=False).cancel(job.id)
-        return job.status
+    def _stepUpload(self, job: Job, budget: float) -> None:
+        if not job.transfer.step(budget):
+            return
+        transfer, job.transfer = job.transfer, None
+        for path in (os.path.join(job.workDir, "input.nrrd"),):  # the service keeps its own copy
+            if os.path.exists(path):
+                os.remove(path)
+        if transfer.error is not None:
+            error = transfer.error
+            if not isinstance(error, ServiceUnavailable):
+                error = ServiceError(panel_message(error.message), error.status)
+            self._end(job, error)
+            return
+        job.status, job.id, job.phase = transfer.result, transfer.result["id"], "service"
+        self._log(f"submitted {job.task} job {job.id}")
+
+    def _stepService(self, job: Job, left: Callable[[], float]) -> None:
+        if job.cancelTransfer is not None and not job.cancelTransfer.done:
+            job.cancelTransfer.step(left())
+        if job.transfer is None:
+            job.transfer = self.client(start=False).start_status(job.id)
+        if job.transfer.step(left()):
+            transfer, job.transfer = job.transfer, None
+            if isinstance(transfer.error, ServiceUnavailable):
+                raise transfer.error
+            if transfer.error is not None:
+                self._end(job, transfer.error)
+                return
+            job.status = transfer.result
+            state = job.status.get("state")
+            if state == "failed":
+                self._end(job, JobFailed(panel_message(job.status.get("error")), None))
+                return
+            if state == "cancelled":
+                self._end(job, JobCancelled("the job was cancelled; the scene was left unchanged", None))
+                return
+            if state == "done":
+                if job.previewTransfer is not None:
+                    job.previewTransfer.cancel()
+                    job.previewTransfer = None
+                job.phase = "downloading"
+                return
+            step = job.status.get("preview_step")
+            if step is not None and step != job.previewStep and job.previewTransfer is None:
+                job.previewTransfer = self.client(start=False).start_preview(
+                    job.id, os.path.join(job.workDir, "preview.nrrd"))
+                job.previewStep = step
+        if job.previewTransfer is not None and job.previewTransfer.step(left()):
+            transfer, job.previewTransfer = job.previewTransfer, None
+            if transfer.error is None and transfer.result is not None:
+                job.previewNode = read_volume(self.scene, str(transfer.result), PREVIEW_NAME, like=job.like,
+                                              window=job.window, node=job.previewNode)
+
+    def _stepDownloads(self, job: Job, left: Callable[[], float]) -> None:
+        results = job.status.get("results") or []
+        while job.phase == "downloading":
+            if job.transfer is None:
+                if job.downloaded >= len(results):
+                    self._end(job)
+                    return
+                res = results[job.downloaded]
+                job.transfer = self.client(start=False).start_download(job.id, res["name"],
+                                                                       os.path.join(job.workDir, res["name"]))
+            if not job.transfer.step(left()):
+                return
+            transfer, job.transfer = job.transfer, None
+            if transfer.error is not None:  # nothing half-done stays in the scene
+                self._removeNodes(job)
+                self._end(job, ServiceError(f"downloading the results failed: {panel_message(transfer.error.message)}",
+                                            transfer.error.status))
+                return
+            res = results[job.downloaded]
+            name = job.name if len(results) == 1 else f"{job.name} #{job.downloaded}"
+            try:
+                job.nodes.append(read_volume(self.scene, str(transfer.result), name, like=job.like,
+                                             window=self._window(job, res)))
+            except Exception as exc:
+                self._removeNodes(job)
+                self._end(job, ServiceError(f"loading {res['name']} failed: {exc}"))
+                return
+            finally:
+                os.remove(transfer.result)
+            job.downloaded += 1
+            if left() <= 0:
+                return
 
     def updatePreview(self, job: Job) -> Any:
-        """Show the service's latest live preview in a temporary volume node; returns it or None."""
-        step = job.status.get("preview_step")
-        if step is None or step == job.previewStep or job.done:
-            return job.previewNode
-        path = os.path.join(job.workDir, "preview.nrrd")
-        if self.client(start=False).preview(job.id, path) is None:
-            return job.previewNode
-        job.previewNode = read_volume(self.scene, path, PREVIEW_NAME, like=job.like, window=job.window,
-                                      node=job.previewNode)
-        job.previewStep = step
+        """The job's live-preview node (None until the service has sent one); :meth:`poll` updates it."""
         return job.previewNode
 
+    def cancel(self, job: Job) -> dict:
+        """Stop the job: an upload or download stops at once (nothing is added to the scene); a job
+        on the service is asked to stop between sampler steps (keep polling until ``job.done``)."""
+        if job.done:
+            return job.status
+        cancelled = JobCancelled("the job was cancelled; the scene was left unchanged", None)
+        if job.phase == "uploading":
+            job.transfer.cancel()
+            job.transfer = None
+            self._end(job, cancelled)
+        elif job.phase == "downloading":
+            if job.transfer is not None:
+                job.transfer.cancel()
+                job.transfer = None
+            self._removeNodes(job)
+            self._end(job, cancelled)
+        elif job.phase == "service" and job.cancelTransfer is None:
+            job.cancelTransfer = self.client(start=False).start_cancel(job.id)
+            job.cancelTransfer.step(POLL_BUDGET_S)
+        return job.status
+
     def finishJob(self, job: Job) -> list:
-        """For a finished job: download the results, load them as nodes and clean up. Raises
-        ``JobFailed`` (with the service's message in the panel's words) or ``JobCancelled``."""
-        if job.finished:
-            return job.nodes
-        try:
-            if job.state == "failed":
-                raise JobFailed(panel_message(job.status.get("error")), None)
-            if job.state == "cancelled":
-                raise JobCancelled("the job was cancelled; the scene was left unchanged", None)
-            if job.state != "done":
-                raise ServiceError(f"job {job.id} is still {job.state}")
-            client = self.client(start=False)
-            results = job.status.get("results") or []
-            for i, res in enumerate(results):
-                path = client.download(job.id, res["name"], os.path.join(job.workDir, res["name"]))
-                name = job.name if len(results) == 1 else f"{job.name} #{i}"
-                job.nodes.append(read_volume(self.scene, path, name, like=job.like, window=self._window(job, res)))
-                os.remove(path)
-        finally:
-            job.finished = True
-            self._discard(job)
+        """Step the job to its end (a blocking convenience; the panel polls) and return the new
+        nodes. Raises ``JobFailed`` (the service's message in the panel's words), ``JobCancelled`` or
+        the ``ServiceError`` that ended it."""
+        while not job.done:
+            self.poll(job)
+            if job.phase == "service" and job.transfer is None:
+                self._idle(0.05)
+        if job.error is not None:
+            raise job.error
         return job.nodes
 
     @staticmethod
@@ -375,31 +544,48 @@ class ServiceLogic:
             return MODEL_UNITS_WINDOW
         return job.window
 
-    def _discard(self, job: Job) -> None:
-        """Remove the preview node, the job's files here and its files on the service."""
+    def _removeNodes(self, job: Job) -> None:
+        for node in job.nodes:
+            remove_node(self.scene, node)
+        job.nodes = []
+
+    def _end(self, job: Job, error: ServiceError | None = None) -> None:
+        """The job is over: remove the preview node and the local files, delete it on the service."""
+        job.error = error
+        for t in (job.transfer, job.previewTransfer):
+            if t is not None:
+                t.cancel()
+        job.transfer = job.previewTransfer = None
         if job.previewNode is not None:
             remove_node(self.scene, job.previewNode)
             job.previewNode = None
         shutil.rmtree(job.workDir, ignore_errors=True)
-        try:
-            self.client(self.POLL_TIMEOUT_S * 20, start=False).delete(job.id)
-        except ServiceError:
-            pass  # the service expires finished jobs by itself
+        job.phase = "finished"
+        if job.id and not isinstance(error, ServiceUnavailable):
+            try:  # the service expires finished jobs by itself too
+                job.transfer, job.phase = self.client(start=False).start_delete(job.id), "cleanup"
+            except ServiceError:
+                pass
 
     def waitJob(self, job: Job, progressCallback: Callable[[dict], None] | None = None, poll: float = 0.25,
                 timeout: float | None = None):
-        """Poll until the job ends, then load its results: the new node (or a list of nodes)."""
+        """Step the job until it ends, then return its new node (or a list of nodes)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.poll(job, timeout=self.REQUEST_TIMEOUT_S)
-            if progressCallback is not None:
-                progressCallback(status)
-            if job.done:
-                break
+        seen = None
+        while not job.done:
+            self.poll(job)
+            if progressCallback is not None and job.status is not seen:
+                seen = job.status
+                progressCallback(job.status)
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel(job)
+                try:
+                    self.finishJob(job)
+                except JobCancelled:
+                    pass
                 raise ServiceError(f"job {job.id} did not finish within {timeout} s (cancelled)")
-            self._idle(poll)
+            if job.phase == "service" and job.transfer is None:
+                self._idle(poll)
         nodes = self.finishJob(job)
         return nodes[0] if len(nodes) == 1 else nodes
 
@@ -456,4 +642,4 @@ def segment_mapping(segmentationNode, text: str) -> dict:
 
 
 __all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError",
-           "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME"]
+           "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S"]

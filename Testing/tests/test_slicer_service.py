@@ -77,9 +77,12 @@ def test_simulate_then_reconstruct_keep_the_inputs_grid_transform_and_study(logi
     sh.CreateItem(study, ct)
 
     job = logic.submitSimulate(ct, views=24)  # the non-blocking path the panel uses
+    states = [job.state]  # the first poll() ran inside submit: a small local upload may be over already
     while not job.done:
-        logic.poll(job, timeout=5)
-        logic._idle(0.1)
+        logic.poll(job)
+        states.append(job.state)
+        logic._idle(0.02)
+    assert states[0] in ("uploading", "queued", "running") and "downloading" in states and states[-1] == "done"
     (fbp,) = logic.finishJob(job)
     assert fbp.GetName() == "MedDiffusionChestCT FBP 24 views"
     for out in (fbp, logic.reconstructSparseView(fbp, steps=2, device="cpu")):
@@ -103,20 +106,59 @@ def test_synthesize_from_the_sample_segmentation_leaves_no_extra_nodes(logic):
     np.testing.assert_allclose(nodes.geometry(out)[0], nodes.geometry(ct)[0], atol=1e-5)
 
 
-def test_bad_requests_and_cancel_leave_the_scene_unchanged(logic):
+def _node_ids(scene):
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def test_bad_requests_and_a_cancelled_upload_leave_the_scene_unchanged(logic):
     scene = logic.scene
-    count = scene.GetNumberOfNodes()
-    with pytest.raises(ServiceError, match="multiple of"):
-        logic.submitGenerate(size=(30, 30, 30), spacing=(1, 1, 1), sampler="ddim", steps=2, device="cpu")
-    job = logic.submitGenerate(sampler="ddpm", device="cpu")  # 1000 steps: cancelled long before
-    logic.cancel(job)
-    while not job.done:
-        logic.poll(job, timeout=5)
-        logic._idle(0.05)
-    assert job.state == "cancelled"
+    before = _node_ids(scene)
+    job = logic.submitGenerate(size=(30, 30, 30), spacing=(1, 1, 1), sampler="ddim", steps=2, device="cpu")
+    with pytest.raises(ServiceError, match="multiple of"):  # refused by the service after the upload
+        logic.finishJob(job)
+    assert job.state == "failed" and job.nodes == []
+    job = logic.submitGenerate(sampler="ddpm", device="cpu")
+    logic.cancel(job)  # still uploading (or just submitted): stops at once
     with pytest.raises(JobCancelled):
         logic.finishJob(job)
-    assert scene.GetNumberOfNodes() == count  # no result node
+    assert job.state == "cancelled" and _node_ids(scene) == before
+
+
+def test_cancel_mid_run_stops_the_job_and_adds_nothing(logic):
+    """Cancel through the logic while the service is sampling (state running, step > 0), as the
+    panel's Cancel button does: the job ends cancelled, no result, preview or other node stays."""
+    scene = logic.scene
+    before = _node_ids(scene)
+    job = logic.submitGenerate(sampler="ddpm", device="cpu", previewEvery=1)  # 1000 steps
+    while not (job.state == "running" and job.status.get("step", 0) > 0):
+        logic.poll(job)
+        assert not job.done, job.error
+        logic._idle(0.02)
+    logic.cancel(job)
+    while not job.done:
+        logic.poll(job)
+        logic._idle(0.02)
+    assert job.state == "cancelled" and job.status["state"] == "cancelled"
+    assert 0 < job.status["step"] < job.status["total"]
+    with pytest.raises(JobCancelled):
+        logic.finishJob(job)
+    assert _node_ids(scene) == before and scene.GetFirstNodeByName(PREVIEW_NAME) is None
+    assert logic.client().jobs() == []
+
+
+def test_a_download_that_fails_midway_leaves_nothing_in_the_scene(logic):
+    """Two results; the second download fails (the service lost it): the first node is removed."""
+    scene = logic.scene
+    before = _node_ids(scene)
+    job = logic.submitGenerate(sampler="ddim", steps=2, device="cpu", numberOfVolumes=2)
+    while job.phase != "downloading":
+        logic.poll(job)
+        assert not job.done, job.error
+        logic._idle(0.02)
+    job.status["results"][1]["name"] = "missing.nrrd"
+    with pytest.raises(ServiceError, match="downloading the results failed.*missing.nrrd"):
+        logic.finishJob(job)
+    assert job.nodes == [] and _node_ids(scene) == before
 
 
 def test_free_gpu_memory_unloads_the_cached_models(logic):

@@ -33,7 +33,7 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
 
 from MedDiffusionGlue import dependencies  # noqa: E402
 from MedDiffusionGlue.nodes import InputError  # noqa: E402
-from MedDiffusionGlue.service import (JobCancelled, JobFailed, ServiceError, ServiceLogic,  # noqa: E402
+from MedDiffusionGlue.service import (POLL_BUDGET_S, JobCancelled, ServiceError, ServiceLogic,  # noqa: E402
                                       ServiceUnavailable, default_python, panel_message, segment_mapping)
 
 PAPER_URL = "https://arxiv.org/abs/2412.13059"
@@ -103,7 +103,8 @@ def registerSampleData() -> None:
 #
 @parameterNodeWrapper
 class MedDiffusionParameterNode:
-    runOn: Annotated[str, Choice(RUN_ON)] = RUN_ON[0]
+    # (Run on, Python, server URL and token are application settings kept in qt.QSettings, not here: a new
+    # scene must not reset them)
     # set from the service's model list (combo boxes filled at run time, not bound)
     modelId: str = ""
     classIndex: int = -1
@@ -178,17 +179,38 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         ServiceLogic.useLocalServer(self, python, env)
 
     # -- dependencies of the local service's Python ------------------------------------------------------
-    def missingDependencies(self, python: str | None = None) -> list[str]:
-        """Requirements (incl. torch) the local service's Python lacks; [] when all are satisfied."""
-        python = python or self.serverPython or default_python()
-        return dependencies.missing(None if _isSlicerPython(python) else python)
+    def _dependencyEnvironment(self, python: str) -> dict | None:
+        """The environment the local server runs ``python`` with (None: Slicer's own, unchanged)."""
+        if _isSlicerPython(python):
+            return None
+        if self.serverEnv is not None and os.path.realpath(python) == os.path.realpath(self.serverPython or ""):
+            return self.serverEnv
+        return externalPythonEnvironment()
 
-    def installTorch(self, python: str | None = None) -> None:
+    def startDependencyCheck(self, python: str | None = None) -> "dependencies.DependencyCheck":
+        """Which requirements (incl. torch) ``python`` lacks, in the environment the local server
+        will run it with; done at once for Slicer's Python, else a child process to ``poll()``."""
+        python = python or self.serverPython or default_python()
+        if _isSlicerPython(python):
+            return dependencies.DependencyCheck(None)
+        return dependencies.DependencyCheck(python, env=self._dependencyEnvironment(python))
+
+    def missingDependencies(self, python: str | None = None) -> list[str]:
+        """Requirements (incl. torch) the local service's Python lacks; [] when all are satisfied (blocking)."""
+        check = self.startDependencyCheck(python)
+        while not check.poll():
+            self._idle(0.05)
+        if check.error is not None:
+            raise RuntimeError(check.error)
+        return check.missing
+
+    def installTorch(self, python: str | None = None, missing: list[str] | None = None) -> None:
         """Install torch into Slicer's Python through the PyTorch extension, only when no installed
-        torch satisfies the requirement (a working CUDA torch is never replaced)."""
+        torch satisfies the requirement (a working CUDA torch is never replaced). This blocks:
+        PyTorchUtils runs light-the-torch in the foreground and then imports torch in Slicer's process."""
         python = python or self.serverPython or default_python()
         torchReq = "torch" + dependencies.TORCH_REQUIREMENT
-        if torchReq not in self.missingDependencies(python):
+        if torchReq not in (self.missingDependencies(python) if missing is None else missing):
             return
         if not _isSlicerPython(python):
             raise InputError(_("{python} has no {req}: install a build of PyTorch for your GPU into that Python "
@@ -205,15 +227,17 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
             raise RuntimeError(_("PyTorch was not installed; use the PyTorch Utils module to install {req}").format(
                 req=torchReq))
 
-    def startPipInstall(self, python: str | None = None) -> "dependencies.PipProcess | None":
-        """pip install of the other missing packages (never torch) as a child process; poll it."""
+    def startPipInstall(self, python: str | None = None, missing: list[str] | None = None
+                        ) -> "dependencies.PipProcess | None":
+        """pip install of the other missing packages (never torch) as a child process; poll it.
+        ``missing``: the requirements found missing (checked again when not given)."""
         python = python or self.serverPython or default_python()
-        missing = [r for r in self.missingDependencies(python) if not r.startswith("torch")]
+        missing = self.missingDependencies(python) if missing is None else missing
+        missing = [r for r in missing if dependencies.split_requirement(r)[0].lower() != "torch"]
         if not missing:
             return None
         log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-pip.log")
-        env = None if _isSlicerPython(python) else externalPythonEnvironment()
-        return dependencies.PipProcess(python, missing, log, env=env)
+        return dependencies.PipProcess(python, missing, log, env=self._dependencyEnvironment(python))
 
 
 def _isSlicerPython(python: str) -> bool:
@@ -247,8 +271,12 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._models: list = []
         self._labelsNets: list = []
         self._sparseNets: list = []
-        self._missing: list = []
+        self._missing: list | None = []  # None: unknown (the check failed)
+        self._depCheck = None  # a DependencyCheck in progress
+        self._afterInstall = False
+        self._unload = None  # a Free-GPU-memory request in progress
         self._startedAt = 0.0
+        self._misses = 0
 
     # -- set-up: connect everything first; nothing here needs torch or the service ---------------------------
     def setup(self) -> None:
@@ -271,6 +299,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return slot
 
         ui = self.ui
+        for item in RUN_ON:
+            ui.runOnComboBox.addItem(_(item))
         ui.runOnComboBox.connect("currentIndexChanged(int)", guarded(self._onRunOnChanged))
         ui.pythonPathLineEdit.connect("currentPathChanged(QString)", guarded(self._onConnectionEdited))
         ui.serverUrlLineEdit.connect("editingFinished()", guarded(self._onConnectionEdited))
@@ -321,6 +351,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if self._pip is not None:
             self._pip.kill()
+        if self._depCheck is not None:
+            self._depCheck.kill()
         if self._job is not None and not self._job.done:
             try:
                 self.logic.cancel(self._job)
@@ -359,13 +391,23 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- connection --------------------------------------------------------------------------------------------
     def _loadSettings(self) -> None:
+        """Run on, Python, server URL and token: application settings (a new scene keeps them)."""
         s = qt.QSettings()
+        runOn = s.value(SETTINGS + "runOn", RUN_ON[0])
+        for widget in (self.ui.runOnComboBox, self.ui.pythonPathLineEdit):
+            widget.blockSignals(True)  # setup() applies them once, after loading all
+        try:
+            self.ui.runOnComboBox.currentIndex = RUN_ON.index(runOn) if runOn in RUN_ON else 0
+            self.ui.pythonPathLineEdit.currentPath = s.value(SETTINGS + "python", "")
+        finally:
+            for widget in (self.ui.runOnComboBox, self.ui.pythonPathLineEdit):
+                widget.blockSignals(False)
         self.ui.serverUrlLineEdit.text = s.value(SETTINGS + "serverUrl", "")
         self.ui.serverTokenLineEdit.text = s.value(SETTINGS + "serverToken", "")
-        self.ui.pythonPathLineEdit.currentPath = s.value(SETTINGS + "python", "")
 
     def _saveSettings(self) -> None:
         s = qt.QSettings()
+        s.setValue(SETTINGS + "runOn", RUN_ON[0] if self._isLocal() else RUN_ON[1])
         s.setValue(SETTINGS + "serverUrl", self.ui.serverUrlLineEdit.text.strip())
         s.setValue(SETTINGS + "serverToken", self.ui.serverTokenLineEdit.text.strip())
         s.setValue(SETTINGS + "python", self.ui.pythonPathLineEdit.currentPath.strip())
@@ -403,49 +445,73 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onConnect(self) -> None:
         self._withService(lambda: self._status(_("connected")))
 
-    def _withService(self, action) -> None:
-        """Run ``action`` once the service answers; starts the local one without blocking."""
+    def _withService(self, action, afterInstall: bool = False) -> None:
+        """Run ``action`` once the packages are checked and the service answers. Nothing here waits:
+        the local server is started with start(wait=False) and probed from the timer."""
+        self._afterInstall = afterInstall
         if self._job is not None or self._pip is not None:
             raise InputError(_("wait for the running job (or Cancel it) first"))
         self._applyConnection()
         if not self._isLocal() and not self.ui.serverUrlLineEdit.text.strip():
             raise InputError(_("enter the server address (http://HOST:PORT) and token under Run on"))
-        if self._isLocal() and self._missing:
-            self._onInstall(then=action)
-            return
-        server = self.logic.server
-        if self.logic.cachedHealth() is not None and (not self.logic.isLocal or (server is not None and server.running)):
-            action()  # connected before: a dead remote service shows up as the job's error
-            return
-        if self._isLocal():
-            self.logic.startServer(wait=False)
-            self._status(_("starting the MedDiffusion service on this computer ..."))
-        else:
-            self._status(_("connecting to {url} ...").format(url=self.ui.serverUrlLineEdit.text.strip()))
         self._pending = action
         self._startedAt = time.monotonic()
         self._setBusy(True)
+        self._advancePending()
+
+    def _advancePending(self) -> None:
+        """The next step towards the pending action: package check -> install -> connection -> action."""
+        if self._pending is None:
+            return
+        if self._isLocal():
+            if self._depCheck is not None:  # the timer calls back here when the check is done
+                self._status(_("checking the Python packages of {python} ...").format(python=self._python()))
+                self._timer.start()
+                return
+            if self._missing is None:
+                self._pending = None
+                self._setBusy(False)
+                raise InputError(_("the packages of {python} could not be checked: {error}").format(
+                    python=self._python(), error=self.ui.dependenciesLabel.text))
+            if self._missing:
+                action, self._pending = self._pending, None
+                self._setBusy(False)
+                if self._afterInstall:  # asked once: do not loop on a package pip could not provide
+                    raise InputError(_("still missing after the installation: {packages}").format(
+                        packages=", ".join(self._missing)))
+                self._onInstall(then=action)
+                return
+        server = self.logic.server
+        if self.logic.cachedHealth() is not None and (not self.logic.isLocal or (server is not None and server.running)):
+            action, self._pending = self._pending, None
+            self._setBusy(False)
+            action()  # connected before: a dead remote service shows up as the job's error
+            return
+        if self._isLocal():
+            self._status(_("starting the MedDiffusion service on this computer ..."))
+        else:
+            self._status(_("connecting to {url} ...").format(url=self.ui.serverUrlLineEdit.text.strip()))
+        self.ui.progressBar.setRange(0, 0)
         self._timer.start()
 
-    def _serviceReadyTick(self) -> None:
-        if self.logic.serverReady(timeout=0.25):
-            self._setBusy(False)
-            self._timer.stop()
-            self._setServiceInfo(self.logic.health(refresh=True, timeout=5))
-            action, self._pending = self._pending, None
-            with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
-                self._guardedCall(action)
-            return
-        server = self.logic.server
-        waited = time.monotonic() - self._startedAt
-        if (self.logic.isLocal and server is not None and not server.running) or waited > 180:
-            self._setBusy(False)
-            self._timer.stop()
+    def _connectTick(self) -> None:
+        try:
+            health = self.logic.connectStep()
+        except ServiceError as exc:
             self._pending = None
-            detail = self.logic.serverLog() if self.logic.isLocal else ""
-            self._status(_("the MedDiffusion service did not start"))
-            slicer.util.errorDisplay(_("The MedDiffusion service could not be reached."), detailedText=detail,
-                                     windowTitle=_("MedDiffusion"))
+            self._setBusy(False)
+            self._status(_("the MedDiffusion service could not be reached"))
+            slicer.util.errorDisplay(_("The MedDiffusion service could not be reached: {error}").format(
+                error=panel_message(exc.message).split("\n", 1)[0]), detailedText=exc.message,
+                windowTitle=_("MedDiffusion"))
+            return
+        if health is None:
+            return
+        self._setServiceInfo(health)
+        action, self._pending = self._pending, None
+        self._setBusy(False)
+        with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
+            self._guardedCall(action)
 
     def _setServiceInfo(self, health) -> None:
         if health is None:
@@ -463,34 +529,71 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillModels(health)
 
     def _onFreeMemory(self) -> None:
-        out = self.logic.unload()
-        self._status(_("freed: {models}").format(models=", ".join(out.get("unloaded", [])) or _("nothing was loaded")))
+        if self._unload is None:
+            self._unload = self.logic.startUnload()
+            self._status(_("freeing GPU memory ..."))
+            self._timer.start()
+
+    def _unloadTick(self) -> None:
+        if not self._unload.step(POLL_BUDGET_S):
+            return
+        transfer, self._unload = self._unload, None
+        if transfer.error is not None:
+            self._status(_("freeing GPU memory failed: {error}").format(error=panel_message(transfer.error.message)))
+            return
+        self._status(_("freed: {models}").format(
+            models=", ".join(transfer.result.get("unloaded", [])) or _("nothing was loaded")))
 
     def _onAboutToQuit(self) -> None:
         self.logic.stopServer()
 
-    # -- dependencies of the local service's Python -------------------------------------------------------------
+    # -- dependencies of the local service's Python (checked by a child process polled from the timer) ---------
     def _refreshDependencies(self) -> None:
         if not self._isLocal():
             return
-        self._missing = self.logic.missingDependencies(self._python())
-        if self._missing:
-            self._setDependencies(self._missing, _("dependencies missing: {packages}").format(
-                packages=", ".join(self._missing)))
+        if self._depCheck is not None:
+            self._depCheck.kill()
+        self._depCheck = self.logic.startDependencyCheck(self._python())
+        self._missing = []
+        if self._depCheck.poll():
+            self._dependenciesChecked()
         else:
+            self._setDependencies([], _("checking ..."))
+            self.ui.installButton.enabled = False
+            self._timer.start()
+
+    def _dependenciesChecked(self) -> None:
+        check, self._depCheck = self._depCheck, None
+        if check.error is not None:
+            self._missing = None
+            self._setDependencies(None, _("could not check the Python packages: {error}").format(error=check.error))
+        elif check.missing:
+            self._missing = check.missing
+            self._setDependencies(check.missing, _("dependencies missing: {packages}").format(
+                packages=", ".join(check.missing)))
+        else:
+            self._missing = []
             self._setDependencies([], _("all installed"))
+        if self._pending is not None:
+            self._advancePending()
 
     def _setDependencies(self, missing, text: str) -> None:
         self.ui.dependenciesLabel.text = text
         self.ui.installButton.enabled = bool(missing) or missing is None
         self.ui.installButton.toolTip = (_("Install into {python}: {packages}").format(
-            python=self._python(), packages=", ".join(missing)) if missing else _("Nothing to install"))
+            python=self._python(), packages=", ".join(missing)) if missing else
+            _("Check the packages again") if missing is None else _("Nothing to install"))
 
     def _onInstall(self, then=None) -> None:
         python = self._python()
-        missing = self.logic.missingDependencies(python)
-        if not missing:
+        if self._depCheck is not None:
+            raise InputError(_("the packages of {python} are still being checked; try again in a moment").format(
+                python=python))
+        missing = self._missing
+        if missing is None:  # the last check failed: check again (the timer reports the result)
             self._refreshDependencies()
+            return
+        if not missing:
             if then:
                 then()
             return
@@ -499,12 +602,22 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   "now? (PyTorch is a large download and comes from the PyTorch extension.)").format(
                     python=python, packages="\n".join(missing)), windowTitle=_("MedDiffusion")):
             return
-        if any(r.startswith("torch") for r in missing):
-            self._status(_("installing PyTorch (see the Python console for progress) ..."))
+        if any(dependencies.split_requirement(r)[0].lower() == "torch" for r in missing):
+            # PyTorchUtils installs in the foreground (no progress in the panel) and then imports torch in
+            # Slicer's process: say so before the panel freezes.
+            message = _("Installing PyTorch... see the Python console (this can take several minutes; Slicer does "
+                        "not respond meanwhile)")
+            self._status(message)
+            self.ui.progressBar.setRange(0, 0)
+            slicer.util.showStatusMessage(message)
             slicer.app.processEvents()
-            with slicer.util.WaitCursor():
-                self.logic.installTorch(python)
-        self._pip = self.logic.startPipInstall(python)
+            try:
+                with slicer.util.WaitCursor():
+                    self.logic.installTorch(python, missing)
+            finally:
+                self.ui.progressBar.setRange(0, 1)
+                slicer.util.showStatusMessage("")
+        self._pip = self.logic.startPipInstall(python, missing)
         self._pending = then
         if self._pip is None:
             self._installFinished(0)
@@ -525,21 +638,21 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import importlib
 
         pip, self._pip = self._pip, None
-        self._timer.stop()
         self._setBusy(False)
         self.ui.progressBar.setRange(0, 1)
         importlib.invalidate_caches()
-        self._refreshDependencies()
-        action, self._pending = self._pending, None
-        if rc != 0 or self._missing:
+        if rc != 0:
+            self._pending = None
             self._status(_("installation failed"))
-            slicer.util.errorDisplay(_("Installing the packages failed; still missing: {packages}").format(
-                packages=", ".join(self._missing) or "-"), detailedText=pip.tail() if pip else "",
-                windowTitle=_("MedDiffusion"))
+            slicer.util.errorDisplay(_("Installing the packages failed (pip exit code {rc}).").format(rc=rc),
+                                     detailedText=pip.tail() if pip else "", windowTitle=_("MedDiffusion"))
+            self._refreshDependencies()
             return
-        self._status(_("packages installed"))
+        self._status(_("packages installed; checking again ..."))
+        action, self._pending = self._pending, None
+        self._refreshDependencies()  # the check runs from the timer; then the action (if any) goes on
         if action is not None:
-            self._withService(action)
+            self._withService(action, afterInstall=True)
 
     # -- models and ControlNets (from the service) -----------------------------------------------------------------
     def _fillModels(self, health) -> None:
@@ -712,7 +825,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel(self._job)
             self._status(_("cancelling after the current step ..."))
 
-    # -- job handling (main thread; every request has a short timeout) ----------------------------------------------
+    # -- job handling (main thread; each timer tick moves things on for at most ~POLL_BUDGET_S) ------------------
     def _setBusy(self, busy: bool) -> None:
         if not busy:
             self.ui.progressBar.setRange(0, 1)
@@ -727,54 +840,71 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._misses = 0
         self._setBusy(True)
         self.ui.progressBar.setRange(0, 0)
-        self._status(_("{task}: queued").format(task=job.task))
+        self._status(_("{task}: uploading the input").format(task=job.task))
         self._timer.start()
+        if job.done:
+            self._poll()
 
     def _onTimer(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
-            if self._pip is not None:
-                self._pipTick()
-            elif self._job is not None:
-                self._poll()
-            elif self._pending is not None:
-                self._serviceReadyTick()
-            else:
-                self._timer.stop()
+            try:
+                if self._pip is not None:
+                    self._pipTick()
+                elif self._depCheck is not None:
+                    if self._depCheck.poll():
+                        self._dependenciesChecked()
+                elif self._job is not None:
+                    self._poll()
+                elif self._pending is not None:
+                    self._connectTick()
+                if self._unload is not None:
+                    self._unloadTick()
+            finally:
+                if not (self._pip or self._depCheck or self._job or self._pending or self._unload):
+                    self._timer.stop()
 
     def _poll(self) -> None:
         job = self._job
         try:
             st = self.logic.poll(job)
-        except ServiceUnavailable:
-            self._misses += 1  # a busy service may miss a short poll: keep polling while it lives
+        except ServiceUnavailable as exc:
+            self._misses += 1  # refused or cut: keep trying while a local server lives
             server = self.logic.server
-            dead = (server is None or not server.running) if self.logic.isLocal else self._misses > 240
+            dead = (server is None or not server.running) if self.logic.isLocal else self._misses > 20
             if dead:
                 self._endJob()
-                detail = self.logic.serverLog() if self.logic.isLocal else ""
+                detail = self.logic.serverLog() if self.logic.isLocal else exc.message
                 self._status(_("the MedDiffusion service stopped answering"))
                 slicer.util.errorDisplay(_("The MedDiffusion service stopped answering during the job."),
                                          detailedText=detail, windowTitle=_("MedDiffusion"))
             return
         self._misses = 0
-        self._showProgress(st)
-        if st.get("preview_step") is not None and not job.done:
-            had = job.previewNode
-            node = self.logic.updatePreview(job)
-            if node is not None and had is None:
+        if job.state == "uploading":
+            t = job.transfer
+            self._status(_("{task}: uploading the input ({done:.0f} of {total:.0f} MiB)").format(
+                task=job.task, done=(t.sent if t else 0) / 2 ** 20, total=((t.total or 0) if t else 0) / 2 ** 20))
+        elif job.state == "downloading":
+            self.ui.progressBar.setRange(0, 0)
+            self._status(_("{task}: downloading the results").format(task=job.task))
+        elif not job.done:
+            self._showProgress(st)
+            node = job.previewNode
+            if node is not None and node is not getattr(self, "_shownPreview", None):
+                self._shownPreview = node
                 slicer.util.setSliceViewerLayers(background=node, fit=True)
         if not job.done:
             return
         self._endJob()
+        self._shownPreview = None
         try:
-            nodes = self.logic.finishJob(job)
+            nodes = self.logic.finishJob(job)  # done: returns the nodes or raises the job's error at once
         except JobCancelled:
             self._status(_("cancelled; the scene was left unchanged"))
             return
-        except JobFailed as exc:
-            self._status(_("failed: {error}").format(error=exc.message))
-            slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(task=job.task, error=exc.message),
-                                     windowTitle=_("MedDiffusion"))
+        except ServiceError as exc:
+            self._status(_("failed: {error}").format(error=panel_message(exc.message)))
+            slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(
+                task=job.task, error=panel_message(exc.message)), windowTitle=_("MedDiffusion"))
             return
         if nodes:
             slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
@@ -784,7 +914,6 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             task=job.task, seconds=time.monotonic() - self._startedAt, names=", ".join(n.GetName() for n in nodes)))
 
     def _endJob(self) -> None:
-        self._timer.stop()
         self._job = None
         self._setBusy(False)
 

@@ -342,7 +342,7 @@ def test_every_panel_action_maps_to_a_logic_method_in_the_readme():
     called = {n.func.attr for h in widget.body if isinstance(h, ast.FunctionDef) and h.name.startswith("_on")
               for n in ast.walk(h) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
               and getattr(n.func.value, "attr", "") == "logic"}
-    assert {"submitGenerate", "submitSynthesize", "submitSimulate", "submitReconstruct", "cancel", "unload"} <= called
+    assert {"submitGenerate", "submitSynthesize", "submitSimulate", "submitReconstruct", "cancel", "startUnload"} <= called
     for method in ("generate", "synthesizeFromSegmentation", "simulateSparseView", "reconstructSparseView",
                    "submitGenerate", "poll", "finishJob", "cancel", "unload", "useRemoteServer"):
         assert f"logic.{method}(" in section, f"README has no console example of logic.{method}"
@@ -396,3 +396,64 @@ def test_a_broken_torch_cannot_break_the_dependency_check(tmp_path):
     assert "torch>=2.6" not in dependencies.missing(str(python), [])
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.5.0\n")
     assert "torch>=2.6" in dependencies.missing(str(python), [])
+
+
+# -- nothing the panel calls waits on the network or a child process ------------------------------------------
+# (the stepwise forms are tested against a real service in test_slicer_transfers.py / test_slicer_service.py)
+BLOCKING_LOGIC = {"connect", "health", "client", "missingDependencies", "unload", "waitJob", "generate",
+                  "synthesizeFromSegmentation", "simulateSparseView", "reconstructSparseView", "startServer"}
+
+
+def _calls(node):
+    return [n for n in ast.walk(node) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+
+
+def test_the_panel_and_the_job_steps_use_only_stepwise_requests():
+    widget = _class(_module_ast(), "MedDiffusionWidget")
+    on_logic = {c.func.attr for c in _calls(widget) if getattr(c.func.value, "attr", "") == "logic"}
+    assert {"poll", "connectStep", "startDependencyCheck", "startUnload", "cancel"} <= on_logic
+    assert not on_logic & BLOCKING_LOGIC, on_logic & BLOCKING_LOGIC
+    for path in MODULE.rglob("*.py"):  # the blocking waits of LocalServer and the package probe are never used
+        names = {c.func.attr for c in _calls(ast.parse(path.read_text()))}
+        assert not names & {"ensure", "wait_ready", "ready", "installed_versions", "run"}, path
+    service = ast.parse((MODULE / "MedDiffusionGlue" / "service.py").read_text())
+    logic = _class(service, "ServiceLogic")
+    on_client = {(m.name, c.func.attr) for m in logic.body if isinstance(m, ast.FunctionDef) for c in _calls(m)
+                 if isinstance(c.func.value, ast.Call) and getattr(c.func.value.func, "attr", "") == "client"}
+    assert ("poll", "start_status") not in on_client  # poll goes through the _step* helpers
+    assert {name for _m, name in on_client if not name.startswith("start_")} == {"unload"}  # console-only
+    assert {("_stepService", "start_status"), ("_stepDownloads", "start_download"), ("_submit", "start_submit"),
+            ("connectStep", "start_health"), ("cancel", "start_cancel")} <= on_client
+
+
+def test_run_on_python_url_and_token_are_application_settings_not_scene_parameters():
+    tree = _module_ast()
+    fields = {n.target.id for n in _class(tree, "MedDiffusionParameterNode").body if isinstance(n, ast.AnnAssign)}
+    assert not fields & {"runOn", "python", "serverUrl", "serverToken"}
+    bound = {row[1] for row in _ui_bound()}
+    assert not bound & {"runOnComboBox", "pythonPathLineEdit", "serverUrlLineEdit", "serverTokenLineEdit"}
+    widget = _class(tree, "MedDiffusionWidget")
+    for method, call in (("_loadSettings", "value"), ("_saveSettings", "setValue")):
+        body = next(m for m in widget.body if isinstance(m, ast.FunctionDef) and m.name == method)
+        keys = {c.args[0].right.value for c in _calls(body) if c.func.attr == call and isinstance(c.args[0], ast.BinOp)}
+        assert keys == {"runOn", "python", "serverUrl", "serverToken"}, (method, keys)
+    readme = (ROOT / "README.md").read_text().split("## 3D Slicer extension", 1)[1].split("\n## ", 1)[0]
+    assert "token is stored there in plain" in readme.replace("\n", " ").replace("**", "")
+
+
+def test_a_picked_pythons_packages_are_checked_in_the_servers_environment(tmp_path, monkeypatch):
+    """The check runs the picked Python as the local server will: with the environment given
+    (``None`` removes a variable Slicer's launcher set), in a child process polled without waiting."""
+    from MedDiffusionGlue import dependencies
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nif [ -n "$LAUNCHER_ONLY" ]; then echo "launcher variable seen" >&2; exit 3; fi\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("LAUNCHER_ONLY", "1")
+    check = dependencies.DependencyCheck(str(python), ["numpy>=1.24", "surely-not-installed-pkg>=1"],
+                                         env={"LAUNCHER_ONLY": None})
+    assert check.process is not None  # a child process, polled
+    check.wait()
+    assert check.error is None and "surely-not-installed-pkg>=1" in check.missing and check.versions["numpy"]
+    polluted = dependencies.DependencyCheck(str(python), ["numpy>=1.24"]).wait()
+    assert polluted.missing is None and "launcher variable seen" in polluted.error

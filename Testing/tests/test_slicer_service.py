@@ -82,7 +82,7 @@ def test_simulate_then_reconstruct_keep_the_inputs_grid_transform_and_study(logi
         logic.poll(job)
         states.append(job.state)
         logic._idle(0.02)
-    assert states[0] in ("uploading", "queued", "running") and "downloading" in states and states[-1] == "done"
+    assert states[0] in ("uploading", "queued", "running") and states[-1] == "done"
     (fbp,) = logic.finishJob(job)
     assert fbp.GetName() == "MedDiffusionChestCT FBP 24 views"
     for out in (fbp, logic.reconstructSparseView(fbp, steps=2, device="cpu")):
@@ -152,9 +152,10 @@ def test_a_download_that_fails_midway_leaves_nothing_in_the_scene(logic):
     before = _node_ids(scene)
     job = logic.submitGenerate(sampler="ddim", steps=2, device="cpu", numberOfVolumes=2)
     while job.phase != "downloading":
-        logic.poll(job)
+        logic.poll(job, budget=0.001)  # a tiny budget: the poll that sees "done" has no time left to download
         assert not job.done, job.error
         logic._idle(0.02)
+    assert job.downloaded == 0
     job.status["results"][1]["name"] = "missing.nrrd"
     with pytest.raises(ServiceError, match="downloading the results failed.*missing.nrrd"):
         logic.finishJob(job)
@@ -165,3 +166,20 @@ def test_free_gpu_memory_unloads_the_cached_models(logic):
     assert logic.health(refresh=True)["loaded"]
     out = logic.unload()
     assert out["unloaded"] and not logic.health(refresh=True)["loaded"]
+
+
+def test_a_dead_local_server_is_restarted_without_waiting(logic):
+    """connectStep (the panel's timer) restarts a local server that died with start(wait=False)
+    and probes it stepwise: it returns None while the new server starts, then its health."""
+    old = logic.server.pid
+    logic.server.process.kill()
+    logic.server.process.wait(10)
+    with pytest.raises(ServiceError):
+        logic.client(start=False)  # the panel's requests never restart it implicitly
+    answers = []
+    while not answers or answers[-1] is None:
+        answers.append(logic.connectStep())
+        logic._idle(0.02)
+    assert answers[0] is None and len(answers) > 1  # returned at once while the server started
+    assert logic.server.running and logic.server.pid != old
+    assert answers[-1]["models"] and logic.cachedHealth() is answers[-1]

@@ -451,3 +451,23 @@ def test_cli_user_errors_one_line_internal_errors_traceback(tmp_path, capsys, mo
     with pytest.raises(RuntimeError, match="an internal fault"):  # not turned into a one-line user error
         main(["generate", "--sampler", "ddim", "--steps", "2", "--out", out, "--quiet"])
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_gpu_out_of_memory_ends_the_job_with_advice(tmp_path, monkeypatch):
+    import torch
+
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    from MedDiffusionLib.server import Job, JobService, Limits
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GenerationPipeline, "generate", oom)
+    service = JobService(tmp_path, Limits())
+    spec = resolve({"task": "generate", "params": QUICK})
+    job = Job("j1", spec, "cpu", tmp_path / "j1")
+    job.folder.mkdir()
+    service._run(job, ModelCache())
+    assert job.state == "failed" and "ran out of memory" in job.error and "smaller size" in job.error
+    assert "Tried to allocate" not in job.error and not (job.folder / "results").exists()
+    service.close()

@@ -82,8 +82,18 @@ def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSp
                    getattr(args, "controlnet", None), params, inputs, fmt)
 
 
-def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], desc: str) -> list[dict]:
-    """Run a job here or on ``--server`` with a progress bar; write ``outputs``; return result metadata."""
+def _prepare(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSpec":
+    """The job spec; resolved here for a local run, by the server (its models, its ControlNets) with
+    ``--server``."""
+    from .jobs import resolve
+
+    spec = _spec(args, task, params, out)
+    return spec if getattr(args, "server", None) else resolve(spec)
+
+
+def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], desc: str) -> tuple[list[dict], dict]:
+    """Run a job here or on ``--server`` with a progress bar and write ``outputs`` (all or none).
+    Returns the results' metadata and the resolved parameters."""
     from tqdm.auto import tqdm
 
     quiet = getattr(args, "quiet", False)
@@ -104,18 +114,33 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
     try:
         if getattr(args, "server", None):
             return _execute_remote(args, spec, outputs, show)
-        from .jobs import run_job, write_results
+        from .jobs import run_job
+        from .data.volumes import write_volume
 
         res = run_job(spec, progress=lambda ev: show(ev.step, ev.total, [ev.notice] if ev.notice else []),
                       resolved=True)
         bar.close()
-        write_results(res, outputs, getattr(args, "overwrite", False))
-        return [r.meta for r in res.results]
+        _write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, getattr(args, "overwrite", False))
+                             for r, o in zip(res.results, outputs)])
+        return [r.meta for r in res.results], spec.params
     finally:
         bar.close()
 
 
-def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> list[dict]:
+def _write_all(outputs: list[Path], writers: list) -> None:
+    """Run every writer; if one fails, remove the files the earlier ones wrote (all or none)."""
+    done: list[Path] = []
+    try:
+        for out, write in zip(outputs, writers):
+            write()
+            done.append(Path(out))
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> tuple[list[dict], dict]:
     from .client import Client
 
     client = Client(args.server, args.token)
@@ -123,9 +148,12 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
     job_id = st["id"]
     try:
         st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
-        for res, out in zip(st["results"], outputs):
-            client.download(job_id, res["name"], out)
-        return [r["meta"] for r in st["results"]]
+        for path in outputs:
+            if path.exists() and not getattr(args, "overwrite", False):
+                raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+        _write_all(outputs, [lambda r=r, o=o: client.download(job_id, r["name"], o)
+                             for r, o in zip(st["results"], outputs)])
+        return [r["meta"] for r in st["results"]], st["spec"]["params"]
     except KeyboardInterrupt:
         client.cancel(job_id)
         raise
@@ -138,17 +166,15 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .data.volumes import check_writable
-    from .jobs import resolve
 
     params = _params(args, "class", "size", "spacing", "seed", "sampler", "steps", "num_volumes", "hu", "hu_window",
                      "device", "precision", "tiling", "max_memory_gb", "compile", "force")
-    spec = resolve(_spec(args, "generate", params, args.out), service=False)
-    outs = _outputs(args.out, spec.params["num_volumes"])
+    spec = _prepare(args, "generate", params, args.out)
+    outs = _outputs(args.out, max(1, spec.params.get("num_volumes", 1)))
     for o in outs:
         check_writable(o, args.overwrite)
-    p = spec.params
     t0 = time.time()
-    metas = _execute(args, spec, outs, f"sampling ({p['sampler']})")
+    metas, p = _execute(args, spec, outs, f"sampling ({spec.params.get('sampler') or 'default sampler'})")
     units = "HU" if p["hu_window"] else "model units [-1, 1]"
     for meta, out in zip(metas, outs):
         print(f"wrote {out}  ({'x'.join(map(str, p['size']))} voxels, spacing {tuple(round(s, 3) for s in p['spacing'])} "
@@ -159,11 +185,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _run_controlled(args: argparse.Namespace, kind: str) -> int:
     from .data.volumes import check_writable
-    from .jobs import resolve
 
     check_writable(args.out, args.overwrite)
-    spec = resolve(_spec(args, kind, _params(args, "seed", "sampler", "steps", "device"), args.out))
-    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params['sampler']})")
+    spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device"), args.out)
+    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params.get('sampler') or 'ddim'})")
     print(f"wrote {args.out} (on the input's grid)")
     return 0
 
@@ -178,12 +203,11 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from .data.volumes import check_writable
-    from .jobs import resolve
 
     check_writable(args.out, args.overwrite)
-    spec = resolve(_spec(args, "simulate-sparse-view", _params(args, "views", "bins", "device"), args.out))
-    _execute(args, spec, [Path(args.out)], "simulating")
-    print(f"wrote {args.out}: FBP of {spec.params['views']} fan-beam views (HU)")
+    spec = _prepare(args, "simulate-sparse-view", _params(args, "views", "bins", "device"), args.out)
+    _, p = _execute(args, spec, [Path(args.out)], "simulating")
+    print(f"wrote {args.out}: FBP of {p['views']} fan-beam views (HU)")
     return 0
 
 

@@ -173,6 +173,10 @@ def resolve(spec: JobSpec | dict, service: bool = False) -> JobSpec:
         raise UserError(f"task {spec.task!r} needs an input volume ({needed}) named 'input'")
     if not needed and spec.inputs:
         raise UserError(f"task {spec.task!r} takes no input volumes")
+    extra = sorted(set(spec.inputs) - {"input"})
+    if extra:
+        raise UserError(f"unknown input name(s) {', '.join(map(repr, extra))}; task {spec.task!r} takes one input "
+                        "named 'input'")
     out = JobSpec(spec.task, spec.model, spec.weights, spec.controlnet, p, dict(spec.inputs), spec.output_format)
 
     if spec.task == "simulate-sparse-view":

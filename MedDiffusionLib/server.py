@@ -7,7 +7,7 @@ loaded between jobs until ``POST /v1/unload``. Every request needs ``Authorizati
 uploads, models are registry ids or bundled names. Results are written atomically, and a failed or
 cancelled job leaves none. Tracebacks go to the server log only; clients get one clear message.
 
-Endpoints (all under ``/v1``; OpenAPI docs at ``/docs`` once authorised): ``GET /health``,
+Endpoints (all under ``/v1``; the OpenAPI schema at ``/v1/openapi.json``, with the token): ``GET /health``,
 ``POST /jobs`` (multipart: ``spec`` JSON + input files), ``GET /jobs``, ``GET /jobs/{id}``,
 ``POST /jobs/{id}/cancel``, ``GET /jobs/{id}/results/{name}``, ``GET /jobs/{id}/preview``,
 ``DELETE /jobs/{id}``, ``POST /unload``.
@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from . import __version__
 from .errors import Cancelled, MedDiffusionError, UserError
@@ -129,9 +130,11 @@ class JobService:
         q = self.queues[device]
         while not self._stop.is_set():
             job_id = q.get()
-            job = self.jobs.get(job_id)
-            if job is None or job.state != "queued":
-                continue
+            with self.lock:  # claim the job atomically against a concurrent cancel
+                job = self.jobs.get(job_id)
+                if job is None or job.state != "queued":
+                    continue
+                job.state, job.phase, job.message = "running", "loading", "starting"
             with self.busy[device]:
                 self.running[device] = job.id
                 try:
@@ -143,7 +146,6 @@ class JobService:
                         shutil.rmtree(job.folder, ignore_errors=True)
 
     def _run(self, job: Job, cache: ModelCache) -> None:
-        job.state, job.phase, job.message = "running", "loading", "starting"
         results_dir = job.folder / "results"
 
         def progress(ev: ProgressEvent) -> None:
@@ -166,14 +168,18 @@ class JobService:
             results_dir.mkdir(exist_ok=True)
             from .data.volumes import write_volume
 
+            written = [{"name": r.name, "meta": _jsonable(r.meta)} for r in res.results]
             for r in res.results:
                 write_volume(r.volume, results_dir / r.name)
-                job.results.append({"name": r.name, "meta": _jsonable(r.meta)})
+            if job.cancel.is_set():  # cancelled while writing: nothing stays
+                raise Cancelled("cancelled")
+            job.results = written
             job.state, job.phase, job.message, job.finished = "done", "done", f"done in {res.seconds:.1f} s", time.time()
             log.info("job %s done in %.1f s", job.id, res.seconds)
         except BaseException as exc:  # noqa: BLE001 - every failure ends the job, the worker lives on
             shutil.rmtree(results_dir, ignore_errors=True)
-            job.results.clear()
+            (job.folder / "preview.nrrd").unlink(missing_ok=True)
+            job.results, job.preview_step = [], None
             job.finished = time.time()
             if isinstance(exc, Cancelled) or type(exc).__name__ == "Cancelled" or job.cancel.is_set():
                 job.state, job.phase, job.message = "cancelled", "done", "cancelled"
@@ -208,16 +214,18 @@ class JobService:
             shutil.rmtree(j.folder, ignore_errors=True)
 
     def cancel(self, job: Job) -> None:
-        job.cancel.set()
-        if job.state == "queued":
-            job.state, job.phase, job.message, job.finished = "cancelled", "done", "cancelled", time.time()
+        with self.lock:
+            job.cancel.set()
+            if job.state == "queued":
+                job.state, job.phase, job.message, job.finished = "cancelled", "done", "cancelled", time.time()
 
     def delete(self, job: Job) -> None:
         self.cancel(job)
         with self.lock:
             self.jobs.pop(job.id, None)
-        job.deleted = True
-        if job.state != "running":
+            job.deleted = True
+            running = job.state == "running"
+        if not running:  # a running job's folder goes when its worker lets go of it
             shutil.rmtree(job.folder, ignore_errors=True)
 
     def unload(self) -> dict[str, Any]:
@@ -278,6 +286,49 @@ def health_info(service: JobService) -> dict[str, Any]:
             "running": [j for j in service.running.values() if j]}
 
 
+class UploadLimit:
+    """ASGI middleware: a request body larger than ``limit`` bytes is cut off with 413, whether or
+    not the client announced its length (chunked uploads are counted as they arrive)."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        seen = 0
+        started = False
+
+        async def counted_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracked_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracked_send)
+        except _TooLarge:
+            if started:
+                raise
+            body = json.dumps({"detail": f"upload too large (the limit is {self.limit / 2 ** 20:.0f} MiB)"}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
 def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | None = None) -> FastAPI:
     """The ASGI app. ``token`` is required on every request."""
     if not token:
@@ -301,8 +352,11 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
         if own_dir:
             shutil.rmtree(work, ignore_errors=True)
 
+    # FastAPI's own /docs and /openapi.json routes would bypass the token: the schema is served
+    # below as an ordinary (authorised) endpoint instead.
     app = FastAPI(title="MedDiffusion job service", version=__version__, dependencies=[Depends(authorised)],
-                  docs_url="/docs", redoc_url=None, lifespan=lifespan)
+                  docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(UploadLimit, limit=limits.max_upload_bytes)
     app.state.service = service
 
     @app.exception_handler(Exception)
@@ -320,9 +374,15 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
     def health() -> dict:
         return health_info(service)
 
+    @app.get("/v1/openapi.json", include_in_schema=False)
+    def openapi() -> dict:
+        return app.openapi()
+
     @app.post("/v1/jobs", status_code=202)
     async def submit(request: Request) -> dict:
         length = request.headers.get("content-length")
+        if length is not None and not length.strip().isdigit():
+            raise HTTPException(400, "bad Content-Length header")
         if length is not None and int(length) > limits.max_upload_bytes:
             raise HTTPException(413, f"upload too large ({int(length) / 2 ** 20:.0f} MiB; the limit is "
                                      f"{limits.max_upload_bytes / 2 ** 20:.0f} MiB)")
@@ -340,7 +400,7 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
 
         try:
             form = await request.form(max_files=8, max_fields=8)
-        except HTTPException:
+        except (HTTPException, _TooLarge):
             raise
         except Exception as exc:  # noqa: BLE001 - malformed multipart bodies
             raise HTTPException(400, f"could not read the upload: {exc}") from exc
@@ -349,7 +409,7 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
             raise HTTPException(400, "the request needs a 'spec' field with the job spec as JSON")
         try:
             doc = json.loads(raw if isinstance(raw, str) else (await raw.read()).decode())
-            spec = resolve(JobSpec.from_dict(doc), service=True)
+            spec = await run_in_threadpool(resolve, JobSpec.from_dict(doc), True)
         except json.JSONDecodeError as exc:
             raise HTTPException(400, f"the job spec is not valid JSON: {exc}") from exc
         except Exception as exc:  # noqa: BLE001
@@ -372,10 +432,11 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
         warnings = []
         for vol in inputs.values():
             try:
-                warnings += [f"warning: {w}" for w in check_input(spec, vol)]
+                warnings += [f"warning: {w}" for w in await run_in_threadpool(check_input, spec, vol)]
             except UserError as exc:
                 raise HTTPException(400, str(exc)) from exc
-        job = Job(job_id, spec, service.device_for(spec), folder, inputs, warnings=warnings)
+        device = await run_in_threadpool(service.device_for, spec)
+        job = Job(job_id, spec, device, folder, inputs, warnings=warnings)
         service.enqueue(job)
         log.info("job %s queued: %s on %s", job_id, spec.task, job.device)
         return service.status(job)
@@ -400,7 +461,7 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
                     raise HTTPException(413, f"upload too large (the limit is {limits.max_upload_bytes / 2 ** 20:.0f} MiB)")
                 fh.write(block)
         try:
-            vol = read_volume(path)
+            vol = await run_in_threadpool(read_volume, path)  # off the event loop: other requests go on
         except Exception as exc:  # noqa: BLE001 - SimpleITK raises RuntimeError for unreadable files
             raise HTTPException(415, f"input {name!r} ({upload.filename}) could not be read as a volume: "
                                      f"{_first_line(exc)}") from exc
@@ -436,12 +497,17 @@ def create_app(token: str, work_dir: str | Path | None = None, limits: Limits | 
         return FileResponse(job.folder / "results" / name, media_type="application/octet-stream", filename=name)
 
     @app.get("/v1/jobs/{job_id}/preview")
-    def preview(job_id: str) -> FileResponse:
+    def preview(job_id: str) -> Response:
         job = job_or_404(job_id)
-        path = job.folder / "preview.nrrd"
-        if job.preview_step is None or not path.exists():
-            raise HTTPException(404, "no preview yet")
-        return FileResponse(path, media_type="application/octet-stream", filename="preview.nrrd")
+        try:  # read whole: the worker replaces the file (atomically) while a job runs
+            data = (job.folder / "preview.nrrd").read_bytes() if job.preview_step is not None else None
+        except FileNotFoundError:
+            data = None
+        if data is None or job.state in ("failed", "cancelled"):
+            raise HTTPException(404, "no preview yet" if job.state in ("queued", "running") else
+                                f"no preview: the job is {job.state}")
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="preview.nrrd"'})
 
     @app.post("/v1/unload")
     def unload() -> dict:

@@ -197,7 +197,7 @@ def resolve_sampling(sampler: str | None, steps: int | None, defaults: Mapping[s
     sampler's own default (DDPM: always ``num_train_timesteps``; DDIM 100; DPM++ 20). Bad values
     raise :class:`UserError`."""
     if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise UserError(f"the number of sampler steps must be a positive whole number, got {steps!r}")
+        raise UserError(f"the number of sampler steps must be positive, got {steps}")
     defaults = defaults or {}
     default_sampler = defaults.get("sampler") or "ddpm"
     sampler = sampler or default_sampler

@@ -18,8 +18,14 @@ QUICK = {"sampler": "ddim", "steps": 2}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = LocalServer(log_file=tmp_path_factory.mktemp("log") / "serve.log", extra_args=["--max-upload-mb", "4"])
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, work_dir):
+    srv = LocalServer(log_file=tmp_path_factory.mktemp("log") / "serve.log",
+                      extra_args=["--max-upload-mb", "4", "--work-dir", str(work_dir)])
     srv.start(timeout=120)
     yield srv
     srv.stop()
@@ -95,7 +101,28 @@ def test_simulate_then_reconstruct_chain(client, tmp_path):
     assert fbp.shape == read_volume(CT).shape
 
 
+def _raw(server, method, path, token=None, body=None, headers=None, chunked=False):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    hdrs = dict(headers or {})
+    if token:
+        hdrs["Authorization"] = f"Bearer {token}"
+    conn.request(method, path, body=body, headers=hdrs, encode_chunked=chunked)
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, data
+
+
 def test_auth_required_and_nothing_runs(server, tmp_path):
+    import json
+
+    for path in ("/docs", "/openapi.json", "/redoc"):  # FastAPI's own token-less routes are off
+        assert _raw(server, "GET", path)[0] == 404
+    assert _raw(server, "GET", "/v1/openapi.json")[0] == 401
+    status, body = _raw(server, "GET", "/v1/openapi.json", server.token)
+    assert status == 200 and "/v1/jobs" in json.loads(body)["paths"]
     before = len(server.client().jobs())
     for token in ("", "wrong-token"):
         bad = Client(server.url, token)
@@ -144,6 +171,8 @@ BAD = [
     ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "huge.nrrd", 413,
      "upload too large"),
     ({"task": "synthesize", "controlnet": "chest-ct-mini-labels"}, None, 400, "needs an input volume"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x", "/tmp/escape": "y"}},
+     "empty.nrrd", 400, "unknown input name"),
 ]
 
 
@@ -154,11 +183,27 @@ def test_bad_requests_get_clear_4xx_and_server_stays_up(client, tmp_path):
             client.submit(spec, {"input": files / fname} if fname else None)
         assert err.value.status == status and message in err.value.message, (spec, err.value.status, err.value.message)
         assert "Traceback" not in err.value.message
+    # an upload without Content-Length (chunked) is cut off at the limit as well
+    boundary = "b0undary"
+
+    def chunks():
+        yield (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n'
+               '{"task": "simulate-sparse-view", "inputs": {"input": "x"}}\r\n'
+               f'--{boundary}\r\nContent-Disposition: form-data; name="input"; filename="big.nrrd"\r\n\r\n').encode()
+        for _ in range(6):
+            yield b"\0" * 2 ** 20
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    server = LocalServer.__new__(LocalServer)  # only .port is needed by _raw
+    server.port = int(client.url.rsplit(":", 1)[1])
+    status, body = _raw(server, "POST", "/v1/jobs", client.token, chunks(),
+                        {"Content-Type": f"multipart/form-data; boundary={boundary}"}, chunked=True)
+    assert status == 413 and b"upload too large" in body
     st, _, paths = run_remote(client, {"task": "generate", "params": QUICK}, dest=tmp_path)
     assert st["state"] == "done" and paths[0].exists()
 
 
-def test_cancel_mid_run_leaves_no_result(client):
+def test_cancel_mid_run_leaves_no_result(client, work_dir):
     st = client.submit({"task": "generate", "params": {"sampler": "ddpm"}})
     deadline = time.monotonic() + 60
     while client.status(st["id"])["step"] < 2 and time.monotonic() < deadline:
@@ -168,6 +213,8 @@ def test_cancel_mid_run_leaves_no_result(client):
         client.wait(st["id"], timeout=60)
     final = client.status(st["id"])
     assert final["state"] == "cancelled" and final["results"] == [] and final["step"] < 1000
+    folder = work_dir / st["id"]
+    assert folder.is_dir() and not (folder / "results").exists() and not (folder / "preview.nrrd").exists()
     with pytest.raises(ServiceError) as err:
         client.download(st["id"], "result_0.nrrd", "/tmp/never-written.nrrd")
     assert err.value.status == 409
@@ -177,19 +224,22 @@ def test_two_clients_are_queued_and_both_complete(server, tmp_path):
     loads_before = server.client().health()["model_loads"]
     results, states = {}, {}
 
-    def one(i):
+    def one(i, steps):
         c = server.client()
-        st = c.submit({"task": "generate", "params": {**QUICK, "seed": i}})
+        st = c.submit({"task": "generate", "params": {"sampler": "ddim", "steps": steps, "seed": i}})
         states[i] = st
-        results[i] = c.wait(st["id"], timeout=120)
+        results[i] = c.wait(st["id"], timeout=300)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
+    first = threading.Thread(target=one, args=(0, 40))
+    first.start()
+    while not (states.get(0) and server.client().status(states[0]["id"])["state"] == "running"):
+        time.sleep(0.02)
+    second = threading.Thread(target=one, args=(1, 2))  # submitted while the first one runs
+    second.start()
+    for t in (first, second):
+        t.join(300)
     assert all(r["state"] == "done" for r in results.values()) and len(results) == 2
-    assert any(s["state"] == "queued" and s["position"] >= 1 for s in states.values()), states
+    assert states[1]["state"] == "queued" and states[1]["position"] == 1, states[1]
     # the model was already loaded by the earlier jobs of this module: no new weight loads
     assert server.client().health()["model_loads"] == loads_before
 
@@ -316,6 +366,11 @@ def test_mri_reconstruction_from_cli_and_server(mri_controlnets, tmp_path, capsy
                                       "inputs": {"input": path.name}}, {"input": path}, tmp_path)
         assert st["results"][0]["meta"]["controlnet_task"] == "mri"
         np.testing.assert_allclose(read_volume(paths[0]).array, out.array, atol=1e-3)
+        # the CLI leaves the choice of ControlNet to the server: a name only the server knows works
+        via_cli = tmp_path / "via_cli.nrrd"
+        assert main(["reconstruct", str(path), "--controlnet", "mri-demo", "--steps", "2", "--server", srv.url,
+                     "--token", srv.token, "--out", str(via_cli), "--quiet"]) == 0, capsys.readouterr().err
+        np.testing.assert_allclose(read_volume(via_cli).array, out.array, atol=1e-3)
     finally:
         srv.stop()
 
@@ -396,3 +451,23 @@ def test_cli_user_errors_one_line_internal_errors_traceback(tmp_path, capsys, mo
     with pytest.raises(RuntimeError, match="an internal fault"):  # not turned into a one-line user error
         main(["generate", "--sampler", "ddim", "--steps", "2", "--out", out, "--quiet"])
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_gpu_out_of_memory_ends_the_job_with_advice(tmp_path, monkeypatch):
+    import torch
+
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    from MedDiffusionLib.server import Job, JobService, Limits
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GenerationPipeline, "generate", oom)
+    service = JobService(tmp_path, Limits())
+    spec = resolve({"task": "generate", "params": QUICK})
+    job = Job("j1", spec, "cpu", tmp_path / "j1")
+    job.folder.mkdir()
+    service._run(job, ModelCache())
+    assert job.state == "failed" and "ran out of memory" in job.error and "smaller size" in job.error
+    assert "Tried to allocate" not in job.error and not (job.folder / "results").exists()
+    service.close()

@@ -120,7 +120,7 @@ class Client:
         self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
         self.timeout = timeout
         self._netloc = parts.netloc
-        self._addr: tuple | None = None  # name lookup result, made once (for the stepwise transfers)
+        self._addr: tuple | None = None  # name lookup results, made once (for the stepwise transfers)
 
     # -- transport ------------------------------------------------------------------------------------
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
@@ -231,11 +231,12 @@ class Client:
 
 
     # -- stepwise (non-blocking) forms, for an event loop: see :class:`Transfer` --------------------------------
-    def _address(self) -> tuple:
+    def _addresses(self) -> list[tuple]:
+        """The service's socket addresses (looked up once; tried in order, as http.client does)."""
         if self._addr is None:
             port = self._port or (443 if self._scheme == "https" else 80)
-            self._addr = socket.getaddrinfo(self._host, port, type=socket.SOCK_STREAM)[0]
-        return self._addr
+            self._addr = tuple(socket.getaddrinfo(self._host, port, type=socket.SOCK_STREAM))
+        return list(self._addr)
 
     def start_request(self, method: str, path: str) -> "Transfer":
         """Any JSON request without a body (e.g. ``("GET", "/health")``), stepwise."""
@@ -310,6 +311,7 @@ class Transfer:
         self._head_left = len(self._out)
         self._body = body
         self._sock: socket.socket | None = None
+        self._addresses: list[tuple] | None = None
         self._phase = "connect"
         self._inbuf = bytearray()
         self._status = 0
@@ -388,26 +390,36 @@ class Transfer:
 
     def _connect(self, left: float) -> bool:
         if self._sock is None:
-            family, kind, proto, _name, addr = self.client._address()
+            if self._addresses is None:
+                self._addresses = self.client._addresses()
+            family, kind, proto, _name, addr = self._addresses.pop(0)
             sock = socket.socket(family, kind, proto)
             sock.setblocking(False)
             self._sock = sock
             err = sock.connect_ex(addr)
             if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, 10035):  # 10035: WSAEWOULDBLOCK
-                raise ConnectionRefusedError(err, os.strerror(err))
+                return self._next_address(err)
             return True
         _r, writable = self._wait(False, True, left)
         if not writable:
             return False
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            raise ConnectionRefusedError(err, os.strerror(err))
+            return self._next_address(err)
         if self.client._scheme == "https":
             ctx = ssl.create_default_context()
             self._sock = ctx.wrap_socket(self._sock, server_hostname=self.client._host, do_handshake_on_connect=False)
             self._phase = "handshake"
         else:
             self._phase = "send"
+        return True
+
+    def _next_address(self, err: int) -> bool:
+        """This address refused: try the next one (IPv6 then IPv4, say), or fail."""
+        self._sock.close()
+        self._sock = None
+        if not self._addresses:
+            raise ConnectionRefusedError(err, os.strerror(err))
         return True
 
     def _send(self, left: float) -> bool:

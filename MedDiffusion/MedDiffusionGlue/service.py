@@ -104,6 +104,7 @@ class Job:
     previewTransfer: Any = None
     cancelTransfer: Any = None
     downloaded: int = 0  # results loaded so far
+    cancelRequested: bool = False
 
     @property
     def state(self) -> str:
@@ -427,6 +428,8 @@ class ServiceLogic:
             return
         job.status, job.id, job.phase = transfer.result, transfer.result["id"], "service"
         self._log(f"submitted {job.task} job {job.id}")
+        if job.cancelRequested:
+            self.cancel(job)
 
     def _stepService(self, job: Job, left: Callable[[], float]) -> None:
         if job.cancelTransfer is not None and not job.cancelTransfer.done:
@@ -498,20 +501,18 @@ class ServiceLogic:
             if left() <= 0:
                 return
 
-    def updatePreview(self, job: Job) -> Any:
-        """The job's live-preview node (None until the service has sent one); :meth:`poll` updates it."""
-        return job.previewNode
-
     def cancel(self, job: Job) -> dict:
         """Stop the job: an upload or download stops at once (nothing is added to the scene); a job
         on the service is asked to stop between sampler steps (keep polling until ``job.done``)."""
         if job.done:
             return job.status
         cancelled = JobCancelled("the job was cancelled; the scene was left unchanged", None)
-        if job.phase == "uploading":
-            job.transfer.cancel()
+        if job.phase == "uploading" and job.transfer.sent < (job.transfer.total or 0):
+            job.transfer.cancel()  # the service drops a partial upload: no job was created
             job.transfer = None
             self._end(job, cancelled)
+        elif job.phase == "uploading":
+            job.cancelRequested = True  # all sent: the service may have made the job; cancel it once it says so
         elif job.phase == "downloading":
             if job.transfer is not None:
                 job.transfer.cancel()

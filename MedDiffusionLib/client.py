@@ -430,7 +430,8 @@ class Transfer:
                 return True
             self._out = memoryview(block)
             return True
-        readable, writable = self._wait(True, True, left)
+        tls = isinstance(self._sock, ssl.SSLSocket)  # TLS may send records (session tickets) at any time
+        readable, writable = self._wait(not tls, True, left)
         if readable:  # the server answered before reading everything (e.g. 413 too large): read that
             self._phase = "head"
             return True

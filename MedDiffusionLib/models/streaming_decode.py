@@ -8,8 +8,9 @@ one operation at a time above the mid-block:
 * each pass cuts its output into cubes; a cube's input, with a halo of the operation's receptive
   field (1 voxel for 3x3x3 convolutions, 1 low-resolution voxel for the 4/2/1 transposed
   convolution), is moved to the compute device, normalised and convolved there, and written back;
-* GroupNorm statistics of every map are accumulated in float64 per (batch, channel) while the map
-  is written, so the next pass normalises each cube with the statistics of the *whole* map.
+* GroupNorm statistics of every map (sums and sums of squares per (batch, channel), float32 blocks
+  of 256 voxels accumulated in float64) are gathered while the map is written, so the next pass
+  normalises each cube with the statistics of the *whole* map.
 
 The result equals the whole-volume decode to float rounding (tests pin max |tiled - whole| <= 1e-4)
 and the compute device only ever holds one cube's working set. The price is host memory for the
@@ -25,53 +26,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from .autoencoder import PatchVolumeAE, ResBlockX, ResBlockXY, _Upsample
-from .kernels import FastConv3d
+from .kernels import FastConv3d, channel_moments, group_norm_affine
 
 Region = tuple[slice, slice, slice]
 
 
 class _Stats:
-    """Running per-(batch, channel) count, mean and sum of squared deviations (float64) of one map.
-
-    Each tile contributes a float32 two-pass ``var_mean``; tiles and channels are merged with the
-    parallel-variance formula (Chan et al.) in float64, so no cancellation grows with the volume."""
+    """Running float64 per-(batch, channel) sums and sums of squares of one map
+    (:func:`~MedDiffusionLib.models.kernels.channel_moments` per tile)."""
 
     def __init__(self) -> None:
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
+        self.s: torch.Tensor | None = None
+        self.ss: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate a tile ``(B, C, d, h, w)``."""
-        var, mean = torch.var_mean(x.detach().float(), dim=(2, 3, 4), correction=0)
-        n = x.shape[2] * x.shape[3] * x.shape[4]
-        mean, m2 = mean.double().cpu(), var.double().cpu() * n
-        if self.mean is None:
-            self.mean, self.m2, self.count = mean, m2, n
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
+        s, ss = channel_moments(x.detach().float())
+        s, ss = s.cpu(), ss.cpu()
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        self.count += x.shape[2] * x.shape[3] * x.shape[4]
 
     def affine(self, norm: nn.GroupNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-(batch, channel) ``scale, shift`` (float32, shape ``(B, C, 1, 1, 1)``) such that
         ``x * scale + shift`` equals ``norm(x)`` over the whole map."""
-        assert self.mean is not None and self.m2 is not None
-        b, c = self.mean.shape
-        g = norm.num_groups
-        means = self.mean.view(b, g, -1)
-        group_mean = means.mean(-1, keepdim=True)
-        group_m2 = self.m2.view(b, g, -1).sum(-1) + self.count * ((means - group_mean) ** 2).sum(-1)
-        var = group_m2 / (self.count * (c // g))
-        rstd = (var + norm.eps).rsqrt().repeat_interleave(c // g, dim=1)
-        mean = group_mean.squeeze(-1).repeat_interleave(c // g, dim=1)
-        weight = norm.weight.detach().double().cpu() if norm.affine else torch.ones(c, dtype=torch.float64)
-        bias = norm.bias.detach().double().cpu() if norm.affine else torch.zeros(c, dtype=torch.float64)
-        scale = rstd * weight
-        shift = bias - mean * scale
-        shape = (b, c, 1, 1, 1)
+        assert self.s is not None and self.ss is not None
+        scale, shift = group_norm_affine(norm, self.s, self.ss, self.count)
+        shape = (*self.s.shape, 1, 1, 1)
         return scale.float().view(shape).to(device), shift.float().view(shape).to(device)
 
 

@@ -1,353 +1,239 @@
 """MedDiffusion: 3D MedDiffusion in 3D Slicer (generate CT/MR, synthesize CT from a segmentation,
-reconstruct sparse-view CT). All computation lives in MedDiffusionLib; torch is imported lazily,
-so this module loads before torch is installed.
-"""
-from __future__ import annotations
+reconstruct sparse-view CT).
 
-import importlib.util
+A thin client: the computation runs in the MedDiffusion job service (``meddiffusion serve``), on
+this computer (a child process started and stopped by the module) or on a server. Slicer's process
+imports only ``MedDiffusionLib.client`` (standard library) and never torch.
+"""
+import logging
 import os
 import sys
-import threading
-from typing import Any, Callable, Optional
+import time
+from typing import Annotated
 
+if sys.version_info < (3, 10):  # Slicer <= 5.8 ships Python 3.9
+    raise ImportError("MedDiffusion needs 3D Slicer 5.10 or later (Python 3.12)")
+
+import qt
 import vtk
 
 import slicer
-
-try:  # Slicer >= 5.4 translation helper
-    from slicer.i18n import tr as _
-except ImportError:  # pragma: no cover - older Slicer
-    def _(text: str) -> str:
-        return text
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, Decimals, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
-from slicer.parameterNodeWrapper import parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
 # MedDiffusionLib is installed next to this file by CMake; in a source checkout it is one folder up.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _candidate in (_HERE, os.path.dirname(_HERE)):
     if os.path.isdir(os.path.join(_candidate, "MedDiffusionLib")) and _candidate not in sys.path:
-        sys.path.insert(0, _candidate)
+        sys.path.append(_candidate)
 
-REQUIRED_PACKAGES = ("torch", "safetensors", "nibabel", "huggingface_hub", "tqdm", "einops")
+from MedDiffusionGlue import dependencies  # noqa: E402
+from MedDiffusionGlue.nodes import InputError  # noqa: E402
+from MedDiffusionGlue.service import (JobCancelled, JobFailed, ServiceError, ServiceLogic,  # noqa: E402
+                                      ServiceUnavailable, default_python, panel_message, segment_mapping)
+
+PAPER_URL = "https://arxiv.org/abs/2412.13059"
+README_URL = "https://github.com/meddiffusion/SlicerMedDiffusion#3d-slicer-extension"
+SETTINGS = "MedDiffusion/"  # qt.QSettings keys
+RUN_ON = ["This computer", "Server"]
 
 
 class MedDiffusion(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("MedDiffusion")
-        self.parent.categories = [_("AI")]
+        self.parent.categories = [_("Image Synthesis")]
         self.parent.dependencies = []
         self.parent.contributors = ["MedDiffusion developers"]
         self.parent.helpText = _(
-            "Generate synthetic CT/MR volumes with 3D MedDiffusion, synthesize CT from a segmentation and "
-            "reconstruct sparse-view CT. Everything is also available from the Python console through "
-            "MedDiffusionLogic (see the README).")
+            "Generate synthetic CT and MR volumes with 3D MedDiffusion, a diffusion model (generative AI), "
+            "synthesize CT from a segmentation and reconstruct sparse-view CT.<br>"
+            "<b>Run on</b>: <i>This computer</i> starts a local MedDiffusion service (first use offers to install "
+            "its Python packages); <i>Server</i> uses a service on a GPU machine (URL and token).<br>"
+            "Try it: load <i>MedDiffusion chest CT + segmentation</i> in Sample Data, then Synthesize or Simulate "
+            "and Reconstruct. Everything is also available from the Python console "
+            "(<code>slicer.util.getModuleLogic(\"MedDiffusion\").generate()</code>).<br>"
+            "Paper: <a href=\"{paper}\">Wang et al., 3D MedDiffusion, IEEE TMI (arXiv 2412.13059)</a>. "
+            "Documentation: <a href=\"{readme}\">README</a>.").format(paper=PAPER_URL, readme=README_URL)
         self.parent.acknowledgementText = _(
-            "3D MedDiffusion: Wang et al., IEEE TMI (arXiv 2412.13059). Bundled demo model trained on the "
-            "pyradiomics 3.0.1 chest CT test cases (BSD-3).")
+            "3D MedDiffusion: Wang et al., IEEE TMI (arXiv 2412.13059). The bundled demo model and sample data "
+            "come from the pyradiomics 3.0.1 chest CT test cases (BSD-3-Clause, (c) 2017 Harvard Medical School).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
 
 
 #
-# Parameter node
+# Sample data
+#
+SAMPLE_DIR = os.path.join(_HERE, "Resources", "SampleData")
+# The chest CT test crop (Testing/data/lung2_crop.nii.gz: pyradiomics 3.0.1 lung2, BSD-3) written as NRRD by
+# Slicer's storage node, and a segmentation of it from HU thresholds (Air < -900 <= Lung < -400 <= Soft
+# tissue < 300 <= Bone, the thresholds the bundled labels ControlNet was trained with).
+SAMPLE_CT = ("MedDiffusionChestCT.nrrd", "SHA256:a76e55d7bf8c2a64b56cd7ec501d67f78b89f4fbd6cda44d3365fb3d0900e697")
+SAMPLE_SEG = ("MedDiffusionChestCT.seg.nrrd", "SHA256:63e37abc66f7517f0648d724e825a93e9c3c1a3c6fddcea8c2d9529815a3c961")
+
+
+def registerSampleData() -> None:
+    """Register the chest CT test crop and its HU-threshold segmentation with Sample Data."""
+    import pathlib
+
+    import SampleData
+
+    def uri(name):
+        return pathlib.Path(SAMPLE_DIR, name).as_uri()
+
+    icon = os.path.join(_HERE, "Resources", "Icons", "MedDiffusion.png")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MedDiffusion", sampleName="MedDiffusion chest CT", thumbnailFileName=icon,
+        uris=uri(SAMPLE_CT[0]), fileNames=SAMPLE_CT[0], checksums=SAMPLE_CT[1], nodeNames="MedDiffusionChestCT",
+        loadFileTypes="VolumeFile")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="MedDiffusion", sampleName="MedDiffusion chest CT + segmentation", thumbnailFileName=icon,
+        uris=[uri(SAMPLE_CT[0]), uri(SAMPLE_SEG[0])], fileNames=[SAMPLE_CT[0], SAMPLE_SEG[0]],
+        checksums=[SAMPLE_CT[1], SAMPLE_SEG[1]], nodeNames=["MedDiffusionChestCT", "MedDiffusionChestCT segmentation"],
+        loadFileTypes=["VolumeFile", "SegmentationFile"])
+
+
+#
+# Parameter node: every bound widget's type carries the annotations Slicer's GUI connector needs
+# (Choice for combo boxes, a range for spin boxes); see Testing/tests/test_slicer_module.py.
 #
 @parameterNodeWrapper
 class MedDiffusionParameterNode:
+    runOn: Annotated[str, Choice(RUN_ON)] = RUN_ON[0]
+    # set from the service's model list (combo boxes filled at run time, not bound)
     modelId: str = ""
-    weightsFolder: str = ""
-    classIndex: int = 1
-    sizeX: int = 64
-    sizeY: int = 64
-    sizeZ: int = 64
-    spacingX: float = 4.8
-    spacingY: float = 4.8
-    spacingZ: float = 4.3
-    seed: int = 0
-    sampler: str = "ddpm"
-    steps: int = 100
-    numberOfVolumes: int = 1
-    mapToHU: bool = True
-    device: str = "auto"
-    referenceKernels: bool = False
-    segmentation: slicer.vtkMRMLSegmentationNode
-    referenceVolume: slicer.vtkMRMLScalarVolumeNode
+    classIndex: int = -1
     labelsControlNet: str = "chest-ct-mini-labels"
-    fbpVolume: slicer.vtkMRMLScalarVolumeNode
-    fullCTVolume: slicer.vtkMRMLScalarVolumeNode
-    views: int = 40
     sparseViewControlNet: str = "chest-ct-mini-sparse-view"
+    # generate
+    useTrainedSize: bool = True
+    sizeX: Annotated[int, WithinRange(16, 1024)] = 64
+    sizeY: Annotated[int, WithinRange(16, 1024)] = 64
+    sizeZ: Annotated[int, WithinRange(16, 1024)] = 64
+    spacingX: Annotated[float, WithinRange(0.01, 20.0), Decimals(3)] = 4.8
+    spacingY: Annotated[float, WithinRange(0.01, 20.0), Decimals(3)] = 4.8
+    spacingZ: Annotated[float, WithinRange(0.01, 20.0), Decimals(3)] = 4.3
+    seed: Annotated[int, WithinRange(0, 2 ** 31 - 1)] = 0
+    sampler: Annotated[str, Choice(["ddpm", "ddim", "dpm++"])] = "ddim"
+    steps: Annotated[int, WithinRange(1, 1000)] = 100
+    numberOfVolumes: Annotated[int, WithinRange(1, 64)] = 1
+    mapToHU: bool = True
+    # from segmentation
+    segmentation: vtkMRMLSegmentationNode
+    referenceVolume: vtkMRMLScalarVolumeNode
+    segmentMapping: str = "Air=0, Lung=1, Soft tissue=2, Bone=3, Tumour=4"
+    controlSteps: Annotated[int, WithinRange(1, 1000)] = 50
+    # sparse-view CT
+    fullCTVolume: vtkMRMLScalarVolumeNode
+    views: Annotated[int, WithinRange(2, 3600)] = 40
+    fbpVolume: vtkMRMLScalarVolumeNode
+    # device
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    referenceKernels: bool = False
+    previewEvery: Annotated[int, WithinRange(0, 1000)] = 0
 
 
 #
 # Logic: usable from the Python console without the widget
 #
-class MedDiffusionLogic(ScriptedLoadableModuleLogic):
-    """Console API. Every task has a blocking form (returns nodes) and a ``start...`` form that
-    runs on the worker thread and returns a job; :meth:`finishJob` turns its result into nodes on
-    the main thread.
+class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
+    """Console API: jobs on the MedDiffusion service, results as nodes.
 
-    Example::
+    Blocking (polls until done, keeps the GUI painting, returns the new node or nodes)::
 
         logic = slicer.util.getModuleLogic("MedDiffusion")
-        nodes = logic.generate(seed=3)                      # bundled chest CT model, CPU is fine
-        fbp = logic.simulateSparseView(getNode("CTChest"), views=40)
-        recon = logic.reconstructSparseView(fbp)
+        ct = logic.generate(seed=3, sampler="ddim", steps=50)
+        fbp = logic.simulateSparseView(getNode("MedDiffusionChestCT"), views=40)
+        recon = logic.reconstructSparseView(fbp, steps=50)
+
+    Non-blocking (what the panel uses): ``job = logic.submitGenerate(...)``, then
+    ``logic.poll(job)`` until ``job.done``, then ``logic.finishJob(job)`` -> nodes;
+    ``logic.cancel(job)``; ``logic.unload()`` frees GPU memory. Where jobs run:
+    ``logic.useLocalServer(python=None)`` (default; Slicer's Python) or
+    ``logic.useRemoteServer(url, token)``.
     """
 
     def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._worker = None
-        self._pipelines: dict[tuple, Any] = {}
+        ScriptedLoadableModuleLogic.__init__(self)  # also runs ServiceLogic.__init__ (cooperative)
+        modules = getattr(slicer, "modules", None)
+        self.segmentationsLogic = modules.segmentations.logic() if hasattr(modules, "segmentations") else None
 
     def getParameterNode(self):
         return MedDiffusionParameterNode(super().getParameterNode())
 
-    # -- dependencies -----------------------------------------------------------------------------
-    @staticmethod
-    def missingPackages() -> list[str]:
-        return [p for p in REQUIRED_PACKAGES if importlib.util.find_spec(p) is None]
+    def _idle(self, seconds: float) -> None:
+        """While a console call waits: keep the application painting."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            slicer.app.processEvents()
+            time.sleep(0.02)
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install missing packages after asking once. torch comes from the PyTorch extension's
-        PyTorchUtils (CUDA-matched) when available."""
-        missing = self.missingPackages()
+    def useLocalServer(self, python: str | None = None, env: dict | None = None) -> None:
+        if python and env is None and os.path.realpath(python) != os.path.realpath(default_python()):
+            env = externalPythonEnvironment()
+        ServiceLogic.useLocalServer(self, python, env)
+
+    # -- dependencies of the local service's Python ------------------------------------------------------
+    def missingDependencies(self, python: str | None = None) -> list[str]:
+        """Requirements (incl. torch) the local service's Python lacks; [] when all are satisfied."""
+        python = python or self.serverPython or default_python()
+        return dependencies.missing(None if _isSlicerPython(python) else python)
+
+    def installTorch(self, python: str | None = None) -> None:
+        """Install torch into Slicer's Python through the PyTorch extension, only when no installed
+        torch satisfies the requirement (a working CUDA torch is never replaced)."""
+        python = python or self.serverPython or default_python()
+        torchReq = "torch" + dependencies.TORCH_REQUIREMENT
+        if torchReq not in self.missingDependencies(python):
+            return
+        if not _isSlicerPython(python):
+            raise InputError(_("{python} has no {req}: install a build of PyTorch for your GPU into that Python "
+                               "(https://pytorch.org/get-started), or choose Slicer's Python").format(
+                python=python, req=torchReq))
+        try:
+            import PyTorchUtils
+        except ImportError:
+            raise InputError(_("PyTorch is needed: install the PyTorch extension (View > Extensions Manager > "
+                               "PyTorch), restart Slicer and press Install again")) from None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError(_("PyTorch was not installed; use the PyTorch Utils module to install {req}").format(
+                req=torchReq))
+
+    def startPipInstall(self, python: str | None = None) -> "dependencies.PipProcess | None":
+        """pip install of the other missing packages (never torch) as a child process; poll it."""
+        python = python or self.serverPython or default_python()
+        missing = [r for r in self.missingDependencies(python) if not r.startswith("torch")]
         if not missing:
-            return True
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                _("MedDiffusion needs these Python packages: {packages}. Install them now? "
-                  "(PyTorch is a large download.)").format(packages=", ".join(missing))):
-            return False
-        if "torch" in missing:
-            try:
-                import PyTorchUtils  # from the PyTorch extension
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                    raise RuntimeError("PyTorch installation failed")
-            except ImportError:
-                self._pipInstall(["torch>=2.6"])
-            missing.remove("torch")
-        if missing:
-            requirements = os.path.join(_HERE, "Resources", "requirements.txt")
-            if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):  # Slicer >= 5.12
-                slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirements),
-                                            prompt_install=False, requester="MedDiffusion")
-            else:
-                with open(requirements) as fh:
-                    self._pipInstall([line.strip() for line in fh if line.strip() and not line.startswith("#")])
-        return not self.missingPackages()
+            return None
+        log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-pip.log")
+        env = None if _isSlicerPython(python) else externalPythonEnvironment()
+        return dependencies.PipProcess(python, missing, log, env=env)
 
-    @staticmethod
-    def _pipInstall(requirements: list[str]) -> None:
-        slicer.util.pip_install(" ".join(f'"{r}"' for r in requirements))
 
-    # -- shared machinery -------------------------------------------------------------------------
-    @property
-    def worker(self):
-        if self._worker is None or not self._worker.alive:
-            from MedDiffusionGlue.worker import Worker
-            self._worker = Worker()
-        return self._worker
+def _isSlicerPython(python: str) -> bool:
+    return os.path.realpath(python) == os.path.realpath(default_python())
 
-    def generationPipeline(self, modelId: Optional[str] = None, weightsFolder: Optional[str] = None,
-                           device: Optional[str] = None, mode: str = "fast"):
-        """Cached pipeline; ``mode`` "fast" (default) or "reference" kernels (switched in place)."""
-        from MedDiffusionLib.pipelines.generation import GenerationPipeline
-        key = ("gen", modelId or None, weightsFolder or None, device or "auto")
-        if key not in self._pipelines:
-            self._pipelines[key] = GenerationPipeline.from_pretrained(modelId or None, weightsFolder or None, device,
-                                                                      mode=mode)
-        pipe = self._pipelines[key]
-        if pipe.mode != mode:
-            pipe.set_mode(mode)
-        return pipe
 
-    def controlledPipeline(self, controlNet: str, modelId: Optional[str] = None, weightsFolder: Optional[str] = None,
-                           device: Optional[str] = None, mode: str = "fast"):
-        from MedDiffusionLib.pipelines.conditioned import ControlledPipeline
-        key = ("cn", controlNet, modelId or None, weightsFolder or None, device or "auto")
-        if key not in self._pipelines:
-            self._pipelines[key] = ControlledPipeline.from_files(controlNet, modelId or None, weightsFolder or None,
-                                                                 device, mode=mode)
-        pipe = self._pipelines[key]
-        if pipe.mode != mode:
-            pipe.set_mode(mode)
-        return pipe
-
-    @staticmethod
-    def deviceInfo() -> str:
-        if importlib.util.find_spec("torch") is None:
-            return _("PyTorch is not installed yet")
-        import torch
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            return f"CUDA: {torch.cuda.get_device_name()} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free)"
-        return _("CPU only (no CUDA GPU found): fine for the bundled model, hours for released 256^3 models")
-
-    @staticmethod
-    def estimate(modelId: Optional[str], size: tuple[int, int, int], steps: int, device: str,
-                 mode: str = "fast") -> tuple[float, str]:
-        """(seconds, text) expected for one run before it starts: time, peak memory, decode plan."""
-        from MedDiffusionLib.estimate import available_memory_bytes, estimate_run
-        from MedDiffusionLib.registry import get_model
-        from MedDiffusionLib.weights import bundled_ae_width
-        entry = get_model(modelId or None)
-        avail = available_memory_bytes(device)
-        est = estimate_run(entry.raw, entry.compression, size, steps, device, mode,
-                           n_hiddens=bundled_ae_width(entry), budget_bytes=None if avail is None else 0.8 * avail)
-        return est.seconds, est.text(device)
-
-    def _run(self, name: str, fn: Callable, blocking: bool, progressCallback, cancelEvent):
-        """Run ``fn(progress, cancel)`` here (blocking) or on the worker thread (returns the job)."""
-        if blocking:
-            cancel = (cancelEvent.is_set if cancelEvent is not None else None)
-            return fn(progressCallback, cancel)
-        job = self.worker.submit(name, lambda j: fn(j.progress, j.cancelled))
-        if cancelEvent is not None:
-            job.cancel_event = cancelEvent
-        return job
-
-    # -- weights ------------------------------------------------------------------------------------
-    def downloadModel(self, modelId: str, blocking: bool = True, progressCallback=None, cancelEvent=None):
-        """Download a registry model's files into the Hugging Face cache (no-op for bundled models).
-        Blocking: returns {role: path}; else a job."""
-        def compute(progress, cancel):
-            from MedDiffusionLib.registry import get_model
-            from MedDiffusionLib.weights import download_file
-            entry = get_model(modelId)
-            paths = {}
-            for i, spec in enumerate([] if entry.bundled else entry.files):
-                if progress:
-                    progress(i, len(entry.files))
-                paths[spec["role"]] = str(download_file(entry, spec, progress=False))
-            return ("download", entry.id, paths)
-
-        result = self._run("download", compute, blocking, progressCallback, cancelEvent)
-        return result[2] if blocking else result
-
-    @staticmethod
-    def verifyModel(modelId: str) -> list:
-        """sha256 check of a model's files: [(role, state, detail)], state ok/unverified/missing/CORRUPT."""
-        from MedDiffusionLib.registry import get_model
-        from MedDiffusionLib.weights import verify
-        return verify(get_model(modelId))
-
-    # -- tasks: computation (any thread) -----------------------------------------------------------
-    def _generateCompute(self, p: dict, progress, cancel):
-        pipe = self.generationPipeline(p["modelId"], p["weightsFolder"], p["device"], p["mode"])
-        return pipe.generate(p["classIndex"], p["size"], p["spacing"], p["seed"], p["sampler"],
-                             p["steps"] if p["sampler"] not in (None, "ddpm") else None, p["numberOfVolumes"],
-                             progress, cancel)
-
-    # -- tasks: console API -----------------------------------------------------------------------
-    def generate(self, modelId: Optional[str] = None, classIndex: Optional[int] = None, size=None, spacing=None,
-                 seed: int = 0, sampler: Optional[str] = None, steps: Optional[int] = None, numberOfVolumes: int = 1,
-                 huWindow=None, mapToHU: bool = True, weightsFolder: Optional[str] = None, device: Optional[str] = None,
-                 progressCallback=None, cancelEvent: Optional[threading.Event] = None, blocking: bool = True,
-                 mode: str = "fast"):
-        """Generate volumes; blocking: returns the new volume nodes, else a job for :meth:`finishJob`.
-        ``mode="reference"`` runs the plain kernels the parity tests pin (slower on the CPU)."""
-        params = dict(modelId=modelId, weightsFolder=weightsFolder, classIndex=classIndex, size=size,
-                      spacing=spacing, seed=seed, sampler=sampler, steps=steps, numberOfVolumes=numberOfVolumes,
-                      device=device, mode=mode)
-        result = self._run("generate", lambda pr, ca: ("generate", params, huWindow, mapToHU,
-                                                       self._generateCompute(params, pr, ca)),
-                           blocking, progressCallback, cancelEvent)
-        return self.finishJob(result) if blocking else result
-
-    def simulateSparseView(self, ctVolumeNode, views: int = 40, blocking: bool = True, progressCallback=None,
-                           cancelEvent=None):
-        """Full CT node (HU) -> new node with the FBP of a ``views``-view fan-beam scan."""
-        from MedDiffusionGlue.geometry import node_to_volume
-        arr, ijk_to_ras = node_to_volume(ctVolumeNode)
-
-        def compute(progress, cancel):
-            from MedDiffusionLib.data.volumes import Volume
-            from MedDiffusionLib.pipelines.conditioned import simulate_sparse_view
-            return ("volume", f"{ctVolumeNode.GetName()} FBP {views} views",
-                    simulate_sparse_view(Volume(arr.astype("float32"), ijk_to_ras), views=views), (-1000.0, 1000.0))
-
-        result = self._run("simulate", compute, blocking, progressCallback, cancelEvent)
-        return self.finishJob(result) if blocking else result
-
-    def reconstructSparseView(self, fbpVolumeNode, controlNet: str = "chest-ct-mini-sparse-view", seed: int = 0,
-                              steps: int = 50, modelId=None, weightsFolder=None, device=None, blocking: bool = True,
-                              progressCallback=None, cancelEvent=None, mode: str = "fast"):
-        """Sparse-view FBP node (HU) -> reconstructed CT node on the same grid."""
-        from MedDiffusionGlue.geometry import node_to_volume
-        arr, ijk_to_ras = node_to_volume(fbpVolumeNode)
-
-        def compute(progress, cancel):
-            from MedDiffusionLib.data.volumes import Volume
-            from MedDiffusionLib.pipelines.conditioned import reconstruct_sparse_view
-            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device, mode)
-            out = reconstruct_sparse_view(Volume(arr.astype("float32"), ijk_to_ras), pipe, seed=seed, sampler="ddim",
-                                          steps=steps, progress=progress, cancel=cancel)
-            return ("volume", f"{fbpVolumeNode.GetName()} MedDiffusion recon", out, pipe.hu_window())
-
-        result = self._run("reconstruct", compute, blocking, progressCallback, cancelEvent)
-        return self.finishJob(result) if blocking else result
-
-    def synthesizeFromSegmentation(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
-                                   controlNet: str = "chest-ct-mini-labels", seed: int = 0, steps: int = 50,
-                                   modelId=None, weightsFolder=None, device=None, blocking: bool = True,
-                                   progressCallback=None, cancelEvent=None, mode: str = "fast"):
-        """Segments (id -> model label value) rasterised on the reference grid -> synthetic CT node
-        on that grid. The conditioning segmentation stays in the scene."""
-        from MedDiffusionGlue.geometry import node_ijk_to_ras, segmentation_to_labels
-        labels = segmentation_to_labels(slicer.mrmlScene, segmentationNode, referenceVolumeNode, segmentLabels)
-        ijk_to_ras = node_ijk_to_ras(referenceVolumeNode)
-
-        def compute(progress, cancel):
-            from MedDiffusionLib.data.volumes import Volume
-            from MedDiffusionLib.pipelines.conditioned import synthesize_from_labels
-            pipe = self.controlledPipeline(controlNet, modelId, weightsFolder, device, mode)
-            out = synthesize_from_labels(Volume(labels, ijk_to_ras), pipe, seed=seed, sampler="ddim", steps=steps,
-                                         progress=progress, cancel=cancel)
-            return ("volume", f"{segmentationNode.GetName()} synthetic CT seed{seed}", out, pipe.hu_window())
-
-        result = self._run("synthesize", compute, blocking, progressCallback, cancelEvent)
-        return self.finishJob(result) if blocking else result
-
-    # -- results -> nodes (main thread only) ---------------------------------------------------------
-    def finishJob(self, jobOrResult):
-        """Create the result nodes. Call on the main thread; re-raises a failed job's exception."""
-        from MedDiffusionGlue.geometry import hu_window_to_window_level, volume_to_node, window_level
-        result = jobOrResult.wait(0) if hasattr(jobOrResult, "wait") else jobOrResult
-        nodes = []
-        if result[0] == "generate":
-            _kind, params, hu_window, map_to_hu, volumes = result
-            from MedDiffusionLib.registry import class_names
-            pipe = self.generationPipeline(params["modelId"], params["weightsFolder"], params["device"],
-                                           params.get("mode", "fast"))
-            for res in volumes:
-                window = hu_window
-                if window is None and map_to_hu and pipe.entry is not None:
-                    window = pipe.entry.class_info(res.class_index).get("hu_window")
-                vol = res.volume(window)
-                size = "x".join(str(s) for s in vol.shape)
-                name = f"MedDiffusion {class_names()[res.class_index]} seed{res.seed + 0} {size}"
-                if len(volumes) > 1:
-                    name += f" #{res.meta.get('index', 0)}"
-                node = volume_to_node(vol.array, vol.affine, slicer.mrmlScene, slicer.mrmlScene.GenerateUniqueName(name))
-                node.CreateDefaultDisplayNodes()
-                window_level(node, *(hu_window_to_window_level(*window) if window else (2.0, 0.0)))
-                nodes.append(node)
-        else:
-            _kind, name, vol, hu_window = result
-            node = volume_to_node(vol.array, vol.affine, slicer.mrmlScene, slicer.mrmlScene.GenerateUniqueName(name))
-            node.CreateDefaultDisplayNodes()
-            window_level(node, *hu_window_to_window_level(*hu_window))
-            nodes.append(node)
-        if nodes and slicer.app is not None and hasattr(slicer.util, "setSliceViewerLayers"):
-            slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
-        return nodes if len(nodes) != 1 else nodes[0]
+def externalPythonEnvironment() -> dict:
+    """The environment for a user-picked Python: Slicer's start-up environment, with the variables
+    Slicer's launcher added (PYTHONHOME, PYTHONPATH, library paths) removed."""
+    env = dict(slicer.util.startupEnvironment())
+    for key in os.environ:
+        env.setdefault(key, None)  # LocalServer starts from os.environ: None removes what the launcher added
+    return env
 
 
 #
 # Widget
 #
 class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_MS = 200
+    POLL_MS = 250
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -356,52 +242,91 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._timer = None
+        self._pip = None
+        self._pending = None  # action to run once the service answers
+        self._models: list = []
+        self._labelsNets: list = []
+        self._sparseNets: list = []
+        self._missing: list = []
+        self._startedAt = 0.0
 
+    # -- set-up: connect everything first; nothing here needs torch or the service ---------------------------
     def setup(self) -> None:
-        import qt
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedDiffusion.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedDiffusionLogic()
+        self.logic.logCallback = logging.info
+
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
-        self._timer.connect("timeout()", self._poll)
+        self._timer.connect("timeout()", self._onTimer)
 
-        self.ui.samplerComboBox.addItems(["ddpm", "ddim"])
-        self.ui.deviceComboBox.addItems(["auto", "cpu", "cuda"])
-        self._fillModels()
         def guarded(handler):
-            """Slot wrapper: an exception before a job starts becomes an error dialog."""
             def slot(*_args):
-                with slicer.util.tryWithErrorDisplay(_("MedDiffusion could not start."), waitCursor=False):
-                    handler()
+                with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
+                    self._guardedCall(handler)
             return slot
 
-        self.ui.modelComboBox.connect("currentIndexChanged(int)", guarded(self._onModelChanged))
-        self.ui.downloadButton.connect("clicked(bool)", guarded(self._onDownload))
-        self.ui.verifyButton.connect("clicked(bool)", guarded(self._onVerify))
-        self.ui.generateButton.connect("clicked(bool)", guarded(self._onGenerate))
-        self.ui.synthesizeButton.connect("clicked(bool)", guarded(self._onSynthesize))
-        self.ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
-        self.ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
-        self.ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
-        self.ui.estimateButton.connect("clicked(bool)", guarded(self._updateEstimate))
-        self.ui.cancelButton.enabled = False
-        self.ui.progressBar.setValue(0)
-        self.ui.deviceLabel.text = MedDiffusionLogic.deviceInfo()
-
+        ui = self.ui
+        ui.runOnComboBox.connect("currentIndexChanged(int)", guarded(self._onRunOnChanged))
+        ui.pythonPathLineEdit.connect("currentPathChanged(QString)", guarded(self._onConnectionEdited))
+        ui.serverUrlLineEdit.connect("editingFinished()", guarded(self._onConnectionEdited))
+        ui.serverTokenLineEdit.connect("editingFinished()", guarded(self._onConnectionEdited))
+        ui.connectButton.connect("clicked(bool)", guarded(self._onConnect))
+        ui.installButton.connect("clicked(bool)", guarded(self._onInstall))
+        ui.freeMemoryButton.connect("clicked(bool)", guarded(self._onFreeMemory))
+        ui.modelComboBox.connect("currentIndexChanged(int)", guarded(self._onModelChanged))
+        ui.classComboBox.connect("currentIndexChanged(int)", guarded(self._onClassChanged))
+        ui.sizePresetComboBox.connect("currentIndexChanged(int)", guarded(self._onPresetChanged))
+        ui.labelsControlNetComboBox.connect("currentIndexChanged(int)", guarded(self._onControlNetChanged))
+        ui.sparseViewControlNetComboBox.connect("currentIndexChanged(int)", guarded(self._onControlNetChanged))
+        ui.generateButton.connect("clicked(bool)", guarded(self._onGenerate))
+        ui.synthesizeButton.connect("clicked(bool)", guarded(self._onSynthesize))
+        ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
+        ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
+        ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
+        slicer.app.connect("aboutToQuit()", self._onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
+        ui.progressBar.setRange(0, 1)
+        ui.progressBar.setValue(0)
 
-    # parameter node plumbing (template) ---------------------------------------------------------------
+        try:
+            self._loadSettings()
+            self.initializeParameterNode()
+        finally:
+            self._updateButtons()
+        try:
+            self._onRunOnChanged()  # shows the local or server fields, checks the local Python's packages
+        except Exception as exc:  # a broken Python or a bad saved address must not break the panel
+            self._setDependencies(None, _("could not check the Python packages: {error}").format(error=exc))
+            self._status(str(exc))
+
+    def _guardedCall(self, handler) -> None:
+        try:
+            handler()
+        except InputError as exc:  # the user's input: a message, no traceback
+            self._status(str(exc))
+            slicer.util.errorDisplay(str(exc), windowTitle=_("MedDiffusion"))
+        except ServiceError as exc:
+            self._status(panel_message(exc.message))
+            raise RuntimeError(panel_message(exc.message)) from exc
+
+    # -- parameter node (template) ----------------------------------------------------------------------------
     def cleanup(self) -> None:
         self.removeObservers()
-        if self._job is not None:
-            self._job.cancel()
+        self._timer.stop()
+        if self._pip is not None:
+            self._pip.kill()
+        if self._job is not None and not self._job.done:
+            try:
+                self.logic.cancel(self._job)
+            except ServiceError:
+                pass
+        self.logic.stopServer()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -410,6 +335,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -424,220 +350,462 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._updateButtons()
 
-    # model section ----------------------------------------------------------------------------------
-    def _fillModels(self) -> None:
-        from MedDiffusionLib.registry import models
-        self.ui.modelComboBox.clear()
-        for m in models():
-            self.ui.modelComboBox.addItem(m.raw["title"], m.id)
+    # -- connection --------------------------------------------------------------------------------------------
+    def _loadSettings(self) -> None:
+        s = qt.QSettings()
+        self.ui.serverUrlLineEdit.text = s.value(SETTINGS + "serverUrl", "")
+        self.ui.serverTokenLineEdit.text = s.value(SETTINGS + "serverToken", "")
+        self.ui.pythonPathLineEdit.currentPath = s.value(SETTINGS + "python", "")
+
+    def _saveSettings(self) -> None:
+        s = qt.QSettings()
+        s.setValue(SETTINGS + "serverUrl", self.ui.serverUrlLineEdit.text.strip())
+        s.setValue(SETTINGS + "serverToken", self.ui.serverTokenLineEdit.text.strip())
+        s.setValue(SETTINGS + "python", self.ui.pythonPathLineEdit.currentPath.strip())
+
+    def _isLocal(self) -> bool:
+        return self.ui.runOnComboBox.currentIndex == 0
+
+    def _python(self) -> str:
+        return self.ui.pythonPathLineEdit.currentPath.strip() or default_python()
+
+    def _onRunOnChanged(self, *_args) -> None:
+        local = self._isLocal()
+        for w in (self.ui.pythonPathLineEdit, self.ui.label_pythonPathLineEdit, self.ui.installButton,
+                  self.ui.dependenciesLabel, self.ui.label_dependenciesLabel):
+            w.visible = local
+        for w in (self.ui.serverUrlLineEdit, self.ui.label_serverUrlLineEdit, self.ui.serverTokenLineEdit,
+                  self.ui.label_serverTokenLineEdit):
+            w.visible = not local
+        self._onConnectionEdited()
+
+    def _onConnectionEdited(self, *_args) -> None:
+        """Settings changed: remember them; the next job (or Connect) uses them."""
+        self._saveSettings()
+        self._applyConnection()
+        if self._isLocal():
+            self._refreshDependencies()
+        self._setServiceInfo(None)
+
+    def _applyConnection(self) -> None:
+        if self._isLocal():
+            self.logic.useLocalServer(self.ui.pythonPathLineEdit.currentPath.strip() or None)
+        elif self.ui.serverUrlLineEdit.text.strip():
+            self.logic.useRemoteServer(self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip())
+
+    def _onConnect(self) -> None:
+        self._withService(lambda: self._status(_("connected")))
+
+    def _withService(self, action) -> None:
+        """Run ``action`` once the service answers; starts the local one without blocking."""
+        if self._job is not None or self._pip is not None:
+            raise InputError(_("wait for the running job (or Cancel it) first"))
+        self._applyConnection()
+        if not self._isLocal() and not self.ui.serverUrlLineEdit.text.strip():
+            raise InputError(_("enter the server address (http://HOST:PORT) and token under Run on"))
+        if self._isLocal() and self._missing:
+            self._onInstall(then=action)
+            return
+        server = self.logic.server
+        if self.logic.cachedHealth() is not None and (not self.logic.isLocal or (server is not None and server.running)):
+            action()  # connected before: a dead remote service shows up as the job's error
+            return
+        if self._isLocal():
+            self.logic.startServer(wait=False)
+            self._status(_("starting the MedDiffusion service on this computer ..."))
+        else:
+            self._status(_("connecting to {url} ...").format(url=self.ui.serverUrlLineEdit.text.strip()))
+        self._pending = action
+        self._startedAt = time.monotonic()
+        self._setBusy(True)
+        self._timer.start()
+
+    def _serviceReadyTick(self) -> None:
+        if self.logic.serverReady(timeout=0.25):
+            self._setBusy(False)
+            self._timer.stop()
+            self._setServiceInfo(self.logic.health(refresh=True, timeout=5))
+            action, self._pending = self._pending, None
+            with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
+                self._guardedCall(action)
+            return
+        server = self.logic.server
+        waited = time.monotonic() - self._startedAt
+        if (self.logic.isLocal and server is not None and not server.running) or waited > 180:
+            self._setBusy(False)
+            self._timer.stop()
+            self._pending = None
+            detail = self.logic.serverLog() if self.logic.isLocal else ""
+            self._status(_("the MedDiffusion service did not start"))
+            slicer.util.errorDisplay(_("The MedDiffusion service could not be reached."), detailedText=detail,
+                                     windowTitle=_("MedDiffusion"))
+
+    def _setServiceInfo(self, health) -> None:
+        if health is None:
+            self.ui.serviceLabel.text = _("not connected (starts with the first job, or press Connect)")
+            self.ui.freeMemoryButton.enabled = False
+            return
+        devices = ", ".join(
+            d["label"] + (f" ({d['free_bytes'] / 2 ** 30:.1f} of {d['total_bytes'] / 2 ** 30:.1f} GiB free)"
+                          if d.get("total_bytes") else "") for d in health.get("devices", []))
+        gpu = any(d["name"].startswith("cuda") for d in health.get("devices", []))
+        self.ui.serviceLabel.text = _("MedDiffusion {version}, torch {torch}; {devices}{nogpu}").format(
+            version=health.get("version", "?"), torch=health.get("torch", "?"), devices=devices,
+            nogpu="" if gpu else _(" - no CUDA GPU: only the bundled model is practical"))
+        self.ui.freeMemoryButton.enabled = True
+        self._fillModels(health)
+
+    def _onFreeMemory(self) -> None:
+        out = self.logic.unload()
+        self._status(_("freed: {models}").format(models=", ".join(out.get("unloaded", [])) or _("nothing was loaded")))
+
+    def _onAboutToQuit(self) -> None:
+        self.logic.stopServer()
+
+    # -- dependencies of the local service's Python -------------------------------------------------------------
+    def _refreshDependencies(self) -> None:
+        if not self._isLocal():
+            return
+        self._missing = self.logic.missingDependencies(self._python())
+        if self._missing:
+            self._setDependencies(self._missing, _("dependencies missing: {packages}").format(
+                packages=", ".join(self._missing)))
+        else:
+            self._setDependencies([], _("all installed"))
+
+    def _setDependencies(self, missing, text: str) -> None:
+        self.ui.dependenciesLabel.text = text
+        self.ui.installButton.enabled = bool(missing) or missing is None
+        self.ui.installButton.toolTip = (_("Install into {python}: {packages}").format(
+            python=self._python(), packages=", ".join(missing)) if missing else _("Nothing to install"))
+
+    def _onInstall(self, then=None) -> None:
+        python = self._python()
+        missing = self.logic.missingDependencies(python)
+        if not missing:
+            self._refreshDependencies()
+            if then:
+                then()
+            return
+        if not slicer.util.confirmOkCancelDisplay(
+                _("The MedDiffusion service needs these Python packages in {python}:\n{packages}\n\nInstall them "
+                  "now? (PyTorch is a large download and comes from the PyTorch extension.)").format(
+                    python=python, packages="\n".join(missing)), windowTitle=_("MedDiffusion")):
+            return
+        if any(r.startswith("torch") for r in missing):
+            self._status(_("installing PyTorch (see the Python console for progress) ..."))
+            slicer.app.processEvents()
+            with slicer.util.WaitCursor():
+                self.logic.installTorch(python)
+        self._pip = self.logic.startPipInstall(python)
+        self._pending = then
+        if self._pip is None:
+            self._installFinished(0)
+            return
+        self._setBusy(True)
+        self.ui.progressBar.setRange(0, 0)
+        self._status(_("installing {packages} ...").format(packages=", ".join(self._pip.command[5:])))
+        self._timer.start()
+
+    def _pipTick(self) -> None:
+        rc = self._pip.poll()
+        if rc is None:
+            self._status(_("installing: {line}").format(line=self._pip.last_line()[:120]))
+            return
+        self._installFinished(rc)
+
+    def _installFinished(self, rc: int) -> None:
+        import importlib
+
+        pip, self._pip = self._pip, None
+        self._timer.stop()
+        self._setBusy(False)
+        self.ui.progressBar.setRange(0, 1)
+        importlib.invalidate_caches()
+        self._refreshDependencies()
+        action, self._pending = self._pending, None
+        if rc != 0 or self._missing:
+            self._status(_("installation failed"))
+            slicer.util.errorDisplay(_("Installing the packages failed; still missing: {packages}").format(
+                packages=", ".join(self._missing) or "-"), detailedText=pip.tail() if pip else "",
+                windowTitle=_("MedDiffusion"))
+            return
+        self._status(_("packages installed"))
+        if action is not None:
+            self._withService(action)
+
+    # -- models and ControlNets (from the service) -----------------------------------------------------------------
+    def _fillModels(self, health) -> None:
+        self._models = health.get("models", [])
+        nets = health.get("controlnets", [])
+        self._labelsNets = [c for c in nets if c["task"] == "labels"]
+        self._sparseNets = [c for c in nets if c["task"] in ("sparse-view", "mri")]
+        p = self._parameterNode
+        for combo, items, label, current in (
+                (self.ui.modelComboBox, self._models, lambda m: f"{m['title']} [{m['state']}]", p.modelId if p else ""),
+                (self.ui.labelsControlNetComboBox, self._labelsNets, lambda c: c["name"],
+                 p.labelsControlNet if p else ""),
+                (self.ui.sparseViewControlNetComboBox, self._sparseNets, lambda c: c["name"],
+                 p.sparseViewControlNet if p else "")):
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            for item in items:
+                combo.addItem(label(item))
+            ids = [i.get("id", i.get("name")) for i in items]
+            combo.currentIndex = ids.index(current) if current in ids else (0 if items else -1)
+            combo.blockSignals(wasBlocked)
         self._onModelChanged()
+        self._onControlNetChanged()
 
-    def _currentModelId(self) -> str:
-        return self.ui.modelComboBox.currentData or ""
+    def _model(self):
+        i = self.ui.modelComboBox.currentIndex
+        return self._models[i] if 0 <= i < len(self._models) else None
 
     def _onModelChanged(self, *_args) -> None:
-        from MedDiffusionLib.registry import get_model
-        from MedDiffusionLib.weights import status
-        model_id = self._currentModelId()
-        if not model_id:
+        model = self._model()
+        if model is None:
             return
-        entry = get_model(model_id)
-        st = status(entry)
-        states = ", ".join(f"{role}: {s['state']}" for role, s in st.items())
-        sizes = [s["size"] for s in st.values() if s["size"]]
-        size = f"{sum(sizes) / 2**20:.0f} MiB" if sizes else _("size unknown")
-        self.ui.modelInfoLabel.text = f"{states}; {size}; {_('licence')}: {entry.raw['license']}"
-        self.ui.downloadButton.enabled = not entry.bundled
-        self.ui.classComboBox.clear()
-        for c in entry.raw["classes"]:
-            self.ui.classComboBox.addItem(f"{c['index']} {c['name']}", c["index"])
-        self.ui.sizePresetComboBox.clear()
-        for c in entry.raw["classes"]:
-            for s in c["sizes"]:
-                label = "x".join(map(str, s["image_xyz"])) + " @ " + "x".join(f"{v:g}" for v in s["spacing_xyz"]) + " mm"
-                self.ui.sizePresetComboBox.addItem(f"{c['name']}: {label}", s)
-        if self._parameterNode:
-            self._parameterNode.modelId = model_id
-            defaults = entry.raw["defaults"]
-            self._parameterNode.sampler = defaults["sampler"]
+        self.ui.modelInfoLabel.text = _("{state}; licence: {licence}").format(state=model["state"],
+                                                                             licence=model.get("license") or "-")
+        combo = self.ui.classComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for c in model["classes"]:
+            combo.addItem(f"{c['index']} {c['name']}")
+        indices = [c["index"] for c in model["classes"]]
+        p = self._parameterNode
+        want = p.classIndex if p and p.modelId == model["id"] else model["defaults"]["class"]
+        combo.currentIndex = indices.index(want) if want in indices else 0
+        combo.blockSignals(wasBlocked)
+        if p is not None and p.modelId != model["id"]:
+            p.modelId = model["id"]
+            p.sampler = model["defaults"]["sampler"] if model["defaults"]["sampler"] in ("ddpm", "ddim", "dpm++") \
+                else p.sampler
+        self._onClassChanged()
 
-    def _onDownload(self) -> None:
-        if not self._ensureDeps():
+    def _class(self):
+        model = self._model()
+        i = self.ui.classComboBox.currentIndex
+        return model["classes"][i] if model and 0 <= i < len(model["classes"]) else None
+
+    def _onClassChanged(self, *_args) -> None:
+        cls = self._class()
+        if cls is None:
             return
-        self._start(self.logic.downloadModel(self._currentModelId(), blocking=False))
+        if self._parameterNode is not None:
+            self._parameterNode.classIndex = cls["index"]
+        combo = self.ui.sizePresetComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for s in cls["sizes"]:
+            combo.addItem("x".join(map(str, s["image_xyz"])) + " @ " + "x".join(f"{v:g}" for v in s["spacing_xyz"])
+                          + " mm")
+        combo.blockSignals(wasBlocked)
+        hasWindow = bool(cls.get("hu_window"))
+        self.ui.mapToHUCheckBox.enabled = hasWindow
+        self.ui.mapToHUCheckBox.toolTip = (
+            _("Map the result from model units to HU with the class's window {window}").format(window=cls["hu_window"])
+            if hasWindow else _("This model does not publish an HU range for this class: results stay in model units "
+                                "[-1, 1]"))
+        self._onPresetChanged()
 
-    def _onVerify(self) -> None:
-        rows = self.logic.verifyModel(self._currentModelId())
-        slicer.util.infoDisplay("\n".join(f"{role}: {state} ({detail})" for role, state, detail in rows),
-                                windowTitle=_("MedDiffusion: verify weights"))
-
-    # tasks --------------------------------------------------------------------------------------------
-    def _ensureDeps(self) -> bool:
-        if self.logic.missingPackages():
-            return self.logic.ensureDependencies(askConfirmation=True)
-        return True
-
-    def _size(self) -> tuple[int, int, int]:
+    def _onPresetChanged(self, *_args) -> None:
+        cls = self._class()
+        i = self.ui.sizePresetComboBox.currentIndex
         p = self._parameterNode
-        preset = self.ui.sizePresetComboBox.currentData
-        if self.ui.usePresetCheckBox.checked and preset:
-            return tuple(preset["image_xyz"])
-        return (p.sizeX, p.sizeY, p.sizeZ)
+        if cls is None or p is None or not (0 <= i < len(cls["sizes"])) or not p.useTrainedSize:
+            return
+        size, spacing = cls["sizes"][i]["image_xyz"], cls["sizes"][i]["spacing_xyz"]
+        with slicer.util.NodeModify(p):
+            p.sizeX, p.sizeY, p.sizeZ = size
+            p.spacingX, p.spacingY, p.spacingZ = spacing
 
-    def _spacing(self) -> tuple[float, float, float]:
+    def _onControlNetChanged(self, *_args) -> None:
         p = self._parameterNode
-        preset = self.ui.sizePresetComboBox.currentData
-        if self.ui.usePresetCheckBox.checked and preset:
-            return tuple(preset["spacing_xyz"])
-        return (p.spacingX, p.spacingY, p.spacingZ)
+        if p is None:
+            return
+        i, j = self.ui.labelsControlNetComboBox.currentIndex, self.ui.sparseViewControlNetComboBox.currentIndex
+        if 0 <= i < len(self._labelsNets):
+            p.labelsControlNet = self._labelsNets[i]["name"]
+        if 0 <= j < len(self._sparseNets):
+            p.sparseViewControlNet = self._sparseNets[j]["name"]
 
-    LONG_CPU_RUN_SECONDS = 300
-
-    def _updateEstimate(self) -> tuple[float, str]:
-        if importlib.util.find_spec("torch") is None:
-            self.ui.estimateLabel.text = _("install dependencies first (press Generate)")
-            return 0.0, "cpu"
+    # -- buttons: enabled only when their inputs are set --------------------------------------------------------------
+    def _updateButtons(self, *_args) -> None:
         p = self._parameterNode
-        import torch
-        device = p.device if p.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        steps = 1000 if p.sampler == "ddpm" else p.steps
-        seconds, text = MedDiffusionLogic.estimate(self._currentModelId(), self._size(), steps, device,
-                                                   self._mode())
-        self.ui.estimateLabel.text = text
-        return seconds, device
+        busy = self._job is not None or self._pip is not None or self._pending is not None
+        needs = {
+            "generateButton": [],
+            "synthesizeButton": ([] if p and p.segmentation else [_("a segmentation")])
+            + ([] if p and p.referenceVolume else [_("a reference volume")])
+            + ([] if p and p.segmentMapping.strip() else [_("a Segment = label mapping")]),
+            "simulateButton": [] if p and p.fullCTVolume else [_("a full CT volume")],
+            "reconstructButton": [] if p and p.fbpVolume else [_("a sparse-view FBP volume")],
+        }
+        tips = {"generateButton": _("Generate volumes from noise with the selected model"),
+                "synthesizeButton": _("Synthesize a CT on the reference grid from the mapped segments"),
+                "simulateButton": _("Simulate the FBP of a sparse fan-beam scan of the full CT (HU)"),
+                "reconstructButton": _("Reconstruct a CT from the sparse-view FBP with the ControlNet")}
+        for name, missing in needs.items():
+            button = getattr(self.ui, name)
+            button.enabled = not busy and p is not None and not missing
+            if busy:
+                button.toolTip = _("A job is running: wait or Cancel")
+            elif missing:
+                button.toolTip = _("Select {items} first").format(items=_(" and ").join(missing))
+            else:
+                button.toolTip = tips[name]
+        self.ui.cancelButton.enabled = self._job is not None
+        self.ui.connectButton.enabled = not busy
+        if p is not None:
+            self.ui.stepsSpinBox.enabled = p.sampler != "ddpm"
+            self.ui.stepsSpinBox.toolTip = (_("DDPM always runs the model's full schedule (1000 steps)")
+                                            if p.sampler == "ddpm" else _("Number of sampler steps"))
+            for w in (self.ui.sizeXSpinBox, self.ui.sizeYSpinBox, self.ui.sizeZSpinBox, self.ui.spacingXSpinBox,
+                      self.ui.spacingYSpinBox, self.ui.spacingZSpinBox):
+                w.enabled = not p.useTrainedSize
+            self.ui.sizePresetComboBox.enabled = p.useTrainedSize
 
+    # -- tasks ---------------------------------------------------------------------------------------------------------
     def _mode(self) -> str:
         return "reference" if self._parameterNode.referenceKernels else "fast"
 
     def _onGenerate(self) -> None:
-        if not self._ensureDeps():
-            return
         p = self._parameterNode
-        from MedDiffusionLib.pipelines.generation import legal_size
-        from MedDiffusionLib.registry import get_model
-        try:
-            legal_size(self._size(), get_model(self._currentModelId()).compression)
-        except ValueError as exc:
-            slicer.util.errorDisplay(str(exc))
-            return
-        seconds, device = self._updateEstimate()
-        if device == "cpu" and seconds > self.LONG_CPU_RUN_SECONDS and not slicer.util.confirmOkCancelDisplay(
-                _("No GPU will be used: this run takes {estimate}. Continue?").format(estimate=self.ui.estimateLabel.text)):
-            return
-        job = self.logic.generate(modelId=self._currentModelId(), classIndex=self.ui.classComboBox.currentData,
-                                  size=self._size(), spacing=self._spacing(), seed=p.seed, sampler=p.sampler,
-                                  steps=p.steps, numberOfVolumes=p.numberOfVolumes, mapToHU=p.mapToHU,
-                                  weightsFolder=p.weightsFolder or None, device=p.device, blocking=False,
-                                  mode=self._mode())
-        self._start(job)
+
+        def submit():
+            cls = self._class()
+            return self.logic.submitGenerate(
+                modelId=p.modelId or None, classIndex=cls["index"] if cls else None,
+                size=(p.sizeX, p.sizeY, p.sizeZ), spacing=(p.spacingX, p.spacingY, p.spacingZ), seed=p.seed,
+                sampler=p.sampler, steps=p.steps, numberOfVolumes=p.numberOfVolumes,
+                mapToHU=bool(p.mapToHU and cls and cls.get("hu_window")), device=p.device, mode=self._mode(),
+                previewEvery=p.previewEvery)
+        self._withService(lambda: self._start(submit()))
 
     def _onSynthesize(self) -> None:
         p = self._parameterNode
-        if not p.segmentation or not p.referenceVolume:
-            slicer.util.errorDisplay(_("Select a segmentation and a reference volume."))
-            return
-        if not self._ensureDeps():
-            return
-        mapping = self._segmentMapping()
-        if not mapping:
-            slicer.util.errorDisplay(_("Map at least one segment to a model label (e.g. Lung=1, Tumour=4)."))
-            return
-        self._start(self.logic.synthesizeFromSegmentation(p.segmentation, p.referenceVolume, mapping,
-                                                          controlNet=p.labelsControlNet, seed=p.seed, steps=p.steps,
-                                                          device=p.device, blocking=False, mode=self._mode()))
-
-    def _segmentMapping(self) -> dict:
-        """'Segment name=label' pairs from the mapping field; segment names are matched case-insensitively."""
-        seg = self._parameterNode.segmentation.GetSegmentation()
-        names = {seg.GetNthSegment(i).GetName().lower(): seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())}
-        mapping = {}
-        for item in self.ui.segmentMappingLineEdit.text.split(","):
-            if "=" in item:
-                name, value = item.rsplit("=", 1)
-                sid = names.get(name.strip().lower())
-                if sid is None:
-                    raise ValueError(f"no segment named {name.strip()!r} in the segmentation")
-                mapping[sid] = int(value)
-        return mapping
+        mapping = segment_mapping(p.segmentation, p.segmentMapping)  # checked before anything starts
+        self._withService(lambda: self._start(self.logic.submitSynthesize(
+            p.segmentation, p.referenceVolume, mapping, controlNet=p.labelsControlNet, seed=p.seed,
+            steps=p.controlSteps, device=p.device, mode=self._mode(), previewEvery=p.previewEvery)))
 
     def _onSimulate(self) -> None:
         p = self._parameterNode
-        if not p.fullCTVolume:
-            slicer.util.errorDisplay(_("Select a full CT volume to simulate a sparse-view scan from."))
-            return
-        if not self._ensureDeps():
-            return
-        self._start(self.logic.simulateSparseView(p.fullCTVolume, views=p.views, blocking=False))
+        self._withService(lambda: self._start(self.logic.submitSimulate(p.fullCTVolume, views=p.views)))
 
     def _onReconstruct(self) -> None:
         p = self._parameterNode
-        if not p.fbpVolume:
-            slicer.util.errorDisplay(_("Select the sparse-view FBP volume."))
-            return
-        if not self._ensureDeps():
-            return
-        self._start(self.logic.reconstructSparseView(p.fbpVolume, controlNet=p.sparseViewControlNet, seed=p.seed,
-                                                     steps=p.steps, device=p.device, blocking=False,
-                                                     mode=self._mode()))
-
-    # job handling (main thread) -------------------------------------------------------------------------
-    def _setBusy(self, busy: bool) -> None:
-        for name in ("generateButton", "synthesizeButton", "simulateButton", "reconstructButton", "downloadButton"):
-            getattr(self.ui, name).enabled = not busy
-        self.ui.cancelButton.enabled = busy
-
-    def _start(self, job) -> None:
-        self._job = job
-        self._setBusy(True)
-        self.ui.progressBar.setValue(0)
-        self.ui.statusLabel.text = _("starting {name} ...").format(name=job.name)
-        self._timer.start()
-
-    def _poll(self) -> None:
-        job = self._job
-        if job is None:
-            self._timer.stop()
-            return
-        if job.total:
-            self.ui.progressBar.setMaximum(job.total)
-            self.ui.progressBar.setValue(job.step)
-            eta = job.eta_seconds()
-            self.ui.statusLabel.text = f"{job.name}: step {job.step}/{job.total}" + (f", ETA {eta:.0f} s" if eta else "")
-        if not job.done:
-            return
-        self._timer.stop()
-        self._job = None
-        self._setBusy(False)
-        from MedDiffusionLib.schedulers import Cancelled
-        if isinstance(job.error, Cancelled) or (job.cancelled() and job.error is None and job.result is None):
-            self.ui.statusLabel.text = _("cancelled; the scene was left unchanged")
-            return
-        if job.error is not None:
-            self.ui.statusLabel.text = _("failed: {error}").format(error=job.error)
-            slicer.util.errorDisplay(_("MedDiffusion {name} failed: {error}").format(name=job.name, error=job.error),
-                                     detailedText=job.error_details)
-            return
-        if job.result and job.result[0] == "download":
-            self._onModelChanged()
-            self.ui.statusLabel.text = _("downloaded {model}").format(model=job.result[1])
-            return
-        with slicer.util.tryWithErrorDisplay(_("Could not create the result nodes."), waitCursor=True):
-            self.logic.finishJob(job)
-            self.ui.statusLabel.text = _("{name} done in {seconds:.0f} s").format(name=job.name,
-                                                                               seconds=job.finished - job.started)
+        self._withService(lambda: self._start(self.logic.submitReconstruct(
+            p.fbpVolume, controlNet=p.sparseViewControlNet, seed=p.seed, steps=p.controlSteps, device=p.device,
+            mode=self._mode(), previewEvery=p.previewEvery)))
 
     def _onCancel(self) -> None:
         if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("cancelling after the current step ...")
+            self.logic.cancel(self._job)
+            self._status(_("cancelling after the current step ..."))
+
+    # -- job handling (main thread; every request has a short timeout) ----------------------------------------------
+    def _setBusy(self, busy: bool) -> None:
+        if not busy:
+            self.ui.progressBar.setRange(0, 1)
+        self._updateButtons()
+
+    def _status(self, text: str) -> None:
+        self.ui.statusLabel.text = text
+
+    def _start(self, job) -> None:
+        self._job = job
+        self._startedAt = time.monotonic()
+        self._misses = 0
+        self._setBusy(True)
+        self.ui.progressBar.setRange(0, 0)
+        self._status(_("{task}: queued").format(task=job.task))
+        self._timer.start()
+
+    def _onTimer(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
+            if self._pip is not None:
+                self._pipTick()
+            elif self._job is not None:
+                self._poll()
+            elif self._pending is not None:
+                self._serviceReadyTick()
+            else:
+                self._timer.stop()
+
+    def _poll(self) -> None:
+        job = self._job
+        try:
+            st = self.logic.poll(job)
+        except ServiceUnavailable:
+            self._misses += 1  # a busy service may miss a short poll: keep polling while it lives
+            server = self.logic.server
+            dead = (server is None or not server.running) if self.logic.isLocal else self._misses > 240
+            if dead:
+                self._endJob()
+                detail = self.logic.serverLog() if self.logic.isLocal else ""
+                self._status(_("the MedDiffusion service stopped answering"))
+                slicer.util.errorDisplay(_("The MedDiffusion service stopped answering during the job."),
+                                         detailedText=detail, windowTitle=_("MedDiffusion"))
+            return
+        self._misses = 0
+        self._showProgress(st)
+        if st.get("preview_step") is not None and not job.done:
+            had = job.previewNode
+            node = self.logic.updatePreview(job)
+            if node is not None and had is None:
+                slicer.util.setSliceViewerLayers(background=node, fit=True)
+        if not job.done:
+            return
+        self._endJob()
+        try:
+            nodes = self.logic.finishJob(job)
+        except JobCancelled:
+            self._status(_("cancelled; the scene was left unchanged"))
+            return
+        except JobFailed as exc:
+            self._status(_("failed: {error}").format(error=exc.message))
+            slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(task=job.task, error=exc.message),
+                                     windowTitle=_("MedDiffusion"))
+            return
+        if nodes:
+            slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
+            if job.task == "simulate-sparse-view":
+                self._parameterNode.fbpVolume = nodes[0]  # ready for Reconstruct
+        self._status(_("{task} done in {seconds:.0f} s: {names}").format(
+            task=job.task, seconds=time.monotonic() - self._startedAt, names=", ".join(n.GetName() for n in nodes)))
+
+    def _endJob(self) -> None:
+        self._timer.stop()
+        self._job = None
+        self._setBusy(False)
+
+    def _showProgress(self, st: dict) -> None:
+        bar = self.ui.progressBar
+        if st.get("total"):
+            bar.setRange(0, int(st["total"]))
+            bar.setValue(int(st.get("step", 0)))
+        else:
+            bar.setRange(0, 0)  # no step count (loading, simulating): indeterminate
+        text = f"{st.get('task', '')}: {st.get('message') or st.get('phase', '')}"
+        if st.get("position"):
+            text += _(" (position {n} in the queue)").format(n=st["position"])
+        if st.get("eta_s"):
+            text += _(", about {seconds:.0f} s left").format(seconds=st["eta_s"])
+        self._status(text)
 
 
 #
-# Test (runs inside Slicer with the bundled models on CPU)
+# Test (runs inside Slicer). The job test needs the service's packages: it is skipped on build
+# machines that lack them, as the reference extensions do with their heavy tests.
 #
 class MedDiffusionTest(ScriptedLoadableModuleTest):
     def setUp(self):
@@ -645,58 +813,25 @@ class MedDiffusionTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_generate()
-        self.test_sparse_view()
-        self.test_synthesize()
+        self.test_mapping_and_refusals()
+        self.setUp()
+        self.test_generate_with_local_service()
 
-    def _checkHU(self, node, lo=-1100, hi=3100):
-        arr = slicer.util.arrayFromVolume(node)
-        self.assertTrue(arr.min() >= lo and arr.max() <= hi, (arr.min(), arr.max()))
-
-    def test_generate(self):
-        logic = MedDiffusionLogic()
-        node = logic.generate(seed=1, sampler="ddim", steps=20, device="cpu")
-        self.assertEqual(node.GetImageData().GetDimensions(), (64, 64, 64))
-        self.assertAlmostEqual(node.GetSpacing()[0], 4.8, places=3)
-        self._checkHU(node)
-
-    def _chestPhantom(self):
-        import numpy as np
-        zz, yy, xx = np.mgrid[0:64, 0:96, 0:96] - np.array([31.5, 47.5, 47.5])[:, None, None, None]
-        hu = np.full((64, 96, 96), -1000.0, dtype=np.float32)
-        body = (xx ** 2 / 44 ** 2 + yy ** 2 / 32 ** 2) < 1
-        hu[body] = 40
-        for cx in (-20, 20):
-            hu[body & (((xx - cx) ** 2 / 14 ** 2 + yy ** 2 / 20 ** 2) < 1)] = -850
-        node = slicer.util.addVolumeFromArray(hu, name="phantom")
-        node.SetSpacing(3.0, 3.0, 4.0)
-        return node
-
-    def test_sparse_view(self):
-        logic = MedDiffusionLogic()
-        ct = self._chestPhantom()
-        fbp = logic.simulateSparseView(ct, views=40)
-        self.assertEqual(fbp.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
-        recon = logic.reconstructSparseView(fbp, steps=10, device="cpu")
-        m1, m2 = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
-        ct.GetIJKToRASMatrix(m1)
-        recon.GetIJKToRASMatrix(m2)
-        self.assertTrue(all(abs(m1.GetElement(r, c) - m2.GetElement(r, c)) < 1e-6 for r in range(4) for c in range(4)))
-        self._checkHU(recon)
-
-    def test_synthesize(self):
-        import numpy as np
-        logic = MedDiffusionLogic()
-        ct = self._chestPhantom()
+    def test_mapping_and_refusals(self):
         seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "labels")
-        seg.CreateDefaultDisplayNodes()
-        seg.SetReferenceImageGeometryParameterFromVolumeNode(ct)
-        arr = slicer.util.arrayFromVolume(ct)
-        lab = slicer.util.addVolumeFromArray((arr < -500).astype(np.uint8) * 1 + (arr > -500).astype(np.uint8) * 2,
-                                             nodeClassName="vtkMRMLLabelMapVolumeNode")
-        lab.CopyOrientation(ct)
-        slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(lab, seg)
-        ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
-        out = logic.synthesizeFromSegmentation(seg, ct, {ids[0]: 0, ids[1]: 2}, steps=10, device="cpu")
-        self.assertEqual(out.GetImageData().GetDimensions(), ct.GetImageData().GetDimensions())
-        self._checkHU(out)
+        seg.GetSegmentation().AddEmptySegment("lung", "Lung")
+        self.assertEqual(list(segment_mapping(seg, "Lung=1, Bone=3").values()), [1])
+        vec = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+        with self.assertRaises(InputError):
+            MedDiffusionLogic().submitSimulate(vec)
+
+    def test_generate_with_local_service(self):
+        logic = MedDiffusionLogic()
+        if logic.missingDependencies():
+            self.delayDisplay("MedDiffusion service packages are not installed: job test skipped")
+            return
+        try:
+            node = logic.generate(sampler="ddim", steps=2, device="cpu", timeout=600)
+            self.assertEqual(node.GetImageData().GetDimensions(), (64, 64, 64))
+        finally:
+            logic.stopServer()

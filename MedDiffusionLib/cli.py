@@ -5,6 +5,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .jobs import JobSpec
 
 EXAMPLES_GENERATE = """examples:
   meddiffusion generate --out sample.nii.gz                      # bundled demo model, CPU is fine
@@ -44,82 +50,182 @@ def _outputs(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{stem}_{i}{suffix}") for i in range(n)]
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .data.volumes import check_writable, write_volume
-    from .registry import get_model, parse_class
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", metavar="URL", help="run on a MedDiffusion job service (`meddiffusion serve`) instead of in "
+                                                   "this process, e.g. http://gpu-box:8765; same outputs")
+    p.add_argument("--token", help="the service's token (default: $MEDDIFFUSION_TOKEN; the variable keeps it out of "
+                                   "the process list)")
 
-    if args.num_volumes < 1:
-        raise ValueError(f"--num-volumes must be positive, got {args.num_volumes}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
-    outs = _outputs(args.out, args.num_volumes)
-    for o in outs:
-        check_writable(o, args.overwrite)
-    entry = get_model(args.model) if (args.model or not args.weights) else None
-    cls = parse_class(args.class_ if args.class_ is not None else entry.raw["defaults"]["class"] if entry else 1, entry)
-    hu_window = args.hu_window
-    if args.hu and hu_window is None:
-        info = entry.class_info(cls) if entry else {}
-        if "hu_window" not in info:
-            raise ValueError("this model has no suggested HU window for that class; give one with --hu-window LO HI")
-        hu_window = info["hu_window"]
-    if hu_window is not None:
-        from .registry import class_names
-        if not class_names()[cls].startswith("CT"):
-            raise ValueError(f"--hu-window applies to CT classes only; class {cls} is {class_names()[cls]}")
-        if hu_window[1] <= hu_window[0]:
-            raise ValueError(f"--hu-window needs LO < HI, got {hu_window}")
 
-    import torch
+def _params(args: argparse.Namespace, *names: str) -> dict:
+    """Job parameters from the options that are set (unset ones are resolved by jobs.resolve)."""
+    out = {}
+    for name in names:
+        value = getattr(args, name.replace("-", "_") if name != "class" else "class_", None)
+        if value is not None and value is not False:
+            out[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
 
-    from .pipelines.generation import GenerationPipeline, legal_size, resolve_device
 
-    device = resolve_device(args.device)
-    if entry is not None and args.size is not None:
-        legal_size(args.size, entry.compression)
-    t0 = time.time()
-    mode = "reference" if args.reference else "fast"
-    pipe = GenerationPipeline.from_pretrained(args.model, args.weights, device=str(device),
-                                              local_files_only=True if args.offline else None, precision=args.precision,
-                                              mode=mode, compile=args.compile,
-                                              memory_limit_bytes=None if args.max_memory_gb is None
-                                              else args.max_memory_gb * 2 ** 30)
-    size = args.size or (pipe.entry.default_size(cls)[0] if pipe.entry else None)
-    if size is None:
-        raise ValueError("--size X Y Z is required with --weights")
-    legal_size(size, pipe.compression)
-    sampler = args.sampler or (pipe.entry.raw["defaults"]["sampler"] if pipe.entry else "ddpm")
-    steps = args.steps if sampler != "ddpm" else 1000
-    if sampler != "ddpm" and steps is None:
-        defaults = pipe.entry.raw["defaults"] if pipe.entry else {}
-        steps = defaults["steps"] if defaults.get("sampler") == sampler else (100 if sampler == "ddim" else 20)
-    if sampler == "ddpm" and args.steps not in (None, 1000):
-        raise ValueError("DDPM always runs 1000 steps; use --sampler ddim or dpm++ with --steps N for fewer")
-    est = pipe.estimate(size, steps, args.num_volumes)
-    if device.type == "cpu":
-        print(f"warning: running on the CPU; expected {est.text('cpu')}", file=sys.stderr)
-    elif not args.quiet:
-        print(f"expected {est.text(str(device))}", file=sys.stderr)
+def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSpec":
+    from .data.volumes import SUFFIXES
+    from .jobs import JobSpec
+
+    if getattr(args, "reference", False):
+        params["mode"] = "reference"
+    name = out.lower()
+    fmt = next((s for s in SUFFIXES if name.endswith(s)), ".nrrd")
+    if getattr(args, "server", None) and getattr(args, "weights", None):
+        raise UserError("--weights is a local folder: a server uses the models it has (choose one with --model)")
+    inputs = {"input": args.input} if hasattr(args, "input") else {}
+    return JobSpec(task, getattr(args, "model", None), getattr(args, "weights", None),
+                   getattr(args, "controlnet", None), params, inputs, fmt)
+
+
+def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], desc: str) -> list[dict]:
+    """Run a job here or on ``--server`` with a progress bar; write ``outputs``; return result metadata."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, unit="step", desc=f"sampling ({sampler})", disable=args.quiet)
+    quiet = getattr(args, "quiet", False)
+    bar = tqdm(total=max(1, spec.params.get("steps") or 1), unit="step", desc=desc, disable=quiet)
+    printed: set[str] = set()
 
-    def progress(i: int, n: int) -> None:
-        bar.update(i - bar.n)
+    def show(step: int, total: int, notices: list[str]) -> None:
+        for n in notices:
+            if n not in printed:
+                printed.add(n)
+                bar.write(n, file=sys.stderr) if not quiet else print(n, file=sys.stderr)
+        if total and total != bar.total:
+            bar.total = total
+            bar.refresh()
+        if step > bar.n:
+            bar.update(step - bar.n)
 
     try:
-        results = pipe.generate(cls, size, args.spacing, args.seed, sampler, steps if sampler != "ddpm" else None,
-                                args.num_volumes, progress, tiling=args.tiling)
-    except torch.cuda.OutOfMemoryError:
-        raise MemoryError(f"the GPU ran out of memory for {'x'.join(map(str, size))}; try a smaller --size, fewer "
-                          "--num-volumes, or --device cpu") from None
+        if getattr(args, "server", None):
+            return _execute_remote(args, spec, outputs, show)
+        from .jobs import run_job, write_results
+
+        res = run_job(spec, progress=lambda ev: show(ev.step, ev.total, [ev.notice] if ev.notice else []),
+                      resolved=True)
+        bar.close()
+        write_results(res, outputs, getattr(args, "overwrite", False))
+        return [r.meta for r in res.results]
     finally:
         bar.close()
-    for res, out in zip(results, outs):
-        write_volume(res.volume(hu_window), out, args.overwrite)
-        print(f"wrote {out}  ({'x'.join(map(str, size))} voxels, spacing {tuple(round(s, 3) for s in res.spacing_xyz)} "
-              f"mm, class {cls}, seed {args.seed}, {'HU' if hu_window else 'model units [-1, 1]'})")
-    print(f"done in {time.time() - t0:.1f} s on {device}")
+
+
+def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> list[dict]:
+    from .client import Client
+
+    client = Client(args.server, args.token)
+    st = client.submit(spec.to_dict(), {k: v for k, v in spec.inputs.items()})
+    job_id = st["id"]
+    try:
+        st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
+        for res, out in zip(st["results"], outputs):
+            client.download(job_id, res["name"], out)
+        return [r["meta"] for r in st["results"]]
+    except KeyboardInterrupt:
+        client.cancel(job_id)
+        raise
+    finally:
+        try:
+            client.delete(job_id)
+        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
+            pass
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .data.volumes import check_writable
+    from .jobs import resolve
+
+    params = _params(args, "class", "size", "spacing", "seed", "sampler", "steps", "num_volumes", "hu", "hu_window",
+                     "device", "precision", "tiling", "max_memory_gb", "compile", "force")
+    spec = resolve(_spec(args, "generate", params, args.out), service=False)
+    outs = _outputs(args.out, spec.params["num_volumes"])
+    for o in outs:
+        check_writable(o, args.overwrite)
+    p = spec.params
+    t0 = time.time()
+    metas = _execute(args, spec, outs, f"sampling ({p['sampler']})")
+    units = "HU" if p["hu_window"] else "model units [-1, 1]"
+    for meta, out in zip(metas, outs):
+        print(f"wrote {out}  ({'x'.join(map(str, p['size']))} voxels, spacing {tuple(round(s, 3) for s in p['spacing'])} "
+              f"mm, class {p['class']}, seed {p['seed']}, {units})")
+    print(f"done in {time.time() - t0:.1f} s" + (f" on {args.server}" if args.server else ""))
+    return 0
+
+
+def _run_controlled(args: argparse.Namespace, kind: str) -> int:
+    from .data.volumes import check_writable
+    from .jobs import resolve
+
+    check_writable(args.out, args.overwrite)
+    spec = resolve(_spec(args, kind, _params(args, "seed", "sampler", "steps", "device"), args.out))
+    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params['sampler']})")
+    print(f"wrote {args.out} (on the input's grid)")
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    return _run_controlled(args, "synthesize")
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    return _run_controlled(args, "reconstruct")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .data.volumes import check_writable
+    from .jobs import resolve
+
+    check_writable(args.out, args.overwrite)
+    spec = resolve(_spec(args, "simulate-sparse-view", _params(args, "views", "bins", "device"), args.out))
+    _execute(args, spec, [Path(args.out)], "simulating")
+    print(f"wrote {args.out}: FBP of {spec.params['views']} fan-beam views (HU)")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+    import secrets
+
+    from .client import TOKEN_ENV
+    from .server import Limits, serve
+
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UserError(f"{args.token_file}: cannot read the token file ({exc.strerror})") from exc
+        if not token:
+            raise UserError(f"{args.token_file}: the token file is empty")
+        source = f"from {args.token_file}"
+    elif os.environ.get(TOKEN_ENV):
+        token, source = os.environ[TOKEN_ENV], f"from ${TOKEN_ENV}"
+    else:
+        token = secrets.token_urlsafe(32)
+        print(f"token: {token}\n(clients pass it with --token or ${TOKEN_ENV}; it is not shown again)", flush=True)
+        source = "generated"
+    if args.max_upload_mb <= 0 or args.max_queue < 1 or args.result_ttl <= 0:
+        raise UserError("--max-upload-mb, --max-queue and --result-ttl must be positive")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {args.host}: anyone who can reach this port and has the token can run jobs. Keep "
+              "it on a trusted network or behind a TLS reverse proxy.", file=sys.stderr)
+    if args.controlnet_dir:
+        from .jobs import CONTROLNET_DIRS_ENV
+
+        for d in args.controlnet_dir:
+            if not Path(d).is_dir():
+                raise UserError(f"--controlnet-dir {d}: not a folder")
+        os.environ[CONTROLNET_DIRS_ENV] = os.pathsep.join(
+            [*(str(Path(d).resolve()) for d in args.controlnet_dir), os.environ.get(CONTROLNET_DIRS_ENV, "")]).strip(os.pathsep)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"MedDiffusion job service on http://{args.host}:{args.port} (token {source})", flush=True)
+    serve(args.host, args.port, token, args.work_dir,
+          Limits(int(args.max_upload_mb * 2 ** 20), args.max_queue, args.result_ttl), args.exit_with_parent)
     return 0
 
 
@@ -193,66 +299,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="step", desc=desc, disable=quiet)
-
-    def update(i: int, n: int) -> None:
-        bar.update(i - bar.n)
-
-    return bar, update
-
-
-def _run_controlled(args: argparse.Namespace, kind: str) -> int:
-    from .data.volumes import check_writable, read_volume, write_volume
-    from .pipelines.conditioned import ControlledPipeline, reconstruct_sparse_view, synthesize_from_labels
-
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be positive, got {args.steps}")
-    check_writable(args.out, args.overwrite)
-    vol = read_volume(args.input)
-    pipe = ControlledPipeline.from_files(args.controlnet, args.model, args.weights, device=args.device,
-                                         mode="reference" if args.reference else "fast")
-    steps = args.steps if args.sampler != "ddpm" else 1000
-    bar, update = _progress_bar(steps or 50, f"{kind} ({args.sampler})", args.quiet)
-    try:
-        run = synthesize_from_labels if kind == "synthesize" else reconstruct_sparse_view
-        out = run(vol, pipe, seed=args.seed, sampler=args.sampler, steps=steps if args.sampler != "ddpm" else None,
-                  progress=update)
-    finally:
-        bar.close()
-    write_volume(out, args.out, args.overwrite)
-    print(f"wrote {args.out} ({'x'.join(map(str, out.shape))} voxels, on the input's grid)")
-    return 0
-
-
-def _cmd_synthesize(args: argparse.Namespace) -> int:
-    return _run_controlled(args, "synthesize")
-
-
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    return _run_controlled(args, "reconstruct")
-
-
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .data.volumes import check_writable, read_volume, write_volume
-    from .pipelines.conditioned import simulate_sparse_view
-
-    if args.views < 2:
-        raise ValueError(f"--views must be at least 2, got {args.views}")
-    check_writable(args.out, args.overwrite)
-    out = simulate_sparse_view(read_volume(args.input), views=args.views, bins=args.bins, device=args.device)
-    write_volume(out, args.out, args.overwrite)
-    print(f"wrote {args.out}: FBP of {args.views} fan-beam views (HU)")
-    return 0
-
-
 def _cmd_train_controlnet(args: argparse.Namespace) -> int:
     from .training.controlnet import ControlNetTrainer, TrainConfig, find_pairs
 
     if args.steps < 1 or args.batch < 1:
-        raise ValueError("--steps and --batch must be positive")
+        raise UserError("--steps and --batch must be positive")
     pairs = find_pairs(args.pairs)
     val = find_pairs(args.val_pairs) if args.val_pairs else None
     cfg = TrainConfig(task=args.task, out=args.out, model=args.model, weights=args.weights, class_index=args.class_index,
@@ -289,11 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: 1000 ancestral steps (official default); ddim: --steps deterministic steps (official "
                         "variant); dpm++: DPM-Solver++(2M), --steps deterministic steps (ours; 20-50 are enough)")
     p.add_argument("--steps", type=int, help="steps for ddim (default 100) or dpm++ (default 20)")
-    p.add_argument("--tiling", choices=["auto", "official", "seamless"], default="auto",
-                   help="decoding of large volumes. official: the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) "
-                        "latent voxels, else non-overlapping tiles with seams); seamless: whole when it fits in free "
-                        "memory, else overlapping blended tiles sized to the memory; auto (default): seamless, or "
-                        "official with --reference")
+    p.add_argument("--tiling", choices=["auto", "exact", "official", "seamless"], default="auto",
+                   help="decoding of large volumes. exact: whole when it fits in free memory, else the decoder "
+                        "streamed stage by stage in cubes (equal to the whole decode; stage maps in RAM); official: "
+                        "the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping "
+                        "tiles with seams); seamless: overlapping blended tiles sized to the memory (approximate); "
+                        "auto (default): exact, or official with --reference")
     p.add_argument("--num-volumes", type=int, default=1, help="volumes generated together in one batch")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     _add_speed_args(p)
@@ -309,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "files are numbered _0 ... _N-1")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
+    _add_server_args(p)
     p.set_defaults(func=_cmd_generate)
 
     pm = sub.add_parser("models", help="list, download and verify model weights",
@@ -328,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_models_verify)
 
     for name, kind, helptext in (("synthesize", "labels", "synthesize CT from a label map (ControlNet)"),
-                                 ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume (ControlNet)")):
+                                 ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume or an under-sampled MRI (ControlNet; the "
+                                                                 "ControlNet says which)")):
         p = sub.add_parser(name, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
                            description=f"{helptext[0].upper()}{helptext[1:]}. The input is resampled to the model's "
                                        "working grid and the result comes back on the input's grid.",
@@ -336,18 +391,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "chest-ct-mini-labels --out synthetic_ct.nii.gz" if name == "synthesize" else
                                    "example:\n  meddiffusion reconstruct fbp40.nii.gz --controlnet "
                                    "chest-ct-mini-sparse-view --out recon.nii.gz"))
-        p.add_argument("input", help="label map (integer values)" if name == "synthesize" else "FBP volume in HU")
-        p.add_argument("--controlnet", required=True, help="ControlNet .safetensors (with its .json), or a bundled "
-                                                           "name: chest-ct-mini-labels, chest-ct-mini-sparse-view")
+        p.add_argument("input", help="label map (integer values)" if name == "synthesize" else
+                       "FBP volume in HU (sparse-view ControlNet) or zero-filled MRI magnitude (MRI ControlNet)")
+        p.add_argument("--controlnet", required=True, help="ControlNet .safetensors (with its .json), a train-controlnet "
+                                                           "run folder, or a bundled name: chest-ct-mini-labels, "
+                                                           "chest-ct-mini-sparse-view")
         _add_model_args(p)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddim")
-        p.add_argument("--steps", type=int, default=50, help="ddim or dpm++ steps (default 50)")
+        p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default ddim")
+        p.add_argument("--steps", type=int, help="ddim or dpm++ steps (default 50)")
         p.add_argument("--device", default="auto")
         _add_speed_args(p, compile_option=False)
         p.add_argument("--out", required=True)
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--quiet", action="store_true")
+        _add_server_args(p)
         p.set_defaults(func=_cmd_synthesize if name == "synthesize" else _cmd_reconstruct)
 
     p = sub.add_parser("simulate-sparse-view", help="full CT -> FBP of a sparse fan-beam scan",
@@ -358,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("--views", type=int, default=40)
     p.add_argument("--bins", type=int, default=512)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_server_args(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("train-controlnet", help="fine-tune a ControlNet on (condition, target) pairs",
@@ -403,6 +463,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder for autoencoder.* or biflownet.*")
     p.set_defaults(func=_cmd_convert)
 
+    p = sub.add_parser("serve", help="run the job service (for Slicer, the CLI's --server, or a lab GPU machine)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the MedDiffusion job service: one job at a time per device (FIFO), models kept "
+                                   "loaded between jobs. Every request needs the bearer token. Binds 127.0.0.1 unless "
+                                   "--host says otherwise; on a network keep it trusted or behind a TLS reverse proxy.",
+                       epilog="examples:\n  meddiffusion serve                                   # this computer only\n"
+                              "  MEDDIFFUSION_TOKEN=$(cat ~/.md-token) meddiffusion serve --host 0.0.0.0 --port 8765\n"
+                              "  meddiffusion generate --server http://gpu-box:8765 --out sample.nii.gz")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 serves a network)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token-file", help="file holding the token (default: $MEDDIFFUSION_TOKEN, else a new random "
+                                        "token printed once)")
+    p.add_argument("--work-dir", help="folder for uploads and results (default: a temporary folder, removed at exit)")
+    p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload accepted (default 2048)")
+    p.add_argument("--max-queue", type=int, default=16, help="most jobs waiting (default 16)")
+    p.add_argument("--result-ttl", type=float, default=3600, help="seconds finished jobs and results are kept")
+    p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
+                   help="folder of your own ControlNets (DIR/NAME/controlnet.safetensors + .json, as train-controlnet "
+                        "writes them); clients choose them by NAME (repeatable)")
+    p.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("info", help="versions, CUDA devices and free GPU memory",
                        description="Print library/torch versions and the GPUs torch can use.")
     p.set_defaults(func=_cmd_info)
@@ -410,18 +492,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "offline", False):
-        import os
-        os.environ["HF_HUB_OFFLINE"] = "1"
-    from .io.checkpoints import CheckpointError
-    from .registry import RegistryError
-    from .weights import WeightsError
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks for every error (also "
+                                                             "MEDDIFFUSION_DEBUG=1)")
+    args = parser.parse_args(argv)
+    import os
 
+    args.debug = args.debug or os.environ.get("MEDDIFFUSION_DEBUG", "") not in ("", "0")
+    if getattr(args, "offline", False):
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from .client import ServiceError
+    from .errors import MedDiffusionError
+
+    # the library's own errors (UserError, ResourceError, and the loaders' subclasses) and the
+    # file checks are the user's to fix: one line. Anything else is a fault of ours: a traceback.
+    expected = (MedDiffusionError, ServiceError, FileExistsError, FileNotFoundError, PermissionError, MemoryError)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, RegistryError, WeightsError, ValueError, FileExistsError, FileNotFoundError,
-            PermissionError, MemoryError, RuntimeError) as exc:
+    except expected as exc:
+        if args.debug:
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

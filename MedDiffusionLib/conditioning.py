@@ -4,12 +4,14 @@ All hints are ``(B, K, d, h, w)`` on the latent grid and stay constant over the 
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .data.volumes import hu_to_model, percentile_normalize
 from .models.autoencoder import PatchVolumeAE
+from .errors import UserError
 
 
 @torch.no_grad()
@@ -19,7 +21,7 @@ def image_hint(ae: PatchVolumeAE, image: torch.Tensor, patch_batch: int | None =
     if image.dim() != 5 or image.shape[1] != 1:
         raise ValueError(f"image condition must be (B, 1, D, H, W), got {tuple(image.shape)}")
     if not torch.isfinite(image).all():
-        raise ValueError("the condition volume contains NaN or infinite values")
+        raise UserError("the condition volume contains NaN or infinite values")
     return ae.normalize_latent(ae.patch_encode(image, batch=patch_batch))
 
 
@@ -30,7 +32,7 @@ def one_hot_labels(labels: torch.Tensor, values: Sequence[int]) -> torch.Tensor:
     present = torch.unique(labels).tolist()
     unknown = sorted(set(int(v) for v in present) - set(values))
     if unknown:
-        raise ValueError(f"label values {unknown} were not in the training labels {values}")
+        raise UserError(f"label values {unknown} were not in the training labels {values}")
     return torch.stack([(labels == v) for v in values], dim=1).float()
 
 
@@ -48,3 +50,19 @@ def label_hint(labels: torch.Tensor, values: Sequence[int], latent_shape: Sequen
     if mode == "area":
         return F.adaptive_avg_pool3d(oh, tuple(latent_shape))
     raise ValueError(f"unknown label hint mode {mode!r}; use nearest or area")
+
+
+def make_hint(ae, hint_meta: dict[str, Any], work: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Working-grid condition ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` following a ControlNet's
+    recorded recipe: label values (one-hot on the latent grid) or an image (HU window or
+    percentile normalisation, then the autoencoder)."""
+    if hint_meta["type"] == "labels":
+        latent_shape = [s // ae.compression for s in work.shape]
+        return label_hint(work[None].long(), hint_meta["values"], latent_shape,
+                          hint_meta.get("mode", "nearest")).to(device)
+    if hint_meta.get("normalize") == "hu_window":
+        lo, hi = hint_meta.get("hu_window", (-1000.0, 1000.0))
+        img = torch.from_numpy(hu_to_model(work.numpy(), lo, hi))
+    else:
+        img = torch.from_numpy(percentile_normalize(work.numpy())[0])
+    return image_hint(ae, img[None, None].to(device))

@@ -11,17 +11,64 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 RESOURCES = Path(__file__).resolve().parent / "resources"
 REGISTRY_FILE = RESOURCES / "models.json"
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError):
     """Unknown model or class, or a request the model cannot serve."""
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """One model of the registry. Read it through the typed accessors; ``raw`` (the JSON object)
+    is kept for printing the entry as JSON."""
+
     raw: dict[str, Any]
+
+    @property
+    def title(self) -> str:
+        return self.raw.get("title", self.id)
+
+    @property
+    def license(self) -> str:
+        return self.raw.get("license", "")
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """Where the files come from: ``kind`` (bundled/hub) and, for the hub, ``repo_id``/``revision``."""
+        return self.raw["source"]
+
+    @property
+    def default_class(self) -> int:
+        return int(self.raw["defaults"]["class"])
+
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """``{"sampler": ..., "steps": ...}`` for :func:`MedDiffusionLib.schedulers.resolve_sampling`."""
+        d = self.raw.get("defaults", {})
+        return {"sampler": d.get("sampler"), "steps": d.get("steps")}
+
+    @property
+    def classes(self) -> list[dict[str, Any]]:
+        return list(self.raw["classes"])
+
+    def hu_window(self, class_index: int) -> tuple[float, float] | None:
+        w = self.class_info(class_index).get("hu_window")
+        return None if w is None else (float(w[0]), float(w[1]))
+
+    @property
+    def cpu_seconds(self) -> float | None:
+        """Measured CPU seconds of one DDPM run at the base size (``resources.cpu_seconds``)."""
+        v = self.raw.get("resources", {}).get("cpu_seconds")
+        return None if v is None else float(v)
+
+    @property
+    def base_size(self) -> list[int]:
+        """Image size (X, Y, Z) of the first class's first trained size (the estimator's reference)."""
+        return list(self.raw["classes"][0]["sizes"][0]["image_xyz"])
 
     @property
     def id(self) -> str:
@@ -33,7 +80,7 @@ class ModelEntry:
 
     @property
     def bundled(self) -> bool:
-        return self.raw["source"]["kind"] == "bundled"
+        return self.source["kind"] == "bundled"
 
     @property
     def files(self) -> list[dict[str, Any]]:

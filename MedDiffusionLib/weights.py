@@ -19,12 +19,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import UserError
 from .registry import RESOURCES, ModelEntry, RegistryError, get_model
 
 ROLES = ("autoencoder", "biflownet")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError):
     """Weights that are missing, corrupt or unusable; the message says what to do."""
 
 
@@ -70,7 +71,7 @@ def bundled_ae_width(entry: ModelEntry) -> int | None:
 
 
 def _missing_message(entry: ModelEntry, filename: str, why: str) -> str:
-    src = entry.raw["source"]
+    src = entry.source
     lines = [f"weights for model {entry.id!r} are not available: {why}.",
              f"  - online: run `meddiffusion models download {entry.id}` (hub repo {src.get('repo_id')}, file {filename})",
              "  - offline: copy the files on a machine with internet into the Hugging Face cache (same command there, "
@@ -98,7 +99,7 @@ def download_file(entry: ModelEntry, spec: dict[str, Any], local_files_only: boo
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    src = entry.raw["source"]
+    src = entry.source
     if src["kind"] != "hub":
         raise WeightsError(f"model {entry.id!r} is not downloaded from the hub")
     only_local = offline() if local_files_only is None else local_files_only
@@ -110,9 +111,9 @@ def download_file(entry: ModelEntry, spec: dict[str, Any], local_files_only: boo
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         why = "offline mode is on and the file is not in the cache" if only_local or offline() else \
             f"the hub could not be reached and the file is not cached ({type(exc).__name__})"
-        raise WeightsError(_missing_message(entry, filename, why)) from None
+        raise WeightsError(_missing_message(entry, filename, why)) from exc
     except Exception as exc:  # network errors, HTTP errors, broken connections
-        raise WeightsError(_missing_message(entry, filename, f"download failed: {type(exc).__name__}: {exc}")) from None
+        raise WeightsError(_missing_message(entry, filename, f"download failed: {type(exc).__name__}: {exc}")) from exc
     if spec.get("sha256"):
         digest = sha256_file(path)
         if digest != spec["sha256"]:
@@ -195,15 +196,24 @@ def converted_path(src: Path, role: str, log: Callable[[str], None] | None = Non
 
     if src.suffix == ".safetensors":
         return src
+    from filelock import FileLock
+
+    from .io.atomic import atomic_write_text
+
     out_dir = _converted_dir(src)
     stem = out_dir / role
-    if stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists():
+    done = lambda: stem.with_suffix(".safetensors").exists() and stem.with_suffix(".json").exists()  # noqa: E731
+    if done():
         return stem.with_suffix(".safetensors")
-    if log:
-        log(f"converting {src.name} to safetensors (once) ...")
-    model = load_official_autoencoder(src) if role == "autoencoder" else load_official_biflownet(src)
-    save_model(model, stem, meta={"converted_from": str(src), "source_size": src.stat().st_size})
-    (out_dir / "SOURCE.json").write_text(json.dumps({"source": str(src)}))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # one converter at a time (torchrun ranks, parallel jobs); the others wait, then reuse its files
+    with FileLock(str(out_dir / f"{role}.lock")):
+        if not done():
+            if log:
+                log(f"converting {src.name} to safetensors (once) ...")
+            model = load_official_autoencoder(src) if role == "autoencoder" else load_official_biflownet(src)
+            save_model(model, stem, meta={"converted_from": str(src), "source_size": src.stat().st_size})
+            atomic_write_text(out_dir / "SOURCE.json", json.dumps({"source": str(src)}))
     return stem.with_suffix(".safetensors")
 
 
@@ -232,7 +242,7 @@ def status(entry: ModelEntry) -> dict[str, Any]:
             out[f["role"]] = {"state": "bundled" if p.exists() else "missing", "path": str(p),
                               "size": p.stat().st_size if p.exists() else None}
             continue
-        src = entry.raw["source"]
+        src = entry.source
         hit = try_to_load_from_cache(src["repo_id"], f["filename"], revision=f.get("revision") or src.get("revision"))
         if isinstance(hit, str) and Path(hit).exists():
             out[f["role"]] = {"state": "cached", "path": hit, "size": Path(hit).stat().st_size}
@@ -265,9 +275,12 @@ __all__ = ["WeightsError", "RegistryError", "resolve_weights", "load_models", "d
 
 
 def resolve_controlnet(name_or_path: str | Path) -> Path:
-    """A ControlNet file path, or the name of a bundled one (``chest-ct-mini-labels`` ...)."""
+    """A ControlNet file path, a run folder holding ``controlnet.safetensors``, or the name of a
+    bundled one (``chest-ct-mini-labels`` ...)."""
     p = Path(name_or_path).expanduser()
-    if p.exists() or p.with_suffix(".safetensors").exists():
+    if p.is_dir() and (p / "controlnet.safetensors").exists():  # a train-controlnet run folder
+        return p / "controlnet.safetensors"
+    if p.is_file() or p.with_suffix(".safetensors").exists():
         return p
     bundled = RESOURCES / "models" / str(name_or_path) / "controlnet.safetensors"
     if bundled.exists():

@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffusionLib.models.autoencoder import PatchVolumeAE  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlLDM  # noqa: E402
-from MedDiffusionLib.models.kernels import use_fast_kernels  # noqa: E402
-from MedDiffusionLib.schedulers import GaussianDiffusion, ddim_timesteps  # noqa: E402
+from MedDiffusionLib.models.kernels import apply_kernel_mode  # noqa: E402
+from MedDiffusionLib.pipelines.loop import denoise  # noqa: E402
+from MedDiffusionLib.schedulers import GaussianDiffusion, ddim_timesteps, make_scheduler  # noqa: E402
 
 # Tolerances from the reference README, section 3.
 SINGLE = dict(atol=1e-4, rtol=1e-4)
@@ -43,13 +44,8 @@ MODE = {"name": "reference"}
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
-    """Put ``model`` (in place) in eval mode on the kernels of the selected mode, as GenerationPipeline.set_mode."""
-    model.eval()
-    if MODE["name"] == "fast":
-        use_fast_kernels(model)
-        if isinstance(model, PatchVolumeAE):
-            model.decoder.to(memory_format=torch.channels_last_3d)
-    return model
+    """Put ``model`` (in place) in eval mode on the kernels of the selected mode (the pipelines' recipe)."""
+    return apply_kernel_mode(model.eval(), MODE["name"])
 
 
 class Report:
@@ -217,7 +213,7 @@ def run_biflownet(case: dict[str, Any], label: str) -> int:
     rep = Report(label, expected)
     with torch.no_grad():
         _forward_with_hooks(net, rep, case["outputs"], lambda: net(inp["x"], inp["time"], inp["y"], inp["res"]))
-        gd = GaussianDiffusion(1000)
+        gd = GaussianDiffusion()
         for name, ref in case.get("diffusion_buffers", {}).items():
             rep.check(f"diffusion_buffers/{name}", gd.buffers()[name], BUFFER)
         if "sampler" in case:
@@ -233,12 +229,24 @@ def _run_sampler(net: torch.nn.Module, gd: GaussianDiffusion, sampler: dict[str,
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return net(x, t, y, res)
 
+    last = gd.num_timesteps - 1
+    t_last = torch.full((z.shape[0],), last, dtype=torch.long)
+
+    def ddpm_first_step() -> torch.Tensor:
+        torch.manual_seed(seed)
+        return make_scheduler("ddpm", gd).step(fn(z, t_last), last, z).prev_sample
+
+    def ddpm_loop() -> torch.Tensor:
+        torch.manual_seed(seed)  # the official global RNG stream: no generator
+        return denoise(make_scheduler("ddpm", gd), fn, z)
+
     handlers: dict[str, Callable[[], Any]] = {
-        "eps_t999": lambda: fn(z, torch.full((z.shape[0],), gd.num_timesteps - 1, dtype=torch.long)),
-        "ddpm_first_step_x998": lambda: (torch.manual_seed(seed), gd.ddpm_step(fn, z, gd.num_timesteps - 1))[1],
-        "ddpm_1000_steps": lambda: (torch.manual_seed(seed), gd.sample_ddpm(fn, z))[1],
+        "eps_t999": lambda: fn(z, t_last),
+        "ddpm_first_step_x998": ddpm_first_step,
+        "ddpm_1000_steps": ddpm_loop,
         "ddim_timesteps": lambda: ddim_timesteps(len(so["ddim_timesteps"]), gd.num_timesteps),
-        "ddim_100_steps_eta0": lambda: gd.sample_ddim(fn, z, steps=len(so.get("ddim_timesteps", range(100)))),
+        "ddim_100_steps_eta0": lambda: denoise(make_scheduler("ddim", gd, len(so.get("ddim_timesteps", range(100)))),
+                                               fn, z),
     }
     tols = {"ddpm_1000_steps": DDPM_LOOP, "ddim_100_steps_eta0": DDIM_LOOP}
     for key in so:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from MedDiffusionLib.data.grid import apply_affine, random_affine_theta  # noqa: E402
 from MedDiffusionLib.data.volumes import percentile_normalize, read_volume  # noqa: E402
 from MedDiffusionLib.io.checkpoints import save_model  # noqa: E402
 from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE  # noqa: E402
@@ -62,16 +62,8 @@ def load_ct(path: Path) -> tuple[torch.Tensor, dict]:
 
 
 def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Small random scale (+-8 %), axial rotation (+-6 deg) and shift (+-4 voxels); no flips
-    (keeps the heart on the anatomical left)."""
-    ang = math.radians(float(torch.empty(1).uniform_(-6, 6, generator=g)))
-    s = float(torch.empty(1).uniform_(0.92, 1.08, generator=g))
-    tr = torch.empty(3).uniform_(-0.12, 0.12, generator=g)
-    c, si = math.cos(ang) / s, math.sin(ang) / s
-    # grid axes are (x=W, y=H, z=D); rotate in the axial (H, W) plane
-    theta = torch.tensor([[c, -si, 0.0, float(tr[0])], [si, c, 0.0, float(tr[1])], [0.0, 0.0, 1.0 / s, float(tr[2])]])
-    grid = F.affine_grid(theta[None], list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """Small random scale (+-8 %), axial rotation (+-6 deg) and shift (+-4 voxels); no flips."""
+    return apply_affine(x, random_affine_theta(g, shift=0.12))
 
 
 def main() -> int:

@@ -30,8 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from MedDiffusionLib.data.volumes import read_volume, write_volume  # noqa: E402
 from MedDiffusionLib.metrics import dice, psnr, ssim  # noqa: E402
-from MedDiffusionLib.pipelines.conditioned import (ControlledPipeline, ct_labels_from_hu, reconstruct_sparse_view,  # noqa: E402
-                                                   simulate_sparse_view, synthesize_from_labels)
+from MedDiffusionLib.pipelines.conditioned import ControlledPipeline, ct_labels_from_hu, simulate_sparse_view  # noqa: E402
 from MedDiffusionLib.training.controlnet import ControlNetTrainer, TrainConfig  # noqa: E402
 
 
@@ -90,8 +89,8 @@ def main() -> int:
 
         pipe = ControlledPipeline.from_files(dest / "controlnet.safetensors", device="cpu")
         t0 = time.time()
+        out = pipe.run(cond[2], seed=0, sampler="ddim", steps=args.sample_steps)
         if task == "sparse-view":
-            out = reconstruct_sparse_view(cond[2], pipe, seed=0, sampler="ddim", steps=args.sample_steps)
             gt = ct[2].array
             r = {"fbp_full_grid": {"psnr": psnr(torch.from_numpy(cond[2].array), torch.from_numpy(gt)),
                                    "ssim": ssim(torch.from_numpy(cond[2].array), torch.from_numpy(gt))},
@@ -101,7 +100,6 @@ def main() -> int:
             r["fbp_model_grid_64"] = {"psnr": psnr(f64, g64), "ssim": ssim(f64, g64)}
             r["ours_model_grid_64"] = {"psnr": psnr(o64, g64), "ssim": ssim(o64, g64)}
         else:
-            out = synthesize_from_labels(cond[2], pipe, seed=0, sampler="ddim", steps=args.sample_steps)
             seg = ct_labels_from_hu(out.array)
             ref = cond[2].array
             names = {0: "air", 1: "lung", 2: "soft tissue", 3: "bone"}

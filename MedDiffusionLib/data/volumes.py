@@ -9,12 +9,13 @@ NIfTI is written with nibabel (RAS), NRRD and other ITK formats with SimpleITK (
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..errors import UserError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -88,7 +89,7 @@ def _suffix(path: Path) -> str:
     for s in SUFFIXES:
         if name.endswith(s):
             return s
-    raise ValueError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -99,9 +100,14 @@ def read_volume(path: str | Path) -> Volume:
     if not path.exists():
         raise FileNotFoundError(f"{path}: file not found")
     _suffix(path)
-    img = sitk.ReadImage(str(path))
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as err:  # SimpleITK's reader reports every unreadable file this way
+        reason = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
+        raise UserError(f"{path}: not a readable volume{f' ({reason[:160]})' if reason else ''}; MedDiffusion "
+                        f"reads {', '.join(SUFFIXES)} images") from err
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise ValueError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
+        raise UserError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
                          f"{img.GetNumberOfComponentsPerPixel()} component(s)")
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
     direction = np.array(img.GetDirection()).reshape(3, 3)
@@ -126,12 +132,13 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically: a temporary file in the same folder, renamed when complete."""
+    """Write atomically (:func:`MedDiffusionLib.io.atomic.atomic_path`): a temporary file in the
+    same folder, renamed when complete; a full disk raises ResourceError and leaves nothing."""
+    from ..io.atomic import atomic_path
+
     path = check_writable(path, overwrite)
     suffix = _suffix(path)
-    fd, tmp = tempfile.mkstemp(prefix=".meddiffusion-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix in (".nii.gz", ".nii"):
             import nibabel as nib
 
@@ -139,7 +146,7 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.header.set_xyzt_units("mm")
             img.set_qform(vol.affine, code=1)
             img.set_sform(vol.affine, code=1)
-            nib.save(img, tmp)
+            nib.save(img, str(tmp))
         else:
             import SimpleITK as sitk
 
@@ -149,14 +156,7 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.SetSpacing([float(s) for s in spacing])
             img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
             img.SetOrigin([float(v) for v in lps[:3, 3]])
-            sitk.WriteImage(img, tmp, useCompression=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            sitk.WriteImage(img, str(tmp), useCompression=True)
     return path
 
 
@@ -166,9 +166,39 @@ def percentile_normalize(arr: np.ndarray, low: float = 0.5, high: float = 99.5) 
     Returns the array and the (lo, hi) intensities used."""
     lo, hi = np.percentile(arr, [low, high])
     if hi <= lo:
-        raise ValueError("volume has no intensity range between its 0.5th and 99.5th percentiles (constant image?)")
+        raise UserError("volume has no intensity range between its 0.5th and 99.5th percentiles (constant image?)")
     out = (np.clip(arr, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
     return out.astype(np.float32), float(lo), float(hi)
+
+
+def check_finite(vol: Volume | np.ndarray, name: str = "the volume") -> None:
+    """A :class:`UserError` naming how many voxels are NaN or infinite, if any."""
+    arr = np.asarray(vol.array if isinstance(vol, Volume) else vol)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr)
+    if not finite.all():
+        nan, inf = int(np.isnan(arr).sum()), int((~finite).sum() - np.isnan(arr).sum())
+        what = " and ".join(t for t in (f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else "") if t)
+        raise UserError(f"{name} has {what} voxel(s) out of {arr.size}; fill or mask them (e.g. with -1000 HU "
+                        "for air) before running")
+
+
+def check_ct_intensities(vol: Volume | np.ndarray) -> str | None:
+    """A warning text when the intensities do not look like CT in Hounsfield units, else ``None``.
+
+    CT in HU has air near -1000 and soft tissue near 0..100: its 1st percentile lies below -500 and
+    its values span more than 500 HU. An 8-bit MR (0..255), a normalised image (0..1 or -1..1) or
+    any non-negative volume fails this."""
+    arr = np.asarray(vol.array if isinstance(vol, Volume) else vol)
+    finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr.ravel()
+    if finite.size == 0:
+        return "the volume has no finite voxel; it cannot be CT in Hounsfield units"
+    lo, hi = (float(v) for v in np.percentile(finite, [1, 99]))
+    if lo < -500 and hi - lo > 500:
+        return None
+    return (f"the input does not look like CT in Hounsfield units (1st-99th percentile {lo:g} to {hi:g}, "
+            f"dtype {arr.dtype}; CT air is about -1000 HU): it is treated as HU anyway")
 
 
 def model_to_hu(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:

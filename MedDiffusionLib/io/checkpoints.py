@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -16,14 +15,18 @@ from torch import nn
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.controlnet import ControlLDM, ControlNet
+from ..errors import UserError
+from .atomic import atomic_write_bytes, atomic_write_text
 from .safe_pickle import safe_load, to_plain
 
 FORMAT_VERSION = 1
-FAMILIES = ("patchvolume", "biflownet", "controlnet")
+FAMILY_CLASSES: dict[str, type[nn.Module]] = {"patchvolume": PatchVolumeAE, "biflownet": BiFlowNet,
+                                              "controlnet": ControlNet, "controlldm": ControlLDM}
+FAMILIES = tuple(FAMILY_CLASSES)
 AE_TRAINING_PREFIXES = ("volume_discriminator.", "perceptual_loss.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A weights file that cannot be used; the message names the file and says why."""
 
 
@@ -45,8 +48,8 @@ def read_checkpoint(path: str | Path) -> Any:
         if match:
             raise CheckpointError(f"{path}: refused to load: it contains the Python object '{match.group(1)}', "
                                   "which official MedDiffusion checkpoints never contain and which could run code "
-                                  "when unpickled") from None
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({msg.splitlines()[-1][:200]})") from None
+                                  "when unpickled") from exc
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({msg.splitlines()[-1][:200]})") from exc
     except MemoryError:
         raise
     except Exception as exc:  # the unpickler raises many types for garbage input
@@ -54,7 +57,7 @@ def read_checkpoint(path: str | Path) -> Any:
         hint = " (the file looks truncated: download it again)" if (
             "central directory" in text or "EOF" in type(exc).__name__ or "truncated" in text.lower()
             or "failed reading" in text) else ""
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint{hint}: {text.splitlines()[0][:200]}") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint{hint}: {text.splitlines()[0][:200]}") from exc
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -128,7 +131,7 @@ def _autoencoder_from(ckpt: Any, path: str | Path) -> PatchVolumeAE:
         cfg = infer_autoencoder_config(sd, yaml_cfg if isinstance(yaml_cfg, dict) else None)
         model = PatchVolumeAE(**cfg)
     except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path}: cannot derive the autoencoder configuration: {exc}") from None
+        raise CheckpointError(f"{path}: cannot derive the autoencoder configuration: {exc}") from exc
     return load_strict(model, sd, str(path)).eval()
 
 
@@ -189,27 +192,21 @@ def _biflownet_from(ckpt: Any, path: str | Path, weights: str) -> BiFlowNet:
     try:
         model = BiFlowNet(**infer_biflownet_config(sd, args if isinstance(args, dict) else {}))
     except (KeyError, ValueError, TypeError, StopIteration) as exc:
-        raise CheckpointError(f"{path}: cannot derive the BiFlowNet configuration: {exc}") from None
+        raise CheckpointError(f"{path}: cannot derive the BiFlowNet configuration: {exc}") from exc
     return load_strict(model, sd, str(path)).eval()
 
 
 # -- our format -----------------------------------------------------------------------------------------
 def build_model(family: str, config: dict[str, Any]) -> nn.Module:
-    if family == "patchvolume":
-        return PatchVolumeAE(**config)
-    if family == "biflownet":
-        return BiFlowNet(**config)
-    if family == "controlnet":
-        return ControlNet(**config)
-    if family == "controlldm":
-        return ControlLDM(**config)
-    raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    """The model of ``family`` built from its saved constructor arguments."""
+    if family not in FAMILY_CLASSES:
+        raise CheckpointError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILY_CLASSES[family](**config)
 
 
 def model_family(model: nn.Module) -> str:
-    for family, cls in (("patchvolume", PatchVolumeAE), ("biflownet", BiFlowNet), ("controlnet", ControlNet),
-                        ("controlldm", ControlLDM)):
-        if isinstance(model, cls):
+    for family, cls in FAMILY_CLASSES.items():
+        if type(model) is cls:
             return family
     raise TypeError(f"no file format for {type(model).__name__}")
 
@@ -222,23 +219,17 @@ def _pair(path: str | Path) -> tuple[Path, Path]:
 
 def save_model(model: nn.Module, path: str | Path, config: dict[str, Any] | None = None,
                meta: dict[str, Any] | None = None) -> Path:
-    """Write ``path.safetensors`` + ``path.json`` atomically (temporary files, then rename)."""
-    from safetensors.torch import save_file
+    """Write ``path.safetensors`` + ``path.json``, each atomically (:mod:`.atomic`); the config is
+    written last, so a complete pair means a complete save."""
+    from safetensors.torch import save
 
     weights, cfg_path = _pair(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": "meddiffusion", "format_version": FORMAT_VERSION, "family": model_family(model),
            "config": config if config is not None else model.config, "meta": meta or {}}
-    tmp_w, tmp_c = weights.with_name(weights.name + ".part"), cfg_path.with_name(cfg_path.name + ".part")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp_w), metadata={"format": "meddiffusion", "family": doc["family"]})
-    tmp_c.write_text(json.dumps(doc, indent=2))
-    umask = os.umask(0)
-    os.umask(umask)
-    for tmp in (tmp_w, tmp_c):
-        os.chmod(tmp, 0o666 & ~umask)
-    tmp_w.replace(weights)
-    tmp_c.replace(cfg_path)
+    atomic_write_bytes(weights, save(state, metadata={"format": "meddiffusion", "family": doc["family"]}))
+    atomic_write_text(cfg_path, json.dumps(doc, indent=2))
     return weights
 
 
@@ -249,7 +240,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from None
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from exc
     if doc.get("format") != "meddiffusion" or "family" not in doc or "config" not in doc:
         raise CheckpointError(f"{cfg_path}: not a MedDiffusion model config")
     return doc
@@ -269,11 +260,11 @@ def load_model(path: str | Path, expect: str | None = None) -> nn.Module:
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: unreadable safetensors file (truncated or corrupt?): {exc}") from None
+        raise CheckpointError(f"{weights}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
     try:
         model = build_model(doc["family"], doc["config"])
     except TypeError as exc:
-        raise CheckpointError(f"{weights}: config does not describe a {doc['family']} model: {exc}") from None
+        raise CheckpointError(f"{weights}: config does not describe a {doc['family']} model: {exc}") from exc
     return load_strict(model, state, str(weights)).eval()
 
 

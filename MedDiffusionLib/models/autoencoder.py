@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import register_to_config
 from .quantizer import lookup_codes, nearest_code_indices
+from .unet_blocks import voxel_attention
 
 
 def _norm(channels: int, num_groups: int, norm_type: str = "group") -> nn.Module:
@@ -90,13 +92,7 @@ class AttentionBlock(nn.Module):
         self.to_out = nn.Conv3d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, d, h, w = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, N, C), N in (d, h, w) raster order
-        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
-        out = out.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, d, h, w)
-        return _residual(self.to_out(out), x)
+        return _residual(self.to_out(voxel_attention(self.norm(x), self.to_qkv, self.heads, self.dim_head)), x)
 
 
 class MidBlock(nn.Module):
@@ -210,14 +206,12 @@ class PatchVolumeAE(nn.Module):
     of the image cubes used for patch-wise encoding (64 in the released models).
     """
 
+    @register_to_config
     def __init__(self, n_hiddens: int = 48, downsample: Sequence[int] = (8, 8, 8), image_channels: int = 1,
                  norm_type: str = "group", num_groups: int = 24, embedding_dim: int = 8, n_codes: int = 8192,
                  patch_size: int = 64):
         super().__init__()
         downsample = [int(f) for f in downsample]
-        self.config = dict(n_hiddens=n_hiddens, downsample=downsample, image_channels=image_channels,
-                           norm_type=norm_type, num_groups=num_groups, embedding_dim=embedding_dim,
-                           n_codes=n_codes, patch_size=patch_size)
         self.encoder = Encoder(n_hiddens, downsample, image_channels, norm_type, num_groups, embedding_dim)
         self.decoder = Decoder(n_hiddens, downsample, image_channels, norm_type, num_groups, embedding_dim)
         self.pre_vq_conv = nn.Conv3d(embedding_dim, embedding_dim, 1)

@@ -11,13 +11,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .config import register_to_config
 from .dit import (DiTBlock, FinalLayer, PatchEmbedVoxel, merge_subvolumes, sincos_pos_embed_3d,
                   split_subvolumes, unpatchify)
 from .unet_blocks import ResnetBlock, SinusoidalPosEmb, attention_or_identity, downsample, upsample
-
-CLASS_NAMES = ("CT head & neck", "CT chest-abdomen", "CT lower limbs", "MR T1 brain", "MR T2 brain",
-               "MR abdomen", "MR knee")
-
 
 def level_widths(dim: int, dim_mults: Sequence[int], init_dim: int | None) -> list[tuple[int, int]]:
     """(in, out) widths of the five U-Net levels."""
@@ -79,6 +76,7 @@ class EncoderSideMixin:
 class BiFlowNet(EncoderSideMixin, nn.Module):
     """DiT intra-patch flow + 3-D U-Net inter-patch flow. Keyword arguments are the official ones."""
 
+    @register_to_config
     def __init__(self, dim: int, learn_sigma: bool = False, cond_classes: int | None = None,
                  dim_mults: Sequence[int] = (1, 2, 4, 8), sub_volume_size: Sequence[int] = (8, 8, 8),
                  patch_size: int = 2, channels: int = 3, attn_heads: int = 8, init_dim: int | None = None,
@@ -86,12 +84,6 @@ class BiFlowNet(EncoderSideMixin, nn.Module):
                  resnet_groups: int = 24, DiT_num_heads: int = 8, mlp_ratio: float = 4, vq_size: int = 64,
                  res_condition: bool = True, num_mid_DiT: int = 1):
         super().__init__()
-        self.config = dict(dim=dim, learn_sigma=learn_sigma, cond_classes=cond_classes, dim_mults=list(dim_mults),
-                           sub_volume_size=list(sub_volume_size), patch_size=patch_size, channels=channels,
-                           attn_heads=attn_heads, init_dim=init_dim, init_kernel_size=init_kernel_size,
-                           use_sparse_linear_attn=list(use_sparse_linear_attn), resnet_groups=resnet_groups,
-                           DiT_num_heads=DiT_num_heads, mlp_ratio=mlp_ratio, vq_size=vq_size,
-                           res_condition=res_condition, num_mid_DiT=num_mid_DiT)
         self.dim, self.channels, self.patch_size = dim, channels, patch_size
         self.sub_volume_size = tuple(int(s) for s in sub_volume_size)
         if len(set(self.sub_volume_size)) != 1 or self.sub_volume_size[0] % patch_size:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .biflownet import BiFlowNet, EncoderSideMixin, level_widths
+from .config import init_args, register_to_config
 from .dit import DiTBlock, FinalLayer, PatchEmbedVoxel, sincos_pos_embed_3d
 from .unet_blocks import ResnetBlock, attention_or_identity, zero_conv
 
@@ -22,6 +23,7 @@ class ControlNet(EncoderSideMixin, nn.Module):
     """Encoder-side copy of BiFlowNet. ``forward(x, hint, time, y, res)`` returns six tensors
     ``[lvl0 (L), lvl1 (L), lvl2 (L/2), lvl3 (L/4), lvl4 (L/8), mid (L/8)]``."""
 
+    @register_to_config
     def __init__(self, dim: int, hint_channel: int = 8, cond_classes: int | None = None,
                  dim_mults: Sequence[int] = (1, 1, 2, 4, 8), sub_volume_size: Sequence[int] = (8, 8, 8),
                  channels: int = 8, patch_size: int = 1, attn_heads: int = 8, init_dim: int | None = None,
@@ -29,12 +31,6 @@ class ControlNet(EncoderSideMixin, nn.Module):
                  resnet_groups: int = 24, DiT_num_heads: int = 8, mlp_ratio: float = 4, vq_size: int = 64,
                  res_condition: bool = True, dit_branch: bool = True):
         super().__init__()
-        self.config = dict(dim=dim, hint_channel=hint_channel, cond_classes=cond_classes, dim_mults=list(dim_mults),
-                           sub_volume_size=list(sub_volume_size), channels=channels, patch_size=patch_size,
-                           attn_heads=attn_heads, init_dim=init_dim, init_kernel_size=init_kernel_size,
-                           use_sparse_linear_attn=list(use_sparse_linear_attn), resnet_groups=resnet_groups,
-                           DiT_num_heads=DiT_num_heads, mlp_ratio=mlp_ratio, vq_size=vq_size,
-                           res_condition=res_condition, dit_branch=dit_branch)
         self.dim, self.channels, self.patch_size, self.hint_channel = dim, channels, patch_size, hint_channel
         self.sub_volume_size = tuple(int(s) for s in sub_volume_size)
         self.dit_branch = dit_branch
@@ -112,9 +108,44 @@ def init_from_base(controlnet: ControlNet, base: BiFlowNet) -> dict[str, list[st
     return {"keys_zero_padded": padded, "keys_fresh": sorted(fresh)}
 
 
+def controlled_noise(base: BiFlowNet, controlnet: ControlNet, control_scales: Sequence[float], x: torch.Tensor,
+                     time: torch.Tensor, hint: torch.Tensor, y: torch.Tensor | None = None,
+                     res: torch.Tensor | None = None) -> torch.Tensor:
+    """The official ControlLDM noise: ControlNet residuals, each times its scale, added into the
+    frozen base's U-Net. ``x`` ``(B, C, D, H, W)``, ``hint`` ``(B, K, D, H, W)``."""
+    controls = [c * s for c, s in zip(controlnet(x, hint, time, y, res), control_scales)]
+    return base(x, time, y, res, controls=controls)
+
+
+def control_scales_list(control_scales: float | Sequence[float], controlnet: ControlNet) -> list[float]:
+    """One scale per ControlNet output (a single value is repeated)."""
+    n = len(controlnet.downs) + 1
+    scales = [float(control_scales)] * n if isinstance(control_scales, (int, float)) else [float(s) for s in control_scales]
+    if len(scales) != n:
+        raise ValueError(f"control_scales needs one value or {n}")
+    return scales
+
+
+class ControlledNoise(nn.Module):
+    """An existing base network and ControlNet (shared, not copied) as one noise model
+    ``forward(x, time, y, res, hint) -> eps`` (the argument order of BiFlowNet, hint last)."""
+
+    def __init__(self, base: BiFlowNet, controlnet: ControlNet, control_scales: float | Sequence[float] = 1.0):
+        super().__init__()
+        self.base, self.controlnet = base, controlnet
+        self.control_scales = control_scales_list(control_scales, controlnet)
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, y: torch.Tensor | None = None,
+                res: torch.Tensor | None = None, hint: torch.Tensor | None = None) -> torch.Tensor:
+        if hint is None:
+            raise ValueError("a ControlNet needs its hint")
+        return controlled_noise(self.base, self.controlnet, self.control_scales, x, time, hint, y, res)
+
+
 class ControlLDM(nn.Module):
     """Frozen BiFlowNet + ControlNet. ``forward(x, time, hint, y, res)`` -> controlled noise."""
 
+    @register_to_config
     def __init__(self, dim: int, learn_sigma: bool = False, cond_classes: int | None = None,
                  dim_mults: Sequence[int] = (1, 1, 2, 4, 8), sub_volume_size: Sequence[int] = (8, 8, 8),
                  patch_size: int = 1, channels: int = 3, attn_heads: int = 8, init_dim: int | None = None,
@@ -123,29 +154,19 @@ class ControlLDM(nn.Module):
                  res_condition: bool = True, num_mid_DiT: int = 1, control_scales: float | Sequence[float] = 1,
                  hint_channel: int | None = None, dit_branch: bool = True):
         super().__init__()
-        common = dict(cond_classes=cond_classes, dim_mults=dim_mults, sub_volume_size=sub_volume_size,
-                      patch_size=patch_size, channels=channels, attn_heads=attn_heads, init_dim=init_dim,
-                      init_kernel_size=init_kernel_size, use_sparse_linear_attn=use_sparse_linear_attn,
-                      resnet_groups=resnet_groups, DiT_num_heads=DiT_num_heads, mlp_ratio=mlp_ratio, vq_size=vq_size,
-                      res_condition=res_condition)
-        self.noise_estimator = BiFlowNet(dim, learn_sigma=learn_sigma, num_mid_DiT=num_mid_DiT, **common)
-        self.controlnet = ControlNet(dim, hint_channel=hint_channel or channels, dit_branch=dit_branch, **common)
-        n = len(self.controlnet.downs) + 1
-        scales = [float(control_scales)] * n if isinstance(control_scales, (int, float)) else list(control_scales)
-        if len(scales) != n:
-            raise ValueError(f"control_scales needs one value or {n}")
-        self.control_scales = scales
-        self.config = dict(self.noise_estimator.config, control_scales=control_scales,
-                           hint_channel=hint_channel or channels, dit_branch=dit_branch)
+        self.noise_estimator = BiFlowNet(dim, learn_sigma=learn_sigma, cond_classes=cond_classes, dim_mults=dim_mults,
+                                         sub_volume_size=sub_volume_size, patch_size=patch_size, channels=channels,
+                                         attn_heads=attn_heads, init_dim=init_dim, init_kernel_size=init_kernel_size,
+                                         use_sparse_linear_attn=use_sparse_linear_attn, resnet_groups=resnet_groups,
+                                         DiT_num_heads=DiT_num_heads, mlp_ratio=mlp_ratio, vq_size=vq_size,
+                                         res_condition=res_condition, num_mid_DiT=num_mid_DiT)
+        self.controlnet = ControlNet(**init_args(ControlNet, self.noise_estimator.config,
+                                                 hint_channel=hint_channel or channels, dit_branch=dit_branch))
+        self.control_scales = control_scales_list(control_scales, self.controlnet)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, hint: torch.Tensor, y: torch.Tensor | None = None,
                 res: torch.Tensor | None = None) -> torch.Tensor:
-        controls = self.controlnet(x, hint, time, y, res)
-        controls = [c * s for c, s in zip(controls, self.control_scales)]
-        return self.noise_estimator(x, time, y, res, controls=controls)
+        return controlled_noise(self.noise_estimator, self.controlnet, self.control_scales, x, time, hint, y, res)
 
     def init_controlnet_from_base(self) -> dict[str, list[str]]:
         return init_from_base(self.controlnet, self.noise_estimator)
-
-    def freeze_base(self) -> None:
-        self.noise_estimator.eval().requires_grad_(False)

@@ -5,10 +5,19 @@ PyTorch picks oneDNN (mkldnn) for a batch-1 float32 ``Conv3d`` only when ``C x D
 input exceeds 20480; below that it runs ``slow_conv3d`` (im2col + GEMM), 2-8x slower for the
 small latent maps of BiFlowNet and the decoder's lower levels. :func:`use_fast_kernels` swaps the
 class of every ``nn.Conv3d`` with a spatial kernel for :class:`FastConv3d`, which calls oneDNN
+<<<<<<< HEAD
 directly in inference. GroupNorms become :class:`FastGroupNorm`, whose channels-last statistics
 stay accurate over millions of voxels (PyTorch's channels-last kernel does not). Parameters,
 state-dict keys and results (to float32 rounding, ~1e-6) stay the same; switching back restores
 the reference modules.
+=======
+directly in inference. Parameters, state-dict keys and results (to float32 rounding, ~1e-6)
+stay the same; switching back restores the reference modules.
+
+The fast-mode recipe (oneDNN convolutions plus a channels-last decoder) is
+:func:`apply_kernel_mode`; which mode a module runs is read back from the module itself with
+:func:`kernel_mode`, so two pipelines sharing a network cannot disagree about it.
+>>>>>>> main
 """
 from __future__ import annotations
 
@@ -17,6 +26,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import UserError
+
+KERNEL_MODES = ("fast", "reference")
 
 
 def fast_kernels_available() -> bool:
@@ -28,6 +41,7 @@ class FastConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
+                and fast_kernels_available()
                 and self.weight.dtype == torch.float32 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and not torch.is_autocast_enabled("cpu")):
@@ -109,11 +123,17 @@ class FastGroupNorm(nn.GroupNorm):
 
 
 def use_fast_kernels(module: nn.Module, enabled: bool = True) -> nn.Module:
+<<<<<<< HEAD
     """Switch ``module``'s 3-D convolutions (kernel > 1) to :class:`FastConv3d` and its GroupNorms
     to :class:`FastGroupNorm`, or back, in place. 1x1x1 convolutions stay: PyTorch's own path is
     faster for them. Returns ``module``."""
     if enabled and not fast_kernels_available():
         return module
+=======
+    """Switch ``module``'s 3-D convolutions (kernel > 1) to :class:`FastConv3d` or back, in place.
+    1x1x1 convolutions stay: PyTorch's own path is faster for them. Without oneDNN the swapped
+    modules take PyTorch's usual path (the swap still records the mode). Returns ``module``."""
+>>>>>>> main
     for m in module.modules():
         if enabled and type(m) is nn.Conv3d and max(m.kernel_size) > 1:
             m.__class__ = FastConv3d
@@ -128,19 +148,52 @@ def uses_fast_kernels(module: nn.Module) -> bool:
     return any(type(m) is FastConv3d for m in module.modules())
 
 
+def apply_kernel_mode(module: nn.Module, mode: str) -> nn.Module:
+    """The fast-mode recipe, in place: ``"fast"`` = :class:`FastConv3d` for every spatial 3-D
+    convolution plus channels-last weights for a ``decoder`` sub-module (oneDNN/cuDNN prefer it at
+    the decoder's full-resolution levels; BiFlowNet's small maps run faster contiguous);
+    ``"reference"`` undoes both. Every pipeline and caller sharing ``module`` sees the switch."""
+    if mode not in KERNEL_MODES:
+        raise UserError(f"unknown mode {mode!r}; use fast or reference")
+    fast = mode == "fast"
+    use_fast_kernels(module, fast)
+    decoder = getattr(module, "decoder", None)
+    if isinstance(decoder, nn.Module):
+        decoder.to(memory_format=torch.channels_last_3d if fast else torch.contiguous_format)
+    return module
+
+
+def kernel_mode(module: nn.Module) -> str:
+    """``"fast"`` or ``"reference"``: the kernels ``module`` runs now (read from the module)."""
+    return "fast" if uses_fast_kernels(module) else "reference"
+
+
+def _compile_failures() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "torch.compile cannot compile this here" (not errors of the run)."""
+    import torch._dynamo.exc as dynamo_exc
+    import torch._inductor.exc as inductor_exc
+
+    names = [(dynamo_exc, "BackendCompilerFailed"), (dynamo_exc, "Unsupported"), (dynamo_exc, "InvalidBackend"),
+             (dynamo_exc, "InternalTorchDynamoError"), (inductor_exc, "InductorError"),
+             (inductor_exc, "CppCompileError"), (inductor_exc, "InvalidCxxCompiler"), (inductor_exc, "OperatorIssue")]
+    return tuple(getattr(mod, name) for mod, name in names if isinstance(getattr(mod, name, None), type))
+
+
 class CompiledOrEager:
     """``torch.compile(module)`` (static shapes; weights frozen as constants, which lets inductor
     pre-pack convolutions and fold the conditioning MLPs). If compiling is impossible here (no C++
     compiler, unsupported platform or Python) the first call warns once and every call runs the
-    eager module, so a run never fails because of compilation. Inference only."""
+    eager module, so a run never fails because of compilation. Only compilation failures are caught:
+    an error of the run itself (out of memory, a shape error, cancellation) propagates and leaves
+    compilation on. Inference only."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, backend: str = "inductor"):
         self.module = module
         self.compiled: Any = None
         self.error: str | None = None
         try:
-            self.compiled = torch.compile(module, dynamic=False)
-        except Exception as exc:  # torch.compile unsupported on this platform / Python
+            self.compiled = torch.compile(module, dynamic=False, backend=backend)
+        except Exception as exc:  # noqa: BLE001 - torch.compile unsupported on this platform / Python
             self._give_up(exc)
 
     @staticmethod
@@ -162,6 +215,6 @@ class CompiledOrEager:
             try:
                 with self._freezing():
                     return self.compiled(*args, **kwargs)
-            except Exception as exc:  # compile-time failure surfaces at the first call
+            except _compile_failures() as exc:  # compile-time failure surfaces at the first call
                 self._give_up(exc)
         return self.module(*args, **kwargs)

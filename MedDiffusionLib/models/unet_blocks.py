@@ -73,6 +73,17 @@ class ChannelLayerNorm(nn.Module):
         return (x - mean) / (var + self.eps).sqrt() * self.gamma
 
 
+def voxel_attention(x: torch.Tensor, to_qkv: nn.Linear, heads: int, dim_head: int) -> torch.Tensor:
+    """Multi-head self-attention over all voxels: ``(B, C, D, H, W)`` -> ``(B, heads*dim_head, D, H, W)``
+    (tokens in (D, H, W) raster order; the output projection is the caller's)."""
+    b, _, d, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # (B, N, C)
+    q, k, v = to_qkv(tokens).chunk(3, dim=-1)
+    q, k, v = (t.unflatten(-1, (heads, dim_head)).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, dim_head)
+    return out.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, d, h, w)
+
+
 class SpatialAttention(nn.Module):
     """Full self-attention over all voxels (``heads`` x 32 channels)."""
 
@@ -84,13 +95,7 @@ class SpatialAttention(nn.Module):
         self.to_out = nn.Conv3d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, _, d, h, w = x.shape
-        tokens = x.flatten(2).transpose(1, 2)
-        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, self.dim_head)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).flatten(2).transpose(1, 2).reshape(b, -1, d, h, w)
-        return self.to_out(out)
+        return self.to_out(voxel_attention(x, self.to_qkv, self.heads, self.dim_head))
 
 
 class PreNorm(nn.Module):

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+from ..errors import UserError
 
 
 def gaussian_column_mask(shape: tuple[int, int], acceleration: float = 8.0, center_fraction: float = 0.04,
@@ -17,7 +18,7 @@ def gaussian_column_mask(shape: tuple[int, int], acceleration: float = 8.0, cent
     with Gaussian density around the centre; the central ``center_fraction`` of columns always kept."""
     h, w = shape
     if acceleration < 1:
-        raise ValueError(f"acceleration must be >= 1, got {acceleration}")
+        raise UserError(f"acceleration must be >= 1, got {acceleration}")
     n_keep = max(1, int(round(w / acceleration)))
     n_center = min(n_keep, max(1, int(round(w * center_fraction))))
     cols = np.zeros(w, dtype=bool)
@@ -74,7 +75,7 @@ def poisson_disc_mask(shape: tuple[int, int], acceleration: float = 8.0, center_
     ``center_fraction`` x ``center_fraction`` block is fully sampled."""
     h, w = shape
     if acceleration < 1:
-        raise ValueError(f"acceleration must be >= 1, got {acceleration}")
+        raise UserError(f"acceleration must be >= 1, got {acceleration}")
     target = h * w / acceleration
     ch, cw = max(1, int(round(h * center_fraction))), max(1, int(round(w * center_fraction)))
     center = np.zeros(shape, dtype=bool)

@@ -15,57 +15,66 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
+from ..errors import ResourceError, UserError
 from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
-from ..models.kernels import CompiledOrEager, use_fast_kernels
-from ..registry import ModelEntry, parse_class
-from ..schedulers import GaussianDiffusion
+from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode
+from ..registry import ModelEntry
+from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler
+from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 
-def legal_size(size_xyz: Sequence[int], compression: int) -> tuple[int, int, int]:
-    """Check an output size; the error lists the nearest legal sizes. Each side must be a
-    multiple of 8 latent voxels (the DiT sub-volume), i.e. 64 (8x) or 32 (4x) image voxels."""
-    step = 8 * compression
-    size = tuple(int(s) for s in size_xyz)
-    if len(size) != 3 or any(s <= 0 for s in size):
-        raise ValueError(f"size must be three positive integers X Y Z, got {list(size_xyz)}")
-    if all(s % step == 0 for s in size):
-        return size  # type: ignore[return-value]
-    down = tuple(max(step, (s // step) * step) for s in size)
-    up = tuple(math.ceil(s / step) * step for s in size)
-    options = sorted({down, up, tuple(round(s / step) * step or step for s in size)})
-    text = " or ".join("x".join(map(str, o)) for o in options)
-    raise ValueError(f"size {'x'.join(map(str, size))} is not possible for this {compression}x model: every side must "
-                     f"be a multiple of {step} voxels; nearest legal sizes: {text}")
-
-
-def resolve_device(requested: str | None = None) -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU (with a warning). Asking for CUDA without it fails."""
+def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
+    """'auto'/None -> CUDA when available, else CPU (with a warning unless ``warn=False``: front ends
+    that print their own CPU notice pass False). Asking for CUDA without it fails."""
     req = (requested or "auto").lower()
     if req == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
-                      RuntimeWarning, stacklevel=2)
+        if warn:
+            warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
+                          RuntimeWarning, stacklevel=2)
         return torch.device("cpu")
     if req.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RuntimeError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
+            raise ResourceError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
                                "(CPU-only build or no driver); use --device cpu or install a CUDA build of torch")
         dev = torch.device(req)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise RuntimeError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            raise ResourceError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
         return dev
     if req == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
+    raise UserError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
+
+
+def networks_mode(networks: Sequence[torch.nn.Module]) -> str:
+    """The kernel mode the networks share, ``"mixed"`` if they differ."""
+    modes = {kernel_mode(m) for m in networks}
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+class CompiledNoise:
+    """A network and, when ``compile`` is on, its ``torch.compile`` wrapper for each kernel mode
+    (built lazily, so a mode switch never runs a graph traced for the other kernels)."""
+
+    def __init__(self, net: torch.nn.Module, compile: bool):
+        self.net, self.compile = net, bool(compile)
+        self._by_mode: dict[str, CompiledOrEager] = {}
+
+    def get(self, mode: str) -> Callable[..., torch.Tensor]:
+        if not self.compile:
+            return self.net
+        if mode not in self._by_mode:
+            log.info("compiling %s with torch.compile (one-time; about 1-2 min on a small CPU)", type(self.net).__name__)
+            self._by_mode[mode] = CompiledOrEager(self.net)
+        return self._by_mode[mode]
 
 
 @dataclass
@@ -83,7 +92,33 @@ class GeneratedVolume:
         return Volume.from_network(arr.astype(np.float32), self.spacing_xyz)
 
 
-class GenerationPipeline:
+class KernelModeMixin:
+    """Kernel mode of a pipeline, read from the modules its ``networks()`` returns, never stored;
+    ``noise_model()`` is its noise network, compiled per mode when asked (``self._compiled``)."""
+
+    _compiled: CompiledNoise
+
+    def networks(self) -> list[torch.nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def mode(self) -> str:
+        """``"fast"`` or ``"reference"``, read from the networks (``"mixed"`` if someone switched
+        only some of them)."""
+        return networks_mode(self.networks())
+
+    def set_mode(self, mode: str) -> None:
+        """Switch the networks between ``"fast"`` and ``"reference"`` kernels, in place (weights
+        untouched): every pipeline built on the same module objects runs the new kernels."""
+        for module in self.networks():
+            apply_kernel_mode(module, mode)
+
+    def noise_model(self) -> Callable[..., torch.Tensor]:
+        """The noise network, compiled when ``compile=True`` (once per kernel mode, lazily)."""
+        return self._compiled.get(self.mode)
+
+
+class GenerationPipeline(KernelModeMixin):
     """Autoencoder + BiFlowNet + sampler on one device.
 
     ``mode="fast"`` (default) runs the same float32 arithmetic on faster kernels: oneDNN for every
@@ -93,13 +128,17 @@ class GenerationPipeline:
     ~1.5 min on a 2-core CPU; falls back to eager where compiling is impossible).
     ``precision`` bf16/fp16 is autocast on top of either mode (not float32-exact: opt-in).
     ``memory_limit_bytes`` caps the memory seamless decoding plans for (default: 80 % of what is free).
+
+    The kernel mode is read from the networks (:attr:`mode`), never stored: building a pipeline
+    with ``mode=`` or calling :meth:`set_mode` switches the network modules in place, which every
+    pipeline sharing them sees.
     """
 
     PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    MODES = ("fast", "reference")
+    MODES = KERNEL_MODES
 
     def __init__(self, autoencoder: PatchVolumeAE, biflownet: BiFlowNet, entry: ModelEntry | None = None,
-                 device: str | torch.device | None = "cpu", timesteps: int = 1000, precision: str = "fp32",
+                 device: str | torch.device | None = "cpu", timesteps: int = NUM_TRAIN_TIMESTEPS, precision: str = "fp32",
                  mode: str = "fast", compile: bool = False, memory_limit_bytes: float | None = None):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.ae = autoencoder.eval().to(self.device)
@@ -107,41 +146,18 @@ class GenerationPipeline:
         self.entry = entry
         self.diffusion = GaussianDiffusion(timesteps, device=self.device)
         if precision not in self.PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+            raise UserError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
         self.precision = precision
         self.compile = bool(compile)
         if memory_limit_bytes is not None and memory_limit_bytes <= 0:
-            raise ValueError(f"the memory limit must be positive, got {memory_limit_bytes}")
+            raise UserError(f"the memory limit must be positive, got {memory_limit_bytes}")
         self.memory_limit_bytes = memory_limit_bytes  # cap on what seamless decoding may plan to use
-        self._compiled: CompiledOrEager | None = None
+        self._compiled = CompiledNoise(self.net, self.compile)
         self.set_mode(mode)
 
     def networks(self) -> list[torch.nn.Module]:
         """The modules whose kernels :meth:`set_mode` switches."""
         return [self.net, self.ae]
-
-    def set_mode(self, mode: str) -> None:
-        """Switch between ``"fast"`` and ``"reference"`` kernels (weights untouched). The modules are
-        switched in place, so pipelines built on the same module objects share the switch."""
-        if mode not in self.MODES:
-            raise ValueError(f"unknown mode {mode!r}; use fast or reference")
-        self.mode = mode
-        fast = mode == "fast"
-        for module in self.networks():
-            use_fast_kernels(module, fast)
-        # channels-last suits oneDNN/cuDNN at the decoder's full-resolution levels; BiFlowNet's small
-        # maps run faster contiguous (GroupNorm), so only the decoder changes layout.
-        self.ae.decoder.to(memory_format=torch.channels_last_3d if fast else torch.contiguous_format)
-        self._compiled = None
-
-    def noise_model(self) -> Callable[..., torch.Tensor]:
-        """BiFlowNet, compiled when ``compile=True`` (compiled once per pipeline, lazily)."""
-        if not self.compile:
-            return self.net
-        if self._compiled is None:
-            log.info("compiling BiFlowNet with torch.compile (one-time; about 1-2 min on a small CPU)")
-            self._compiled = CompiledOrEager(self.net)
-        return self._compiled
 
     def autocast(self):
         """Mixed precision for the networks (weights stay fp32; samplers and codebook in fp32)."""
@@ -162,6 +178,17 @@ class GenerationPipeline:
     def compression(self) -> int:
         return self.ae.compression
 
+    def check_class(self, class_index: int) -> None:
+        """A :class:`UserError` unless the network was trained for ``class_index``."""
+        emb = self.net.cond_emb
+        if emb is None:
+            if class_index != 0:
+                raise UserError(f"this model is unconditional (trained without classes); class {class_index} "
+                                "cannot be generated: pass class 0 or leave the class unset")
+            return
+        if not 0 <= class_index < emb.num_embeddings:
+            raise UserError(f"class {class_index} is outside this network's {emb.num_embeddings} classes")
+
     def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
         x, y, z = legal_size(size_xyz, self.compression)
         f = self.compression
@@ -170,38 +197,29 @@ class GenerationPipeline:
     # -- steps ---------------------------------------------------------------------------------------
     def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str = "ddpm",
                        steps: int | None = None, batch: int = 1, progress: ProgressFn | None = None,
-                       cancel: CancelFn | None = None, model_fn: Callable | None = None) -> torch.Tensor:
+                       cancel: CancelFn | None = None, noise_net: Callable[..., torch.Tensor] | None = None,
+                       callback: StepCallback | None = None) -> torch.Tensor:
         """Diffusion-space latents ``(batch, C, d, h, w)``. With a CPU or CUDA generator seeded
-        with ``seed`` the noise sequence equals the official ``torch.manual_seed(seed)`` run."""
+        with ``seed`` the noise sequence equals the official ``torch.manual_seed(seed)`` run.
+
+        ``noise_net(x, t, y, res) -> eps`` replaces :meth:`noise_model` (a controlled network);
+        ``callback(step_index, t, latents, pred_x0)`` sees every step (see :func:`.loop.denoise`)."""
         if batch < 1:
-            raise ValueError(f"number of volumes must be positive, got {batch}")
+            raise UserError(f"number of volumes must be positive, got {batch}")
+        scheduler = make_scheduler(sampler, self.diffusion, steps)
         d, h, w = self.latent_shape(size_xyz)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
         y = torch.full((batch,), int(class_index), dtype=torch.long, device=self.device)
         res = torch.tensor([d, h, w], dtype=torch.float32, device=self.device) / 64.0
-        if model_fn is None:
-            net = self.noise_model()
-            model_fn = lambda x, t: net(x, t, y, res)  # noqa: E731
-        base_fn = model_fn
+        net = noise_net if noise_net is not None else self.noise_model()
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with self.autocast():
-                return base_fn(x, t).float()
+                return net(x, t, y, res).float()
 
         with torch.inference_mode():
-            if sampler == "ddpm":
-                if steps not in (None, self.diffusion.num_timesteps):
-                    raise ValueError(f"DDPM always runs {self.diffusion.num_timesteps} steps; use --sampler ddim "
-                                     "for fewer")
-                return self.diffusion.sample_ddpm(fn, z, progress, cancel, generator=gen)
-            if sampler in ("ddim", "dpm++"):
-                n = (100 if sampler == "ddim" else 20) if steps is None else int(steps)
-                if n < 1:
-                    raise ValueError(f"the number of sampler steps must be positive, got {n}")
-                solve = self.diffusion.sample_ddim if sampler == "ddim" else self.diffusion.sample_dpmpp_2m
-                return solve(fn, z, n, progress, cancel)
-        raise ValueError(f"unknown sampler {sampler!r}; use ddpm, ddim or dpm++")
+            return denoise(scheduler, fn, z, gen if scheduler.stochastic else None, progress, cancel, callback)
 
     def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto") -> torch.Tensor:
         """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
@@ -219,9 +237,9 @@ class GenerationPipeline:
         if tiling == "auto":
             tiling = "exact" if self.mode == "fast" else "official"
         if tiling not in ("official", "seamless", "exact"):
-            raise ValueError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
+            raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
         if mode not in ("auto", "whole", "tiled"):
-            raise ValueError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
+            raise UserError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
         out = []
         with torch.inference_mode():
             for lat in latents.split(1):
@@ -305,31 +323,23 @@ class GenerationPipeline:
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,
                  spacing_xyz: Sequence[float] | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
-                 cancel: CancelFn | None = None, tiling: str = "auto") -> list[GeneratedVolume]:
+                 cancel: CancelFn | None = None, tiling: str = "auto",
+                 callback: StepCallback | None = None) -> list[GeneratedVolume]:
         """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
-        registry entry (default class, its first trained size and spacing, default sampler)."""
+        registry entry (default class, its first trained size and spacing, default sampler).
+        ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step."""
+        from ..jobs import generation_defaults
+
         entry = self.entry
-        if class_index is None:
-            if entry is None:
-                raise ValueError("pass class_index: this model has no registry entry with a default class")
-            class_index = entry.raw["defaults"]["class"]
-        class_index = parse_class(class_index, entry)
-        if not 0 <= class_index < (self.net.cond_emb.num_embeddings if self.net.cond_emb is not None else 1):
-            raise ValueError(f"class {class_index} is outside this network's {self.net.cond_emb.num_embeddings} classes")
-        if size_xyz is None or spacing_xyz is None:
-            if entry is None:
-                raise ValueError("pass size and spacing: this model has no registry entry with trained sizes")
-            d_size, d_spacing = entry.default_size(class_index)
-            size_xyz = size_xyz or d_size
-            spacing_xyz = spacing_xyz or d_spacing
-        if sampler is None:
-            sampler = entry.raw["defaults"]["sampler"] if entry else "ddpm"
-            if steps is None and sampler != "ddpm" and entry:
-                steps = entry.raw["defaults"]["steps"]
-        if any(float(s) <= 0 for s in spacing_xyz):
-            raise ValueError(f"spacing must be positive, got {list(spacing_xyz)}")
-        lat = self.sample_latents(class_index, size_xyz, seed, sampler, steps, num_volumes, progress, cancel)
+        if self.net.cond_emb is None and class_index is None:
+            class_index = 0  # an unconditional model ignores the class
+        r = generation_defaults(entry, class_index, size_xyz, spacing_xyz, sampler, steps, self.diffusion.num_timesteps)
+        class_index = r["class"]
+        self.check_class(class_index)
+        lat = self.sample_latents(class_index, r["size"], seed, r["sampler"], r["steps"], num_volumes, progress, cancel,
+                                  callback=callback)
         images = self.decode(lat, tiling=tiling)
-        meta = {"model": entry.id if entry else None, "sampler": sampler, "steps": steps or (1000 if sampler == "ddpm" else 100)}
+        meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
+        spacing_xyz = r["spacing"]
         return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
                 for i, img in enumerate(images)]

@@ -1,4 +1,9 @@
-"""Noise schedule and samplers (DDPM ancestral, official DDIM variant)."""
-from .gaussian import Cancelled, GaussianDiffusion, cosine_beta_schedule, ddim_timesteps
+"""Noise schedule and steppable samplers (official DDPM, official DDIM variant, DPM-Solver++ 2M)."""
+from ..errors import Cancelled
+from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, cosine_beta_schedule, ddim_timesteps
+from .samplers import (SCHEDULERS, DDIMScheduler, DDPMScheduler, DPMSolverPlusPlus2MScheduler, Scheduler,
+                       SchedulerOutput, make_scheduler, resolve_sampling)
 
-__all__ = ["Cancelled", "GaussianDiffusion", "cosine_beta_schedule", "ddim_timesteps"]
+__all__ = ["Cancelled", "NUM_TRAIN_TIMESTEPS", "GaussianDiffusion", "cosine_beta_schedule", "ddim_timesteps", "Scheduler", "SchedulerOutput",
+           "DDPMScheduler", "DDIMScheduler", "DPMSolverPlusPlus2MScheduler", "SCHEDULERS", "make_scheduler",
+           "resolve_sampling"]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conditioning import make_hint
+from ..data.grid import apply_affine, random_affine_theta, resample, working_grid
 from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
+from ..errors import UserError
+from ..io.atomic import atomic_path
 from ..io.checkpoints import fingerprint, save_model
-from ..models.controlnet import ControlNet, init_from_base
-from ..pipelines.conditioned import make_hint, resample, working_grid
+from ..models.config import init_args
+from ..models.controlnet import ControlNet, control_scales_list, controlled_noise, init_from_base
 from ..pipelines.generation import GenerationPipeline
 from ..schedulers import GaussianDiffusion
 from .diffusion import EMA
@@ -54,10 +57,9 @@ class TrainConfig:
     augment: int = 0                       # random affine copies per training pair
     control_scale: float = 1.0
     stop_after: int | None = None          # stop early (simulates an interruption; resume continues)
-    extra: dict = field(default_factory=dict)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training pairs that are missing, unpaired or mis-sized (the message names the files)."""
 
 
@@ -91,19 +93,6 @@ def find_pairs(source: str | Path) -> list[tuple[Path, Path]]:
     return [(cond[n], targ[n]) for n in sorted(cond)]
 
 
-def _affine(x: torch.Tensor, theta: torch.Tensor, mode: str) -> torch.Tensor:
-    grid = F.affine_grid(theta[None], [1, 1, *x.shape], align_corners=False)
-    return F.grid_sample(x[None, None].float(), grid, mode=mode, padding_mode="border", align_corners=False)[0, 0]
-
-
-def _random_theta(g: torch.Generator) -> torch.Tensor:
-    ang = math.radians(float(torch.empty(1).uniform_(-6, 6, generator=g)))
-    s = float(torch.empty(1).uniform_(0.92, 1.08, generator=g))
-    tr = torch.empty(3).uniform_(-0.1, 0.1, generator=g)
-    c, si = math.cos(ang) / s, math.sin(ang) / s
-    return torch.tensor([[c, -si, 0.0, float(tr[0])], [si, c, 0.0, float(tr[1])], [0.0, 0.0, 1.0 / s, float(tr[2])]])
-
-
 class ControlNetTrainer:
     def __init__(self, cfg: TrainConfig, log: Callable[[str], None] = print):
         self.cfg, self.log = cfg, log
@@ -113,7 +102,7 @@ class ControlNetTrainer:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend)
         if cfg.batch % self.world:
-            raise ValueError(f"global batch {cfg.batch} must be divisible by the number of processes {self.world}")
+            raise UserError(f"global batch {cfg.batch} must be divisible by the number of processes {self.world}")
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self.base = GenerationPipeline.from_pretrained(cfg.model, cfg.weights, device=device)
         self.base.net.requires_grad_(False)
@@ -121,11 +110,11 @@ class ControlNetTrainer:
         self.device = self.base.device
         entry = self.base.entry
         self.class_index = cfg.class_index if cfg.class_index is not None else (
-            entry.raw["defaults"]["class"] if entry else 1)
+            entry.default_class if entry else 1)
         if cfg.spacing_xyz is None and entry is not None:
             cfg.spacing_xyz = entry.default_size(self.class_index)[1]
         if cfg.hu_window is None and entry is not None:
-            cfg.hu_window = entry.class_info(self.class_index).get("hu_window")
+            cfg.hu_window = entry.hu_window(self.class_index)
         self.meta = self._meta()
 
     # -- task recipe ------------------------------------------------------------------------------------
@@ -133,14 +122,14 @@ class ControlNetTrainer:
         cfg = self.cfg
         if cfg.task == "labels":
             if not cfg.label_values:
-                raise ValueError("the labels task needs --label-values (e.g. 0 1 2 3 4)")
+                raise UserError("the labels task needs --label-values (e.g. 0 1 2 3 4)")
             hint = {"type": "labels", "values": [int(v) for v in cfg.label_values], "mode": cfg.label_mode}
         elif cfg.task == "sparse-view":
             hint = {"type": "image", "normalize": "hu_window", "hu_window": list(cfg.hu_window or (-1000.0, 1000.0))}
         elif cfg.task == "mri":
             hint = {"type": "image", "normalize": "percentile"}
         else:
-            raise ValueError(f"unknown task {cfg.task!r}; use sparse-view, labels or mri")
+            raise UserError(f"unknown task {cfg.task!r}; use sparse-view, labels or mri")
         return {"task": cfg.task, "hint": hint, "class": self.class_index, "control_scale": cfg.control_scale,
                 "base_model": self.base.entry.id if self.base.entry else None,
                 "base_fingerprint": fingerprint(self.base.net), "spacing_xyz": cfg.spacing_xyz,
@@ -149,12 +138,7 @@ class ControlNetTrainer:
     def _controlnet(self) -> ControlNet:
         c = self.base.net.config
         hint_ch = len(self.meta["hint"]["values"]) if self.meta["hint"]["type"] == "labels" else c["channels"]
-        cn = ControlNet(c["dim"], hint_channel=hint_ch, cond_classes=c["cond_classes"], dim_mults=c["dim_mults"],
-                        sub_volume_size=c["sub_volume_size"], channels=c["channels"], patch_size=c["patch_size"],
-                        attn_heads=c["attn_heads"], init_dim=c["init_dim"], init_kernel_size=c["init_kernel_size"],
-                        use_sparse_linear_attn=c["use_sparse_linear_attn"], resnet_groups=c["resnet_groups"],
-                        DiT_num_heads=c["DiT_num_heads"], mlp_ratio=c["mlp_ratio"], vq_size=c["vq_size"],
-                        res_condition=c["res_condition"], dit_branch=self.meta["hint"]["type"] == "image")
+        cn = ControlNet(**init_args(ControlNet, c, hint_channel=hint_ch, dit_branch=self.meta["hint"]["type"] == "image"))
         init_from_base(cn, self.base.net)  # official initialisation from the frozen base
         return cn.to(self.device)
 
@@ -183,9 +167,9 @@ class ControlNetTrainer:
             c_work = resample(c_src if kind == "labels" else c_src.float(), grid.shape_dhw, kind)
             variants = [(t_work, c_work)]
             for _ in range(augment):
-                theta = _random_theta(g)
-                variants.append((_affine(t_work, theta, "bilinear"),
-                                 _affine(c_work, theta, "nearest" if kind == "labels" else "bilinear").to(c_work.dtype)))
+                theta = random_affine_theta(g)
+                variants.append((apply_affine(t_work, theta), apply_affine(c_work, theta, "nearest" if kind == "labels"
+                                                                           else "bilinear")))
             for t_arr, c_arr in variants:
                 x = torch.from_numpy(self._target_model_units(t_arr.numpy()))[None, None].to(self.device)
                 with torch.no_grad():
@@ -211,12 +195,13 @@ class ControlNetTrainer:
         model = cn
         if self.world > 1:
             model = torch.nn.parallel.DistributedDataParallel(cn, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        scales = control_scales_list(cfg.control_scale, cn)
         params = [p for p in cn.parameters() if p.requires_grad]
         opt_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         ema = EMA(cn, cfg.ema_decay)
         gen = torch.Generator().manual_seed(cfg.seed)
-        gd = GaussianDiffusion(1000, device=self.device)
+        gd = GaussianDiffusion(device=self.device)
         step, history = 0, {"loss": [], "val": []}
         ckpt_path = out / "checkpoint.pt"
         if resume and ckpt_path.exists():
@@ -245,8 +230,7 @@ class ControlNetTrainer:
             tt, nn_, yy = t[lo:hi].to(self.device), noise[lo:hi].to(self.device), y_all[lo:hi].to(self.device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                 xt = gd.q_sample(x0, tt, nn_)
-                controls = [c * cfg.control_scale for c in model(xt, h, tt, yy, res)]
-                pred = self.base.net(xt, tt, yy, res, controls=controls)
+                pred = controlled_noise(self.base.net, model, scales, xt, tt, h, yy, res)
             pred = pred.float()
             loss = F.l1_loss(pred, nn_) if cfg.loss == "l1" else F.mse_loss(pred, nn_)
             opt.zero_grad(set_to_none=True)
@@ -261,11 +245,10 @@ class ControlNetTrainer:
                 history["val"].append([step, self.validate(ema.shadow, val, gd, res)])
                 self.log(f"step {step}: validation loss {history['val'][-1][1]:.4f}")
             if self.rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or step == cfg.stop_after):
-                tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"controlnet": cn.state_dict(), "ema": ema.shadow.state_dict(), "optimizer": opt.state_dict(),
-                            "generator": gen.get_state(), "step": step, "history": history,
-                            "config": json.loads(json.dumps(asdict(cfg)))}, tmp)
-                tmp.replace(ckpt_path)
+                with atomic_path(ckpt_path) as tmp:
+                    torch.save({"controlnet": cn.state_dict(), "ema": ema.shadow.state_dict(),
+                                "optimizer": opt.state_dict(), "generator": gen.get_state(), "step": step,
+                                "history": history, "config": json.loads(json.dumps(asdict(cfg)))}, tmp)
             if cfg.stop_after is not None and step >= cfg.stop_after:
                 break
         bar.close()
@@ -291,7 +274,8 @@ class ControlNetTrainer:
             x0, h, nz, tt = lat.to(self.device), hint.to(self.device), noise.to(self.device), t.to(self.device)
             y = torch.full((lat.shape[0],), self.class_index, dtype=torch.long, device=self.device)
             xt = gd.q_sample(x0, tt, nz)
-            pred = self.base.net(xt, tt, y, res, controls=[c * self.cfg.control_scale for c in model(xt, h, tt, y, res)])
+            pred = controlled_noise(self.base.net, model, control_scales_list(self.cfg.control_scale, model), xt, tt, h,
+                                    y, res)
             losses.append(float(F.l1_loss(pred, nz)))
         return float(np.mean(losses))
 

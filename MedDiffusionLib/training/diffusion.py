@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schedulers.gaussian import GaussianDiffusion
+from ..errors import UserError
 
 
 def diffusion_loss(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], gd: GaussianDiffusion,
@@ -23,7 +24,7 @@ def diffusion_loss(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         return F.l1_loss(pred, noise)
     if loss_type == "l2":
         return F.mse_loss(pred, noise)
-    raise ValueError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
+    raise UserError(f"loss_type must be 'l1' or 'l2', got {loss_type!r}")
 
 
 class EMA:

@@ -201,3 +201,62 @@ def test_converter_cli(tmp_path, official_ae_file, official_bf_file, monkeypatch
     assert load_model(tmp_path / "out" / "autoencoder", expect="patchvolume")
     assert load_model(tmp_path / "out" / "biflownet", expect="biflownet")
     assert main(["convert", str(tmp_path / "nothing.pt"), str(tmp_path / "out")]) == 2
+
+
+SMALL = {"patchvolume": dict(n_hiddens=4, downsample=(4, 4, 4), num_groups=2, n_codes=16, patch_size=16),
+         "biflownet": dict(dim=12, cond_classes=3, dim_mults=(1, 1, 2, 3, 4), attn_heads=1, resnet_groups=4,
+                           DiT_num_heads=2, channels=8),
+         "controlnet": dict(dim=12, hint_channel=5, cond_classes=3, dim_mults=(1, 1, 2, 3, 4), attn_heads=1,
+                            resnet_groups=4, DiT_num_heads=2, dit_branch=False),
+         "controlldm": dict(dim=12, cond_classes=3, dim_mults=(1, 1, 2, 3, 4), attn_heads=1, resnet_groups=4,
+                            DiT_num_heads=2, channels=8, control_scales=0.5)}
+
+
+@pytest.mark.parametrize("family", sorted(SMALL))
+def test_every_family_saves_every_constructor_argument(tmp_path, family):
+    import inspect
+    import json
+
+    from MedDiffusionLib.io.checkpoints import FAMILIES, FAMILY_CLASSES
+    assert set(FAMILIES) == set(SMALL)
+    cls = FAMILY_CLASSES[family]
+    model = cls(**SMALL[family])
+    path = save_model(model, tmp_path / family)
+    saved = json.loads(path.with_suffix(".json").read_text())
+    assert saved["family"] == family and saved["format_version"] == 1
+    wanted = {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+    assert set(saved["config"]) == wanted, f"not saved: {wanted - set(saved['config'])}"
+    for k, v in SMALL[family].items():
+        assert saved["config"][k] == (list(v) if isinstance(v, tuple) else v), k
+    back = load_model(path, expect=family)
+    assert type(back) is cls and back.config == model.config
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_bundled_models_load_unchanged():
+    from MedDiffusionLib.io.checkpoints import read_model_config
+    from MedDiffusionLib.registry import RESOURCES
+    files = sorted((RESOURCES / "models").glob("*/*.safetensors"))
+    assert len(files) == 4
+    for path in files:
+        doc = read_model_config(path)
+        model = load_model(path)
+        assert {k: v for k, v in model.config.items() if k in doc["config"]} == doc["config"]
+
+
+def test_loader_errors_are_user_errors_that_keep_their_cause(tmp_path):
+    from MedDiffusionLib.errors import UserError
+    from MedDiffusionLib.registry import RegistryError
+    from MedDiffusionLib.training.controlnet import DataError
+    from MedDiffusionLib.weights import WeightsError
+    assert all(issubclass(c, UserError) for c in (CheckpointError, RegistryError, WeightsError, DataError))
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError) as info:
+        load_official_biflownet(path)
+    assert info.value.__cause__ is not None  # `from err`, not `from None`
+    (tmp_path / "m.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON") as info:
+        load_model(tmp_path / "m")
+    assert info.value.__cause__ is not None

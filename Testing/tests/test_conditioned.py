@@ -31,8 +31,13 @@ def _label_volume(shape=(60, 70, 50), spacing=(1.1, 0.9, 1.3)):
 
 def test_synthesis_returns_on_input_grid(labels_controlnet, base_dir):  # noqa: F811
     pipe = ControlledPipeline.from_files(labels_controlnet, weights=base_dir, device="cpu")
+    assert pipe.task == "labels" and pipe.hint_type == "labels"
     lab = _label_volume()
-    out = synthesize_from_labels(lab, pipe, seed=1, sampler="ddim", steps=2)
+    fuzzy = lab.with_array(lab.array + 0.3)  # resampled label maps arrive as floats: rounded to labels
+    steps = []
+    out = pipe.run(fuzzy, seed=1, steps=2, callback=lambda i, t, lat, x0: steps.append((i, t, tuple(lat.shape))))
+    assert [s[:2] for s in steps] == [(0, 999), (1, 0)]  # the default sampler is DDIM
+    np.testing.assert_array_equal(out.array, synthesize_from_labels(lab, pipe, seed=1, sampler="ddim", steps=2).array)
     assert out.shape == lab.shape
     np.testing.assert_allclose(out.affine, lab.affine)
     lo, hi = pipe.hu_window()
@@ -59,6 +64,40 @@ def test_controlnet_for_another_base_is_refused(labels_controlnet, base_dir, par
     meta = read_model_config(labels_controlnet)["meta"]
     with pytest.raises(CheckpointError, match="another base model"):
         ControlledPipeline(GenerationPipeline(base.ae, other, device="cpu"), load_model(labels_controlnet), meta)
+
+
+def test_controlled_pipeline_composes_its_base(labels_controlnet, base_dir):  # noqa: F811
+    """Settings pass through, the kernel mode is read from the shared modules (two pipelines cannot
+    disagree), and the noise model is one module over the base's own network."""
+    from MedDiffusionLib.io.checkpoints import read_model_config
+    from MedDiffusionLib.models.controlnet import ControlLDM
+    from MedDiffusionLib.models.kernels import CompiledOrEager
+    base = GenerationPipeline.from_pretrained(weights=base_dir, device="cpu", mode="fast", compile=True,
+                                              memory_limit_bytes=123e6)
+    meta = read_model_config(labels_controlnet)["meta"]
+    cp = ControlledPipeline(base, load_model(labels_controlnet), meta)
+    assert cp.memory_limit_bytes == 123e6 and cp.compile and cp.mode == base.mode == "fast"
+    assert cp.net is base.net and cp.noise_net.base is base.net
+    assert "mode" not in vars(cp) and "mode" not in vars(base)  # derived, never stored
+    compiled = cp.noise_model()  # the controlled network is what gets compiled (lazily: no compile here)
+    assert isinstance(compiled, CompiledOrEager) and compiled.module is cp.noise_net
+    cp.set_mode("reference")  # explicit switch of the shared modules: the base sees it
+    assert base.mode == cp.mode == "reference"
+    base.set_mode("fast")  # switches only the base's networks: the controlled pipeline says so
+    assert cp.mode == "mixed"
+    cp.set_mode("fast")
+    assert cp.mode == base.mode == "fast"
+    # the pipeline's noise equals the official ControlLDM forward on the same weights
+    ldm = ControlLDM(**{**base.net.config, "hint_channel": cp.controlnet.hint_channel,
+                        "dit_branch": cp.controlnet.dit_branch, "control_scales": meta.get("control_scale", 1.0)})
+    ldm.noise_estimator.load_state_dict(base.net.state_dict())
+    ldm.controlnet.load_state_dict(cp.controlnet.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x, hint = torch.randn(1, 8, 8, 8, 8, generator=g), torch.rand(1, cp.controlnet.hint_channel, 8, 8, 8, generator=g)
+    t, y, res = torch.tensor([500]), torch.tensor([1]), torch.full((3,), 0.125)
+    with torch.inference_mode():
+        torch.testing.assert_close(cp.noise_net(x, t, y, res, hint=hint), ldm.eval()(x, t, hint, y, res),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_hint_shape_mismatch_is_reported(labels_controlnet):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
-from MedDiffusionLib.schedulers import GaussianDiffusion
+from MedDiffusionLib.pipelines.loop import denoise
+from MedDiffusionLib.schedulers import GaussianDiffusion, make_scheduler
 
 AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups", "embedding_dim", "n_codes", "patch_size")
 
@@ -47,9 +48,9 @@ def test_dpm_solver_converges_to_the_ddim_ode_solution():
         return (x - ab.sqrt() * mu) * (1 - ab).sqrt() / (ab * s2 + 1 - ab)
 
     z = torch.randn(2, 4, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    ref = gd.sample_ddim(exact_eps, z, 1000)
-    err = {(name, n): (sampler(exact_eps, z, n) - ref).abs().mean().item()
-           for name, sampler in (("ddim", gd.sample_ddim), ("dpm", gd.sample_dpmpp_2m)) for n in (10, 20, 50)}
+    ref = denoise(make_scheduler("ddim", gd, 1000), exact_eps, z)
+    err = {(name, n): (denoise(make_scheduler(sampler, gd, n), exact_eps, z) - ref).abs().mean().item()
+           for name, sampler in (("ddim", "ddim"), ("dpm", "dpm++")) for n in (10, 20, 50)}
     assert err[("dpm", 50)] < err[("dpm", 20)] < err[("dpm", 10)], err
     assert err[("ddim", 50)] < err[("ddim", 20)] < err[("ddim", 10)], err
     for n in (10, 20, 50):
@@ -223,3 +224,45 @@ def test_decode_estimator_shape():
     est = estimate_run(None, 8, (512, 512, 512), 1000, "cuda", budget_bytes=24 * 2 ** 30 * 0.8)
     assert est.tile is not None and est.peak_bytes <= 24 * 2 ** 30 * 0.8
     assert "tiles" in est.text("cuda") and "GB GPU memory" in est.text("cuda")
+
+
+@torch.library.custom_op("meddiffusion_test::oom_if", mutates_args=())
+def _oom_if(x: torch.Tensor, fail: bool) -> torch.Tensor:
+    if fail:
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated inside the compiled graph)")
+    return x * 2
+
+
+@_oom_if.register_fake
+def _(x, fail):
+    return torch.empty_like(x)
+
+
+def test_compiled_call_lets_errors_of_the_run_through():
+    """Only compilation failures fall back to eager: an out-of-memory or a shape error from the
+    compiled call surfaces as itself, and compilation stays on for the next call."""
+    import torch._dynamo
+
+    from MedDiffusionLib.models.kernels import CompiledOrEager
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+
+        def forward(self, x, fail):
+            return _oom_if(self.conv(x), fail)
+
+    net = Net().eval()
+    torch._dynamo.reset()
+    wrapped = CompiledOrEager(net, backend="eager")  # dynamo tracing without the slow C++ codegen
+    x = torch.randn(1, 2, 4, 4, 4)
+    with torch.inference_mode():
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            wrapped(x, True)
+        assert wrapped.compiled is not None and wrapped.error is None
+        with pytest.raises(RuntimeError) as info:  # wrong channel count
+            wrapped(torch.randn(1, 3, 4, 4, 4), False)
+        assert not isinstance(info.value, torch.OutOfMemoryError)
+        assert wrapped.compiled is not None and wrapped.error is None
+        torch.testing.assert_close(wrapped(x, False), net(x, False))

@@ -48,11 +48,11 @@ def test_seeded_noise_matches_official_rng(tiny_models):
     pipe = GenerationPipeline(*tiny_models, device="cpu")
     seen = {}
 
-    def capture(x, t):
+    def capture(x, t, y, res):
         seen.setdefault("z", x.clone())
         return torch.zeros_like(x)
 
-    pipe.sample_latents(1, (64, 64, 64), seed=11, sampler="ddim", steps=1, model_fn=capture)
+    pipe.sample_latents(1, (64, 64, 64), seed=11, sampler="ddim", steps=1, noise_net=capture)
     torch.manual_seed(11)
     assert torch.equal(seen["z"], torch.randn(1, 8, 8, 8, 8))
 
@@ -91,8 +91,8 @@ def test_cli_generate_writes_geometry_and_hu(weights_dir, tmp_path, capsys):
     (["--class", "9"], "unknown class"),
     (["--class", "MR T1"], "does not know class 3"),
     (["--size", "100", "64", "64"], "nearest legal sizes"),
-    (["--sampler", "ddim", "--steps", "0"], "must be positive"),
-    (["--sampler", "ddim", "--steps", "-3"], "must be positive"),
+    (["--sampler", "ddim", "--steps", "0"], "positive"),
+    (["--sampler", "ddim", "--steps", "-3"], "positive"),
     (["--num-volumes", "0"], "must be positive"),
     (["--hu-window", "100", "-100"], "LO < HI"),
 ])
@@ -141,7 +141,7 @@ def test_cli_out_of_memory_message(weights_dir, tmp_path, capsys, monkeypatch):
     rc = main(["generate", "--weights", str(weights_dir), "--size", "64", "64", "64", "--spacing", "1", "1", "1",
                "--out", str(tmp_path / "a.nii.gz"), "--device", "cpu", "--quiet"])
     err = capsys.readouterr().err
-    assert rc == 2 and "ran out of memory" in err and "smaller --size" in err
+    assert rc == 2 and "ran out of memory" in err and "smaller size" in err and "Traceback" not in err
 
 
 def test_cli_interrupt_leaves_no_file(weights_dir, tmp_path, capsys, monkeypatch):
@@ -193,3 +193,20 @@ def test_cli_reference_flag_and_memory_cap(weights_dir, tmp_path, capsys):
     assert 0 < diff.mean() < 0.05, diff.mean()
     assert main(common + ["--max-memory-gb", "-1", "--out", str(tmp_path / "bad.nii.gz")]) == 2
     assert "memory limit must be positive" in capsys.readouterr().err
+
+
+def test_generate_records_the_steps_it_runs_and_feeds_the_callback(tiny_models):
+    pipe = GenerationPipeline(*tiny_models, device="cpu")
+    seen = []
+    out = pipe.generate(1, (64, 64, 64), (1.0, 1.0, 1.0), sampler="dpm++", steps=None,
+                        callback=lambda i, t, lat, x0: seen.append(i))
+    assert out[0].meta["sampler"] == "dpm++" and out[0].meta["steps"] == 20 == len(seen)
+
+
+def test_unconditional_model_gives_a_user_error(tiny_models, parity_bf):
+    from MedDiffusionLib.errors import UserError
+    net = BiFlowNet(**{**parity_bf["config"], "cond_classes": None}).eval()
+    pipe = GenerationPipeline(tiny_models[0], net, device="cpu")
+    with pytest.raises(UserError, match="unconditional"):
+        pipe.generate(1, (64, 64, 64), (1.0, 1.0, 1.0), sampler="ddim", steps=1)
+    assert pipe.generate(0, (64, 64, 64), (1.0, 1.0, 1.0), sampler="ddim", steps=1)[0].image.shape == (64, 64, 64)

@@ -1,72 +1,228 @@
-"""The Slicer module: geometry glue with real MRML from the slicer-core wheel, the worker thread,
-and static checks that need no Slicer (lazy torch import, .ui widget names, CMake lists)."""
+"""Static checks of the Slicer module that need no Slicer application: what Slicer's process imports,
+the .ui against the parameter node (the annotations Slicer's GUI connectors require), CMake lists,
+metadata, sample data and the README."""
 import ast
+import hashlib
 import re
 import sys
-import threading
-import time
+import urllib.request
 import xml.etree.ElementTree as ET
 
-import numpy as np
 import pytest
 
 from conftest import ROOT
 
 MODULE = ROOT / "MedDiffusion"
 sys.path.insert(0, str(MODULE))
+UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
 
-from MedDiffusionGlue.worker import Worker  # noqa: E402
 
-
-# -- static checks --------------------------------------------------------------------------------------
 def _module_ast():
     return ast.parse((MODULE / "MedDiffusion.py").read_text())
 
 
-def test_module_imports_no_torch_at_module_level():
-    heavy = {"torch", "MedDiffusionLib", "numpy", "SimpleITK", "nibabel", "safetensors", "huggingface_hub"}
-    for node in _module_ast().body:
-        names = []
+def _class(tree, name):
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+# -- nothing heavy in Slicer's process ----------------------------------------------------------------------
+FORBIDDEN = ("torch", "huggingface_hub", "safetensors", "nibabel", "SimpleITK", "einops")
+
+
+def _imports(path):
+    """Every module a file imports, at any depth (function bodies included), incl. import_module("x")."""
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names = [node.module]
-        assert not [n for n in names if n.split(".")[0] in heavy], ast.dump(node)
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            if node.module == "MedDiffusionLib":
+                yield from (f"MedDiffusionLib.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant):
+            yield node.args[0].value
+
+
+def test_no_module_file_imports_torch_hub_or_library_code_other_than_the_client():
+    files = sorted(MODULE.rglob("*.py"))
+    assert len(files) >= 5
+    seen = set()
+    for path in files:
+        for name in _imports(path):
+            seen.add(name)
+            top = name.split(".")[0]
+            assert top not in FORBIDDEN, f"{path.relative_to(ROOT)} imports {name}"
+            if top == "MedDiffusionLib":
+                assert name == "MedDiffusionLib.client", f"{path.relative_to(ROOT)} imports {name}"
+    assert "MedDiffusionLib.client" in seen  # the check looks at real imports
+
+
+def test_the_static_import_check_catches_a_nested_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    if True:\n        from MedDiffusionLib.pipelines import generation\n"
+                   "    import importlib; importlib.import_module('torch')\n")
+    assert {"MedDiffusionLib.pipelines", "torch"} <= set(_imports(bad))
+
+
+# -- .ui <-> parameter node, as Slicer's connectors see it ------------------------------------------------------
+# Slicer v5.10.0 Base/Python/slicer/parameterNodeWrapper/guiConnectors.py (v5.8.1 line numbers in brackets):
+#   QCheckBoxToBoolConnector             :162-165 [:138]  QCheckBox  <-> bool
+#   QSliderOrSpinBoxToIntConnector       :276-321 [:225-270] QSpinBox <-> int; without WithinRange or
+#                                        Minimum+Maximum the limits become -2**31 .. 2**31-1 (:316, :321)
+#   QDoubleSpinBoxCtkSliderWidgetToFloatIntConnector :340-393 QDoubleSpinBox/ctkSliderWidget <-> float|int;
+#                                        unbounded -> -inf..inf (:389, :393), ctkSliderWidget raises (:380);
+#                                        Decimals sets the shown decimals (:365)
+#   QComboBoxToStringableConnector       :418-431 [:355-368] QComboBox <-> str|int|float|bool; raises
+#                                        "requires the Choice annotation" without Choice (:431)
+#   QLineEditToStrConnector              :515-518  QLineEdit <-> str
+#   ctkPathLineEditToPathConnector       :673-676  ctkPathLineEdit <-> pathlib.Path
+#   qMRMLNodeComboBoxToNodeConnector     :745-760  qMRMLNodeComboBox <-> vtkMRML*Node; sets nodeTypes from the type
+# and wrapper.py :194-211: every connector is created before any is connected, so one failure binds nothing.
+def _param_types():
+    """{name: (base type name, {annotation name: evaluated args}, default)} from the parameter node class."""
+    tree = _module_ast()
+    consts = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                consts[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+
+    def value(expr):
+        return eval(compile(ast.Expression(expr), "<annotation>", "eval"), {"__builtins__": {}}, dict(consts))
+
+    out = {}
+    for stmt in _class(tree, "MedDiffusionParameterNode").body:
+        if not isinstance(stmt, ast.AnnAssign):
+            continue
+        ann, annotations = stmt.annotation, {}
+        if isinstance(ann, ast.Subscript) and getattr(ann.value, "id", "") == "Annotated":
+            base, *extras = ann.slice.elts
+            for call in extras:
+                annotations[call.func.id] = [value(a) for a in call.args]
+        else:
+            base = ann
+        default = value(stmt.value) if stmt.value is not None else None
+        out[stmt.target.id] = (base.id if isinstance(base, ast.Name) else ast.unparse(base), annotations, default)
+    return out
+
+
+def _ui_bound():
+    """[(widget class, widget name, parameter name, {property: value})] for every SlicerParameterName."""
+    rows = []
+    for w in ET.parse(UI).iter("widget"):
+        props = {}
+        for p in w.findall("property"):
+            child = next(iter(p))
+            props[p.get("name")] = ([s.text for s in child] if child.tag == "stringlist" else child.text)
+        if "SlicerParameterName" in props:
+            rows.append((w.get("class"), w.get("name"), props["SlicerParameterName"], props))
+    return rows
+
+
+def _range(annotations):
+    if "WithinRange" in annotations:
+        return tuple(annotations["WithinRange"])
+    if "Minimum" in annotations and "Maximum" in annotations:
+        return annotations["Minimum"][0], annotations["Maximum"][0]
+    return None
+
+
+def check_binding(cls, name, param, props, types) -> list[str]:
+    """Problems Slicer's connector would raise or cause for one bound widget (empty list = fine)."""
+    if param not in types:
+        return [f"{name}: no parameter {param!r}"]
+    base, ann, default = types[param]
+    problems = []
+    if cls == "QCheckBox":
+        if base != "bool":
+            problems.append(f"{name}: QCheckBox needs bool, {param} is {base}")
+    elif cls in ("QSpinBox", "QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"):
+        wanted = ("int",) if cls == "QSpinBox" else ("float", "int")
+        rng = _range(ann)
+        if base not in wanted:
+            problems.append(f"{name}: {cls} needs {' or '.join(wanted)}, {param} is {base}")
+        elif rng is None:
+            problems.append(f"{name}: {param} has no WithinRange/Minimum+Maximum: the spin box limits become unbounded")
+        else:
+            if not rng[0] <= default <= rng[1]:
+                problems.append(f"{name}: default {default} outside {rng}")
+            ui_rng = (float(props.get("minimum", "nan")), float(props.get("maximum", "nan")))
+            if ui_rng != (float(rng[0]), float(rng[1])):
+                problems.append(f"{name}: .ui range {ui_rng} differs from the annotation {rng}")
+            if base == "float" and "Decimals" not in ann:
+                problems.append(f"{name}: float {param} has no Decimals (QDoubleSpinBox shows 2)")
+    elif cls in ("QComboBox", "ctkComboBox"):
+        if base not in ("str", "int", "float", "bool"):
+            problems.append(f"{name}: QComboBox needs a str/int/float/bool with Choice, {param} is {base}")
+        elif "Choice" not in ann:
+            problems.append(f"{name}: {param} has no Choice annotation (ComboBoxToStringableConnector raises)")
+        elif default not in ann["Choice"][0]:
+            problems.append(f"{name}: default {default!r} not among the choices")
+    elif cls == "QLineEdit":
+        if base != "str":
+            problems.append(f"{name}: QLineEdit needs str, {param} is {base}")
+    elif cls == "ctkPathLineEdit":
+        if base not in ("pathlib.Path", "Path"):
+            problems.append(f"{name}: ctkPathLineEdit needs pathlib.Path, {param} is {base}")
+    elif cls == "qMRMLNodeComboBox":
+        if not base.startswith("vtkMRML"):
+            problems.append(f"{name}: qMRMLNodeComboBox needs a node type, {param} is {base}")
+        elif props.get("nodeTypes") != [base]:
+            problems.append(f"{name}: .ui nodeTypes {props.get('nodeTypes')} differ from {base} (the connector resets them)")
+        elif props.get("showChildNodeTypes") != "false" and base == "vtkMRMLScalarVolumeNode":
+            problems.append(f"{name}: lists label maps and vector volumes (showChildNodeTypes is not false)")
+    else:
+        problems.append(f"{name}: no Slicer connector handles {cls}")
+    return problems
+
+
+def test_every_bound_widget_has_the_annotations_slicers_connector_requires():
+    types = _param_types()
+    bound = _ui_bound()
+    assert len(bound) >= 20
+    problems = [p for cls, name, param, props in bound for p in check_binding(cls, name, param, props, types)]
+    assert not problems, "\n".join(problems)
+    # every bound parameter is bound once; unbound ones are set by code (model/class/ControlNet lists)
+    params = [param for _, _, param, _ in bound]
+    assert len(params) == len(set(params))
+    assert set(types) - set(params) == {"modelId", "classIndex", "labelsControlNet", "sparseViewControlNet"}
+
+
+def test_the_binding_check_reports_what_slicer_would_refuse():
+    types = {"sampler": ("str", {}, "ddpm"), "steps": ("int", {}, 5), "size": ("float", {"WithinRange": [1, 9]}, 2.0)}
+    assert "no Choice" in check_binding("QComboBox", "c", "sampler", {}, types)[0]
+    assert "unbounded" in check_binding("QSpinBox", "s", "steps", {}, types)[0]
+    assert any("Decimals" in p for p in check_binding("QDoubleSpinBox", "d", "size",
+                                                      {"minimum": "1", "maximum": "9"}, types))
 
 
 EXPECTED_CLASSES = {
     "Button": {"QPushButton"}, "CollapsibleButton": {"ctkCollapsibleButton"}, "ComboBox": {"QComboBox"},
     "Selector": {"qMRMLNodeComboBox"}, "SpinBox": {"QSpinBox", "QDoubleSpinBox"}, "Label": {"QLabel"},
-    "CheckBox": {"QCheckBox"}, "LineEdit": {"QLineEdit"}, "ProgressBar": {"QProgressBar"},
+    "CheckBox": {"QCheckBox"}, "LineEdit": {"QLineEdit", "ctkPathLineEdit"}, "ProgressBar": {"QProgressBar"},
 }
 
 
-def _ui_widgets():
-    tree = ET.parse(MODULE / "Resources" / "UI" / "MedDiffusion.ui")
-    return {w.get("name"): w.get("class") for w in tree.iter("widget")}, tree
-
-
-def test_every_widget_used_in_python_exists_with_expected_class():
-    widgets, _ = _ui_widgets()
+def test_every_widget_used_in_python_exists_with_expected_class_and_every_control_has_a_tooltip():
+    widgets = {w.get("name"): w for w in ET.parse(UI).iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "MedDiffusion.py").read_text()))
-    assert used, "no widgets referenced?"
+    assert len(used) >= 30
     for name in sorted(used):
         assert name in widgets, f"{name} is used in MedDiffusion.py but missing from the .ui"
-        suffix = next(s for s in sorted(EXPECTED_CLASSES, key=len, reverse=True) if name.lower().endswith(s.lower()))
-        assert widgets[name] in EXPECTED_CLASSES[suffix], (name, widgets[name])
+        suffix = "Label" if name.startswith("label_") else next(
+            s for s in sorted(EXPECTED_CLASSES, key=len, reverse=True) if name.lower().endswith(s.lower()))
+        assert widgets[name].get("class") in EXPECTED_CLASSES[suffix], (name, widgets[name].get("class"))
+    controls = [n for n, w in widgets.items() if w.get("class") not in ("QWidget", "qMRMLWidget", "ctkCollapsibleButton")]
+    untipped = [n for n in controls if not any(p.get("name") == "toolTip" for p in widgets[n].findall("property"))]
+    assert not untipped, untipped
 
 
-def test_parameter_names_in_ui_match_parameter_node():
-    _, tree = _ui_widgets()
-    bound = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
-    cls = next(n for n in _module_ast().body if isinstance(n, ast.ClassDef) and n.name == "MedDiffusionParameterNode")
-    fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
-    assert bound and bound <= fields, bound - fields
-
-
+# -- packaging ------------------------------------------------------------------------------------------------
 def test_cmake_lists_every_module_and_library_file():
     cmake = (MODULE / "CMakeLists.txt").read_text()
-    listed = set(re.findall(r"^\s+([\w/.${}-]+\.(?:py|ui|png|txt|json|safetensors))\s*$", cmake, re.M))
+    listed = set(re.findall(r"^\s+([\w/.${}-]+\.(?:py|ui|png|txt|json|safetensors|nrrd))\s*$", cmake, re.M))
     listed = {p.replace("${MODULE_NAME}", "MedDiffusion") for p in listed}
     module_files = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     lib_files = {str(p.relative_to(ROOT)) for p in (ROOT / "MedDiffusionLib").rglob("*")
@@ -75,10 +231,43 @@ def test_cmake_lists_every_module_and_library_file():
     assert not missing - listed, sorted(missing - listed)
     assert not {p for p in listed if not ((MODULE / p).exists() or (ROOT / p).exists())}
     top = (ROOT / "CMakeLists.txt").read_text()
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
-                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(MedDiffusion)"):
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
+                "EXTENSION_SCREENSHOTURLS", "EXTENSION_DEPENDS", "add_subdirectory(MedDiffusion)"):
         assert key in top
+    assert 'set(EXTENSION_CATEGORY "Image Synthesis")' in top
+    assert '_("Image Synthesis")' in (MODULE / "MedDiffusion.py").read_text()
     assert "WITH_GENERIC_TESTS" in cmake and "slicer_add_python_unittest" in cmake
+
+
+def test_licence_file_is_the_apache_2_text():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 9000
+
+
+def test_requirements_exclude_torch_and_match_pyproject():
+    from MedDiffusionGlue import dependencies
+    reqs = dependencies.read_requirements()
+    names = {dependencies.split_requirement(r)[0].lower() for r in reqs}
+    assert "torch" not in names
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    deps = re.search(r"^dependencies = \[(.*?)\]", pyproject, re.S | re.M).group(1)
+    wanted = {name.lower() for name in re.findall(r'"([A-Za-z0-9_.\-]+)[^"]*"', deps)}
+    assert names == wanted - {"torch"}
+    assert f'"torch{dependencies.TORCH_REQUIREMENT},' in pyproject
+
+
+def test_sample_data_files_match_their_registered_checksums(tmp_path):
+    src = (MODULE / "MedDiffusion.py").read_text()
+    entries = re.findall(r'SAMPLE_\w+ = \("([^"]+)", "SHA256:([0-9a-f]{64})"\)', src)
+    assert len(entries) == 2
+    for name, digest in entries:
+        path = MODULE / "Resources" / "SampleData" / name
+        assert path.stat().st_size < 1_500_000
+        # SampleData fetches registered URIs with urllib.request.urlretrieve, then checks the SHA256
+        # (Slicer v5.10.0 Modules/Scripted/SampleData/SampleData.py:1098, :1106)
+        fetched, _ = urllib.request.urlretrieve(path.as_uri(), tmp_path / name)
+        assert hashlib.sha256(open(fetched, "rb").read()).hexdigest() == digest, name
 
 
 def test_icon_is_128_png():
@@ -87,141 +276,65 @@ def test_icon_is_128_png():
     assert int.from_bytes(data[16:20], "big") == 128 and int.from_bytes(data[20:24], "big") == 128
 
 
-# -- worker thread ----------------------------------------------------------------------------------------
-def test_worker_runs_jobs_reports_progress_and_errors():
-    w = Worker()
-    seen = []
-
-    def work(job):
-        for i in range(1, 4):
-            job.progress(i, 3)
-            seen.append(threading.current_thread().name)
-        return 42
-
-    job = w.submit("ok", work)
-    assert job.wait(10) == 42 and job.step == 3 and job.total == 3
-    assert set(seen) == {"MedDiffusionWorker"}
-    bad = w.submit("bad", lambda j: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        bad.wait(10)
-    assert "ZeroDivisionError" in bad.error_details
-    assert w.submit("again", lambda j: "still alive").wait(10) == "still alive"  # worker survives errors
-    w.stop()
-
-
-def test_worker_cancel_between_steps():
-    from MedDiffusionLib.schedulers import Cancelled, GaussianDiffusion
-    import torch
-    w = Worker()
-    gd = GaussianDiffusion()
-
-    def slow_model(x, t):
-        time.sleep(0.01)
-        return torch.zeros_like(x)
-
-    job = w.submit("sample", lambda j: gd.sample_ddpm(slow_model, torch.zeros(1, 1, 2, 2, 2), j.progress, j.cancelled))
-    while job.step < 3:
-        time.sleep(0.005)
-    job.cancel()
-    with pytest.raises(Cancelled):
-        job.wait(10)
-    assert job.step < 1000
-    w.stop()
-
-
-# -- geometry with real MRML (slicer-core) -----------------------------------------------------------------
-if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
-    import slicer  # the test extra installs slicer-core here: a missing wheel must fail, not skip
-else:  # no slicer-core wheel exists for this platform/Python
-    slicer = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
-from MedDiffusionGlue import geometry  # noqa: E402
-
-
-@pytest.fixture()
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-def test_generated_volume_in_node_has_spacing_origin_orientation(scene):
-    from MedDiffusionLib.data.volumes import Volume
-    dhw = np.random.rand(8, 6, 4).astype(np.float32)  # network order (D=Z, H=X, W=Y)
-    vol = Volume.from_network(dhw, spacing=(0.7, 0.8, 2.5))
-    node = geometry.volume_to_node(vol.array, vol.affine, scene, "gen")
-    assert node.GetImageData().GetDimensions() == (6, 4, 8)
-    assert np.allclose(node.GetSpacing(), (0.7, 0.8, 2.5)) and np.allclose(node.GetOrigin(), (0, 0, 0))
-    np.testing.assert_allclose(geometry.node_ijk_to_ras(node), np.diag([0.7, 0.8, 2.5, 1.0]))
-    arr, aff = geometry.node_to_volume(node)
-    np.testing.assert_array_equal(arr, vol.array)
-    # voxel (i, j, k) lands at RAS = affine @ (i, j, k): check one voxel through MRML's own matrix
-    import vtk
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    assert np.allclose(m.MultiplyPoint((2, 3, 5, 1))[:3], (1.4, 2.4, 12.5))
-
-
-def test_nifti_file_node_array_node_round_trip(scene, tmp_path):
-    from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
-    aff = np.array([[0, -0.8, 0, 10.0], [0.7, 0, 0, -20.0], [0, 0, -2.5, 30.0], [0, 0, 0, 1]])
-    vol = Volume(np.random.rand(5, 6, 7).astype(np.float32), aff)
-    write_volume(vol, tmp_path / "v.nii.gz")
-    # read with Slicer's own reader (LPS on disk -> RAS node)
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fromfile")
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(tmp_path / "v.nii.gz"))
-    assert storage.ReadData(node)
-    arr, ijk_to_ras = geometry.node_to_volume(node)
-    # Slicer's reader may store the voxels in another order; the physical image must be the same
-    ours, theirs = vol.canonical(), Volume(arr, ijk_to_ras).canonical()
-    np.testing.assert_allclose(theirs.affine, ours.affine, atol=1e-5)
-    np.testing.assert_allclose(theirs.array, ours.array, atol=1e-6)
-    node2 = geometry.volume_to_node(arr, ijk_to_ras, scene, "copy")
-    arr2, aff2 = geometry.node_to_volume(node2)
-    np.testing.assert_array_equal(arr2, arr)
-    np.testing.assert_allclose(aff2, ijk_to_ras, atol=1e-9)
-    write_volume(Volume(arr2, aff2), tmp_path / "back.nii.gz")
-    back = read_volume(tmp_path / "back.nii.gz").canonical()
-    np.testing.assert_allclose(back.affine, ours.affine, atol=1e-5)
-    np.testing.assert_allclose(back.array, ours.array, atol=1e-6)
-    np.testing.assert_allclose(geometry.lps_to_ras(geometry.ras_to_lps(aff)), aff)
-
-
-def test_segmentation_exports_to_model_labels_on_reference_grid(scene):
-    ref = geometry.volume_to_node(np.zeros((20, 18, 16), np.float32),
-                                  np.array([[-1.5, 0, 0, 5], [0, -1.5, 0, 7], [0, 0, 2.0, -3], [0, 0, 0, 1]]), scene, "ref")
-    lab_arr = np.zeros((20, 18, 16), np.int16)
-    lab_arr[2:8, 3:9, 4:10] = 1
-    lab_arr[10:15, 5:12, 2:6] = 2
-    labelmap = geometry.volume_to_node(lab_arr, geometry.node_ijk_to_ras(ref), scene, "lab",
-                                       class_name="vtkMRMLLabelMapVolumeNode")
-    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    assert logic.ImportLabelmapToSegmentationNode(labelmap, seg)
-    ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
-    assert len(ids) == 2
-    out = geometry.segmentation_to_labels(scene, seg, ref, {ids[0]: 4, ids[1]: 1})
-    assert out.shape == lab_arr.shape
-    np.testing.assert_array_equal(out == 4, lab_arr == 1)
-    np.testing.assert_array_equal(out == 1, lab_arr == 2)
-    assert scene.GetFirstNodeByName("__meddiffusion_tmp_labels") is None
-    with pytest.raises(ValueError, match="not found"):
-        geometry.segmentation_to_labels(scene, seg, ref, {"nope": 1})
-
-
 def test_every_panel_action_maps_to_a_logic_method_in_the_readme():
     tree = _module_ast()
-    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffusionWidget")
-    logic = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "MedDiffusionLogic")
-    logic_methods = {f.name for f in logic.body if isinstance(f, ast.FunctionDef)}
+    widget = _class(tree, "MedDiffusionWidget")
     readme = (ROOT / "README.md").read_text()
-    handlers = [f for f in widget.body if isinstance(f, ast.FunctionDef) and f.name.startswith("_on")
-                and f.name not in ("_onModelChanged", "_onCancel")]
-    assert len(handlers) >= 6
-    for handler in handlers:
-        called = {n.func.attr for n in ast.walk(handler) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                  and isinstance(n.func.value, (ast.Attribute, ast.Name))
-                  and getattr(n.func.value, "attr", getattr(n.func.value, "id", "")) in ("logic", "MedDiffusionLogic")}
-        public = {c for c in called if c in logic_methods and not c.startswith("_")}
-        assert public, f"{handler.name} calls no public Logic method"
-        for method in public:
-            assert f"logic.{method}(" in readme, f"README has no console example of logic.{method}"
+    section = readme.split("## 3D Slicer extension", 1)[1].split("\n## ", 1)[0]
+    called = {n.func.attr for h in widget.body if isinstance(h, ast.FunctionDef) and h.name.startswith("_on")
+              for n in ast.walk(h) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+              and getattr(n.func.value, "attr", "") == "logic"}
+    assert {"submitGenerate", "submitSynthesize", "submitSimulate", "submitReconstruct", "cancel", "unload"} <= called
+    for method in ("generate", "synthesizeFromSegmentation", "simulateSparseView", "reconstructSparseView",
+                   "submitGenerate", "poll", "finishJob", "cancel", "unload", "useRemoteServer"):
+        assert f"logic.{method}(" in section, f"README has no console example of logic.{method}"
+    assert "Slicer ≥ 5.10" in section
+
+
+@pytest.mark.parametrize("req,version,ok", [(">=2.6", "2.13.0+cu128", True), (">=2.6", "2.5.1", False),
+                                            (">=1.24,<3", "2.1.0", True), (">=1.24,<3", "3.0", False),
+                                            (">=0.0.9,<1", "0.0.20", True), (">=2.6", None, False)])
+def test_version_requirements(req, version, ok):
+    from MedDiffusionGlue import dependencies
+    assert dependencies.satisfies(version, req) is ok
+
+
+def test_missing_dependencies_are_found_without_importing(tmp_path):
+    from MedDiffusionGlue import dependencies
+    reqs = ["numpy>=1.24", "surely-not-installed-pkg>=1"]
+    assert dependencies.installed_versions(["numpy"])["numpy"]
+    here = [r for r in dependencies.missing(None, reqs) if not r.startswith("torch")]
+    assert here == ["surely-not-installed-pkg>=1"]
+    other = tmp_path / "python"  # another interpreter is asked in a subprocess
+    other.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    other.chmod(0o755)
+    assert dependencies.missing(str(other), reqs) == here
+    cmd = dependencies.pip_command("/py", ["torch>=2.6", "numpy>=1.24"])
+    assert cmd[:3] == ["/py", "-m", "pip"] and "torch>=2.6" not in cmd and "numpy>=1.24" in cmd
+
+
+def test_service_errors_use_the_panels_words():
+    from MedDiffusionGlue.service import panel_message
+    msg = panel_message("this model has no suggested HU window for that class; give one with --hu-window LO HI")
+    assert "--" not in msg and "Map CT to HU" in msg
+    assert "--weights" not in panel_message("size and spacing are required with --weights FOLDER")
+    assert panel_message(None) == "unknown error"
+
+
+def test_a_broken_torch_cannot_break_the_dependency_check(tmp_path):
+    """The panel checks packages by metadata, never by importing: a torch that raises on import (a
+    Windows DLL error is an OSError) is reported by version, and an old one as missing."""
+    from MedDiffusionGlue import dependencies
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("raise OSError('[WinError 126] fbgemm.dll not found')\n")
+    dist = site / "torch-2.7.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.7.1\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH="{site}" exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    assert dependencies.installed_versions(["torch"], str(python)) == {"torch": "2.7.1"}
+    assert "torch>=2.6" not in dependencies.missing(str(python), [])
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.5.0\n")
+    assert "torch>=2.6" in dependencies.missing(str(python), [])

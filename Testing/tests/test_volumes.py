@@ -76,3 +76,25 @@ def test_intensity_maps():
     np.testing.assert_allclose(hu_to_model(hu[:3], -1000, 1000), [-1, 0, 1])
     with pytest.raises(ValueError, match="constant"):
         percentile_normalize(np.zeros(10))
+
+
+def test_check_finite_names_the_bad_voxels():
+    from MedDiffusionLib.data.volumes import check_finite
+    from MedDiffusionLib.errors import UserError
+    arr = np.zeros((4, 4, 4), np.float32)
+    check_finite(arr)
+    arr[0, 0, :3] = np.nan
+    arr[1, 1, 1] = np.inf
+    with pytest.raises(UserError, match=r"the CT has 3 NaN and 1 infinite voxel\(s\) out of 64"):
+        check_finite(Volume(arr, np.eye(4)), "the CT")
+
+
+def test_check_ct_intensities_warns_for_mr_and_normalised_images():
+    from MedDiffusionLib.data.volumes import check_ct_intensities
+    rng = np.random.default_rng(0)
+    ct = np.where(rng.random((16, 16, 16)) < 0.4, -1000.0, rng.normal(40, 30, (16, 16, 16))).astype(np.int16)
+    assert check_ct_intensities(ct) is None
+    mr = rng.integers(0, 256, (16, 16, 16)).astype(np.uint8)
+    text = check_ct_intensities(Volume(mr, np.eye(4)))
+    assert text is not None and "Hounsfield" in text and "uint8" in text and "\n" not in text
+    assert check_ct_intensities(rng.random((8, 8, 8)) * 2 - 1) is not None  # model units, not HU

@@ -1,0 +1,398 @@
+"""The job service end to end: a real `meddiffusion serve` subprocess on 127.0.0.1, real HTTP
+through the standard-library client, the bundled model and real CT, few sampler steps."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import DATA
+from MedDiffusionLib.client import Client, JobCancelled, LocalServer, ServiceError, ServiceUnavailable
+from MedDiffusionLib.cli import main
+from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
+from MedDiffusionLib.jobs import ModelCache, resolve, run_job
+from MedDiffusionLib.pipelines.conditioned import ct_labels_from_hu
+
+CT = DATA / "lung2_crop.nii.gz"
+QUICK = {"sampler": "ddim", "steps": 2}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = LocalServer(log_file=tmp_path_factory.mktemp("log") / "serve.log", extra_args=["--max-upload-mb", "4"])
+    srv.start(timeout=120)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def oblique_ct(tmp_path_factory):
+    """The CT crop on an oblique grid (rotated 20 degrees about two axes), as NRRD."""
+    ct = read_volume(CT)
+    a, b = np.deg2rad(20), np.deg2rad(-15)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ \
+        np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    aff = ct.affine.copy()
+    aff[:3, :3] = rot @ aff[:3, :3]
+    path = tmp_path_factory.mktemp("ct") / "oblique.nrrd"
+    write_volume(Volume(ct.array.astype(np.float32), aff), path)
+    return path
+
+
+def run_remote(client, spec, files=None, dest=None):
+    st = client.submit(spec, files)
+    seen = []
+    st = client.wait(st["id"], progress=lambda s: seen.append((s["phase"], s["step"], s["total"], s["eta_s"])))
+    paths = []
+    for r in st["results"]:
+        paths.append(client.download(st["id"], r["name"], dest / r["name"]))
+    return st, seen, paths
+
+
+def test_generate_matches_in_process(client, tmp_path):
+    spec = {"task": "generate", "params": {**QUICK, "seed": 3, "num_volumes": 2}}
+    st, seen, paths = run_remote(client, spec, dest=tmp_path)
+    assert st["state"] == "done" and len(paths) == 2
+    assert st["spec"]["params"]["size"] == [64, 64, 64] and st["spec"]["params"]["steps"] == 2
+    assert {"sampling"} <= {p for p, *_ in seen} and seen[-1][0] == "done"
+    assert any(eta is not None for *_, eta in seen) or len(seen) < 3
+    local = run_job(spec)
+    for path, res in zip(paths, local.results):
+        got = read_volume(path)
+        np.testing.assert_allclose(got.affine, res.volume.affine, atol=1e-6)
+        np.testing.assert_allclose(got.array, res.volume.array, atol=1e-4)
+    assert not np.allclose(read_volume(paths[0]).array, read_volume(paths[1]).array)
+
+
+@pytest.mark.parametrize("task, controlnet", [("synthesize", "chest-ct-mini-labels"),
+                                              ("reconstruct", "chest-ct-mini-sparse-view")])
+def test_conditioned_tasks_on_oblique_grid(client, oblique_ct, tmp_path, task, controlnet):
+    src = read_volume(oblique_ct)
+    if task == "synthesize":
+        path = tmp_path / "labels.nrrd"
+        write_volume(src.with_array(ct_labels_from_hu(src.array).astype(np.int16)), path)
+    else:
+        path = oblique_ct
+    spec = {"task": task, "controlnet": controlnet, "params": {**QUICK, "seed": 1}, "inputs": {"input": path.name}}
+    st, _, paths = run_remote(client, spec, {"input": path}, tmp_path)
+    out = read_volume(paths[0])
+    assert out.shape == src.shape
+    np.testing.assert_allclose(out.affine, src.affine, atol=1e-5)
+    local = run_job(dict(spec, inputs={"input": str(path)}))
+    np.testing.assert_allclose(out.array, local.results[0].volume.array, atol=1e-2)
+    assert st["results"][0]["meta"]["units"] == "HU"
+
+
+def test_simulate_then_reconstruct_chain(client, tmp_path):
+    st, _, paths = run_remote(client, {"task": "simulate-sparse-view", "params": {"views": 20, "bins": 128},
+                                       "inputs": {"input": CT.name}}, {"input": CT}, tmp_path)
+    fbp = read_volume(paths[0])
+    assert fbp.shape == read_volume(CT).shape
+
+
+def test_auth_required_and_nothing_runs(server, tmp_path):
+    before = len(server.client().jobs())
+    for token in ("", "wrong-token"):
+        bad = Client(server.url, token)
+        with pytest.raises(ServiceError) as err:
+            bad.submit({"task": "generate", "params": QUICK})
+        assert err.value.status == 401
+        with pytest.raises(ServiceError) as err:
+            bad.health()
+        assert err.value.status == 401
+    assert len(server.client().jobs()) == before
+
+
+def _bad_files(tmp_path):
+    ct = read_volume(CT)
+    nan = ct.array.astype(np.float32)
+    nan[3, 4, 5] = np.nan
+    write_volume(ct.with_array(nan), tmp_path / "nan.nrrd")
+    write_volume(ct.with_array(np.zeros(ct.shape, np.int16)), tmp_path / "empty.nrrd")
+    (tmp_path / "text.nrrd").write_text("this is not a volume\n")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "huge.nrrd").write_bytes(b"\0" * (5 * 2 ** 20))
+    return tmp_path
+
+
+BAD = [
+    ({"task": "paint"}, None, 400, "unknown task"),
+    ({"task": "generate", "model": "nope"}, None, 400, "unknown model id"),
+    ({"task": "generate", "params": {"class": 9}}, None, 400, "unknown class"),
+    ({"task": "generate", "params": {"class": "MR T1"}}, None, 400, "does not know class 3"),
+    ({"task": "generate", "params": {"size": [100, 64, 64]}}, None, 400, "nearest legal sizes"),
+    ({"task": "generate", "params": {"steps": 0, "sampler": "ddim"}}, None, 400, "must be a positive"),
+    ({"task": "generate", "params": {"colour": "red"}}, None, 400, "unknown parameter"),
+    ({"task": "generate", "weights": "/etc"}, None, 400, "does not open local paths"),
+    ({"task": "synthesize", "controlnet": "/etc/passwd", "inputs": {"input": "x.nrrd"}}, "empty.nrrd", 400,
+     "never opens local paths"),
+    ({"task": "reconstruct", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "nan.nrrd", 400,
+     "not sparse-view or mri"),
+    ({"task": "reconstruct", "controlnet": "chest-ct-mini-sparse-view", "inputs": {"input": "x"}}, "nan.nrrd", 400,
+     "NaN"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "empty.nrrd", 400,
+     "label map is empty"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "text.nrrd", 415,
+     "could not be read as a volume"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "notes.txt", 415,
+     "not a volume file"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels", "inputs": {"input": "x"}}, "huge.nrrd", 413,
+     "upload too large"),
+    ({"task": "synthesize", "controlnet": "chest-ct-mini-labels"}, None, 400, "needs an input volume"),
+]
+
+
+def test_bad_requests_get_clear_4xx_and_server_stays_up(client, tmp_path):
+    files = _bad_files(tmp_path)
+    for spec, fname, status, message in BAD:
+        with pytest.raises(ServiceError) as err:
+            client.submit(spec, {"input": files / fname} if fname else None)
+        assert err.value.status == status and message in err.value.message, (spec, err.value.status, err.value.message)
+        assert "Traceback" not in err.value.message
+    st, _, paths = run_remote(client, {"task": "generate", "params": QUICK}, dest=tmp_path)
+    assert st["state"] == "done" and paths[0].exists()
+
+
+def test_cancel_mid_run_leaves_no_result(client):
+    st = client.submit({"task": "generate", "params": {"sampler": "ddpm"}})
+    deadline = time.monotonic() + 60
+    while client.status(st["id"])["step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.cancel(st["id"])
+    with pytest.raises(JobCancelled):
+        client.wait(st["id"], timeout=60)
+    final = client.status(st["id"])
+    assert final["state"] == "cancelled" and final["results"] == [] and final["step"] < 1000
+    with pytest.raises(ServiceError) as err:
+        client.download(st["id"], "result_0.nrrd", "/tmp/never-written.nrrd")
+    assert err.value.status == 409
+
+
+def test_two_clients_are_queued_and_both_complete(server, tmp_path):
+    loads_before = server.client().health()["model_loads"]
+    results, states = {}, {}
+
+    def one(i):
+        c = server.client()
+        st = c.submit({"task": "generate", "params": {**QUICK, "seed": i}})
+        states[i] = st
+        results[i] = c.wait(st["id"], timeout=120)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert all(r["state"] == "done" for r in results.values()) and len(results) == 2
+    assert any(s["state"] == "queued" and s["position"] >= 1 for s in states.values()), states
+    # the model was already loaded by the earlier jobs of this module: no new weight loads
+    assert server.client().health()["model_loads"] == loads_before
+
+
+def test_model_cache_and_unload(tmp_path):
+    srv = LocalServer(log_file=tmp_path / "serve.log")
+    srv.start()
+    try:
+        c = srv.client()
+        for seed in (0, 1):
+            st = c.submit({"task": "generate", "params": {**QUICK, "seed": seed}})
+            c.wait(st["id"], timeout=120)
+        health = c.health()
+        assert health["model_loads"] == 1 and len(health["loaded"]) == 1
+        assert c.unload()["unloaded"] and c.health()["loaded"] == []
+    finally:
+        srv.stop()
+
+
+def test_server_killed_mid_job_then_restarted(tmp_path):
+    srv = LocalServer(log_file=tmp_path / "serve.log")
+    srv.start()
+    c = srv.client()
+    st = c.submit({"task": "generate", "params": {"sampler": "ddpm"}})
+    while c.status(st["id"])["state"] != "running":
+        time.sleep(0.05)
+    pid = srv.pid
+    srv.process.kill()
+    with pytest.raises(ServiceUnavailable) as err:
+        c.wait(st["id"], timeout=30)
+    assert "cannot reach" in str(err.value) or "stopped answering" in str(err.value)
+    c2 = srv.ensure()
+    assert srv.pid != pid
+    st = c2.submit({"task": "generate", "params": QUICK})
+    assert c2.wait(st["id"], timeout=120)["state"] == "done"
+    proc = srv.process
+    srv.stop()
+    assert proc.poll() is not None and not srv.running
+    with pytest.raises(ServiceUnavailable):
+        srv.client(timeout=2).health()
+
+
+def test_cli_server_option_matches_local(server, tmp_path, capsys):
+    local, remote = tmp_path / "local.nii.gz", tmp_path / "remote.nii.gz"
+    common = ["generate", "--sampler", "dpm++", "--steps", "2", "--seed", "5", "--hu", "--quiet"]
+    assert main(common + ["--out", str(local)]) == 0
+    assert main(common + ["--out", str(remote), "--server", server.url, "--token", server.token]) == 0, \
+        capsys.readouterr().err
+    a, b = read_volume(local), read_volume(remote)
+    np.testing.assert_allclose(a.affine, b.affine, atol=1e-6)
+    np.testing.assert_allclose(a.array, b.array, atol=0.5)  # HU; float32 rounding across processes
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "x.nii.gz"), "--server", server.url, "--token", "bad"]) == 2
+    assert "check the service token" in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_in_process_resolver_is_the_one_source_of_defaults():
+    spec = resolve({"task": "generate", "params": {"sampler": "dpm++"}})
+    assert spec.params["steps"] == 20 and spec.params["size"] == [64, 64, 64]
+    res = run_job(spec, cache=ModelCache())
+    assert res.results[0].meta["steps"] == 20
+    assert resolve({"task": "generate"}).params["steps"] == 1000
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+
+    gen = GenerationPipeline.from_pretrained(device="cpu").generate(sampler="dpm++", steps=None)
+    assert gen[0].meta["steps"] == 20 and gen[0].meta["sampler"] == "dpm++"
+
+
+def test_size_beyond_memory_is_refused_before_starting(client, tmp_path, capsys):
+    out = tmp_path / "big.nii.gz"
+    assert main(["generate", "--size", "4096", "4096", "4096", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about" in err and "force" in err and "Traceback" not in err and not out.exists()
+    st = client.submit({"task": "generate", "params": {"size": [4096, 4096, 4096]}})
+    with pytest.raises(ServiceError) as exc:
+        client.wait(st["id"], timeout=60)
+    assert "needs about" in exc.value.message and client.status(st["id"])["step"] == 0
+
+
+@pytest.fixture(scope="module")
+def mri_controlnets(tmp_path_factory):
+    """A folder with an MRI ControlNet ("mri-demo"): the bundled sparse-view weights relabelled as an
+    MRI task (percentile-normalised image hint, output in model units). It exercises the MRI path;
+    it was not trained for MRI."""
+    import json
+    import shutil
+
+    from MedDiffusionLib.registry import RESOURCES
+
+    root = tmp_path_factory.mktemp("controlnets")
+    dst = root / "mri-demo"
+    dst.mkdir()
+    src = RESOURCES / "models" / "chest-ct-mini-sparse-view"
+    shutil.copy(src / "controlnet.safetensors", dst / "controlnet.safetensors")
+    doc = json.loads((src / "controlnet.json").read_text())
+    doc["meta"].update(task="mri", output="model", hint={"type": "image", "normalize": "percentile"})
+    doc["meta"].pop("hu_window", None)
+    (dst / "controlnet.json").write_text(json.dumps(doc))
+    return root
+
+
+def test_mri_reconstruction_from_cli_and_server(mri_controlnets, tmp_path, capsys):
+    import torch
+
+    from MedDiffusionLib.operators.mri import gaussian_column_mask, zero_filled_recon
+
+    ct = read_volume(CT)
+    img = torch.from_numpy(ct.array.astype(np.float32)).permute(2, 0, 1)  # slices (k, i, j)
+    zf = zero_filled_recon(img, gaussian_column_mask(tuple(img.shape[1:]), 4.0)).permute(1, 2, 0).numpy()
+    path = tmp_path / "zero_filled.nrrd"
+    write_volume(ct.with_array(np.ascontiguousarray(zf, dtype=np.float32)), path)
+    local = tmp_path / "local.nrrd"
+    assert main(["reconstruct", str(path), "--controlnet", str(mri_controlnets / "mri-demo"), "--steps", "2",
+                 "--out", str(local), "--quiet"]) == 0, capsys.readouterr().err
+    out = read_volume(local)
+    assert out.shape == ct.shape and -1.01 <= out.array.min() and out.array.max() <= 1.01
+    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--controlnet-dir", str(mri_controlnets)])
+    srv.start()
+    try:
+        c = srv.client()
+        assert "mri-demo" in {n["name"] for n in c.health()["controlnets"]}
+        st, _, paths = run_remote(c, {"task": "reconstruct", "controlnet": "mri-demo", "params": {"steps": 2},
+                                      "inputs": {"input": path.name}}, {"input": path}, tmp_path)
+        assert st["results"][0]["meta"]["controlnet_task"] == "mri"
+        np.testing.assert_allclose(read_volume(paths[0]).array, out.array, atol=1e-3)
+    finally:
+        srv.stop()
+
+
+def test_cli_prints_one_cpu_warning_and_warns_on_non_ct_input(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "s.nii.gz"
+    proc = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "generate", "--sampler", "ddim", "--steps", "2",
+                           "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "RuntimeWarning" not in proc.stderr and proc.stderr.count("running on the CPU") == 1, proc.stderr
+    ct = read_volume(CT)
+    mr = tmp_path / "t1.nrrd"
+    write_volume(ct.with_array(np.clip(ct.array / 8 + 128, 0, 255).astype(np.uint8)), mr)
+    proc = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "simulate-sparse-view", str(mr), "--views",
+                           "8", "--bins", "64", "--out", str(tmp_path / "fbp.nrrd"), "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "does not look like a CT in HU" in proc.stderr, proc.stderr
+
+
+def test_queue_limit_and_result_lifetime(tmp_path):
+    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--max-queue", "1", "--result-ttl", "1"])
+    srv.start()
+    try:
+        c = srv.client()
+        first = c.submit({"task": "generate", "params": {"sampler": "ddpm"}})
+        while c.status(first["id"])["state"] == "queued":
+            time.sleep(0.05)
+        second = c.submit({"task": "generate", "params": QUICK})
+        with pytest.raises(ServiceError) as err:
+            c.submit({"task": "generate", "params": QUICK})
+        assert err.value.status == 503 and "queue is full" in err.value.message
+        c.cancel(first["id"])
+        assert c.wait(second["id"], timeout=120)["state"] == "done"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                c.status(second["id"])
+            except ServiceError as exc:
+                assert exc.status == 404
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("a finished job outlived --result-ttl")
+    finally:
+        srv.stop()
+
+
+def test_live_preview_every_n_steps(client, tmp_path):
+    st = client.submit({"task": "generate", "params": {"sampler": "ddim", "steps": 4, "preview_every": 2}})
+    done = client.wait(st["id"], timeout=120)
+    assert done["preview_step"] == 4
+    prev = read_volume(client.preview(st["id"], tmp_path / "preview.nrrd"))
+    final = read_volume(client.download(st["id"], "result_0.nrrd", tmp_path / "final.nrrd"))
+    assert prev.shape == final.shape and np.allclose(prev.affine, final.affine)
+    # the last preview decodes the last step's predicted clean latent, which the sampler's final
+    # update (to alpha-bar at t=0, the authors' DDIM) moves only slightly
+    assert np.abs(prev.array - final.array).mean() < 0.02
+    assert np.abs(prev.array - final.array).mean() < 0.2 * np.abs(final.array - final.array.mean()).mean()
+
+
+def test_cli_user_errors_one_line_internal_errors_traceback(tmp_path, capsys, monkeypatch):
+    from MedDiffusionLib.errors import UserError
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+
+    out = str(tmp_path / "x.nii.gz")
+    assert main(["generate", "--class", "9", "--out", out]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown class")
+    with pytest.raises(UserError):
+        main(["--debug", "generate", "--class", "9", "--out", out])
+
+    def bug(*a, **k):
+        raise RuntimeError("an internal fault")
+
+    monkeypatch.setattr(GenerationPipeline, "generate", bug)
+    with pytest.raises(RuntimeError, match="an internal fault"):  # not turned into a one-line user error
+        main(["generate", "--sampler", "ddim", "--steps", "2", "--out", out, "--quiet"])
+    assert not (tmp_path / "x.nii.gz").exists()

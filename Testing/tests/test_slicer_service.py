@@ -1,0 +1,125 @@
+"""The Slicer module's logic end to end: real MRML (slicer-core wheel), a real local job service
+(``LocalServer`` child process on 127.0.0.1, this interpreter, bundled chest-ct-mini model on the
+CPU, 2 DDIM steps), nodes back in the scene with the input's geometry, transform and hierarchy."""
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "MedDiffusion"))
+
+if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
+    import slicer  # the test extra installs slicer-core here: a missing wheel must fail, not skip
+else:  # no slicer-core wheel exists for this platform/Python
+    slicer = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
+import vtk  # noqa: E402
+
+from MedDiffusionGlue import nodes  # noqa: E402
+from MedDiffusionGlue.service import (JobCancelled, PREVIEW_NAME, ServiceError, ServiceLogic,  # noqa: E402
+                                      segment_mapping)
+
+SAMPLES = ROOT / "MedDiffusion" / "Resources" / "SampleData"
+
+
+@pytest.fixture(scope="module")
+def logic(tmp_path_factory):
+    scene = slicer.vtkMRMLScene()
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(scene)
+    lg = ServiceLogic(scene, seg_logic)
+    lg.useLocalServer(sys.executable)
+    lg.startServer(wait=True, timeout=120)
+    yield lg
+    lg.stopServer()
+    assert lg.server is None
+
+
+def _load(scene, name, cls="vtkMRMLScalarVolumeNode", storage="vtkMRMLVolumeArchetypeStorageNode"):
+    node = scene.AddNewNodeByClass(cls, name.split(".")[0])
+    st = getattr(slicer, storage)()
+    st.SetFileName(str(SAMPLES / name))
+    assert st.ReadData(node)
+    return node
+
+
+def _ids(scene, cls):
+    return {scene.GetNthNodeByClass(i, cls).GetID() for i in range(scene.GetNumberOfNodesByClass(cls))}
+
+
+def test_console_generate_returns_a_node_with_the_models_geometry_and_hu_window(logic):
+    server = logic.server
+    seen = []
+    node = logic.generate(sampler="ddim", steps=2, device="cpu", progressCallback=lambda st: seen.append(st["state"]))
+    assert logic.server is server and server.running  # one server, kept for the next job
+    assert seen[-1] == "done"
+    assert node.GetImageData().GetDimensions() == (64, 64, 64)
+    np.testing.assert_allclose(node.GetSpacing(), (4.8, 4.8, 4.3), atol=1e-5)
+    display = node.GetDisplayNode()
+    assert not display.GetAutoWindowLevel()
+    assert (display.GetWindow(), display.GetLevel()) == pytest.approx((525 + 1022, (525 - 1022) / 2))
+    assert node.GetName().startswith("MedDiffusion CT chest-abdomen seed0")
+    assert logic.scene.GetFirstNodeByName(PREVIEW_NAME) is None
+    assert logic.client().jobs() == []  # the finished job was deleted on the service
+
+
+def test_simulate_then_reconstruct_keep_the_inputs_grid_transform_and_study(logic):
+    scene = logic.scene
+    ct = _load(scene, "MedDiffusionChestCT.nrrd")
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(1, 3, -40.0)
+    transform.SetMatrixTransformToParent(m)
+    ct.SetAndObserveTransformNodeID(transform.GetID())
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = sh.CreateStudyItem(sh.GetSceneItemID(), "study")
+    sh.CreateItem(study, ct)
+
+    job = logic.submitSimulate(ct, views=24)  # the non-blocking path the panel uses
+    while not job.done:
+        logic.poll(job, timeout=5)
+        logic._idle(0.1)
+    (fbp,) = logic.finishJob(job)
+    assert fbp.GetName() == "MedDiffusionChestCT FBP 24 views"
+    for out in (fbp, logic.reconstructSparseView(fbp, steps=2, device="cpu")):
+        np.testing.assert_allclose(nodes.geometry(out)[0], nodes.geometry(ct)[0], atol=1e-5)
+        assert nodes.geometry(out)[1] == nodes.geometry(ct)[1]
+        assert out.GetTransformNodeID() == transform.GetID()
+        assert sh.GetItemParent(sh.GetItemByDataNode(out)) == study
+        assert out.GetDisplayNode().GetWindow() > 1000  # a CT window in HU
+
+
+def test_synthesize_from_the_sample_segmentation_leaves_no_extra_nodes(logic):
+    scene = logic.scene
+    ct = _load(scene, "MedDiffusionChestCT.nrrd")
+    seg = _load(scene, "MedDiffusionChestCT.seg.nrrd", "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode")
+    mapping = segment_mapping(seg, "Air=0, Lung=1, Soft tissue=2, Bone=3, Tumour=4")
+    assert sorted(mapping.values()) == [0, 1, 2, 3]
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    out = logic.synthesizeFromSegmentation(seg, ct, mapping, steps=2, device="cpu")
+    added = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())} - before
+    assert added == {out.GetID(), out.GetDisplayNode().GetID()}  # no label map, no colour table
+    np.testing.assert_allclose(nodes.geometry(out)[0], nodes.geometry(ct)[0], atol=1e-5)
+
+
+def test_bad_requests_and_cancel_leave_the_scene_unchanged(logic):
+    scene = logic.scene
+    count = scene.GetNumberOfNodes()
+    with pytest.raises(ServiceError, match="multiple of"):
+        logic.submitGenerate(size=(30, 30, 30), spacing=(1, 1, 1), sampler="ddim", steps=2, device="cpu")
+    job = logic.submitGenerate(sampler="ddpm", device="cpu")  # 1000 steps: cancelled long before
+    logic.cancel(job)
+    while not job.done:
+        logic.poll(job, timeout=5)
+        logic._idle(0.05)
+    assert job.state == "cancelled"
+    with pytest.raises(JobCancelled):
+        logic.finishJob(job)
+    assert scene.GetNumberOfNodes() == count  # no result node
+
+
+def test_free_gpu_memory_unloads_the_cached_models(logic):
+    assert logic.health(refresh=True)["loaded"]
+    out = logic.unload()
+    assert out["unloaded"] and not logic.health(refresh=True)["loaded"]

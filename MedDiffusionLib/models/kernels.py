@@ -5,19 +5,14 @@ PyTorch picks oneDNN (mkldnn) for a batch-1 float32 ``Conv3d`` only when ``C x D
 input exceeds 20480; below that it runs ``slow_conv3d`` (im2col + GEMM), 2-8x slower for the
 small latent maps of BiFlowNet and the decoder's lower levels. :func:`use_fast_kernels` swaps the
 class of every ``nn.Conv3d`` with a spatial kernel for :class:`FastConv3d`, which calls oneDNN
-<<<<<<< HEAD
 directly in inference. GroupNorms become :class:`FastGroupNorm`, whose channels-last statistics
 stay accurate over millions of voxels (PyTorch's channels-last kernel does not). Parameters,
 state-dict keys and results (to float32 rounding, ~1e-6) stay the same; switching back restores
 the reference modules.
-=======
-directly in inference. Parameters, state-dict keys and results (to float32 rounding, ~1e-6)
-stay the same; switching back restores the reference modules.
 
 The fast-mode recipe (oneDNN convolutions plus a channels-last decoder) is
 :func:`apply_kernel_mode`; which mode a module runs is read back from the module itself with
 :func:`kernel_mode`, so two pipelines sharing a network cannot disagree about it.
->>>>>>> main
 """
 from __future__ import annotations
 
@@ -123,17 +118,10 @@ class FastGroupNorm(nn.GroupNorm):
 
 
 def use_fast_kernels(module: nn.Module, enabled: bool = True) -> nn.Module:
-<<<<<<< HEAD
     """Switch ``module``'s 3-D convolutions (kernel > 1) to :class:`FastConv3d` and its GroupNorms
     to :class:`FastGroupNorm`, or back, in place. 1x1x1 convolutions stay: PyTorch's own path is
-    faster for them. Returns ``module``."""
-    if enabled and not fast_kernels_available():
-        return module
-=======
-    """Switch ``module``'s 3-D convolutions (kernel > 1) to :class:`FastConv3d` or back, in place.
-    1x1x1 convolutions stay: PyTorch's own path is faster for them. Without oneDNN the swapped
-    modules take PyTorch's usual path (the swap still records the mode). Returns ``module``."""
->>>>>>> main
+    faster for them. Without oneDNN the swapped modules take PyTorch's usual path (the swap still
+    records the mode). Returns ``module``."""
     for m in module.modules():
         if enabled and type(m) is nn.Conv3d and max(m.kernel_size) > 1:
             m.__class__ = FastConv3d

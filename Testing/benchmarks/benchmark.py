@@ -407,6 +407,16 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                     _sync(dev)
                     t_dec = time.perf_counter() - t0
                     peak = _peak_mb(dev)
+                    if plan.method == "whole":  # bf16 autocast: its error on the decoded volume
+                        with torch.inference_mode():
+                            d32 = ae.decode(idx, quantize=False)
+                            t_d32 = _timeit(lambda: ae.decode(idx, quantize=False), dev, 1)
+                            with torch.autocast(dev, dtype=torch.bfloat16):
+                                d16 = ae.decode(idx, quantize=False)
+                                t_d16 = _timeit(lambda: ae.decode(idx, quantize=False), dev, 1)
+                        table.add(f"{label} decode fp32 vs bf16 autocast", t_d32, t_d16, _maxerr(d16, d32),
+                                  note=f"mean err {float((d16.float() - d32).abs().mean()):.1e}")
+                        del d32, d16
                     report.setdefault("cuda_decode", []).append(
                         dict(case=label, method=plan.method, tile=plan.tile, seconds=t_dec, peak_mb=peak,
                              estimate_mb=plan.device_bytes / 2 ** 20, host_estimate_mb=plan.store_bytes / 2 ** 20,

@@ -5,7 +5,7 @@
 
 Reference = float32, plain PyTorch kernels, the authors' decode rule (what the parity tests pin).
 Fast = the pipelines' default: oneDNN convolutions on the CPU, channels-last decoder, in-place
-inference ops, memory-aware seamless decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
+inference ops, accurate channels-last GroupNorm, memory-aware exact (stage-streamed) decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
 bf16 autocast. Every fast row prints its error against the reference.
 
 CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
@@ -14,6 +14,10 @@ CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
   * decode peak memory in fresh processes, both modes, whole and tiled, against the estimator;
   * samplers (DDIM N, DPM-Solver++ N) against a 1000-step DDIM solution of the same ODE;
   * end to end: reference DDPM 1000 vs fast DDPM 1000 vs fast DPM++ 20 (decoded-volume error).
+CPU, released 8x configuration with random weights (a fresh process; ``--no-released`` skips it):
+  * BiFlowNet forward at latents 8x16x16 and 16^3, float32 and bf16 autocast;
+  * decode 64^3 and 128^3: reference whole vs fast whole vs fast exact tiles at three cube sizes
+    (time, peak RSS growth, max error against the reference), bf16 decode, blended tiles.
 CUDA additionally: the released 8x/4x shapes with random weights at 256^3 and 512^3 (forward
 fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20).
 """

@@ -364,11 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: 1000 ancestral steps (official default); ddim: --steps deterministic steps (official "
                         "variant); dpm++: DPM-Solver++(2M), --steps deterministic steps (ours; 20-50 are enough)")
     p.add_argument("--steps", type=int, help="steps for ddim (default 100) or dpm++ (default 20)")
-    p.add_argument("--tiling", choices=["auto", "official", "seamless"], default="auto",
-                   help="decoding of large volumes. official: the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) "
-                        "latent voxels, else non-overlapping tiles with seams); seamless: whole when it fits in free "
-                        "memory, else overlapping blended tiles sized to the memory; auto (default): seamless, or "
-                        "official with --reference")
+    p.add_argument("--tiling", choices=["auto", "exact", "official", "seamless"], default="auto",
+                   help="decoding of large volumes. exact: whole when it fits in free memory, else the decoder "
+                        "streamed stage by stage in cubes (equal to the whole decode; stage maps in RAM); official: "
+                        "the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping "
+                        "tiles with seams); seamless: overlapping blended tiles sized to the memory (approximate); "
+                        "auto (default): exact, or official with --reference")
     p.add_argument("--num-volumes", type=int, default=1, help="volumes generated together in one batch")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     _add_speed_args(p)

@@ -29,7 +29,7 @@ from .errors import ResourceError, UserError
 TASKS = ("generate", "synthesize", "reconstruct", "simulate-sparse-view")
 MODES = ("fast", "reference")
 PRECISIONS = ("fp32", "bf16", "fp16")
-TILINGS = ("auto", "official", "seamless")
+TILINGS = ("auto", "exact", "official", "seamless")
 # controlled tasks: the ControlNet task(s) each front-door task accepts
 CONTROLNET_TASKS = {"synthesize": ("labels",), "reconstruct": ("sparse-view", "mri")}
 CONTROLLED_DEFAULTS = {"sampler": "ddim", "steps": 50}

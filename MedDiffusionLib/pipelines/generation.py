@@ -18,6 +18,7 @@ import torch
 from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
 from ..errors import ResourceError, UserError
+from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode
@@ -27,9 +28,6 @@ from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
 
-# The official pipeline decodes a latent whole up to these many voxels, else in 32^3 tiles.
-WHOLE_DECODE_MAX = {8: 32 ** 3, 4: 64 ** 3}
-OFFICIAL_TILE = 32
 
 
 def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
@@ -226,17 +224,20 @@ class GenerationPipeline(KernelModeMixin):
     def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto") -> torch.Tensor:
         """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
 
-        ``tiling="official"`` follows the authors' rule: whole-volume decode up to 32^3 (8x) / 64^3
-        (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256 voxels).
-        ``"seamless"`` decodes the whole volume when it fits in free memory (device memory or RAM,
-        :mod:`MedDiffusionLib.estimate`), else overlapping tiles of the largest size that fits,
-        blended with linear ramps; a CUDA out-of-memory error retries with smaller tiles.
-        ``"auto"`` = seamless in fast mode, official in reference mode. ``mode`` ``"whole"`` /
-        ``"tiled"`` force either path."""
+        ``tiling="exact"`` decodes the whole volume when it fits in free memory (device memory or
+        RAM, :mod:`MedDiffusionLib.estimate`), else streams the decoder stage by stage in cubes
+        (:mod:`MedDiffusionLib.models.streaming_decode`): equal to the whole decode to float
+        rounding, device memory bounded by the cube, stage maps in RAM. When RAM is short too it
+        falls back to ``"seamless"``: overlapping tiles blended with linear ramps (approximate:
+        every tile sees its own GroupNorm statistics and attention). A CUDA out-of-memory error
+        retries with smaller tiles. ``"official"`` follows the authors' rule: whole-volume decode
+        up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256
+        voxels). ``"auto"`` = exact in fast mode, official in reference mode. ``mode`` ``"whole"`` /
+        ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles)."""
         if tiling == "auto":
-            tiling = "seamless" if self.mode == "fast" else "official"
-        if tiling not in ("official", "seamless"):
-            raise UserError(f"unknown tiling {tiling!r}; use auto, official or seamless")
+            tiling = "exact" if self.mode == "fast" else "official"
+        if tiling not in ("official", "seamless", "exact"):
+            raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
         if mode not in ("auto", "whole", "tiled"):
             raise UserError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
         out = []
@@ -247,15 +248,25 @@ class GenerationPipeline(KernelModeMixin):
                 out.append(img.float().cpu())
         return torch.cat(out)
 
-    def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "seamless") -> int | None:
-        """Tile side (latent voxels) the decode of ``latent_dhw`` will use, ``None`` = whole volume."""
-        from ..estimate import choose_decode_tile
+    def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "exact") -> DecodePlan:
+        """How the decode of ``latent_dhw`` will run (method, tile side in latent voxels, peaks)."""
+        from ..estimate import available_memory_bytes, decode_peak_bytes, official_plan, plan_decode
 
+        nh = self.ae.config["n_hiddens"]
         if tiling == "official":
-            big = math.prod(latent_dhw) > WHOLE_DECODE_MAX.get(self.compression, 32 ** 3)
-            return OFFICIAL_TILE if big else None
-        return choose_decode_tile(self.ae.config["n_hiddens"], self.compression, latent_dhw, self.memory_budget(),
-                                  self.mode, self.device.type)
+            return official_plan(nh, self.compression, latent_dhw, self.mode, self.device.type)
+        budget = self.memory_budget()
+        if tiling == "seamless":
+            from ..estimate import choose_decode_tile
+
+            tile = choose_decode_tile(nh, self.compression, latent_dhw, budget, self.mode, self.device.type)
+            peak = decode_peak_bytes(nh, self.compression, latent_dhw, tile, self.mode, self.device.type)
+            return DecodePlan("whole" if tile is None else "seamless", tile, peak)
+        host = None
+        if self.device.type == "cuda":
+            avail = available_memory_bytes("cpu")
+            host = None if avail is None else 0.8 * avail
+        return plan_decode(nh, self.compression, latent_dhw, budget, host, self.mode, self.device.type)
 
     def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1):
         """Time, peak memory (weights + decode) and decode plan of a run, before it starts
@@ -277,24 +288,36 @@ class GenerationPipeline(KernelModeMixin):
         return min(budgets) if budgets else None
 
     def _decode_one(self, z: torch.Tensor, mode: str, tiling: str) -> torch.Tensor:
+        from ..models.streaming_decode import decode_exact_tiled
+
         indices = self.ae.quantize(z)  # codes are always chosen in fp32
         dhw = tuple(z.shape[2:])
-        tile = None if mode == "whole" else OFFICIAL_TILE if mode == "tiled" else self.decode_plan(dhw, tiling)
+        if mode == "whole":
+            plan = DecodePlan("whole", None, 0.0)
+        elif mode == "tiled":
+            plan = DecodePlan(tiling, OFFICIAL_TILE, 0.0)
+        else:
+            plan = self.decode_plan(dhw, tiling)
         while True:
+            tile = plan.tile
             try:
                 with self.autocast():
-                    if tile is not None and tiling == "official" and all(s % tile == 0 for s in dhw):
+                    if tile is None or plan.method == "whole":
+                        return self.ae.decode(indices, quantize=False)
+                    if plan.method == "exact":
+                        return decode_exact_tiled(self.ae, indices, tile, quantize=False)
+                    if plan.method == "official" and all(s % tile == 0 for s in dhw):
                         return self.ae.decode_tiled_official(indices, tile, quantize=False)
-                    if tile is not None and tile < max(dhw):
+                    if tile < max(dhw):
                         return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False)
                     return self.ae.decode(indices, quantize=False)
             except torch.cuda.OutOfMemoryError:
-                smaller = max(8, (tile or max(dhw)) * 3 // 4)
-                if tiling != "seamless" or smaller == tile:
+                smaller = max(1 if plan.method == "exact" else 8, (tile or max(dhw)) * 3 // 4)
+                if plan.method == "official" or smaller == tile:
                     raise
                 log.warning("decode ran out of GPU memory; retrying with %d^3 latent tiles", smaller)
                 torch.cuda.empty_cache()
-                tile = smaller
+                plan = DecodePlan("exact" if tiling == "exact" else "seamless", smaller, 0.0)
 
     # -- all together --------------------------------------------------------------------------------
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,

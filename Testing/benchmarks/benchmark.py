@@ -5,7 +5,7 @@
 
 Reference = float32, plain PyTorch kernels, the authors' decode rule (what the parity tests pin).
 Fast = the pipelines' default: oneDNN convolutions on the CPU, channels-last decoder, in-place
-inference ops, memory-aware seamless decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
+inference ops, accurate channels-last GroupNorm, memory-aware exact (stage-streamed) decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
 bf16 autocast. Every fast row prints its error against the reference.
 
 CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
@@ -14,6 +14,10 @@ CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
   * decode peak memory in fresh processes, both modes, whole and tiled, against the estimator;
   * samplers (DDIM N, DPM-Solver++ N) against a 1000-step DDIM solution of the same ODE;
   * end to end: reference DDPM 1000 vs fast DDPM 1000 vs fast DPM++ 20 (decoded-volume error).
+CPU, released 8x configuration with random weights (a fresh process; ``--no-released`` skips it):
+  * BiFlowNet forward at latents 8x16x16 and 16^3, float32 and bf16 autocast;
+  * decode 64^3 and 128^3: reference whole vs fast whole vs fast exact tiles at three cube sizes
+    (time, peak RSS growth, max error against the reference), bf16 decode, blended tiles.
 CUDA additionally: the released 8x/4x shapes with random weights at 256^3 and 512^3 (forward
 fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20).
 """
@@ -261,14 +265,104 @@ def _peak_mb(dev: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None
 
 
+def _released_child(args) -> list[dict]:
+    """The released-configuration CPU rows in a fresh process (glibc mmap threshold fixed, so that
+    the resident-set growth follows live memory)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--child-released", "--device", args.device] + (["--quick"] if args.quick else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"released-configuration rows failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def released_main(args) -> None:
+    """Released 8x configuration, random weights (weights do not change the cost), float32 CPU:
+    BiFlowNet forward at latents 8x16x16 and 16^3 (reference vs fast vs fast bf16 autocast); decoder
+    at 64^3 and 128^3 output: reference whole vs fast whole vs fast exact tiles (time, peak RSS
+    growth, max error against the reference whole decode); bf16 decoded-volume error."""
+    import copy
+
+    import torch
+
+    from MedDiffusionLib.estimate import decode_peak_bytes, exact_decode_bytes
+    from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
+    from MedDiffusionLib.models.kernels import use_fast_kernels
+    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
+    dev = args.device
+    cfg = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())["8x"]
+    torch.manual_seed(0)
+    net = BiFlowNet(**cfg["biflownet"]).eval().to(dev)
+    fast_net = use_fast_kernels(copy.deepcopy(net))
+    table = Table()
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for lat in ((8, 16, 16), (16, 16, 16)):
+            x = torch.randn(1, 8, *lat, generator=g).to(dev)
+            t, y = torch.tensor([500], device=dev), torch.tensor([1], device=dev)
+            res = torch.tensor(lat, dtype=torch.float32, device=dev) / 64
+            e_ref = net(x, t, y, res)
+            t_ref = _timeit(lambda: net(x, t, y, res), dev, 3)
+            e_fast = fast_net(x, t, y, res)
+            t_fast = _timeit(lambda: fast_net(x, t, y, res), dev, 3)
+            name = "x".join(map(str, lat))
+            table.add(f"released 8x BiFlowNet forward, latent {name}", t_ref, t_fast, _maxerr(e_fast, e_ref),
+                      note="float32")
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                e_bf = fast_net(x, t, y, res)
+                t_bf = _timeit(lambda: fast_net(x, t, y, res), dev, 3)
+            table.add(f"  same, fast + bf16 autocast", t_ref, t_bf, _maxerr(e_bf, e_ref), note="eps error")
+    del net, fast_net
+    ae = PatchVolumeAE(**cfg["autoencoder"]).eval().to(dev)
+    fast_ae = use_fast_kernels(copy.deepcopy(ae))
+    fast_ae.decoder.to(memory_format=torch.channels_last_3d)
+    nh = ae.config["n_hiddens"]
+    plans = {8: (2, 3, 4), 16: (8, 5, 4)} if not args.quick else {8: (2, 3, 4)}
+    with torch.inference_mode():
+        for s_lat, tiles in plans.items():
+            side = 8 * s_lat
+            idx = torch.randint(0, ae.config["n_codes"], (1, s_lat, s_lat, s_lat), generator=g).to(dev)
+
+            def run(fn):
+                with PeakRSS() as rss:
+                    t0 = time.perf_counter()
+                    out = fn()
+                    secs = time.perf_counter() - t0
+                return out, secs, rss.peak - rss.start
+
+            ref_img, t_ref, m_ref = run(lambda: ae.decode(idx, quantize=False))
+            fast_img, t_fast, m_fast = run(lambda: fast_ae.decode(idx, quantize=False))
+            whole_est = decode_peak_bytes(nh, 8, (s_lat,) * 3) / 2 ** 20
+            table.add(f"released decode {side}^3, whole", t_ref, t_fast, _maxerr(fast_img, ref_img), m_ref, m_fast,
+                      note=f"estimate {whole_est:.0f} MB")
+            del fast_img
+            for tile in tiles:
+                ex, t_ex, m_ex = run(lambda: decode_exact_tiled(fast_ae, idx, tile, quantize=False))
+                dev_b, store_b = exact_decode_bytes(nh, 8, (s_lat,) * 3, tile)
+                table.add(f"  exact tiles {tile}^3 latent: ref whole vs fast exact", t_ref, t_ex, _maxerr(ex, ref_img),
+                          m_ref, m_ex, note=f"time {t_ex / t_fast:.2f}x fast whole; est. device {dev_b / 2 ** 20:.0f} MB"
+                          f" + maps {store_b / 2 ** 20:.0f} MB; device {dev_b / 2 ** 20 / whole_est:.0%} of whole")
+                del ex
+            if s_lat == 8:
+                with torch.autocast(dev, dtype=torch.bfloat16):
+                    bf, t_bf, m_bf = run(lambda: fast_ae.decode(idx, quantize=False))
+                table.add(f"  bf16 autocast decode {side}^3 (fast)", t_ref, t_bf, _maxerr(bf, ref_img), m_ref, m_bf,
+                          note=f"mean err {float((bf.float() - ref_img).abs().mean()):.1e}, output std "
+                               f"{float(ref_img.std()):.2f}")
+                seam = fast_ae.decode_tiled(idx, tile=4, overlap=1, quantize=False)
+                table.add("  seamless (blended) tiles 4^3 latent, overlap 1", t_ref, t_ref, _maxerr(seam, ref_img),
+                          note=f"mean err {float((seam - ref_img).abs().mean()):.1e}; approximate, not exact")
+    print(json.dumps(table.rows))
+
+
 def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512)) -> None:
     """Released 8x/4x shapes with random weights (timing only; weights do not change the cost).
     ``dev``/``sides`` let the same code be smoke-tested on a CPU at a small size."""
     import torch
 
-    from MedDiffusionLib.estimate import decode_peak_bytes
     from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
     from MedDiffusionLib.models.kernels import CompiledOrEager
+    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     released = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())
     for comp in ("8x", "4x"):
@@ -304,21 +398,37 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                                   note=f"compile {c_s:.0f} s")
                     idx = torch.randint(0, ae.config["n_codes"], (1, s, s, s), device=dev)
                     budget = pipe.memory_budget()
-                    tile = pipe.decode_plan((s, s, s))
+                    plan = pipe.decode_plan((s, s, s))
                     _reset_peak(dev)
                     t0 = time.perf_counter()
-                    if tile is None:
-                        ae.decode(idx, quantize=False)
-                    else:
-                        ae.decode_tiled(idx, tile=tile, overlap=max(1, tile // 4), quantize=False)
+                    with torch.inference_mode():
+                        if plan.method == "exact":
+                            decode_exact_tiled(ae, idx, plan.tile, quantize=False)
+                        elif plan.tile is None:
+                            ae.decode(idx, quantize=False)
+                        else:
+                            ae.decode_tiled(idx, tile=plan.tile, overlap=max(1, plan.tile // 4), quantize=False)
                     _sync(dev)
                     t_dec = time.perf_counter() - t0
                     peak = _peak_mb(dev)
-                    est = decode_peak_bytes(ae.config["n_hiddens"], f, (s,) * 3, tile, "fast", dev) / 2 ** 20
-                    report.setdefault("cuda_decode", []).append(dict(case=label, tile=tile, seconds=t_dec, peak_mb=peak,
-                                                                     estimate_mb=est, budget_mb=(budget or 0) / 2 ** 20))
+                    if plan.method == "whole":  # bf16 autocast: its error on the decoded volume
+                        with torch.inference_mode():
+                            d32 = ae.decode(idx, quantize=False)
+                            t_d32 = _timeit(lambda: ae.decode(idx, quantize=False), dev, 1)
+                            with torch.autocast(dev, dtype=torch.bfloat16):
+                                d16 = ae.decode(idx, quantize=False)
+                                t_d16 = _timeit(lambda: ae.decode(idx, quantize=False), dev, 1)
+                        table.add(f"{label} decode fp32 vs bf16 autocast", t_d32, t_d16, _maxerr(d16, d32),
+                                  note=f"mean err {float((d16.float() - d32).abs().mean()):.1e}")
+                        del d32, d16
+                    report.setdefault("cuda_decode", []).append(
+                        dict(case=label, method=plan.method, tile=plan.tile, seconds=t_dec, peak_mb=peak,
+                             estimate_mb=plan.device_bytes / 2 ** 20, host_estimate_mb=plan.store_bytes / 2 ** 20,
+                             budget_mb=(budget or 0) / 2 ** 20))
                     runs = {("8x", 0): (("dpm++", 20), ("ddpm", None)), ("8x", 1): (("dpm++", 20),),
                             ("4x", 0): (("dpm++", 20),)}.get((comp, sides.index(side_img)), ())
+                    if dev == "cpu":  # smoke run of the GPU rows: two sampler steps
+                        runs = (("dpm++", 2),) if side_img == sides[0] else ()
                     for sampler, steps in runs:
                         pipe.precision = "bf16"
                         _reset_peak(dev)
@@ -338,18 +448,30 @@ def main() -> int:
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="DDIM 100 instead of DDPM 1000 for the end-to-end rows")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--no-released", action="store_true",
+                    help="skip the released-configuration rows (random weights, 64^3 and 128^3)")
+    ap.add_argument("--gpu-rows-on-cpu", action="store_true",
+                    help="run the GPU rows on the CPU at 64^3 (a smoke run, so that they do not rot)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-released", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child_main(args.child, args.device)
+        return 0
+    if args.child_released:
+        released_main(args)
         return 0
     import torch
     report: dict = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     table = Table()
     cpu_cases(args, table, report)
+    if not args.no_released:
+        table.rows.extend(_released_child(args))
     if args.device == "cuda":
         cuda_cases(args, table, report)
+    elif args.gpu_rows_on_cpu:
+        cuda_cases(args, table, report, dev="cpu", sides=(64,))
     report["rows"] = table.rows
 
     where = report["gpu"] or f"{report['threads']} CPU threads"

@@ -188,7 +188,7 @@ def test_compiled_biflownet_matches_eager_or_falls_back(parity_bf):
 
 
 # -- memory-aware seamless decoding and the estimator ----------------------------------------------------
-def test_decode_plan_follows_memory_and_stays_close_to_whole(fresh_models):
+def test_decode_plan_follows_memory_and_blended_tiles_stay_close_to_whole(fresh_models):
     from MedDiffusionLib.estimate import choose_decode_tile, decode_peak_bytes
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     ae, net = fresh_models
@@ -198,13 +198,13 @@ def test_decode_plan_follows_memory_and_stays_close_to_whole(fresh_models):
     roomy = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=10 * whole_need)
     tight = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=0.5 * whole_need)
     reference = GenerationPipeline(ae, net, device="cpu", mode="reference")
-    assert roomy.decode_plan((16, 16, 16)) is None
-    tile = tight.decode_plan((16, 16, 16))
-    assert tile is not None and 8 <= tile < 16
-    assert decode_peak_bytes(nh, f, (16, 16, 16), tile) <= 0.5 * whole_need
+    assert roomy.decode_plan((16, 16, 16)).method == "whole"
+    plan = tight.decode_plan((16, 16, 16), tiling="seamless")
+    assert plan.method == "seamless" and 8 <= plan.tile < 16
+    assert decode_peak_bytes(nh, f, (16, 16, 16), plan.tile) <= 0.5 * whole_need
     assert choose_decode_tile(nh, f, (16, 16, 16), None) is None  # unknown budget: whole
     whole = roomy.decode(lat)
-    tiled = tight.decode(lat)
+    tiled = tight.decode(lat, tiling="seamless")
     official = reference.decode(lat, mode="tiled")  # authors' 32^3 tiles cover 16^3 whole
     torch.testing.assert_close(official, whole, atol=1e-4, rtol=1e-4)
     err = (tiled - whole).abs().mean().item()

@@ -1,0 +1,228 @@
+"""Exact tiled decoding of the Patch-Volume decoder (stage streaming).
+
+The decoder's convolutions and up-sampling are local; its only global operations are the mid-block
+attention (at latent resolution, run whole here) and GroupNorm. This module streams the decoder
+one operation at a time above the mid-block:
+
+* every stage's activation map ``(B, C, D, H, W)`` lives in *store* memory (host RAM by default);
+* each pass cuts its output into cubes; a cube's input, with a halo of the operation's receptive
+  field (1 voxel for 3x3x3 convolutions, 1 low-resolution voxel for the 4/2/1 transposed
+  convolution), is moved to the compute device, normalised and convolved there, and written back;
+* GroupNorm statistics of every map (sums and sums of squares per (batch, channel), float32 blocks
+  of 256 voxels accumulated in float64) are gathered while the map is written, so the next pass
+  normalises each cube with the statistics of the *whole* map.
+
+The result equals the whole-volume decode to float rounding (tests pin max |tiled - whole| <= 1e-4)
+and the compute device only ever holds one cube's working set. The price is host memory for the
+stored maps (:func:`MedDiffusionLib.estimate.exact_decode_host_bytes`) and the halo overlap.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .autoencoder import PatchVolumeAE, ResBlockX, ResBlockXY, _Upsample
+from .kernels import FastConv3d, channel_moments, group_norm_affine
+
+Region = tuple[slice, slice, slice]
+
+
+class _Stats:
+    """Running float64 per-(batch, channel) sums and sums of squares of one map
+    (:func:`~MedDiffusionLib.models.kernels.channel_moments` per tile)."""
+
+    def __init__(self) -> None:
+        self.s: torch.Tensor | None = None
+        self.ss: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate a tile ``(B, C, d, h, w)``."""
+        s, ss = channel_moments(x.detach().float())
+        s, ss = s.cpu(), ss.cpu()
+        self.s = s if self.s is None else self.s + s
+        self.ss = ss if self.ss is None else self.ss + ss
+        self.count += x.shape[2] * x.shape[3] * x.shape[4]
+
+    def affine(self, norm: nn.GroupNorm, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-(batch, channel) ``scale, shift`` (float32, shape ``(B, C, 1, 1, 1)``) such that
+        ``x * scale + shift`` equals ``norm(x)`` over the whole map."""
+        assert self.s is not None and self.ss is not None
+        scale, shift = group_norm_affine(norm, self.s, self.ss, self.count)
+        shape = (*self.s.shape, 1, 1, 1)
+        return scale.float().view(shape).to(device), shift.float().view(shape).to(device)
+
+
+def _cubes(dhw: tuple[int, int, int], side: int) -> Iterator[Region]:
+    """Non-overlapping cubes of ``side`` covering a ``dhw`` box (the last ones may be smaller)."""
+    ranges = [[slice(a, min(a + side, n)) for a in range(0, n, side)] for n in dhw]
+    return iter(itertools.product(*ranges))  # type: ignore[arg-type]
+
+
+def _halo(store: torch.Tensor, region: Region, halo: int) -> tuple[list[slice], list[slice], list[int]]:
+    """For ``region`` grown by ``halo`` voxels per side: the slices of the store it covers (clipped
+    to the map), where they land in the grown cube, and the grown cube's sides."""
+    src, dst, sides = [], [], []
+    for s, n in zip(region, store.shape[2:]):
+        lo, hi = s.start - halo, s.stop + halo
+        src.append(slice(max(lo, 0), min(hi, n)))
+        dst.append(slice(max(-lo, 0), (hi - lo) - max(hi - n, 0)))
+        sides.append(hi - lo)
+    return src, dst, sides
+
+
+def _read(store: torch.Tensor, region: Region, halo: int, device: torch.device, memory_format: torch.memory_format,
+          scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """``store[region]`` grown by ``halo`` voxels per side, on ``device`` in ``memory_format``;
+    voxels outside the map are zero. With ``scale``/``shift`` the stored voxels are normalised
+    (``x * scale + shift``) while they are copied; the zero border stays zero."""
+    src, dst, sides = _halo(store, region, halo)
+    part = store[(slice(None), slice(None), *src)]
+    if part.device != device:
+        part = part.to(device, non_blocking=True)
+    buf = torch.empty(store.shape[0], store.shape[1], *sides, dtype=store.dtype, device=device,
+                      memory_format=memory_format)
+    for axis, (d, n) in enumerate(zip(dst, sides)):  # zero the border outside the map only
+        if d.start > 0:
+            buf.narrow(2 + axis, 0, d.start).zero_()
+        if d.stop < n:
+            buf.narrow(2 + axis, d.stop, n - d.stop).zero_()
+    inner = buf[(slice(None), slice(None), *dst)]
+    if scale is None:
+        inner.copy_(part)
+    else:
+        torch.addcmul(shift, part, scale, out=inner)
+    return buf
+
+
+def _memory_format(conv: nn.Module) -> torch.memory_format:
+    channels_last = conv.weight.dim() == 5 and conv.weight.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not conv.weight.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
+
+
+def _conv_valid(conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` without its padding (the caller supplies the halo)."""
+    if (type(conv) is FastConv3d and x.device.type == "cpu" and x.dtype == torch.float32
+            and conv.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")):
+        return torch.ops.aten.mkldnn_convolution(x, conv.weight, conv.bias, [0, 0, 0], list(conv.stride),
+                                                 list(conv.dilation), conv.groups)
+    return F.conv3d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
+
+
+class StreamingDecoder:
+    """Exact decode of a :class:`PatchVolumeAE` in cubes of ``tile`` latent voxels (``tile * 2**l``
+    voxels at decoder level ``l``; image cubes of ``tile * f``).
+
+    ``device`` runs the arithmetic (default: the autoencoder's); ``store_device`` holds the stage
+    maps and the output (default CPU)."""
+
+    def __init__(self, ae: PatchVolumeAE, tile: int, device: torch.device | str | None = None,
+                 store_device: torch.device | str = "cpu"):
+        if int(tile) < 1:
+            raise ValueError(f"the decode tile must be at least 1 latent voxel, got {tile}")
+        self.ae = ae
+        self.tile = int(tile)
+        self.device = torch.device(device) if device is not None else next(ae.parameters()).device
+        self.store = torch.device(store_device)
+        self.format = _memory_format(ae.decoder.conv_first)
+
+    # -- passes ------------------------------------------------------------------------------------
+    def _new_map(self, like: torch.Tensor, channels: int, dhw: tuple[int, ...]) -> torch.Tensor:
+        """A stage map in the store, in the decoder's memory format (cubes copy in and out whole)."""
+        return torch.empty(like.shape[0], channels, *dhw, dtype=torch.float32, device=self.store,
+                           memory_format=self.format)
+
+    def _norm_conv(self, x: torch.Tensor, stats: _Stats, norm: nn.GroupNorm, conv: nn.Conv3d, side: int,
+                   skip=None, out: torch.Tensor | None = None, want_stats: bool = True) -> tuple[torch.Tensor, _Stats]:
+        """``conv(silu(norm(x))) [+ skip(region)]`` cube by cube; returns the map and its statistics.
+        ``skip(region, device)`` gives the residual of a cube; ``out`` may alias ``x`` when the skip
+        reads ``x`` only inside the cube (it is read before the cube is written)."""
+        scale, shift = stats.affine(norm, self.device)
+        fmt = _memory_format(conv)
+        halo = conv.kernel_size[0] // 2
+        if out is None:
+            out = self._new_map(x, conv.out_channels, tuple(x.shape[2:]))
+        new_stats = _Stats()
+        for region in _cubes(tuple(x.shape[2:]), side):
+            # GroupNorm with whole-map statistics, applied while the cube and its halo are copied
+            h = _read(x, region, halo, self.device, fmt, scale, shift)
+            h = _conv_valid(conv, F.silu(h, inplace=True))
+            if skip is not None:
+                h = h.add_(skip(region))
+            if want_stats:
+                new_stats.add(h)
+            out[(slice(None), slice(None), *region)] = h
+            del h
+        return out, new_stats
+
+    def _res_block(self, block: nn.Module, x: torch.Tensor, stats: _Stats, side: int) -> tuple[torch.Tensor, _Stats]:
+        h, h_stats = self._norm_conv(x, stats, block.norm1, block.conv1, side)
+        if isinstance(block, ResBlockXY):
+            fmt = _memory_format(block.resConv)
+
+            def skip(region: Region) -> torch.Tensor:
+                return block.resConv(_read(x, region, 0, self.device, fmt))
+
+            out = None
+        else:
+            assert isinstance(block, ResBlockX)
+
+            def skip(region: Region) -> torch.Tensor:
+                return x[(slice(None), slice(None), *region)].to(self.device)
+
+            out = x  # each cube reads its own residual before overwriting it
+        return self._norm_conv(h, h_stats, block.norm2, block.conv2, side, skip=skip, out=out)
+
+    def _upsample(self, up: _Upsample, x: torch.Tensor, side: int) -> tuple[torch.Tensor, _Stats]:
+        """Transposed 4/2/1 convolution, cube by cube: output cube ``[2a, 2b)`` needs input ``[a-1, b+1)``."""
+        conv = up.conv_trans
+        fmt = _memory_format(conv)
+        out = self._new_map(x, conv.out_channels, tuple(2 * n for n in x.shape[2:]))
+        stats = _Stats()
+        for region in _cubes(tuple(x.shape[2:]), max(1, side // 2)):
+            tile = _read(x, region, 1, self.device, fmt)
+            h = conv(tile)  # padding 1 -> output [2(a-1), 2(b+1))
+            h = h[..., 2:-2, 2:-2, 2:-2]
+            stats.add(h)
+            out_region = tuple(slice(2 * s.start, 2 * s.stop) for s in region)
+            out[(slice(None), slice(None), *out_region)] = h
+            del h, tile
+        return out, stats
+
+    # -- the whole decode --------------------------------------------------------------------------
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook indices ``(B, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)`` on the store device."""
+        ae, dec = self.ae, self.ae.decoder
+        z = ae.post_vq_conv(ae.codes(indices.to(self.device)))
+        h = dec.mid_block(dec.conv_first(z))  # latent resolution: whole, the attention sees every voxel
+        del z
+        stats = _Stats()
+        stats.add(h)
+        x = h.to(self.store, torch.float32).contiguous(memory_format=self.format)
+        del h
+        side = self.tile
+        for block in dec.conv_blocks:
+            for res in (block.res1, block.res2):
+                x, stats = self._res_block(res, x, stats, side)
+            resample = getattr(block, block._resample_name)
+            if isinstance(resample, _Upsample):
+                side *= 2
+                x, stats = self._upsample(resample, x, side)
+        norm, _, conv = dec.final_block
+        out, _ = self._norm_conv(x, stats, norm, conv, side, want_stats=False)
+        return out
+
+
+def decode_exact_tiled(ae: PatchVolumeAE, latent: torch.Tensor, tile: int, quantize: bool = True,
+                       store_device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exact tiled decode (equal to :meth:`PatchVolumeAE.decode` to float rounding): a float latent
+    ``(B, 8, d, h, w)`` (``quantize=True``) or indices ``(B, d, h, w)`` -> ``(B, 1, f*d, f*h, f*w)``
+    on ``store_device``, with compute-device memory bounded by one ``tile``-cube's working set."""
+    indices = ae.quantize(latent) if quantize else latent
+    with torch.no_grad():
+        return StreamingDecoder(ae, tile, store_device=store_device).decode_indices(indices)

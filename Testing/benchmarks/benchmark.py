@@ -452,6 +452,8 @@ def main() -> int:
                     help="skip the released-configuration rows (random weights, 64^3 and 128^3)")
     ap.add_argument("--gpu-rows-on-cpu", action="store_true",
                     help="run the GPU rows on the CPU at 64^3 (a smoke run, so that they do not rot)")
+    ap.add_argument("--no-service", action="store_true", help="skip the job-service rows (local server overhead, "
+                                                                "loopback throughput of a 256^3 volume)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-released", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -493,6 +495,12 @@ def main() -> int:
     for key in ("cuda_decode", "cuda_generation", "cuda_errors"):
         for item in report.get(key, []):
             print(key, item)
+    if not args.no_service:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import service_benchmark
+
+        report["service"] = service_benchmark.rows()
+        service_benchmark.print_rows(report["service"])
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -1,4 +1,6 @@
 #!/usr/bin/env python
+Job service (Testing/benchmarks/service_benchmark.py, skip with --no-service): a 64^3 job through a
+local `meddiffusion serve` vs in-process, and loopback upload/download of a 256^3 float32 volume.
 """Reference vs fast paths, side by side in one run (ratios on CPU; absolute times count on a GPU).
 
     python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick] [--no-compile]

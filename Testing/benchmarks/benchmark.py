@@ -1,6 +1,4 @@
 #!/usr/bin/env python
-Job service (Testing/benchmarks/service_benchmark.py, skip with --no-service): a 64^3 job through a
-local `meddiffusion serve` vs in-process, and loopback upload/download of a 256^3 float32 volume.
 """Reference vs fast paths, side by side in one run (ratios on CPU; absolute times count on a GPU).
 
     python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick] [--no-compile]
@@ -22,6 +20,8 @@ CPU, released 8x configuration with random weights (a fresh process; ``--no-rele
     (time, peak RSS growth, max error against the reference), bf16 decode, blended tiles.
 CUDA additionally: the released 8x/4x shapes with random weights at 256^3 and 512^3 (forward
 fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20).
+Job service (Testing/benchmarks/service_benchmark.py, skip with --no-service): a 64^3 job through a
+local `meddiffusion serve` vs in-process, and loopback upload/download of a 256^3 float32 volume.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
 """Accuracy of the fast paths against the reference paths (not timed: see Testing/benchmarks)."""
+import copy
+
 import pytest
 import torch
 
@@ -197,7 +199,8 @@ def test_decode_plan_follows_memory_and_blended_tiles_stay_close_to_whole(fresh_
     whole_need = decode_peak_bytes(nh, f, (16, 16, 16))
     roomy = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=10 * whole_need)
     tight = GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=0.5 * whole_need)
-    reference = GenerationPipeline(ae, net, device="cpu", mode="reference")
+    # its own module copies: the kernel mode lives in the modules, shared ones would switch roomy/tight too
+    reference = GenerationPipeline(copy.deepcopy(ae), copy.deepcopy(net), device="cpu", mode="reference")
     assert roomy.decode_plan((16, 16, 16)).method == "whole"
     plan = tight.decode_plan((16, 16, 16), tiling="seamless")
     assert plan.method == "seamless" and 8 <= plan.tile < 16

@@ -264,10 +264,10 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             "partly downloaded" if "cached" in states else "not downloaded"
         sizes = [v["size"] for v in st.values() if v["size"]]
         size = f"{sum(sizes) / 2**20:.1f} MiB" if sizes else "size unknown"
-        print(f"{m.id:<16} {state:<18} {size:<14} {m.raw['compression']}  {m.raw['title']}")
-        classes = ", ".join(f"{c['index']} {c['name']}" for c in m.raw["classes"])
+        print(f"{m.id:<16} {state:<18} {size:<14} {m.compression}x  {m.title}")
+        classes = ", ".join(f"{c['index']} {c['name']}" for c in m.classes)
         print(f"{'':<16} classes: {classes}")
-        print(f"{'':<16} licence: {m.raw['license']}")
+        print(f"{'':<16} licence: {m.license}")
     return 0
 
 
@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: stopped cleanly, no output file was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

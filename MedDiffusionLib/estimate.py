@@ -17,7 +17,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from .registry import ModelEntry
 
 # effective throughput of the 3-D convolutions in fast mode, TFLOP/s (2-core CPU ~0.15; A100/H100 ~60)
 THROUGHPUT = {"cpu": 0.15, "cuda": 60.0}
@@ -27,20 +30,20 @@ STEP_TFLOP_PER_LATENT_VOXEL = {8: 0.34 / 32 ** 3, 4: 2.46 / 64 ** 3}
 DECODE_TFLOP_PER_IMAGE_VOXEL = {8: 23.0 / 256 ** 3, 4: 53.9 / 256 ** 3}
 
 
-def estimate_seconds(entry_raw: dict | None, compression: int, size_xyz: Sequence[int], steps: int, device: str,
+def estimate_seconds(entry: "ModelEntry | None", compression: int, size_xyz: Sequence[int], steps: int, device: str,
                      volumes: int = 1, mode: str = "fast") -> float:
-    """Estimated wall time of sampling + decoding."""
+    """Estimated wall time of sampling + decoding (``entry``: the registry model, for its measured
+    CPU time; ``None`` falls back to the FLOP model)."""
     x, y, z = (int(s) for s in size_xyz)
     vox = x * y * z
     lat = vox / compression ** 3
     kind = "cuda" if device.startswith("cuda") else "cpu"
     slow = CPU_REFERENCE_SLOWDOWN if (kind == "cpu" and mode == "reference") else 1.0
-    if entry_raw is not None and kind == "cpu" and entry_raw.get("resources", {}).get("cpu_seconds"):
-        base = entry_raw["classes"][0]["sizes"][0]["image_xyz"]
+    if entry is not None and kind == "cpu" and entry.cpu_seconds:
+        base = entry.base_size
         base_vox = base[0] * base[1] * base[2]
         # measured for 1000 DDPM steps; the decode is ~1 % of that at the base size
-        return (float(entry_raw["resources"]["cpu_seconds"]) * vox / base_vox * (0.01 + 0.99 * steps / 1000)
-                * volumes * slow)
+        return entry.cpu_seconds * vox / base_vox * (0.01 + 0.99 * steps / 1000) * volumes * slow
     tflop = steps * lat * STEP_TFLOP_PER_LATENT_VOXEL.get(compression, 0.0) + vox * DECODE_TFLOP_PER_IMAGE_VOXEL.get(compression, 0.0)
     return tflop * volumes / THROUGHPUT[kind] * slow
 
@@ -245,7 +248,7 @@ class RunEstimate:
                 f"and decoding ({tiles}){host}")
 
 
-def estimate_run(entry_raw: dict | None, compression: int, size_xyz: Sequence[int], steps: int, device: str = "cpu",
+def estimate_run(entry: "ModelEntry | None", compression: int, size_xyz: Sequence[int], steps: int, device: str = "cpu",
                  mode: str = "fast", volumes: int = 1, n_hiddens: int | None = None, weight_bytes: float = 0.0,
                  budget_bytes: float | None = None, host_budget_bytes: float | None = None) -> RunEstimate:
     """Time, peak memory and decode plan of one generation run (``size_xyz`` image voxels X, Y, Z).
@@ -260,5 +263,5 @@ def estimate_run(entry_raw: dict | None, compression: int, size_xyz: Sequence[in
     else:
         plan = plan_decode(nh, compression, latent, budget_bytes, host_budget_bytes, mode, kind)
     dev = plan.device_bytes + (plan.store_bytes if kind == "cpu" else 0.0)
-    return RunEstimate(estimate_seconds(entry_raw, compression, size_xyz, steps, device, volumes, mode),
+    return RunEstimate(estimate_seconds(entry, compression, size_xyz, steps, device, volumes, mode),
                        weight_bytes + dev, plan.tile, plan.method, plan.store_bytes)

@@ -127,8 +127,8 @@ def generation_defaults(entry: Any, class_: int | str | None, size: Sequence[int
     Used by :func:`resolve` and by ``GenerationPipeline.generate``."""
     from .registry import parse_class
 
-    defaults = entry.raw["defaults"] if entry is not None else {}
-    cls = parse_class(class_ if class_ is not None else defaults.get("class", 1), entry)
+    defaults = entry.sampling_defaults if entry is not None else {}
+    cls = parse_class(class_ if class_ is not None else (entry.default_class if entry is not None else 1), entry)
     size = _triple(size, "size", int) if size is not None else None
     spacing = _triple(spacing, "spacing", float) if spacing is not None else None
     if entry is not None:
@@ -341,6 +341,10 @@ class _Progress:
 
 
 # -- models kept loaded between jobs --------------------------------------------------------------------------
+def _memory_limit(p: dict[str, Any]) -> float | None:
+    return None if p["max_memory_gb"] is None else float(p["max_memory_gb"]) * 2 ** 30
+
+
 class ModelCache:
     """Pipelines kept between jobs, keyed by what they were built from. ``loads`` counts weight loads."""
 
@@ -362,19 +366,22 @@ class ModelCache:
                                                                   precision=p["precision"], mode=p["mode"],
                                                                   compile=p["compile"])
         pipe = self._pipes[key]
-        pipe.memory_limit_bytes = None if p["max_memory_gb"] is None else float(p["max_memory_gb"]) * 2 ** 30
+        pipe.memory_limit_bytes = _memory_limit(p)
         return pipe
 
     def controlled(self, spec: JobSpec, device: str) -> Any:
         from .pipelines.conditioned import ControlledPipeline
 
         p = spec.params
-        key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"])
+        key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"], p["compile"])
         if key not in self._pipes:
             self.loads += 1
             self._pipes[key] = ControlledPipeline.from_files(bundled_controlnet(spec.controlnet) or spec.controlnet,
-                                                             spec.model, spec.weights, device=device, mode=p["mode"])
-        return self._pipes[key]
+                                                             spec.model, spec.weights, device=device, mode=p["mode"],
+                                                             precision=p["precision"], compile=p["compile"])
+        pipe = self._pipes[key]
+        pipe.base.memory_limit_bytes = _memory_limit(p)
+        return pipe
 
     def clear(self) -> list[str]:
         """Drop every pipeline and give cached GPU memory back to the driver."""
@@ -433,26 +440,22 @@ def check_input(spec: JobSpec, vol: Any) -> list[str]:
     """Refuse unusable inputs (NaN, empty label maps, vector images); return warnings for odd ones."""
     import numpy as np
 
+    from .data.volumes import check_ct_intensities, check_finite
+
     arr = np.asarray(vol.array)
-    warnings = []
     if arr.ndim != 3:
         raise UserError(f"the input must be a single-channel 3-D volume, got an array of shape {arr.shape}")
     if arr.size == 0:
         raise UserError("the input volume is empty")
-    if np.issubdtype(arr.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
-        if bad:
-            raise UserError(f"the input volume contains {bad} NaN or infinite voxel(s); fill or mask them first")
+    check_finite(arr, "the input volume")
     if spec.task == "synthesize":
         if not np.any(np.rint(arr) != 0):
             raise UserError("the label map is empty (no non-zero label)")
-    elif spec.task == "simulate-sparse-view" or (
-            spec.task == "reconstruct" and controlnet_meta(spec.controlnet).get("hint", {}).get("normalize") == "hu_window"):
-        lo, hi = float(np.min(arr)), float(np.max(arr))
-        if lo >= -200 or hi - lo < 300:
-            warnings.append(f"the input's intensities range from {lo:g} to {hi:g}, which does not look like a CT in "
-                            "HU (air is about -1000); the result may be meaningless")
-    return warnings
+        return []
+    hu_input = spec.task == "simulate-sparse-view" or (
+        spec.task == "reconstruct" and controlnet_meta(spec.controlnet).get("hint", {}).get("normalize") == "hu_window")
+    warning = check_ct_intensities(arr) if hu_input else None
+    return [warning] if warning else []
 
 
 def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache: ModelCache | None = None,

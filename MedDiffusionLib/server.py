@@ -275,9 +275,9 @@ def health_info(service: JobService) -> dict[str, Any]:
                 "partly downloaded" if "cached" in states else "not downloaded"
         except Exception:  # noqa: BLE001 - a broken cache must not break health
             state = "unknown"
-        out_models.append({"id": m.id, "title": m.raw["title"], "compression": m.compression, "bundled": m.bundled,
-                           "state": state, "license": m.raw.get("license"), "classes": m.raw["classes"],
-                           "defaults": m.raw.get("defaults", {})})
+        out_models.append({"id": m.id, "title": m.title, "compression": m.compression, "bundled": m.bundled,
+                           "state": state, "license": m.license, "classes": m.classes,
+                           "defaults": {"class": m.default_class, **m.sampling_defaults}})
     return {"version": __version__, "torch": torch.__version__, "devices": devices, "models": out_models,
             "controlnets": named_controlnets(),
             "loaded": [k for c in service.caches.values() for k in c.keys()],

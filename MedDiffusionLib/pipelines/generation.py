@@ -6,7 +6,6 @@ Sizes are given as image voxels ``(X, Y, Z)`` = NIfTI ``(i, j, k)``; the network
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +273,7 @@ class GenerationPipeline(KernelModeMixin):
         from ..estimate import estimate_run
 
         weight_bytes = sum(p.numel() * p.element_size() for m in (self.ae, self.net) for p in m.parameters())
-        return estimate_run(self.entry.raw if self.entry else None, self.compression, size_xyz, steps,
+        return estimate_run(self.entry, self.compression, size_xyz, steps,
                             str(self.device), self.mode, volumes, self.ae.config["n_hiddens"], weight_bytes,
                             self.memory_budget())
 

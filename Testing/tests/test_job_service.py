@@ -390,7 +390,7 @@ def test_cli_prints_one_cpu_warning_and_warns_on_non_ct_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "simulate-sparse-view", str(mr), "--views",
                            "8", "--bins", "64", "--out", str(tmp_path / "fbp.nrrd"), "--quiet"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and "does not look like a CT in HU" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "does not look like CT in Hounsfield units" in proc.stderr, proc.stderr
 
 
 def test_queue_limit_and_result_lifetime(tmp_path):

@@ -344,6 +344,13 @@ def _cmd_train_controlnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(sub: argparse._SubParsersAction, name: str, help: str, description: str,
+             epilog: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command whose description and examples keep their line breaks."""
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meddiffusion", description="3D MedDiffusion: generate CT/MR volumes with "
                                      "latent diffusion, manage model weights.")
@@ -447,8 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.set_defaults(func=_cmd_simulate)
 
-    p = sub.add_parser("train-controlnet", help="fine-tune a ControlNet on (condition, target) pairs",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _command(sub, "train-controlnet", help="fine-tune a ControlNet on (condition, target) pairs",
                        description="Fine-tune a ControlNet on a frozen base model. PAIRS is a folder with condition/ "
                                    "and target/ sub-folders (same file names) or a CSV with condition,target columns. "
                                    "Several GPUs or machines: run it under torchrun.",
@@ -487,8 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="folder for autoencoder.* or biflownet.*")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("serve", help="run the job service (for Slicer, the CLI's --server, or a lab GPU machine)",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = _command(sub, "serve", help="run the job service (for Slicer, the CLI's --server, or a lab GPU machine)",
                        description="Run the MedDiffusion job service: one job at a time per device (FIFO), models kept "
                                    "loaded between jobs. Every request needs the bearer token. Binds 127.0.0.1 unless "
                                    "--host says otherwise; on a network keep it trusted or behind a TLS reverse proxy.",

@@ -183,3 +183,24 @@ def test_a_dead_local_server_is_restarted_without_waiting(logic):
     assert answers[0] is None and len(answers) > 1  # returned at once while the server started
     assert logic.server.running and logic.server.pid != old
     assert answers[-1]["models"] and logic.cachedHealth() is answers[-1]
+
+
+def test_live_preview_node_follows_the_run_and_goes_at_the_end(logic):
+    import time
+
+    before = _ids(logic.scene, "vtkMRMLScalarVolumeNode")
+    job = logic.submitGenerate(sampler="ddim", steps=20, device="cpu", previewEvery=5)
+    previews = set()
+    deadline = time.monotonic() + 180
+    while not job.done and time.monotonic() < deadline:
+        logic.poll(job)
+        if job.previewNode is not None:
+            previews.add(job.previewStep)
+            assert job.previewNode.GetName() == PREVIEW_NAME
+            assert job.previewNode.GetImageData().GetDimensions() == (64, 64, 64)
+        time.sleep(0.02)
+    nodes_ = logic.finishJob(job)
+    assert previews and previews <= {5, 10, 15, 20}, previews
+    added = _ids(logic.scene, "vtkMRMLScalarVolumeNode") - before
+    result = nodes_[0] if isinstance(nodes_, list) else nodes_
+    assert added == {result.GetID()}  # the preview node was removed, only the result stays

@@ -153,7 +153,7 @@ BAD = [
     ({"task": "generate", "params": {"class": 9}}, None, 400, "unknown class"),
     ({"task": "generate", "params": {"class": "MR T1"}}, None, 400, "does not know class 3"),
     ({"task": "generate", "params": {"size": [100, 64, 64]}}, None, 400, "nearest legal sizes"),
-    ({"task": "generate", "params": {"steps": 0, "sampler": "ddim"}}, None, 400, "must be a positive"),
+    ({"task": "generate", "params": {"steps": 0, "sampler": "ddim"}}, None, 400, "must be positive"),
     ({"task": "generate", "params": {"colour": "red"}}, None, 400, "unknown parameter"),
     ({"task": "generate", "weights": "/etc"}, None, 400, "does not open local paths"),
     ({"task": "synthesize", "controlnet": "/etc/passwd", "inputs": {"input": "x.nrrd"}}, "empty.nrrd", 400,

@@ -65,9 +65,15 @@ def test_generate_matches_in_process(client, tmp_path):
     st, seen, paths = run_remote(client, spec, dest=tmp_path)
     assert st["state"] == "done" and len(paths) == 2
     assert st["spec"]["params"]["size"] == [64, 64, 64] and st["spec"]["params"]["steps"] == 2
-    assert {"sampling"} <= {p for p, *_ in seen} and seen[-1][0] == "done"
-    assert any(eta is not None for *_, eta in seen) or len(seen) < 3
-    local = run_job(spec)
+    order = ["queued", "loading", "sampling", "decoding", "writing", "done"]
+    ranks = [order.index(p) for p, *_ in seen]  # polling sees some phases, always in order
+    assert ranks == sorted(ranks) and seen[-1][0] == "done"
+    events = []
+    local = run_job(spec, progress=events.append)
+    phases = [e.phase for e in events]
+    assert phases[0] == "loading" and {"sampling", "decoding", "writing"} <= set(phases)
+    assert [e.step for e in events if e.phase == "sampling"][-1] == 1 and events[-1].total == 2
+    assert any(e.eta_s is not None for e in events)
     for path, res in zip(paths, local.results):
         got = read_volume(path)
         np.testing.assert_allclose(got.affine, res.volume.affine, atol=1e-6)

@@ -114,30 +114,15 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
     try:
         if getattr(args, "server", None):
             return _execute_remote(args, spec, outputs, show)
-        from .jobs import run_job
-        from .data.volumes import write_volume
+        from .jobs import run_job, write_results
 
         res = run_job(spec, progress=lambda ev: show(ev.step, ev.total, [ev.notice] if ev.notice else []),
                       resolved=True)
         bar.close()
-        _write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, getattr(args, "overwrite", False))
-                             for r, o in zip(res.results, outputs)])
+        write_results(res, outputs, getattr(args, "overwrite", False))
         return [r.meta for r in res.results], spec.params
     finally:
         bar.close()
-
-
-def _write_all(outputs: list[Path], writers: list) -> None:
-    """Run every writer; if one fails, remove the files the earlier ones wrote (all or none)."""
-    done: list[Path] = []
-    try:
-        for out, write in zip(outputs, writers):
-            write()
-            done.append(Path(out))
-    except BaseException:
-        for path in done:
-            path.unlink(missing_ok=True)
-        raise
 
 
 def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> tuple[list[dict], dict]:
@@ -151,8 +136,9 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
         for path in outputs:
             if path.exists() and not getattr(args, "overwrite", False):
                 raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
-        _write_all(outputs, [lambda r=r, o=o: client.download(job_id, r["name"], o)
-                             for r, o in zip(st["results"], outputs)])
+        from .jobs import write_all
+
+        write_all(outputs, [lambda r=r, o=o: client.download(job_id, r["name"], o) for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
     except KeyboardInterrupt:
         client.cancel(job_id)

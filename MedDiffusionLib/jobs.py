@@ -559,15 +559,27 @@ def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None
     return {"callback": callback}
 
 
+def write_all(outputs: Sequence[str | Path], writers: Sequence[Callable[[], Any]]) -> list[Path]:
+    """Run each writer (one per output); if one fails, remove what the earlier ones wrote: all or none."""
+    done: list[Path] = []
+    try:
+        for out, write in zip(outputs, writers):
+            write()
+            done.append(Path(out))
+    except BaseException:
+        for path in done:
+            path.unlink(missing_ok=True)
+        raise
+    return done
+
+
 def write_results(result: JobResult, outputs: Sequence[str | Path], overwrite: bool = False) -> list[Path]:
-    """Write each result volume to its output path (atomically; nothing is left on failure)."""
+    """Write each result volume to its output path, atomically and all or none."""
     from .data.volumes import write_volume
 
-    written = []
-    for res, out in zip(result.results, outputs):
-        written.append(write_volume(res.volume, out, overwrite))
-    return written
+    return write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, overwrite)
+                               for r, o in zip(result.results, outputs)])
 
 
 __all__ = ["JobSpec", "resolve", "resolve_sampling", "check_size", "run_job", "ModelCache", "ProgressEvent",
-           "JobResult", "ResultVolume", "write_results", "TASKS", "result_names"]
+           "JobResult", "ResultVolume", "write_results", "write_all", "TASKS", "result_names"]

@@ -477,3 +477,16 @@ def test_gpu_out_of_memory_ends_the_job_with_advice(tmp_path, monkeypatch):
     assert job.state == "failed" and "ran out of memory" in job.error and "smaller size" in job.error
     assert "Tried to allocate" not in job.error and not (job.folder / "results").exists()
     service.close()
+
+
+def test_outputs_are_written_all_or_none(tmp_path):
+    from MedDiffusionLib.jobs import write_all
+
+    a, b = tmp_path / "a.nrrd", tmp_path / "b.nrrd"
+
+    def fail():
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_all([a, b], [lambda: a.write_bytes(b"first"), fail])
+    assert not a.exists() and not b.exists()

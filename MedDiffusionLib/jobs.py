@@ -500,6 +500,9 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             est = check_memory(spec, device, pipe)
             where = "warning: running on the CPU; expected " if device == "cpu" else "expected "
             prog.emit("sampling", 0, p["steps"], "sampling", notice=where + est.text(device))
+            if pipe.precompiled_network(p["size"], p["num_volumes"]) is not None:
+                prog.emit("sampling", 0, p["steps"], "sampling", notice="using the compiled noise network "
+                          "(`meddiffusion compile`)")
             gen = pipe.generate(p["class"], p["size"], p["spacing"], p["seed"], p["sampler"],
                                 None if p["sampler"] == "ddpm" else p["steps"], p["num_volumes"], prog.step, cancel,
                                 tiling=p["tiling"], **_preview_kw(pipe, p, preview))

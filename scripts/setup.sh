@@ -13,3 +13,10 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# Compile the bundled model's noise network ahead of time for its default size (one-time, about a
+# minute; kept in ~/.cache/meddiffusion/compiled and reused). Generation works without it, only
+# slower, so a failure here (no C++ compiler, say) is a warning. MEDDIFFUSION_NO_COMPILE=1 skips it.
+if [ "${MEDDIFFUSION_NO_COMPILE:-0}" = "0" ]; then
+    .venv/bin/meddiffusion compile --device cpu >/dev/null \
+        || echo "warning: could not compile the bundled model ahead of time; generation runs uncompiled" >&2
+fi

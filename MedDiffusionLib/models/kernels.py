@@ -16,35 +16,234 @@ The fast-mode recipe (oneDNN convolutions plus a channels-last decoder) is
 """
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import time
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from .dit import Attention
+from .unet_blocks import PreNorm, Residual, SpatialAttention
 
 KERNEL_MODES = ("fast", "reference")
+log = logging.getLogger(__name__)
 
 
 def fast_kernels_available() -> bool:
     return bool(torch.backends.mkldnn.is_available())
 
 
+_ONEDNN = fast_kernels_available()
+
+
+_CHOICES: dict[tuple, str] = {}
+TUNE_ROUNDS = 4  # the first round also warms oneDNN's primitive cache
+# Larger convolutions are not timed: oneDNN in the input's layout wins there, and timing three
+# kernels four times would cost more than it saves (a decoder runs each of its convolutions once).
+TUNE_MAX_FLOP = 2e9
+TUNE_MAX_VOXELS = 4096  # 16^3
+
+
+def kernel_choices() -> dict[tuple, str]:
+    """The kernels measured and chosen in this process, by call signature (operation, shapes,
+    layout, threads). A cache of measurements, not a setting: every choice computes the same
+    result to float32 rounding."""
+    return dict(_CHOICES)
+
+
+def measured_choice(key: tuple, candidates: dict[str, Callable[[], Any]]) -> str:
+    """The fastest of ``candidates`` (name -> call) for ``key``, measured once per machine.
+
+    Candidates run round-robin (a burst of load hits all of them alike) and keep their best time;
+    the first candidate within 10 % of the fastest wins, so list the preferred one first. The
+    choice is recorded in ``$MEDDIFFUSION_CACHE/kernels`` (per torch build, CPU capability and
+    machine; the first process to record a key wins), so every later process, the job service
+    included, runs the same kernels: the choices differ in float rounding, and a flipped rounding
+    can flip a nearest codebook entry, so the same seed must meet the same kernels."""
+    choice = _CHOICES.get(key)
+    if choice is not None:
+        return choice
+    stored = _stored_choices().get(repr(key))
+    if stored in candidates:
+        _CHOICES[key] = stored
+        return stored
+    times = dict.fromkeys(candidates, float("inf"))
+    for _ in range(TUNE_ROUNDS):
+        for name, call in candidates.items():
+            t0 = time.perf_counter()
+            call()
+            times[name] = min(times[name], time.perf_counter() - t0)
+    fastest = min(times.values())
+    measured = next(n for n, t in times.items() if t <= 1.1 * fastest)
+    log.debug("%s: %s -> %s", key, {n: f"{t * 1e3:.2f} ms" for n, t in times.items()}, measured)
+    choice = _CHOICES[key] = _record_choice(repr(key), measured)
+    return choice if choice in candidates else measured
+
+
+def _choices_file() -> Path:
+    from ..weights import cache_root
+
+    name = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{platform.machine()}"
+    return cache_root() / "kernels" / f"choices-{name.replace('/', '_')}.json"
+
+
+def _read_choices(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+@functools.lru_cache(maxsize=8)
+def _stored_choices_at(path: Path) -> dict[str, str]:
+    return _read_choices(path)
+
+
+def _stored_choices() -> dict[str, str]:
+    """The recorded choices of this machine (read once per process and cache location)."""
+    return _stored_choices_at(_choices_file())
+
+
+def _record_choice(key: str, choice: str) -> str:
+    """Record ``choice`` for ``key`` unless another process recorded one first; return the
+    recorded choice. A cache that cannot be written keeps the choice for this process only."""
+    from filelock import FileLock
+
+    path = _choices_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=30):
+            data = _read_choices(path)
+            choice = data.setdefault(key, choice)
+            _stored_choices().update(data)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+            os.replace(tmp, path)
+    except OSError as exc:  # read-only or full cache: this process still runs its measured choice
+        log.debug("kernel choices not recorded (%s)", exc)
+    return choice
+
+
+def param_tag(t: torch.Tensor) -> tuple[int, int]:
+    """Identity and in-place-update count of a parameter, for caches derived from it. Tensors
+    made under ``torch.inference_mode`` have no version counter: their tag is their storage only."""
+    return t.data_ptr(), (-1 if t.is_inference() else t._version)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+
 class FastConv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs oneDNN on CPU float32 inference; anything else takes the usual path."""
+    """``nn.Conv3d`` whose CPU float32 inference runs the fastest of three kernels, measured once
+    per call signature in this process (:func:`measured_choice`):
+
+    * ``gemm``: PyTorch's ``slow_conv3d`` (im2col + one matrix product) on contiguous maps;
+    * ``onednn``: oneDNN on contiguous maps;
+    * ``onednn-cl``: oneDNN on channels-last maps, with a cached channels-last copy of the weight
+      (the output is channels-last).
+
+    Which wins depends on the torch build, the CPU and the shape, not on one version's size rule:
+    oneDNN is 2-8x faster than ``slow_conv3d`` on BiFlowNet's 16^3 maps, and channels-last often
+    another 1.2-1.8x, while on the released model's 2^3 bottom maps oneDNN spends 20-40 ms
+    re-ordering a 36 MB weight that ``slow_conv3d`` reads once (~7 ms). Taps that can only read
+    zero padding (an axis of one voxel) are dropped first. Convolutions over
+    :data:`TUNE_MAX_FLOP` or on maps over :data:`TUNE_MAX_VOXELS` are not timed (oneDNN in the
+    input's layout). Anything else (autograd,
+    autocast, CUDA, compile) takes the usual path."""
+
+    def _eligible(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 5 and _ONEDNN
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
+                and self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling())
+
+    def _weight(self, crop: tuple[bool, ...], channels_last: bool) -> torch.Tensor:
+        """The weight without the taps that only read padding, in the asked layout (cached while the
+        parameter is unchanged)."""
+        w = self.weight
+        if not any(crop) and (not channels_last or w.is_contiguous(memory_format=torch.channels_last_3d)):
+            return w
+        tag = param_tag(w)
+        cache = self.__dict__.setdefault("_weight_cache", {})
+        hit = cache.get((crop, channels_last))
+        if hit is None or hit[0] != tag:
+            v = w.detach()
+            for i, c in enumerate(crop):
+                if c:
+                    v = v.narrow(2 + i, self.kernel_size[i] // 2, 1)
+            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+            hit = cache[(crop, channels_last)] = (tag, v.contiguous(memory_format=fmt))
+        return hit[1]
+
+    def _plan(self, x: torch.Tensor, choice: str) -> tuple:
+        # axes where the input has one voxel and the kernel is centred (odd, padding k//2, stride 1):
+        # every tap but the centre reads zero padding there, so those taps are dropped
+        crop = tuple(x.shape[2 + i] == 1 and self.kernel_size[i] % 2 == 1 and self.stride[i] == 1
+                     and self.dilation[i] == 1 and self.padding[i] == self.kernel_size[i] // 2 for i in range(3))
+        pad = [0 if c else p for c, p in zip(crop, self.padding)]
+        return choice, crop, pad, list(self.stride), list(self.dilation)
+
+    def _run(self, plan: tuple, x: torch.Tensor) -> torch.Tensor:
+        choice, crop, pad, stride, dilation = plan
+        if choice == "matmul":  # 1x1x1: a matrix product over the channels, in the input's layout
+            return self._pointwise(x)
+        cl = choice == "onednn-cl"
+        x = x.contiguous(memory_format=torch.channels_last_3d if cl else torch.contiguous_format)
+        w = self._weight(crop, cl)
+        if choice == "gemm":
+            return torch.ops.aten.slow_conv3d(x, w, w.shape[2:], self.bias, stride, pad)
+        return torch.ops.aten.mkldnn_convolution(x, w, self.bias, pad, stride, dilation, self.groups)
+
+    def _pointwise(self, x: torch.Tensor) -> torch.Tensor:
+        b, cin, d, h, w = x.shape
+        weight = self.weight.view(self.out_channels, cin)
+        bias = self.bias if self.bias is not None else weight.new_zeros(self.out_channels)
+        if _is_channels_last(x):
+            out = torch.addmm(bias, x.permute(0, 2, 3, 4, 1).reshape(-1, cin), weight.t())
+            return out.view(b, d, h, w, -1).permute(0, 4, 1, 2, 3)
+        out = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1), x.reshape(b, cin, -1))
+        return out.view(b, -1, d, h, w)
+
+    def _choose(self, x: torch.Tensor, cl: bool) -> str:
+        pointwise = self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.groups == 1
+        flop = 2.0 * x.shape[0] * math.prod(x.shape[2:]) * self.weight.numel() / math.prod(self.stride)
+        if flop > TUNE_MAX_FLOP or math.prod(x.shape[2:]) > TUNE_MAX_VOXELS:
+            return "matmul" if pointwise else "onednn-cl" if cl else "onednn"
+        order = ("onednn-cl", "onednn") if cl else ("onednn", "onednn-cl")
+        if self.groups == 1 and self.dilation == (1, 1, 1):
+            order = (order[0], order[1], "gemm") if cl else ("gemm",) + order
+        if pointwise:
+            order = ("matmul",) + order
+        key = ("conv3d", tuple(x.shape), cl, tuple(self.weight.shape), self.stride, self.padding, self.dilation,
+               self.groups, torch.get_num_threads())
+        return measured_choice(key, {c: functools.partial(self._run, self._plan(x, c), x) for c in order})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.float32
-                and fast_kernels_available()
-                and self.weight.dtype == torch.float32 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and not torch.is_autocast_enabled("cpu")):
-            return torch.ops.aten.mkldnn_convolution(x, self.weight, self.bias, list(self.padding),
-                                                     list(self.stride), list(self.dilation), self.groups)
-        return super().forward(x)
+        if not self._eligible(x):
+            return super().forward(x)
+        cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        key = (x.shape, cl, torch.get_num_threads())
+        plans = self.__dict__.setdefault("_plans", {})
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = self._plan(x, self._choose(x, cl))
+        return self._run(plan, x)
 
 
+ACCURATE_GROUP_NORM_VOXELS = 16384  # below this PyTorch's channels-last statistics are accurate (<1e-6) and faster
 GROUP_NORM_BLOCK = 256  # voxels summed in float32 (one BLAS product) before float64 accumulation
 
 
@@ -112,23 +311,94 @@ class FastGroupNorm(nn.GroupNorm):
                 or x.is_contiguous() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
                 or (torch.is_grad_enabled() and (x.requires_grad or (self.weight is not None and self.weight.requires_grad)))):
             return super().forward(x)
+        if x[0, 0].numel() < ACCURATE_GROUP_NORM_VOXELS:
+            return super().forward(x)
         b, c = x.shape[:2]
         scale, shift = group_norm_affine(self, *channel_moments(x), x[0, 0].numel())
         return torch.addcmul(shift.float().view(b, c, 1, 1, 1), x, scale.float().view(b, c, 1, 1, 1))
 
 
+class FastAttention(Attention):
+    """DiT attention whose inference pads each head to a width the CPU kernels handle well.
+
+    PyTorch's CPU flash-attention kernel is ~2x slower for the released model's 9-channel heads
+    than for 16-channel ones; zero channels change no dot product and no output, so the ``qkv``
+    projection is run with zero rows appended per head (cached weights) and the padding sliced
+    off. The head width (as is, or rounded up to 8 or 16) is measured once per shape."""
+
+    def _padded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = self.qkv.weight, self.qkv.bias
+        tag = (param_tag(w), param_tag(b))
+        cache = self.__dict__.setdefault("_weight_cache", {})
+        hit = cache.get(width)
+        if hit is None or hit[0] != tag:
+            hd = w.shape[1] // self.num_heads
+            pw = w.new_zeros(3, self.num_heads, width, w.shape[1])
+            pw[:, :, :hd] = w.detach().view(3, self.num_heads, hd, -1)
+            pb = b.new_zeros(3, self.num_heads, width)
+            pb[:, :, :hd] = b.detach().view(3, self.num_heads, hd)
+            hit = cache[width] = (tag, pw.view(-1, w.shape[1]), pb.view(-1))
+        return hit[1], hit[2]
+
+    def _attend(self, x: torch.Tensor, width: int) -> torch.Tensor:
+        n, t, c = x.shape
+        hd = c // self.num_heads
+        if width == hd:
+            return super().forward(x)
+        qkv = F.linear(x, *self._padded(width)).view(n, t, 3, self.num_heads, width).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=hd ** -0.5)[..., :hd]
+        return self.proj(out.transpose(1, 2).reshape(n, t, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hd = x.shape[-1] // self.num_heads
+        if torch.is_grad_enabled() or x.device.type != "cpu" or hd % 8 == 0 or torch.compiler.is_compiling():
+            return super().forward(x)
+        widths = dict.fromkeys((hd, -(-hd // 8) * 8, -(-hd // 16) * 16))
+        key = ("dit-attention", tuple(x.shape), self.num_heads, x.dtype, torch.get_num_threads())
+        width = int(measured_choice(key, {str(wd): functools.partial(self._attend, x, wd) for wd in widths}))
+        return self._attend(x, width)
+
+
+class FastAttentionResidual(Residual):
+    """``x + attention(layer_norm(x))`` over voxels, computed on the channels-last token view: one
+    ``layer_norm``, the ``qkv`` product, SDPA and the output projection plus residual as one
+    ``addmm`` (the reference runs ~25 operations). The output is channels-last."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return super().forward(x)
+        norm, attn = self.fn.norm, self.fn.fn
+        b, c, d, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 4, 1).reshape(b, -1, c)  # a view when x is channels-last
+        n = tokens.shape[1]
+        normed = F.layer_norm(tokens, (c,), norm.gamma.view(c), None, norm.eps)
+        qkv = attn.to_qkv(normed).view(b, n, 3, attn.heads, attn.dim_head).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]).transpose(1, 2).reshape(b * n, -1)
+        proj = attn.to_out.weight.view(c, -1)
+        res = torch.addmm(tokens.reshape(b * n, c), out, proj.t())
+        if attn.to_out.bias is not None:
+            res += attn.to_out.bias
+        return res.view(b, d, h, w, c).permute(0, 4, 1, 2, 3)
+
+
 def use_fast_kernels(module: nn.Module, enabled: bool = True) -> nn.Module:
-    """Switch ``module``'s 3-D convolutions (kernel > 1) to :class:`FastConv3d` and its GroupNorms
-    to :class:`FastGroupNorm`, or back, in place. 1x1x1 convolutions stay: PyTorch's own path is
-    faster for them. Without oneDNN the swapped modules take PyTorch's usual path (the swap still
-    records the mode). Returns ``module``."""
+    """Switch ``module``'s 3-D convolutions to :class:`FastConv3d`, GroupNorms to
+    :class:`FastGroupNorm`, DiT attention to :class:`FastAttention` and voxel attention blocks to
+    :class:`FastAttentionResidual`, or back, in place (same parameters and state-dict keys).
+    Without oneDNN the swapped modules take PyTorch's usual path (the swap still records the
+    mode). Returns ``module``."""
+    swaps = {nn.Conv3d: FastConv3d, nn.GroupNorm: FastGroupNorm, Attention: FastAttention}
+    back = {fast: plain for plain, fast in swaps.items()}
+    back[FastAttentionResidual] = Residual
     for m in module.modules():
-        if enabled and type(m) is nn.Conv3d and max(m.kernel_size) > 1:
-            m.__class__ = FastConv3d
-        elif enabled and type(m) is nn.GroupNorm:
-            m.__class__ = FastGroupNorm
-        elif not enabled and type(m) in (FastConv3d, FastGroupNorm):
-            m.__class__ = nn.Conv3d if type(m) is FastConv3d else nn.GroupNorm
+        if enabled and type(m) in swaps:
+            m.__class__ = swaps[type(m)]
+        elif enabled and type(m) is Residual and isinstance(m.fn, PreNorm) and isinstance(m.fn.fn, SpatialAttention):
+            m.__class__ = FastAttentionResidual
+        elif not enabled and type(m) in back:
+            m.__class__ = back[type(m)]
+            m.__dict__.pop("_weight_cache", None)
+            m.__dict__.pop("_plans", None)
     return module
 
 

@@ -20,7 +20,8 @@ from ..errors import ResourceError, UserError
 from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
-from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode
+from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode, param_tag
+from ..models.precompiled import PrecompiledNoise, find_or_build, package_path, weights_digest
 from ..registry import ModelEntry
 from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler
 from .loop import CancelFn, ProgressFn, StepCallback, denoise
@@ -123,8 +124,11 @@ class GenerationPipeline(KernelModeMixin):
     ``mode="fast"`` (default) runs the same float32 arithmetic on faster kernels: oneDNN for every
     CPU 3-D convolution and a channels-last decoder (results within ~1e-5 of the reference; see
     Testing/benchmarks). ``mode="reference"`` is the plain path the parity tests pin.
-    ``compile=True`` additionally runs BiFlowNet through ``torch.compile`` (one-time compilation,
-    ~1.5 min on a 2-core CPU; falls back to eager where compiling is impossible).
+    In fast float32 mode, BiFlowNet runs as an ahead-of-time compiled package (see
+    :mod:`~MedDiffusionLib.models.precompiled`) when one exists in the cache for the latent
+    shape, weights, device and torch build (``precompiled=False`` never uses one);
+    ``compile=True`` builds the missing package first (one-time, ~1.5 min on a 2-core CPU; falls
+    back to eager where compiling is impossible).
     ``precision`` bf16/fp16 is autocast on top of either mode (not float32-exact: opt-in).
     ``memory_limit_bytes`` caps the memory seamless decoding plans for (default: 80 % of what is free).
 
@@ -138,7 +142,8 @@ class GenerationPipeline(KernelModeMixin):
 
     def __init__(self, autoencoder: PatchVolumeAE, biflownet: BiFlowNet, entry: ModelEntry | None = None,
                  device: str | torch.device | None = "cpu", timesteps: int = NUM_TRAIN_TIMESTEPS, precision: str = "fp32",
-                 mode: str = "fast", compile: bool = False, memory_limit_bytes: float | None = None):
+                 mode: str = "fast", compile: bool = False, memory_limit_bytes: float | None = None,
+                 precompiled: bool = True):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.ae = autoencoder.eval().to(self.device)
         self.net = biflownet.eval().to(self.device)
@@ -147,11 +152,13 @@ class GenerationPipeline(KernelModeMixin):
         if precision not in self.PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
         self.precision = precision
-        self.compile = bool(compile)
+        self.compile, self.precompiled = bool(compile), bool(precompiled)
         if memory_limit_bytes is not None and memory_limit_bytes <= 0:
             raise UserError(f"the memory limit must be positive, got {memory_limit_bytes}")
         self.memory_limit_bytes = memory_limit_bytes  # cap on what seamless decoding may plan to use
-        self._compiled = CompiledNoise(self.net, self.compile)
+        self._compiled = CompiledNoise(self.net, False)  # ahead-of-time packages replace torch.compile here
+        self._packages: dict[Path, PrecompiledNoise] = {}
+        self._digest: tuple[list, str] | None = None
         self.set_mode(mode)
 
     def networks(self) -> list[torch.nn.Module]:
@@ -166,12 +173,13 @@ class GenerationPipeline(KernelModeMixin):
     @classmethod
     def from_pretrained(cls, model: str | None = None, weights: str | Path | None = None, device: str | None = None,
                         local_files_only: bool | None = None, precision: str = "fp32", mode: str = "fast",
-                        compile: bool = False, memory_limit_bytes: float | None = None) -> "GenerationPipeline":
+                        compile: bool = False, memory_limit_bytes: float | None = None,
+                        precompiled: bool = True) -> "GenerationPipeline":
         from ..weights import load_models
 
         entry, ae, net = load_models(model, weights, local_files_only, log=log.info)
         return cls(ae, net, entry, device, precision=precision, mode=mode, compile=compile,
-                   memory_limit_bytes=memory_limit_bytes)
+                   memory_limit_bytes=memory_limit_bytes, precompiled=precompiled)
 
     @property
     def compression(self) -> int:
@@ -193,6 +201,36 @@ class GenerationPipeline(KernelModeMixin):
         f = self.compression
         return z // f, x // f, y // f
 
+    # -- compiled noise network ----------------------------------------------------------------------
+    def _noise_args(self, size_xyz: Sequence[int], batch: int) -> tuple[torch.Tensor, ...]:
+        d, h, w = self.latent_shape(size_xyz)
+        dev = self.device
+        return (torch.zeros(batch, self.net.channels, d, h, w, device=dev), torch.zeros(batch, dtype=torch.long, device=dev),
+                torch.zeros(batch, dtype=torch.long, device=dev), torch.zeros(3, device=dev))
+
+    def _weights_digest(self) -> str:
+        tag = [param_tag(p) for p in self.net.state_dict().values()]
+        if self._digest is None or self._digest[0] != tag:
+            self._digest = (tag, weights_digest(self.net))
+        return self._digest[1]
+
+    def precompiled_network(self, size_xyz: Sequence[int], batch: int = 1,
+                            build: bool | None = None) -> PrecompiledNoise | None:
+        """The compiled BiFlowNet package for this size and batch, if the pipeline may use one
+        (fast float32 mode, ``precompiled`` or ``compile`` on): from the cache, or built first when
+        ``build`` (default: ``self.compile``). ``None`` means the eager network runs."""
+        build = self.compile if build is None else build
+        if not (build or self.precompiled) or self.precision != "fp32" or self.mode != "fast":
+            return None
+        args = self._noise_args(size_xyz, batch)
+        path = package_path(self.net, args, self._weights_digest())
+        if path not in self._packages:
+            package = find_or_build(self.net, args, build, self._weights_digest())
+            if package is None:
+                return None
+            self._packages[path] = package
+        return self._packages[path]
+
     # -- steps ---------------------------------------------------------------------------------------
     def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str = "ddpm",
                        steps: int | None = None, batch: int = 1, progress: ProgressFn | None = None,
@@ -211,7 +249,7 @@ class GenerationPipeline(KernelModeMixin):
         z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
         y = torch.full((batch,), int(class_index), dtype=torch.long, device=self.device)
         res = torch.tensor([d, h, w], dtype=torch.float32, device=self.device) / 64.0
-        net = noise_net if noise_net is not None else self.noise_model()
+        net = noise_net if noise_net is not None else (self.precompiled_network(size_xyz, batch) or self.noise_model())
 
         def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             with self.autocast():

@@ -4,22 +4,32 @@
     python Testing/benchmarks/benchmark.py [--device cpu|cuda] [--json out.json] [--quick] [--no-compile]
 
 Reference = float32, plain PyTorch kernels, the authors' decode rule (what the parity tests pin).
-Fast = the pipelines' default: oneDNN convolutions on the CPU, channels-last decoder, in-place
-inference ops, accurate channels-last GroupNorm, memory-aware exact (stage-streamed) decoding; optionally torch.compile (BiFlowNet) and, on CUDA,
-bf16 autocast. Every fast row prints its error against the reference.
+Fast = the pipelines' default: measured CPU convolution kernels (gemm / oneDNN / oneDNN
+channels-last, chosen per shape at first use; taps that only read padding dropped), fused
+conditioning projections and voxel attention, DiT heads padded for the CPU attention kernel,
+channels-last decoder, accurate channels-last GroupNorm, memory-aware exact (stage-streamed)
+decoding; optionally torch.compile or the ahead-of-time package of `meddiffusion compile`
+(BiFlowNet) and, on CUDA, bf16 autocast. Every fast row prints its error against the reference.
 
 CPU (bundled chest-ct-mini weights, 64^3 volumes = 16^3 latents):
-  * BiFlowNet forward; batched forward (2 volumes in one batch vs 2 calls); compiled forward;
+  * BiFlowNet forward; batched forward (2 volumes in one batch vs 2 calls); compiled forward
+    (torch.compile, and the AOT package);
   * decode 64^3 whole; decode 128^3: reference whole vs fast seamless tiles (time, peak memory);
   * decode peak memory in fresh processes, both modes, whole and tiled, against the estimator;
   * samplers (DDIM N, DPM-Solver++ N) against a 1000-step DDIM solution of the same ODE;
-  * end to end: reference DDPM 1000 vs fast DDPM 1000 vs fast DPM++ 20 (decoded-volume error).
+  * end to end: reference DDPM 1000 vs fast DDPM 1000 (eager, and with the AOT package, i.e. the
+    main job) vs fast DPM++ 20 (decoded-volume error).
 CPU, released 8x configuration with random weights (a fresh process; ``--no-released`` skips it):
   * BiFlowNet forward at latents 8x16x16 and 16^3, float32 and bf16 autocast;
   * decode 64^3 and 128^3: reference whole vs fast whole vs fast exact tiles at three cube sizes
     (time, peak RSS growth, max error against the reference), bf16 decode, blended tiles.
 CUDA additionally: the released 8x/4x shapes with random weights at 256^3 and 512^3 (forward
-fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20).
+fp32/bf16, decode whole/seamless with max_memory_allocated, generation DDPM 1000 and DPM++ 20);
+  * 8x 256^3 DDPM 1000 steps (fp32, bf16): eager loop vs one step captured in a CUDA graph vs
+    torch.compile(mode="reduce-overhead") (steps/s, final-latent error vs eager; gpu_rows.py);
+  * SDPA flash / efficient / math, fp32 and bf16, at the DiT and U-Net attention shapes, and the DiT
+    heads zero-padded 9 -> 16 (time, error vs math fp32; unavailable backends noted).
+  --gpu-rows-on-cpu runs these rows on the CPU at 64^3 (3 DDPM steps; compile backend="eager").
 Job service (Testing/benchmarks/service_benchmark.py, skip with --no-service): a 64^3 job through a
 local `meddiffusion serve` vs in-process, and loopback upload/download of a 256^3 float32 volume.
 """
@@ -118,6 +128,21 @@ def _timeit(fn, device: str, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _timeit_pair(fa, fb, device: str, rounds: int = 5) -> tuple[float, float]:
+    """Median wall times of ``fa`` and ``fb`` called alternately (one warm-up each): on a shared,
+    noisy machine a burst of load then hits both alike, so their ratio stays meaningful."""
+    fa(), fb()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for fn, acc in ((fa, ta), (fb, tb)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+    return sorted(ta)[rounds // 2], sorted(tb)[rounds // 2]
+
+
 def _maxerr(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -126,9 +151,11 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def add(self, case: str, ref_s: float, fast_s: float, err: float | None, ref_mb: float | None = None,
+    def add(self, case: str, ref_s: float, fast_s: float | None, err: float | None, ref_mb: float | None = None,
             fast_mb: float | None = None, note: str = "") -> None:
-        self.rows.append(dict(case=case, reference_s=ref_s, fast_s=fast_s, speedup=ref_s / fast_s, max_abs_err=err,
+        """One row; ``fast_s=None``: the fast variant did not run here (say why in ``note``)."""
+        self.rows.append(dict(case=case, reference_s=ref_s, fast_s=fast_s,
+                              speedup=ref_s / fast_s if fast_s else None, max_abs_err=err,
                               reference_peak_mb=ref_mb, fast_peak_mb=fast_mb, note=note))
 
     def print(self) -> None:
@@ -137,8 +164,9 @@ class Table:
         for r in self.rows:
             mb = [f"{v:>8.0f}" if v is not None else f"{'':>8}" for v in (r["reference_peak_mb"], r["fast_peak_mb"])]
             err = f"{r['max_abs_err']:>9.1e}" if r["max_abs_err"] is not None else f"{'':>9}"
-            print(f"{r['case']:<50} {r['reference_s']:>9.3f}s {r['fast_s']:>9.3f}s {r['speedup']:>8.2f}x {err} "
-                  f"{mb[0]} {mb[1]}  {r['note']}")
+            fast = f"{r['fast_s']:>9.3f}s" if r["fast_s"] is not None else f"{'-':>10}"
+            speedup = f"{r['speedup']:>8.2f}x" if r["speedup"] is not None else f"{'-':>9}"
+            print(f"{r['case']:<50} {r['reference_s']:>9.3f}s {fast} {speedup} {err} {mb[0]} {mb[1]}  {r['note']}")
 
 
 def cpu_cases(args, table: Table, report: dict) -> None:
@@ -150,7 +178,7 @@ def cpu_cases(args, table: Table, report: dict) -> None:
     from MedDiffusionLib.schedulers import make_scheduler
     dev = args.device
     ref = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev, mode="reference")
-    fast = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev, mode="fast")
+    fast = GenerationPipeline.from_pretrained("chest-ct-mini", device=dev, mode="fast", precompiled=False)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 8, 16, 16, 16, generator=g).to(dev)
     t, y, res = torch.tensor([500], device=dev), torch.tensor([1], device=dev), torch.full((3,), 0.25, device=dev)
@@ -203,6 +231,17 @@ def cpu_cases(args, table: Table, report: dict) -> None:
                     else f"compile {compile_s:.0f} s; no gain") if comp.error is None else f"fell back: {comp.error[:40]}"
             table.add("BiFlowNet forward, torch.compile (frozen weights)", t_ref, t_c, _maxerr(e_c, e_ref), note=note)
             report["compile_seconds"] = compile_s
+    # the ahead-of-time package (`meddiffusion compile`, built by scripts/setup.sh): built here if missing
+    aot = GenerationPipeline(fast.ae, fast.net, fast.entry, dev, mode="fast")
+    t0 = time.perf_counter()
+    package = None if args.no_compile else aot.precompiled_network((64, 64, 64), 1, build=True)
+    aot_s = time.perf_counter() - t0
+    if package is not None:
+        with torch.inference_mode():
+            e_p = package(x, t, y, res)
+            t_p = _timeit(lambda: package(x, t, y, res), dev, 10)
+        table.add("BiFlowNet forward, AOT-compiled package", t_ref, t_p, _maxerr(e_p, e_ref),
+                  note=f"found or built in {aot_s:.1f} s; {t_fast / t_p:.2f}x the eager fast forward")
 
     mem = {}
     for mode, side, tile in [("reference", 16, None), ("fast", 16, None), ("reference", 24, None), ("fast", 24, None),
@@ -250,6 +289,12 @@ def cpu_cases(args, table: Table, report: dict) -> None:
     t_e_dpm = time.perf_counter() - t0
     table.add(f"generation 64^3, {name}: reference vs fast", t_e_ref, t_e_fast, float(abs(v_fast - v_ref).max()),
               note="decoded volume, model units")
+    if package is not None:  # what `meddiffusion generate` runs after scripts/setup.sh
+        t0 = time.perf_counter()
+        v_aot = aot.generate(seed=0, sampler=ref_sampler[0], steps=ref_sampler[1])[0].image
+        t_e_aot = time.perf_counter() - t0
+        table.add(f"generation 64^3, {name}: reference vs fast + AOT package", t_e_ref, t_e_aot,
+                  float(abs(v_aot - v_ref).max()), note="decoded volume, model units")
     table.add(f"generation 64^3: reference {name} vs fast DPM++ 20", t_e_ref, t_e_dpm, None,
               note=f"DPM++ 20 ODE error {samplers['dpm++ 20']['mean_abs_err_latent']:.1e} (latent, exact ODE)")
     del v_dpm
@@ -304,12 +349,11 @@ def released_main(args) -> None:
             t, y = torch.tensor([500], device=dev), torch.tensor([1], device=dev)
             res = torch.tensor(lat, dtype=torch.float32, device=dev) / 64
             e_ref = net(x, t, y, res)
-            t_ref = _timeit(lambda: net(x, t, y, res), dev, 3)
             e_fast = fast_net(x, t, y, res)
-            t_fast = _timeit(lambda: fast_net(x, t, y, res), dev, 3)
+            t_ref, t_fast = _timeit_pair(lambda: net(x, t, y, res), lambda: fast_net(x, t, y, res), dev, 5)
             name = "x".join(map(str, lat))
             table.add(f"released 8x BiFlowNet forward, latent {name}", t_ref, t_fast, _maxerr(e_fast, e_ref),
-                      note="float32")
+                      note="float32, alternating calls")
             with torch.autocast(dev, dtype=torch.bfloat16):
                 e_bf = fast_net(x, t, y, res)
                 t_bf = _timeit(lambda: fast_net(x, t, y, res), dev, 3)
@@ -444,6 +488,40 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                 report.setdefault("cuda_errors", []).append(f"{label}: {type(exc).__name__}: {exc}"[:300])
 
 
+def graph_and_sdpa_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512),
+                         steps: int = 1000) -> None:
+    """Released 8x configuration, random weights: the DDPM step without per-step Python overhead
+    (eager loop vs CUDA graph vs ``torch.compile(mode="reduce-overhead")``, fp32 and, on CUDA, bf16
+    autocast; ``steps`` steps at ``sides[0]``) and the SDPA backends at every side's attention
+    shapes (Testing/benchmarks/gpu_rows.py). On the CPU a smoke run of the same code."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gpu_rows
+
+    from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    cfg = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())["8x"]
+    s = sides[0] // 8
+    try:
+        torch.manual_seed(0)
+        pipe = GenerationPipeline(PatchVolumeAE(**cfg["autoencoder"]), BiFlowNet(**cfg["biflownet"]), None, dev,
+                                  mode="fast")
+        for bf16 in ((False, True) if dev == "cuda" else (False,)):
+            gpu_rows.sampler_graph_rows(pipe.net, pipe.diffusion, dev, (8, s, s, s), steps, table, report,
+                                        label=f"8x {sides[0]}^3 ", bf16=bf16, compile=not args.no_compile)
+        del pipe
+    except Exception as exc:  # report and go on: the SDPA rows do not depend on these
+        report.setdefault("cuda_errors", []).append(f"sampler graph rows: {type(exc).__name__}: {exc}"[:300])
+    for side in sides:
+        try:
+            shapes = gpu_rows.released_attention_shapes(cfg["biflownet"], side // 8)
+            gpu_rows.sdpa_rows(dev, [(f"{side}^3 {label}", shape) for label, shape in shapes], table, report,
+                               repeat=5 if dev == "cuda" else 3)
+        except Exception as exc:
+            report.setdefault("cuda_errors", []).append(f"SDPA rows {side}^3: {type(exc).__name__}: {exc}"[:300])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -454,6 +532,8 @@ def main() -> int:
                     help="skip the released-configuration rows (random weights, 64^3 and 128^3)")
     ap.add_argument("--gpu-rows-on-cpu", action="store_true",
                     help="run the GPU rows on the CPU at 64^3 (a smoke run, so that they do not rot)")
+    ap.add_argument("--graph-steps", type=int, help="DDPM steps of the sampler-graph rows (default: 1000 on CUDA, "
+                                                    "3 with --gpu-rows-on-cpu)")
     ap.add_argument("--no-service", action="store_true", help="skip the job-service rows (local server overhead, "
                                                                 "loopback throughput of a 256^3 volume)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -474,8 +554,10 @@ def main() -> int:
         table.rows.extend(_released_child(args))
     if args.device == "cuda":
         cuda_cases(args, table, report)
+        graph_and_sdpa_cases(args, table, report, steps=args.graph_steps or 1000)
     elif args.gpu_rows_on_cpu:
         cuda_cases(args, table, report, dev="cpu", sides=(64,))
+        graph_and_sdpa_cases(args, table, report, dev="cpu", sides=(64,), steps=args.graph_steps or 3)
     report["rows"] = table.rows
 
     where = report["gpu"] or f"{report['threads']} CPU threads"
@@ -494,7 +576,7 @@ def main() -> int:
     te = report["tile_error_vs_whole_64"]
     print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
           f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")
-    for key in ("cuda_decode", "cuda_generation", "cuda_errors"):
+    for key in ("cuda_decode", "cuda_generation", "sampler_graph", "cuda_errors"):
         for item in report.get(key, []):
             print(key, item)
     if not args.no_service:

@@ -90,8 +90,10 @@ def _ops_run(fn) -> set[str]:
     return {e.key for e in prof.key_averages()}
 
 
-def test_fast_kernels_route_small_convs_to_onednn_with_same_results():
-    from MedDiffusionLib.models.kernels import FastConv3d, use_fast_kernels, uses_fast_kernels
+def test_fast_convolutions_measure_their_kernel_and_every_kernel_agrees():
+    """FastConv3d times gemm / oneDNN / oneDNN channels-last (and a matrix product for 1x1x1) once
+    per signature; whichever wins, and every candidate forced, equals the reference convolution."""
+    from MedDiffusionLib.models.kernels import FastConv3d, kernel_choices, use_fast_kernels, uses_fast_kernels
     model = torch.nn.Sequential(torch.nn.Conv3d(12, 12, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv3d(12, 4, 1)).eval()
     x = torch.randn(1, 12, 16, 16, 16)
     keys = dict(model.state_dict())
@@ -99,11 +101,17 @@ def test_fast_kernels_route_small_convs_to_onednn_with_same_results():
         ref = model(x)
         ref_ops = _ops_run(lambda: model[0](x))
         use_fast_kernels(model)
-        assert type(model[0]) is FastConv3d and type(model[2]) is torch.nn.Conv3d  # 1x1x1 stays
+        assert type(model[0]) is FastConv3d and type(model[2]) is FastConv3d
         fast = model(x)
-        fast_ops = _ops_run(lambda: model[0](x))
-    assert "aten::slow_conv3d_forward" in ref_ops  # what PyTorch picks for this small batch-1 map
-    assert "aten::mkldnn_convolution" in fast_ops and "aten::slow_conv3d_forward" not in fast_ops
+        assert {k[0] for k in kernel_choices()} >= {"conv3d"}
+        assert any(k[1] == (1, 12, 16, 16, 16) and k[3] == (12, 12, 3, 3, 3) for k in kernel_choices())
+        for conv, inp in ((model[0], x), (model[2], torch.nn.functional.silu(model[0](x))),
+                          (model[0], x.contiguous(memory_format=torch.channels_last_3d))):
+            want = torch.nn.functional.conv3d(inp, conv.weight, conv.bias, conv.stride, conv.padding)
+            for choice in ("gemm", "onednn", "onednn-cl") + (("matmul",) if conv.kernel_size == (1, 1, 1) else ()):
+                got = conv._run(conv._plan(inp, choice), inp)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=choice)
+    assert "aten::slow_conv3d_forward" in ref_ops  # what PyTorch's size rule picks for this batch-1 map
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     assert list(model.state_dict()) == list(keys)
     # training (gradients) takes the usual path, and switching back restores the reference module
@@ -111,7 +119,50 @@ def test_fast_kernels_route_small_convs_to_onednn_with_same_results():
     model[0](y).sum().backward()
     assert y.grad is not None
     use_fast_kernels(model, False)
-    assert not uses_fast_kernels(model) and type(model[0]) is torch.nn.Conv3d
+    assert not uses_fast_kernels(model) and type(model[0]) is torch.nn.Conv3d and type(model[2]) is torch.nn.Conv3d
+
+
+def test_fast_convolution_drops_taps_that_only_read_padding():
+    """On an axis of one voxel a centred 3-tap kernel only reads zeros beside the centre: the
+    cropped convolution (a third of the weight) gives the same result, in every kernel."""
+    from MedDiffusionLib.models.kernels import use_fast_kernels
+    conv = torch.nn.Conv3d(48, 40, 3, padding=1).eval()
+    x = torch.randn(2, 48, 1, 2, 3)
+    with torch.inference_mode():
+        ref = conv(x)
+        use_fast_kernels(conv)
+        plan = conv._plan(x, "gemm")
+        assert plan[1] == (True, False, False) and plan[2] == [0, 1, 1]
+        for choice in ("gemm", "onednn", "onednn-cl"):
+            torch.testing.assert_close(conv._run(conv._plan(x, choice), x), ref, atol=1e-5, rtol=1e-5)
+        conv.weight.mul_(2)  # a changed parameter rebuilds the cached cropped weight
+        torch.testing.assert_close(conv(x), 2 * ref - conv.bias.view(1, -1, 1, 1, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_fast_attention_paths_equal_the_reference_modules():
+    """DiT attention with heads padded to 16 channels, and the fused voxel attention block
+    (channels-last tokens, one layer norm, projection and residual in one addmm)."""
+    from MedDiffusionLib.models.dit import Attention
+    from MedDiffusionLib.models.kernels import FastAttention, FastAttentionResidual, use_fast_kernels
+    from MedDiffusionLib.models.unet_blocks import attention_or_identity
+    torch.manual_seed(0)
+    attn = Attention(72, 8).eval()
+    tokens = torch.randn(4, 512, 72)
+    block = attention_or_identity(True, 48, 4).eval()
+    with torch.no_grad():
+        block.fn.norm.gamma.uniform_(0.5, 1.5)
+    vox = torch.randn(2, 48, 3, 4, 5)
+    with torch.inference_mode():
+        ref_a, ref_v = attn(tokens), block(vox)
+        use_fast_kernels(attn), use_fast_kernels(block)
+        assert type(attn) is FastAttention and type(block) is FastAttentionResidual
+        for width in (9, 16):
+            torch.testing.assert_close(attn._attend(tokens, width), ref_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn(tokens), ref_a, atol=1e-5, rtol=1e-5)
+        for inp in (vox, vox.contiguous(memory_format=torch.channels_last_3d)):
+            torch.testing.assert_close(block(inp), ref_v, atol=1e-5, rtol=1e-5)
+    use_fast_kernels(attn, False), use_fast_kernels(block, False)
+    assert type(attn) is Attention and type(block).__name__ == "Residual"
 
 
 def test_fast_mode_matches_reference_on_the_bundled_model():
@@ -269,3 +320,22 @@ def test_compiled_call_lets_errors_of_the_run_through():
         assert not isinstance(info.value, torch.OutOfMemoryError)
         assert wrapped.compiled is not None and wrapped.error is None
         torch.testing.assert_close(wrapped(x, False), net(x, False))
+
+
+def test_kernel_choices_are_recorded_so_every_process_runs_the_same(monkeypatch, tmp_path):
+    """The first measurement of a signature is recorded in the cache; a later process (simulated
+    by clearing this one's memory) adopts it instead of measuring again, whatever its timings say."""
+    import time as _time
+
+    from MedDiffusionLib.models import kernels
+    monkeypatch.setenv("MEDDIFFUSION_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    key = ("test-op", (1, 2, 3))
+    first = kernels.measured_choice(key, {"slow": lambda: _time.sleep(0.003), "quick": lambda: None})
+    assert first == "quick"
+    assert kernels._choices_file().is_file() and tmp_path in kernels._choices_file().parents
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    kernels._stored_choices_at.cache_clear()
+    calls = []
+    again = kernels.measured_choice(key, {"slow": lambda: calls.append(1), "quick": lambda: _time.sleep(0.003)})
+    assert again == "quick" and not calls  # recorded choice, nothing timed

@@ -315,9 +315,13 @@ def _peak_mb(dev: str) -> float | None:
 def _released_child(args) -> list[dict]:
     """The released-configuration CPU rows in a fresh process (glibc mmap threshold fixed, so that
     the resident-set growth follows live memory)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--child-released", "--device", args.device] + (["--quick"] if args.quick else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="meddiffusion-bench-") as cache:  # packages of random weights
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536", MEDDIFFUSION_CACHE=cache)
+        cmd = [sys.executable, __file__, "--child-released", "--device", args.device] + \
+            (["--quick"] if args.quick else []) + (["--no-compile"] if args.no_compile else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"released-configuration rows failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -334,13 +338,14 @@ def released_main(args) -> None:
 
     from MedDiffusionLib.estimate import decode_peak_bytes, exact_decode_bytes
     from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
-    from MedDiffusionLib.models.kernels import use_fast_kernels
+    from MedDiffusionLib.models import precompiled
+    from MedDiffusionLib.models.kernels import apply_kernel_mode, use_fast_kernels
     from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     dev = args.device
     cfg = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())["8x"]
     torch.manual_seed(0)
     net = BiFlowNet(**cfg["biflownet"]).eval().to(dev)
-    fast_net = use_fast_kernels(copy.deepcopy(net))
+    fast_net = apply_kernel_mode(copy.deepcopy(net), "fast")
     table = Table()
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
@@ -354,6 +359,16 @@ def released_main(args) -> None:
             name = "x".join(map(str, lat))
             table.add(f"released 8x BiFlowNet forward, latent {name}", t_ref, t_fast, _maxerr(e_fast, e_ref),
                       note="float32, alternating calls")
+            if not args.no_compile:  # the ahead-of-time package (random weights: built in a throw-away cache)
+                t0 = time.perf_counter()
+                package = precompiled.find_or_build(fast_net, (x, t, y, res), build_missing=True)
+                build_s = time.perf_counter() - t0
+                if package is not None:
+                    e_p = package(x, t, y, res)
+                    t_ref2, t_p = _timeit_pair(lambda: net(x, t, y, res), lambda: package(x, t, y, res), dev, 5)
+                    table.add("  same, fast + AOT-compiled package", t_ref2, t_p, _maxerr(e_p, e_ref),
+                              note=f"float32, alternating calls; built in {build_s:.0f} s")
+                    del package
             with torch.autocast(dev, dtype=torch.bfloat16):
                 e_bf = fast_net(x, t, y, res)
                 t_bf = _timeit(lambda: fast_net(x, t, y, res), dev, 3)

@@ -25,7 +25,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +86,9 @@ def measured_choice(key: tuple, candidates: dict[str, Callable[[], Any]]) -> str
     fastest = min(times.values())
     measured = next(n for n, t in times.items() if t <= 1.1 * fastest)
     log.debug("%s: %s -> %s", key, {n: f"{t * 1e3:.2f} ms" for n, t in times.items()}, measured)
-    choice = _CHOICES[key] = _record_choice(repr(key), measured)
-    return choice if choice in candidates else measured
+    recorded = _record_choice(repr(key), measured)
+    choice = _CHOICES[key] = recorded if recorded in candidates else measured
+    return choice
 
 
 def _choices_file() -> Path:
@@ -141,6 +142,18 @@ def param_tag(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr(), (-1 if t.is_inference() else t._version)
 
 
+def derived_tensor(module: nn.Module, key: Any, params: Sequence[torch.Tensor],
+                   build: Callable[[], Any]) -> Any:
+    """``build()`` cached on ``module`` under ``key`` while ``params`` are unchanged (same storage,
+    no in-place update): re-laid-out or padded weights for inference."""
+    tag = tuple(param_tag(p) for p in params)
+    cache = module.__dict__.setdefault("_weight_cache", {})
+    hit = cache.get(key)
+    if hit is None or hit[0] != tag:
+        hit = cache[key] = (tag, build())
+    return hit[1]
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
@@ -176,17 +189,15 @@ class FastConv3d(nn.Conv3d):
         w = self.weight
         if not any(crop) and (not channels_last or w.is_contiguous(memory_format=torch.channels_last_3d)):
             return w
-        tag = param_tag(w)
-        cache = self.__dict__.setdefault("_weight_cache", {})
-        hit = cache.get((crop, channels_last))
-        if hit is None or hit[0] != tag:
+
+        def build() -> torch.Tensor:
             v = w.detach()
             for i, c in enumerate(crop):
                 if c:
                     v = v.narrow(2 + i, self.kernel_size[i] // 2, 1)
-            fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-            hit = cache[(crop, channels_last)] = (tag, v.contiguous(memory_format=fmt))
-        return hit[1]
+            return v.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+        return derived_tensor(self, (crop, channels_last), (w,), build)
 
     def _plan(self, x: torch.Tensor, choice: str) -> tuple:
         # axes where the input has one voxel and the kernel is centred (odd, padding k//2, stride 1):
@@ -234,7 +245,7 @@ class FastConv3d(nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._eligible(x):
             return super().forward(x)
-        cl = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        cl = _is_channels_last(x)
         key = (x.shape, cl, torch.get_num_threads())
         plans = self.__dict__.setdefault("_plans", {})
         plan = plans.get(key)
@@ -328,17 +339,16 @@ class FastAttention(Attention):
 
     def _padded(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         w, b = self.qkv.weight, self.qkv.bias
-        tag = (param_tag(w), param_tag(b))
-        cache = self.__dict__.setdefault("_weight_cache", {})
-        hit = cache.get(width)
-        if hit is None or hit[0] != tag:
-            hd = w.shape[1] // self.num_heads
+        hd = w.shape[1] // self.num_heads
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             pw = w.new_zeros(3, self.num_heads, width, w.shape[1])
             pw[:, :, :hd] = w.detach().view(3, self.num_heads, hd, -1)
             pb = b.new_zeros(3, self.num_heads, width)
             pb[:, :, :hd] = b.detach().view(3, self.num_heads, hd)
-            hit = cache[width] = (tag, pw.view(-1, w.shape[1]), pb.view(-1))
-        return hit[1], hit[2]
+            return pw.view(-1, w.shape[1]), pb.view(-1)
+
+        return derived_tensor(self, width, (w, b), build)
 
     def _attend(self, x: torch.Tensor, width: int) -> torch.Tensor:
         n, t, c = x.shape

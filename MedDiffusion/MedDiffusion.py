@@ -155,7 +155,7 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
     ``logic.poll(job)`` until ``job.done``, then ``logic.finishJob(job)`` -> nodes;
     ``logic.cancel(job)``; ``logic.unload()`` frees GPU memory. Where jobs run:
     ``logic.useLocalServer(python=None)`` (default; Slicer's Python) or
-    ``logic.useRemoteServer(url, token)``.
+    ``logic.useRemoteServer(url, token, caFile=None)`` (``caFile``: a CA to trust for https).
     """
 
     def __init__(self) -> None:
@@ -277,6 +277,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._unload = None  # a Free-GPU-memory request in progress
         self._startedAt = 0.0
         self._misses = 0
+        self._appliedConnection = None  # the Run on settings last applied (see _onConnectionEdited)
 
     # -- set-up: connect everything first; nothing here needs torch or the service ---------------------------
     def setup(self) -> None:
@@ -302,9 +303,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for item in RUN_ON:
             ui.runOnComboBox.addItem(_(item))
         ui.runOnComboBox.connect("currentIndexChanged(int)", guarded(self._onRunOnChanged))
-        ui.pythonPathLineEdit.connect("currentPathChanged(QString)", guarded(self._onConnectionEdited))
+        self._connectPathEdited(ui.pythonPathLineEdit, guarded(self._onConnectionEdited))
         ui.serverUrlLineEdit.connect("editingFinished()", guarded(self._onConnectionEdited))
         ui.serverTokenLineEdit.connect("editingFinished()", guarded(self._onConnectionEdited))
+        self._connectPathEdited(ui.serverCaFilePathLineEdit, guarded(self._onConnectionEdited))
         ui.connectButton.connect("clicked(bool)", guarded(self._onConnect))
         ui.installButton.connect("clicked(bool)", guarded(self._onInstall))
         ui.freeMemoryButton.connect("clicked(bool)", guarded(self._onFreeMemory))
@@ -334,6 +336,16 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # a broken Python or a bad saved address must not break the panel
             self._setDependencies(None, _("could not check the Python packages: {error}").format(error=exc))
             self._status(str(exc))
+
+    @staticmethod
+    def _connectPathEdited(pathLineEdit, slot) -> None:
+        """Call ``slot`` when a ctkPathLineEdit holds a finished path, not per keystroke (its
+        currentPathChanged fires for every character typed): when typing ends (editingFinished of
+        its line edit: Enter or focus out), or when a path is set without typing (the browse
+        dialog, or setCurrentPath: the line edit is then not ``modified``)."""
+        lineEdit = pathLineEdit.comboBox().lineEdit()
+        lineEdit.connect("editingFinished()", slot)
+        pathLineEdit.connect("currentPathChanged(QString)", lambda *_args: None if lineEdit.modified else slot())
 
     def _guardedCall(self, handler) -> None:
         try:
@@ -391,16 +403,18 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- connection --------------------------------------------------------------------------------------------
     def _loadSettings(self) -> None:
-        """Run on, Python, server URL and token: application settings (a new scene keeps them)."""
+        """Run on, Python, server URL, token and CA file: application settings (a new scene keeps them)."""
         s = qt.QSettings()
         runOn = s.value(SETTINGS + "runOn", RUN_ON[0])
-        for widget in (self.ui.runOnComboBox, self.ui.pythonPathLineEdit):
+        widgets = (self.ui.runOnComboBox, self.ui.pythonPathLineEdit, self.ui.serverCaFilePathLineEdit)
+        for widget in widgets:
             widget.blockSignals(True)  # setup() applies them once, after loading all
         try:
             self.ui.runOnComboBox.currentIndex = RUN_ON.index(runOn) if runOn in RUN_ON else 0
             self.ui.pythonPathLineEdit.currentPath = s.value(SETTINGS + "python", "")
+            self.ui.serverCaFilePathLineEdit.currentPath = s.value(SETTINGS + "serverCaFile", "")
         finally:
-            for widget in (self.ui.runOnComboBox, self.ui.pythonPathLineEdit):
+            for widget in widgets:
                 widget.blockSignals(False)
         self.ui.serverUrlLineEdit.text = s.value(SETTINGS + "serverUrl", "")
         self.ui.serverTokenLineEdit.text = s.value(SETTINGS + "serverToken", "")
@@ -410,6 +424,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         s.setValue(SETTINGS + "runOn", RUN_ON[0] if self._isLocal() else RUN_ON[1])
         s.setValue(SETTINGS + "serverUrl", self.ui.serverUrlLineEdit.text.strip())
         s.setValue(SETTINGS + "serverToken", self.ui.serverTokenLineEdit.text.strip())
+        s.setValue(SETTINGS + "serverCaFile", self._caFile() or "")
         s.setValue(SETTINGS + "python", self.ui.pythonPathLineEdit.currentPath.strip())
 
     def _isLocal(self) -> bool:
@@ -418,18 +433,29 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _python(self) -> str:
         return self.ui.pythonPathLineEdit.currentPath.strip() or default_python()
 
+    def _caFile(self) -> str | None:
+        """The CA file to trust for an https:// server; None: the system's trusted CAs."""
+        return self.ui.serverCaFilePathLineEdit.currentPath.strip() or None
+
     def _onRunOnChanged(self, *_args) -> None:
         local = self._isLocal()
         for w in (self.ui.pythonPathLineEdit, self.ui.label_pythonPathLineEdit, self.ui.installButton,
                   self.ui.dependenciesLabel, self.ui.label_dependenciesLabel):
             w.visible = local
         for w in (self.ui.serverUrlLineEdit, self.ui.label_serverUrlLineEdit, self.ui.serverTokenLineEdit,
-                  self.ui.label_serverTokenLineEdit):
+                  self.ui.label_serverTokenLineEdit, self.ui.serverCaFilePathLineEdit,
+                  self.ui.label_serverCaFilePathLineEdit):
             w.visible = not local
         self._onConnectionEdited()
 
     def _onConnectionEdited(self, *_args) -> None:
-        """Settings changed: remember them; the next job (or Connect) uses them."""
+        """Settings changed: remember them; the next job (or Connect) uses them. Unchanged settings
+        (a field left without an edit, a browsed path then left) keep the connection and what it told."""
+        settings = (self._isLocal(), self.ui.pythonPathLineEdit.currentPath.strip(),
+                    self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip(), self._caFile())
+        if settings == self._appliedConnection:
+            return
+        self._appliedConnection = settings
         self._saveSettings()
         self._applyConnection()
         if self._isLocal():
@@ -440,7 +466,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._isLocal():
             self.logic.useLocalServer(self.ui.pythonPathLineEdit.currentPath.strip() or None)
         elif self.ui.serverUrlLineEdit.text.strip():
-            self.logic.useRemoteServer(self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip())
+            self.logic.useRemoteServer(self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip(),
+                                       self._caFile())
 
     def _onConnect(self) -> None:
         self._withService(lambda: self._status(_("connected")))

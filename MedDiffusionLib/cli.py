@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .client import Client
     from .jobs import JobSpec
 
 EXAMPLES_GENERATE = """examples:
@@ -56,6 +58,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                                                    "this process, e.g. http://gpu-box:8765; same outputs")
     p.add_argument("--token", help="the service's token (default: $MEDDIFFUSION_TOKEN; the variable keeps it out of "
                                    "the process list)")
+    p.add_argument("--ca-file", metavar="PEM", help="certificate authority file to trust for an https:// server "
+                                                    "(a lab's own CA or a self-signed server certificate)")
 
 
 def _params(args: argparse.Namespace, *names: str) -> dict:
@@ -129,9 +133,13 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
 def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> tuple[list[dict], dict]:
     from .client import Client
 
-    client = Client(args.server, args.token)
-    st = client.submit(spec.to_dict(), {k: v for k, v in spec.inputs.items()})
-    job_id = st["id"]
+    client = Client(args.server, args.token, ca_file=getattr(args, "ca_file", None))
+    job_id = uuid.uuid4().hex  # ours: a Ctrl-C before the server's answer can still delete the job by it
+    try:
+        st = client.submit(spec.to_dict(), {k: v for k, v in spec.inputs.items()}, job_id=job_id)
+    except KeyboardInterrupt:
+        _delete_quietly(client, job_id)
+        raise
     try:
         st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
         for path in outputs:
@@ -145,10 +153,16 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
         client.cancel(job_id)
         raise
     finally:
-        try:
-            client.delete(job_id)
-        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
-            pass
+        _delete_quietly(client, job_id)
+
+
+def _delete_quietly(client: "Client", job_id: str) -> None:
+    """Delete a remote job (a queued or running one is cancelled first, an upload in flight is
+    dropped); the server may be gone, and then the job expires there anyway."""
+    try:
+        client.delete(job_id, timeout=10)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -174,7 +188,7 @@ def _run_controlled(args: argparse.Namespace, kind: str) -> int:
     from .data.volumes import check_writable
 
     check_writable(args.out, args.overwrite)
-    spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device"), args.out)
+    spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device", "force"), args.out)
     _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params.get('sampler') or 'ddim'})")
     print(f"wrote {args.out} (on the input's grid)")
     return 0
@@ -192,20 +206,23 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from .data.volumes import check_writable
 
     check_writable(args.out, args.overwrite)
-    spec = _prepare(args, "simulate-sparse-view", _params(args, "views", "bins", "device"), args.out)
+    spec = _prepare(args, "simulate-sparse-view", _params(args, "views", "bins", "device", "force"), args.out)
     _, p = _execute(args, spec, [Path(args.out)], "simulating")
     print(f"wrote {args.out}: FBP of {p['views']} fan-beam views (HU)")
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+def _serve_token(args: argparse.Namespace) -> tuple[str | None, str]:
+    """(the single token or None with --tokens, where it came from)."""
     import os
     import secrets
 
     from .client import TOKEN_ENV
-    from .server import Limits, serve
 
+    if args.tokens:
+        if args.token_file:
+            raise UserError("give --tokens (users) or --token-file (one token), not both")
+        return None, f"users from {args.tokens}"
     if args.token_file:
         try:
             token = Path(args.token_file).read_text().strip()
@@ -213,18 +230,58 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise UserError(f"{args.token_file}: cannot read the token file ({exc.strerror})") from exc
         if not token:
             raise UserError(f"{args.token_file}: the token file is empty")
-        source = f"from {args.token_file}"
-    elif os.environ.get(TOKEN_ENV):
-        token, source = os.environ[TOKEN_ENV], f"from ${TOKEN_ENV}"
-    else:
-        token = secrets.token_urlsafe(32)
-        print(f"token: {token}\n(clients pass it with --token or ${TOKEN_ENV}; it is not shown again)", flush=True)
-        source = "generated"
-    if args.max_upload_mb <= 0 or args.max_queue < 1 or args.result_ttl <= 0:
-        raise UserError("--max-upload-mb, --max-queue and --result-ttl must be positive")
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: anyone who can reach this port and has the token can run jobs. Keep "
-              "it on a trusted network or behind a TLS reverse proxy.", file=sys.stderr)
+        return token, f"from {args.token_file}"
+    if os.environ.get(TOKEN_ENV, "").strip():
+        return os.environ[TOKEN_ENV].strip(), f"from ${TOKEN_ENV}"
+    token = secrets.token_urlsafe(32)
+    print(f"token: {token}\n(clients pass it with --token or ${TOKEN_ENV}; it is not shown again)", flush=True)
+    return token, "generated"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    if getattr(args, "serve_command", None) == "add-user":
+        from .auth import add_user
+
+        token = add_user(args.user_tokens, args.name, args.admin)
+        print(f"added {'admin' if args.admin else 'user'} {args.name} to {args.user_tokens}; their token (shown "
+              f"once, only its hash is stored):\n{token}")
+        return 0
+    from .auth import WEAK_TOKEN_CHARS
+    from .schema import Caps
+    from .server import Limits, serve
+
+    token, source = _serve_token(args)
+    if token is not None and len(token) < WEAK_TOKEN_CHARS:
+        print(f"warning: the token has {len(token)} characters; anyone who can guess it can run jobs and read "
+              f"results. Use at least {WEAK_TOKEN_CHARS} random characters (e.g. `python -c \"import secrets; "
+              "print(secrets.token_urlsafe(32))\"`).", file=sys.stderr)
+    if min(args.max_upload_mb, args.max_queue, args.result_ttl, args.header_timeout, args.body_timeout,
+           args.auth_failures) <= 0:
+        raise UserError("--max-upload-mb, --max-queue, --result-ttl, --auth-failures and the time-outs must be "
+                        "positive")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key, args.tokens):
+        if path and not Path(path).is_file():
+            raise UserError(f"{path}: file not found")
+    if args.tokens:
+        from .auth import Users
+
+        Users(tokens_file=args.tokens)  # a bad tokens file stops here, with its line number
+    try:
+        caps = Caps(max_voxels=args.max_voxels, max_input_voxels=args.max_input_voxels, max_volumes=args.max_volumes, max_steps=args.max_steps,
+                    max_views=args.max_views, max_bins=args.max_bins,
+                    job_time_limit_s=args.job_time_limit if args.job_time_limit > 0 else None)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad server limit: {exc}") from exc
+    scheme = "https" if args.tls_cert else "http"
+    if args.host not in ("127.0.0.1", "localhost", "::1") and scheme == "http":
+        print(f"warning: serving plain HTTP on {args.host}: tokens and patients' volumes cross the network "
+              "unencrypted. Use --tls-cert/--tls-key, a TLS reverse proxy, or a trusted network only.",
+              file=sys.stderr)
     if args.controlnet_dir:
         from .jobs import CONTROLNET_DIRS_ENV
 
@@ -234,9 +291,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         os.environ[CONTROLNET_DIRS_ENV] = os.pathsep.join(
             [*(str(Path(d).resolve()) for d in args.controlnet_dir), os.environ.get(CONTROLNET_DIRS_ENV, "")]).strip(os.pathsep)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"MedDiffusion job service on http://{args.host}:{args.port} (token {source})", flush=True)
+    print(f"MedDiffusion job service on {scheme}://{args.host}:{args.port} ({source})", flush=True)
     serve(args.host, args.port, token, args.work_dir,
-          Limits(int(args.max_upload_mb * 2 ** 20), args.max_queue, args.result_ttl), args.exit_with_parent)
+          Limits(int(args.max_upload_mb * 2 ** 20), args.max_queue, args.result_ttl, caps,
+                 header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                 auth_failures=args.auth_failures),
+          args.exit_with_parent, tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
 
 
@@ -439,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="ddim or dpm++ steps (default 50)")
         p.add_argument("--device", default="auto")
         _add_speed_args(p, compile_option=False)
+        p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is "
+                                                            "available")
         p.add_argument("--out", required=True)
         p.add_argument("--overwrite", action="store_true")
         p.add_argument("--quiet", action="store_true")
@@ -454,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=40)
     p.add_argument("--bins", type=int, default=512)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
@@ -505,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--host says otherwise; on a network keep it trusted or behind a TLS reverse proxy.",
                        epilog="examples:\n  meddiffusion serve                                   # this computer only\n"
                               "  MEDDIFFUSION_TOKEN=$(cat ~/.md-token) meddiffusion serve --host 0.0.0.0 --port 8765\n"
+                              "  meddiffusion serve add-user alice --tokens users.txt   # prints alice's token once\n"
+                              "  meddiffusion serve --host 0.0.0.0 --tokens users.txt --tls-cert cert.pem --tls-key key.pem\n"
                               "  meddiffusion generate --server http://gpu-box:8765 --out sample.nii.gz")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 serves a network)")
     p.add_argument("--port", type=int, default=8765)
@@ -517,8 +582,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--controlnet-dir", action="append", default=[], metavar="DIR",
                    help="folder of your own ControlNets (DIR/NAME/controlnet.safetensors + .json, as train-controlnet "
                         "writes them); clients choose them by NAME (repeatable)")
+    p.add_argument("--tokens", metavar="FILE", help="users: one 'NAME ROLE sha256:HASH' line each (ROLE user or admin), "
+                                                 "re-read when it changes; make lines with `meddiffusion serve add-user`")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (chain) file")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    from .schema import Caps
+
+    d = Caps()
+    p.add_argument("--max-voxels", type=int, default=d.max_voxels, help=f"largest output volume (or model working grid) in "
+                                                                         f"voxels (default {d.max_voxels})")
+    p.add_argument("--max-input-voxels", type=int, default=d.max_input_voxels,
+                   help=f"largest input volume in voxels (default {d.max_input_voxels})")
+    p.add_argument("--max-volumes", type=int, default=d.max_volumes, help=f"most volumes per job (default {d.max_volumes})")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampler steps (default {d.max_steps})")
+    p.add_argument("--max-views", type=int, default=d.max_views, help=f"most simulated views (default {d.max_views})")
+    p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"most detector bins (default {d.max_bins})")
+    p.add_argument("--job-time-limit", type=float, default=d.job_time_limit_s or 0,
+                   help=f"seconds a job may run before it is stopped; 0 = no limit (default {d.job_time_limit_s or 0:g})")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's "
+                                                                      "headers (default 10)")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds an upload may stall before it is "
+                                                                    "dropped (default 60)")
+    p.add_argument("--auth-failures", type=int, default=10, help="failed sign-ins per client address per minute "
+                                                                  "before that address is locked out for the minute "
+                                                                  "(default 10)")
     p.add_argument("--exit-with-parent", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_serve)
+    ssub = p.add_subparsers(dest="serve_command", metavar="add-user")
+    pa = ssub.add_parser("add-user", help="add a user with a new random token to a tokens file",
+                         description="Append a user to the tokens file given to `meddiffusion serve --tokens`. The "
+                                     "token is printed once; only its SHA-256 is stored. A running server picks the "
+                                     "new user up within a second. Example: meddiffusion serve add-user alice "
+                                     "--tokens /etc/meddiffusion/tokens")
+    pa.add_argument("name", help="user name (letters, digits, _ . @ -)")
+    pa.add_argument("--tokens", dest="user_tokens", metavar="FILE", required=True, help="the tokens file (created 0600)")
+    pa.add_argument("--admin", action="store_true", help="an admin: lists every job, cancels or deletes any, unloads "
+                                                         "models")
 
     p = _command(sub, "compile", "compile BiFlowNet ahead of time for one size (runs then skip ~1,500 "
                  "small operations per step)",

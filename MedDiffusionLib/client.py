@@ -110,22 +110,36 @@ def _multipart(spec: dict, files: dict[str, str | Path] | None) -> tuple[dict[st
 class Client:
     """One MedDiffusion service at ``url`` (``http://host:port`` or ``https://...`` behind a proxy)."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, ca_file: str | Path | None = None):
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ServiceError(f"not a service address: {url!r} (expected http://HOST:PORT)")
         self.url = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
         self._prefix = parts.path.rstrip("/")
-        self.token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+        # surrounding whitespace (a token pasted with a newline) is no part of a token, here or on the server
+        self.token = (token if token is not None else os.environ.get(TOKEN_ENV, "")).strip()
         self.timeout = timeout
         self._netloc = parts.netloc
         self._addr: tuple | None = None  # name lookup results, made once (for the stepwise transfers)
+        if ca_file is not None and not Path(ca_file).is_file():
+            raise ServiceError(f"{ca_file}: certificate authority file not found")
+        self.ca_file = str(ca_file) if ca_file else None
+        self._ssl: ssl.SSLContext | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Certificate checks for https: the system's trusted CAs, or only ``ca_file`` when given
+        (a lab's own CA, or the server's self-signed certificate). Made once per client."""
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context(cafile=self.ca_file)
+        return self._ssl
 
     # -- transport ------------------------------------------------------------------------------------
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self.ssl_context())
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
     def _request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                  timeout: float | None = None, stream_to: Path | None = None) -> Any:
@@ -174,10 +188,15 @@ class Client:
         """Version, devices, models (with download state), ControlNets, loaded models, queue."""
         return self._request("GET", "/health", timeout=timeout)
 
-    def submit(self, spec: dict, files: dict[str, str | Path] | None = None, timeout: float | None = None) -> dict:
+    def submit(self, spec: dict, files: dict[str, str | Path] | None = None, timeout: float | None = None,
+               job_id: str | None = None) -> dict:
         """Submit a job spec with its input files (``{input name: local path}``); returns its status.
-        ``timeout`` bounds each socket operation (default: the client's)."""
+        ``timeout`` bounds each socket operation (default: the client's). ``job_id`` (16-32 hex
+        digits, e.g. ``uuid.uuid4().hex``) names the job before the server answers, so that a caller
+        interrupted during the upload can still :meth:`delete` it."""
         headers, _length, body = _multipart(spec, files)
+        if job_id is not None:
+            headers["X-Job-Id"] = job_id
         return self._request("POST", "/jobs", body=body, headers=headers, timeout=timeout)
 
     def status(self, job_id: str, timeout: float | None = None) -> dict:
@@ -189,8 +208,10 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"/jobs/{quote(job_id)}/cancel")
 
-    def delete(self, job_id: str) -> None:
-        self._request("DELETE", f"/jobs/{quote(job_id)}")
+    def delete(self, job_id: str, timeout: float | None = None) -> None:
+        """Delete a job: cancelled first if it is queued or running; an upload still in flight
+        under this id is dropped, and one that arrives later is refused."""
+        self._request("DELETE", f"/jobs/{quote(job_id)}", timeout=timeout)
 
     def unload(self) -> dict:
         """Drop the models the service keeps loaded and free their GPU memory."""
@@ -407,7 +428,7 @@ class Transfer:
         if err:
             return self._next_address(err)
         if self.client._scheme == "https":
-            ctx = ssl.create_default_context()
+            ctx = self.client.ssl_context()
             self._sock = ctx.wrap_socket(self._sock, server_hostname=self.client._host, do_handshake_on_connect=False)
             self._phase = "handshake"
         else:

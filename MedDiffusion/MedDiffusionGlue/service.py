@@ -139,7 +139,8 @@ class ServiceLogic:
         self.server: LocalServer | None = None
         self.serverPython: str | None = None
         self.serverEnv: dict[str, str] | None = None
-        self.remote: tuple[str, str] | None = None
+        self.remote: tuple[str, str, str | None] | None = None  # (url, token, CA file)
+        self._remoteClients: dict[float, Client] = {}  # one per timeout: a client builds its TLS context once
         self._health: dict | None = None
         self._connecting: dict | None = None  # connectStep's state
         self.logCallback: Callable[[str], None] | None = None
@@ -164,15 +165,18 @@ class ServiceLogic:
         self.serverPython, self.serverEnv, self.remote = python, env, None
         self._health = None
 
-    def useRemoteServer(self, url: str, token: str) -> None:
-        """Run jobs on a service started elsewhere (``meddiffusion serve`` on a GPU machine)."""
+    def useRemoteServer(self, url: str, token: str, caFile: str | None = None) -> None:
+        """Run jobs on a service started elsewhere (``meddiffusion serve`` on a GPU machine).
+        ``caFile``: a certificate authority (PEM) to trust for an ``https://`` service (the lab's CA
+        or the server's self-signed certificate); None or empty: the system's trusted CAs."""
         if not url:
             raise InputError("enter the server address (http://HOST:PORT)")
-        Client(url, token)  # validates the address
-        if self.remote == (url, token):
+        caFile = str(caFile) if caFile else None
+        Client(url, token, ca_file=caFile)  # validates the address and that the CA file exists
+        if self.remote == (url, token, caFile):
             return
         self.stopServer()
-        self.remote = (url, token)
+        self.remote = (url, token, caFile)
         self._health = None
 
     @property
@@ -198,6 +202,7 @@ class ServiceLogic:
             self.server = None
         self._health = None
         self._connecting = None
+        self._remoteClients.clear()
 
     def client(self, timeout: float | None = None, start: bool = True) -> Client:
         """A client of the current service. ``start``: start (or restart) the local server if it
@@ -205,7 +210,11 @@ class ServiceLogic:
         else raise ``ServiceUnavailable`` at once."""
         timeout = self.REQUEST_TIMEOUT_S if timeout is None else timeout
         if self.remote is not None:
-            return Client(self.remote[0], self.remote[1], timeout)
+            client = self._remoteClients.get(timeout)
+            if client is None:  # kept: each new client would look the name up and load the CAs again
+                url, token, caFile = self.remote
+                client = self._remoteClients[timeout] = Client(url, token, timeout, ca_file=caFile)
+            return client
         server = self.localServer()
         if not server.running:
             if not start:
@@ -223,6 +232,7 @@ class ServiceLogic:
         c = self._connecting
         if c is None:
             c = self._connecting = {"since": time.monotonic(), "transfer": None, "started": False}
+            self._remoteClients.clear()  # a new attempt looks the name up and reads the CA file again
         try:
             if self.isLocal:
                 server = self.localServer()

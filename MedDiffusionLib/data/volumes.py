@@ -4,11 +4,15 @@ In memory a :class:`Volume` is a numpy array indexed ``(i, j, k)`` (NIfTI voxel 
 4x4 voxel->RAS affine in millimetres. The network sees ``(D, H, W) = (k, i, j)``, the official
 convention (``to_network`` / ``from_network``). Generated volumes get the official writer's
 geometry: a positive diagonal affine of the spacings (i -> R, j -> A, k -> S) with origin 0.
-NIfTI is written with nibabel (RAS), NRRD and other ITK formats with SimpleITK (LPS on disk).
+NIfTI is written with nibabel (RAS), NRRD and MHA with SimpleITK (LPS on disk). Only single-file
+formats are read and written (:data:`SUFFIXES`); :func:`read_volume` checks each header itself
+before SimpleITK reads the file (headers that name other files, unpacked size, NaN kept).
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +22,6 @@ import numpy as np
 from ..errors import UserError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
 @dataclass
@@ -84,32 +87,348 @@ def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
     return inv
 
 
-def _suffix(path: Path) -> str:
+# -- reading -----------------------------------------------------------------------------------------
+# Why we parse headers ourselves: SimpleITK follows paths written *inside* a header. A MetaIO
+# ``ElementDataFile = /etc/passwd`` (or ``LIST``, a file pattern, any relative name), a NRRD
+# ``data file:`` field, a detached ``.nhdr``/``.mhd`` header and a NIfTI ``ni1`` header (which makes
+# ITK open a ``.img`` beside it) all make the reader open another file on this machine, and no
+# reader bounds the unpacked size (a 261 KB ``.nii.gz`` can unpack to 256 MiB). So before any image
+# reader runs, :func:`_inspect` reads at most ``HEADER_LIMIT`` bytes of header (the 348-byte NIfTI-1
+# header through gzip for ``.nii.gz``), parses it the way the ITK reader will (MetaIO's and teem's
+# tokenisation), refuses anything that names another file, and computes the unpacked size in
+# Python ints. The reader is then pinned to the ImageIO of the format we checked, so that ITK cannot
+# pick another (GDCM, Bruker, ...) for a file crafted to look like two formats.
+SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats: read and written
+DETACHED_SUFFIXES = (".nhdr", ".mhd")  # headers that always name a separate data file: refused
+HEADER_LIMIT = 64 * 1024  # bytes of NRRD/MetaIO header we read; a longer header is refused
+ABSURD_BYTES = 1 << 40  # an unpacked size over 1 TiB is refused even without max_bytes
+_MAX_DIM = 2 ** 31 - 1
+
+
+@dataclass
+class _Header:
+    """What :func:`_inspect` learnt from a header before any reader ran."""
+
+    io: str  # the ITK ImageIO the reader is pinned to
+    unpacked: int  # bytes the reader will produce (voxels x components x bytes, plus skipped bytes)
+    nifti_float: str = ""  # numpy dtype of NIfTI float data, whose NaN/inf ITK turns into 0 (restored after)
+    slope: float = 0.0  # NIfTI scl_slope / scl_inter as ITK applies them
+    inter: float = 0.0
+    offset: int = 0  # NIfTI vox_offset
+    sizes: tuple = ()  # NIfTI dim[1..dim[0]]
+
+
+def _suffix(path: Path, label: str | None = None, writing: bool = False) -> str:
+    label = str(path) if label is None else label
     name = path.name.lower()
     for s in SUFFIXES:
         if name.endswith(s):
             return s
-    raise UserError(f"{path}: unsupported file type; use one of {', '.join(SUFFIXES)}")
+    if name.endswith(DETACHED_SUFFIXES):
+        what = ("writes a detached header and a separate data file" if writing else
+                "is a detached header that names another file (not followed)")
+        raise UserError(f"{label}: {'/'.join(DETACHED_SUFFIXES)} {what}; use a single-file format: "
+                        f"{', '.join(SUFFIXES)}")
+    raise UserError(f"{label}: unsupported file type; use one of {', '.join(SUFFIXES)}")
 
 
-def read_volume(path: str | Path) -> Volume:
-    """Read NIfTI/NRRD/MHA with SimpleITK; returns (i, j, k) array and RAS affine."""
+def _refuse(label: str, what: str) -> UserError:
+    return UserError(f"{label}: {what}")
+
+
+def _unreadable(label: str, why: str) -> UserError:
+    """The message for a file that is not what its suffix says (same words as an ITK failure)."""
+    err = UserError(f"{label}: not a readable volume ({why}); MedDiffusion reads {', '.join(SUFFIXES)} images")
+    err.__cause__ = ValueError(why)
+    return err
+
+
+def _prod(sizes: Sequence[int], label: str) -> int:
+    total = 1
+    for s in sizes:
+        if s < 1 or s > _MAX_DIM:
+            raise _refuse(label, f"the header gives an invalid image size {list(sizes)[:8]}")
+        total *= s
+    return total
+
+
+def _check_spatial(label: str, sizes: Sequence[int]) -> None:
+    big = [s for s in sizes if s > 1]
+    if len(big) > 3:
+        raise _refuse(label, f"expected a single-channel 3-D image, the header gives a {len(big)}-D image "
+                             f"{'x'.join(str(s) for s in big[:8])}")
+
+
+def _inspect(path: Path, suffix: str, label: str) -> _Header:
+    """Parse the header with bounded reads; refuse what names another file or is malformed."""
+    try:
+        with open(path, "rb") as f:
+            if suffix in (".nii.gz", ".nii"):
+                return _inspect_nifti(f, suffix, label)
+            head = f.read(HEADER_LIMIT)
+            size = os.fstat(f.fileno()).st_size
+    except OSError as err:
+        raise _refuse(label, f"cannot be read ({err.strerror or type(err).__name__})") from err
+    return _inspect_nrrd(head, label) if suffix == ".nrrd" else _inspect_metaio(head, size, label)
+
+
+# NIfTI-1 datatype code -> bytes per voxel (nifti1.h)
+_NIFTI_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                1536: 16, 1792: 16, 2048: 32, 2304: 4}
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # float32, float64: the ITK NIfTI reader zeroes their NaN/inf voxels
+
+
+def _nifti_stream(f, suffix: str, label: str):
+    """A file object over the NIfTI bytes: through gzip when a .nii.gz starts with the gzip magic
+    (zlib, which ITK uses, also reads a plain file named .gz)."""
+    import gzip
+
+    gz = suffix == ".nii.gz" and f.read(2) == b"\x1f\x8b"
+    f.seek(0)
+    return gzip.GzipFile(fileobj=f) if gz else f
+
+
+def _read_exactly(src, n: int, label: str, keep: bool = True) -> bytes:
+    """Up to ``n`` bytes (fewer at the end of the data; none kept unless ``keep``); gzip errors
+    become a refusal."""
+    import zlib
+
+    out = []
+    try:
+        while n > 0:
+            chunk = src.read(min(n, 1 << 24))  # gzip unpacks no more than asked
+            if not chunk:
+                break
+            if keep:
+                out.append(chunk)
+            n -= len(chunk)
+    except (OSError, EOFError, zlib.error) as err:
+        raise _unreadable(label, "damaged gzip data") from err
+    return b"".join(out)
+
+
+def _inspect_nifti(f, suffix: str, label: str) -> _Header:
+    import struct
+
+    hdr = _read_exactly(_nifti_stream(f, suffix, label), 540, label)
+    if len(hdr) < 348:
+        raise _unreadable(label, f"too short for a NIfTI header: {len(hdr)} bytes")
+    for end in "<>":
+        if struct.unpack(end + "i", hdr[:4])[0] == 540:
+            raise _refuse(label, "NIfTI-2 files are not supported; save the image as NIfTI-1 (.nii.gz)")
+    # byte order as niftilib decides it: the order in which dim[0] is 1..7
+    end = next((e for e in "<>" if 1 <= struct.unpack(e + "h", hdr[40:42])[0] <= 7), None)
+    if end is None or struct.unpack(end + "i", hdr[:4])[0] != 348:
+        raise _unreadable(label, "not a NIfTI-1 header: bad sizeof_hdr or dim[0]")
+    magic = hdr[344:348]
+    if magic == b"ni1\x00":
+        raise _refuse(label, "a NIfTI header/image pair (.hdr/.img) names another file (not followed); save "
+                             "the image as a single .nii or .nii.gz file")
+    if magic != b"n+1\x00":
+        raise _unreadable(label, f"not a single-file NIfTI-1 image: magic {magic!r}, expected b'n+1\\x00'")
+    dims = struct.unpack(end + "8h", hdr[40:56])
+    datatype = struct.unpack(end + "h", hdr[70:72])[0]
+    vox_offset, slope, inter = struct.unpack(end + "3f", hdr[108:120])
+    sizes = list(dims[1:dims[0] + 1])
+    voxels = _prod(sizes, label)
+    if datatype not in _NIFTI_BYTES:
+        raise _refuse(label, f"unsupported NIfTI data type code {datatype}")
+    if not (math.isfinite(vox_offset) and 352 <= vox_offset <= _MAX_DIM):  # single file: data after the header
+        raise _unreadable(label, f"invalid NIfTI vox_offset {vox_offset:g}")
+    _check_spatial(label, [s for i, s in enumerate(sizes, 1) if i != 5])  # dim[5]: vector components
+    # niftilib's FIXED_FLOAT: a non-finite slope or intercept reads as 0; ITK rescales only when slope != 0
+    slope = slope if math.isfinite(slope) else 0.0
+    inter = inter if math.isfinite(inter) else 0.0
+    return _Header("NiftiImageIO", int(vox_offset) + voxels * _NIFTI_BYTES[datatype],
+                   end + _NIFTI_FLOATS[datatype] if datatype in _NIFTI_FLOATS else "", slope, inter,
+                   int(vox_offset), tuple(sizes))
+
+
+# teem's nrrdType names (case-insensitive, spaces collapsed) -> bytes
+_NRRD_TYPES = {**dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+               **dict.fromkeys(("short", "short int", "signed short", "signed short int", "int16", "int16_t",
+                                "ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), 2),
+               **dict.fromkeys(("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32",
+                                "uint32_t", "float"), 4),
+               **dict.fromkeys(("longlong", "long long", "long long int", "signed long long",
+                                "signed long long int", "int64", "int64_t", "ulonglong", "unsigned long long",
+                                "unsigned long long int", "uint64", "uint64_t", "double"), 8)}
+_NRRD_FIELDS = ("type", "dimension", "sizes", "encoding", "byteskip", "lineskip", "kinds")
+_NRRD_SPATIAL_KINDS = ("domain", "space", "time", "???", "none")
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")  # teem's airOneLine: a line ends at \n, \r or \r\n
+
+
+def _inspect_nrrd(head: bytes, label: str) -> _Header:
+    m = _LINE.match(head)
+    if not m or not re.fullmatch(rb"NRRD000[1-5]", m.group(1)):
+        raise _unreadable(label, "not a NRRD file: no NRRD000x magic")
+    pos, fields = m.end(), {}
+    while True:
+        m = _LINE.match(head, pos)
+        if not m:
+            raise _refuse(label, f"no complete NRRD header with its data in the first {HEADER_LIMIT // 1024} KiB "
+                                 "(a header without data names another file)")
+        line, pos = m.group(1), m.end()
+        if not line:
+            break  # the empty line: the data follow
+        if b"\x00" in line:
+            raise _refuse(label, "the NRRD header contains a NUL byte")
+        if line.startswith(b"#"):
+            continue
+        # teem takes the text before the first ": " as the field name, lower-cased ("data file" or
+        # "datafile"); we also catch any spacing and a missing space after the colon
+        if any(re.sub(rb"\s+", b"", line.split(sep, 1)[0]).lower() == b"datafile" for sep in (b": ", b":")):
+            raise _refuse(label, "the NRRD header has a 'data file' field, i.e. names another file (not "
+                                 "followed); save the image as a single .nrrd file with its data attached")
+        if b": " in line:
+            key = re.sub(rb"\s+", b"", line.split(b": ", 1)[0]).lower().decode("latin-1")
+            if key in _NRRD_FIELDS:
+                if key in fields:
+                    raise _refuse(label, f"the NRRD header gives '{key}' twice")
+                fields[key] = line.split(b": ", 1)[1].strip().decode("latin-1")
+    missing = [k for k in ("type", "dimension", "sizes") if k not in fields]
+    if missing:
+        raise _refuse(label, f"the NRRD header has no {', '.join(missing)} field")
+    tsize = _NRRD_TYPES.get(" ".join(fields["type"].lower().split()))
+    if tsize is None:
+        raise _refuse(label, f"unsupported NRRD type {fields['type'][:40]!r}")
+    numbers = [fields["dimension"], fields.get("byteskip", "0"), fields.get("lineskip", "0"), *fields["sizes"].split()]
+    if not all(re.fullmatch(r"-?[0-9]{1,30}", t) for t in numbers):
+        raise _refuse(label, "the NRRD header has a malformed dimension, sizes or skip field")
+    dim, byte_skip, line_skip, *sizes = (int(t) for t in numbers)
+    if line_skip < 0:
+        raise _refuse(label, "the NRRD header has a negative line skip")
+    if not 1 <= dim <= 16 or len(sizes) != dim or byte_skip < -1:
+        raise _refuse(label, f"the NRRD header gives dimension {dim} but sizes {fields['sizes'][:60]!r}")
+    voxels = _prod(sizes, label)
+    kinds = fields.get("kinds", "").lower().split()
+    _check_spatial(label, [s for i, s in enumerate(sizes) if len(kinds) != dim or kinds[i] in _NRRD_SPATIAL_KINDS])
+    return _Header("NrrdImageIO", voxels * tsize + max(byte_skip, 0))
+
+
+_MET_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4,
+              "MET_DOUBLE": 8}
+_MET_TYPES.update({k + "_ARRAY": v for k, v in list(_MET_TYPES.items())})
+# MetaIO fields read with `>>` (which would run across lines on a short or empty value)
+_MET_SCALARS = ("NDims", "FileFormatVersion", "ID", "ParentID", "CompressedDataSize", "HeaderSize", "ElementMin",
+                "ElementMax", "ElementNumberOfChannels", "ElementNBits", "ElementToIntensityFunctionSlope",
+                "ElementToIntensityFunctionOffset")
+_MET_VECTORS = ("Position", "Origin", "Offset", "CenterOfRotation", "ElementSpacing", "DimSize", "ImagePosition",
+                "ElementOrigin", "SequenceID", "ElementSize")
+_MET_MATRICES = ("TransformMatrix", "Rotation", "Orientation", "ElementDirection")
+_NUMBER = re.compile(rb"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+_LOCAL = (b"LOCAL", b"Local", b"local")  # the spellings MetaIO reads as "data in this file"
+
+
+def _inspect_metaio(head: bytes, file_size: int, label: str) -> _Header:
+    """Tokenise like MetaIO's MET_Read (name up to '=' or ':', exact case; value to the end of the
+    line) and stop where it stops, at ``ElementDataFile``. Lines MetaIO would read across (no
+    separator, short numeric values) are refused rather than guessed."""
+    pos, n, fields = 0, len(head), {}
+    bad = lambda what: _unreadable(label, f"malformed MetaIO header: {what}")  # noqa: E731
+    while True:
+        while pos < n and head[pos] in b" \t\n\v\f\r":
+            pos += 1
+        start = pos
+        while pos < n and head[pos] not in b"=:\r\n" and pos - start < 500:
+            pos += 1
+        if pos >= n:
+            raise _unreadable(label, f"no MetaIO ElementDataFile line in the first {HEADER_LIMIT // 1024} KiB")
+        if pos - start >= 500 or head[pos] in b"\r\n":
+            raise bad(f"line {head[start:pos][:30]!r} has no '=' separator")
+        key = head[start:pos].rstrip(b" \t")
+        while pos < n and head[pos] in b"=: \t":
+            pos += 1
+        eol = head.find(b"\n", pos)
+        if eol < 0:
+            raise _unreadable(label, "incomplete MetaIO header")
+        value, pos = head[pos:eol], eol + 1
+        if len(value) >= 499 or len(key) > 200 or b"\x00" in key + value or not key:
+            raise bad("over-long line, NUL byte or empty name")
+        while value and not 0x21 <= value[-1] <= 0x7E:  # MET_StringStripEnd
+            value = value[:-1]
+        name = key.decode("latin-1")
+        if name == "ElementDataFile":
+            if value not in _LOCAL:
+                raise _refuse(label, "the MetaIO header's ElementDataFile names another file (not followed); "
+                                     "save the image as a single .mha file (ElementDataFile = LOCAL)")
+            break
+        if name.lower().replace(" ", "") == "elementdatafile":
+            raise bad(f"{name[:30]!r} is not spelled ElementDataFile")
+        need = 1 if name in _MET_SCALARS else 4 if name == "Color" else 0
+        if name in _MET_VECTORS + _MET_MATRICES:
+            if "NDims" not in fields:
+                raise bad(f"{name} before NDims")
+            need = fields["NDims"][0] ** (2 if name in _MET_MATRICES else 1)
+        if need:
+            tokens = value.split()
+            if len(tokens) < need or not all(_NUMBER.fullmatch(t) for t in tokens[:need]):
+                raise bad(f"{name} needs {need} number(s)")
+        if name in fields and (need or name == "ElementType"):
+            raise bad(f"{name} given twice")
+        fields[name] = [float(t) for t in value.split()[:need]] if need else value.decode("latin-1")
+        if name == "NDims" and (fields[name][0] != int(fields[name][0]) or not 1 <= fields[name][0] <= 16):
+            raise bad("NDims")
+        if name == "NDims":
+            fields[name] = [int(fields[name][0])]
+    if "NDims" not in fields or "DimSize" not in fields or "ElementType" not in fields:
+        raise bad("NDims, DimSize and ElementType are required")
+    if any(s != int(s) for s in fields["DimSize"]):
+        raise bad("DimSize must be whole numbers")
+    sizes = [int(s) for s in fields["DimSize"]]
+    channels = fields.get("ElementNumberOfChannels", [1])[0]
+    if channels != int(channels):
+        raise bad("ElementNumberOfChannels")
+    if not 0 <= fields.get("CompressedDataSize", [0])[0] <= file_size:
+        raise bad("CompressedDataSize larger than the file")
+    tsize = _MET_TYPES.get(fields["ElementType"])
+    if tsize is None:
+        raise _refuse(label, f"unsupported MetaIO ElementType {fields['ElementType'][:40]!r}")
+    voxels = _prod(sizes + [int(channels)], label)
+    _check_spatial(label, sizes)
+    return _Header("MetaImageIO", voxels * tsize)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 40 else f"{n / 2 ** 40:.3g} TiB"
+
+
+def read_volume(path: str | Path, *, max_bytes: int | None = None, name: str | None = None) -> Volume:
+    """Read a single-file NIfTI-1 / NRRD / MHA volume: (i, j, k) array and RAS affine.
+
+    The header is checked first (see the comment above :data:`SUFFIXES`): headers that name another
+    file are refused, and so is an unpacked size over ``max_bytes`` (when given). NaN and infinite
+    voxels are kept in every format. Messages name ``name`` when given (the job service passes the
+    upload's field name; no server path reaches a client), else ``path``."""
     import SimpleITK as sitk
 
     path = Path(path)
+    label = str(path) if name is None else name
     if not path.exists():
-        raise FileNotFoundError(f"{path}: file not found")
-    _suffix(path)
+        raise FileNotFoundError(f"{label}: file not found")
+    suffix = _suffix(path, label)
+    header = _inspect(path, suffix, label)
+    if header.unpacked > ABSURD_BYTES or (max_bytes is not None and header.unpacked > max_bytes):
+        limit = f"the limit of {_mib(max_bytes)}" if max_bytes is not None and max_bytes < ABSURD_BYTES else \
+            "any sensible size"
+        raise _refuse(label, f"the header gives an image of {_mib(header.unpacked)} unpacked, over {limit}")
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(header.io)  # never let ITK pick another reader for this file
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
+        img = reader.Execute()
     except RuntimeError as err:  # SimpleITK's reader reports every unreadable file this way
         reason = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
-        raise UserError(f"{path}: not a readable volume{f' ({reason[:160]})' if reason else ''}; MedDiffusion "
+        reason = _scrub(reason, path, label, name is not None)
+        raise UserError(f"{label}: not a readable volume{f' ({reason[:160]})' if reason else ''}; MedDiffusion "
                         f"reads {', '.join(SUFFIXES)} images") from err
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
+        raise UserError(f"{label}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
                          f"{img.GetNumberOfComponentsPerPixel()} component(s)")
     arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    if header.nifti_float:
+        arr = _restore_nonfinite(path, suffix, arr, header, label)
     direction = np.array(img.GetDirection()).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * np.array(img.GetSpacing())[None, :]
@@ -117,10 +436,54 @@ def read_volume(path: str | Path) -> Volume:
     return Volume(arr, LPS_TO_RAS @ lps)
 
 
+def _scrub(reason: str, path: Path, label: str, strict: bool) -> str:
+    """ITK's one-line reason; when ``strict`` (a ``name`` was given) the file's path is replaced by
+    the name, and the reason dropped altogether if anything path-like is left."""
+    reason = re.sub(r"\(0x[0-9a-fA-F]+\)", "", reason)
+    if not strict:
+        return reason
+    for text in sorted({str(path), str(path.resolve()), path.name}, key=len, reverse=True):
+        reason = reason.replace(text, label)
+    parent = str(path.parent)
+    return "" if "/" in reason or "\\" in reason or (parent != "." and parent in reason) else reason
+
+
+def _restore_nonfinite(path: Path, suffix: str, arr: np.ndarray, header: _Header, label: str) -> np.ndarray:
+    """Put back the NaN/inf voxels that the ITK NIfTI reader turned into 0.
+
+    niftilib's ``nifti_read_buffer`` replaces every non-finite float32/float64 value with 0 (whatever
+    scl_slope says), so ``check_finite`` never saw them. We read the raw values ourselves (the
+    header is already checked, so the size is bounded); where those are non-finite we put them back,
+    scaled the way ITK scales (slope 0 means no scaling). Other voxels keep ITK's values, so
+    ordinary files read exactly as before."""
+    rescale = header.slope != 0 and (header.slope != 1 or header.inter != 0)
+    zeroed = np.asarray(header.inter if rescale else 0, dtype=arr.dtype)
+    if not np.any(arr == zeroed):
+        return arr  # no voxel holds the value a zeroed voxel would have: nothing was replaced
+    with open(path, "rb") as f:
+        src = _nifti_stream(f, suffix, label)
+        _read_exactly(src, header.offset, label, keep=False)  # the header and its extensions
+        data = _read_exactly(src, header.unpacked - header.offset, label)
+    if len(data) != header.unpacked - header.offset or math.prod(header.sizes) != arr.size:
+        raise _refuse(label, "the NIfTI data do not match the header")
+    raw = np.frombuffer(data, dtype=header.nifti_float).reshape(arr.shape, order="F")  # NIfTI: i varies fastest
+    bad = ~np.isfinite(raw)
+    if not rescale and not np.array_equal(arr[~bad], raw[~bad]):  # we and ITK must agree on every other voxel
+        raise _refuse(label, "the NIfTI data could not be read consistently")
+    if bad.any():
+        vals = raw[bad].astype(np.float64)
+        if rescale:
+            with np.errstate(invalid="ignore", over="ignore"):
+                vals = vals * header.slope + header.inter
+        arr = np.array(arr, copy=True)
+        arr[bad] = vals.astype(arr.dtype)
+    return arr
+
+
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     """Validate an output path before any long computation."""
     path = Path(path)
-    _suffix(path)
+    _suffix(path, writing=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
     parent = path.parent if str(path.parent) else Path(".")

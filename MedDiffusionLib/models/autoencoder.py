@@ -5,15 +5,22 @@ Tensors are ``(B, C, D, H, W)``; D is the slice (NIfTI k) axis. Images are in [-
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Cancelled
 from .config import register_to_config
 from .quantizer import lookup_codes, nearest_code_indices
 from .unet_blocks import voxel_attention
+
+
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
+    """Raise :class:`~MedDiffusionLib.errors.Cancelled` when ``cancel()`` is true (tiled decodes)."""
+    if cancel is not None and cancel():
+        raise Cancelled("decoding cancelled")
 
 
 def _norm(channels: int, num_groups: int, norm_type: str = "group") -> nn.Module:
@@ -288,9 +295,11 @@ class PatchVolumeAE(nn.Module):
             indices = latent
         return self.decoder(self.post_vq_conv(self.codes(indices)))
 
-    def decode_tiled_official(self, latent: torch.Tensor, latent_tile: int = 32, quantize: bool = True) -> torch.Tensor:
+    def decode_tiled_official(self, latent: torch.Tensor, latent_tile: int = 32, quantize: bool = True,
+                              cancel: Callable[[], bool] | None = None) -> torch.Tensor:
         """The official ``decode_sliding``: non-overlapping ``latent_tile`` cubes decoded
-        independently and pasted back (visible seams; kept as a reference mode)."""
+        independently and pasted back (visible seams; kept as a reference mode). ``cancel()`` is
+        asked before every tile (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
         t = int(latent_tile)
         b, _, d, h, w = latent.shape if quantize else (latent.shape[0], None, *latent.shape[1:])
         if d % t or h % t or w % t:
@@ -300,6 +309,7 @@ class PatchVolumeAE(nn.Module):
         for i in range(0, d, t):
             for j in range(0, h, t):
                 for k in range(0, w, t):
+                    _check_cancel(cancel)
                     tile = latent[..., i:i + t, j:j + t, k:k + t]
                     dec = self.decode(tile, quantize=quantize)
                     if out is None:
@@ -308,11 +318,13 @@ class PatchVolumeAE(nn.Module):
         return out
 
     def decode_tiled(self, latent: torch.Tensor, tile: int = 32, overlap: int = 8, quantize: bool = True,
-                     out_device: torch.device | str | None = None) -> torch.Tensor:
+                     out_device: torch.device | str | None = None,
+                     cancel: Callable[[], bool] | None = None) -> torch.Tensor:
         """Seamless tiled decode: overlapping ``tile``-cubes of the latent (``overlap`` latent voxels
         shared with each neighbour), blended with linear ramps, so no seams appear at tile borders.
         Codes are chosen once for the whole latent. Peak memory is one tile's activations plus the
-        output (kept on ``out_device``, default the latent's device)."""
+        output (kept on ``out_device``, default the latent's device). ``cancel()`` is asked before
+        every tile (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
         indices = self.quantize(latent) if quantize else latent
         b, d, h, w = indices.shape
         f = self.compression
@@ -343,6 +355,7 @@ class PatchVolumeAE(nn.Module):
         for i in starts(d):
             for j in starts(h):
                 for k in starts(w):
+                    _check_cancel(cancel)
                     sl = indices[:, i:i + tile, j:j + tile, k:k + tile]
                     dec = self.decoder(self.post_vq_conv(self.codes(sl))).to(dev, torch.float32)
                     td, th, tw = sl.shape[1:]

@@ -14,17 +14,18 @@ one operation at a time above the mid-block:
 
 The result equals the whole-volume decode to float rounding (tests pin max |tiled - whole| <= 1e-4)
 and the compute device only ever holds one cube's working set. The price is host memory for the
-stored maps (:func:`MedDiffusionLib.estimate.exact_decode_host_bytes`) and the halo overlap.
+stored maps (:func:`MedDiffusionLib.estimate.exact_decode_bytes`) and the halo overlap.
 """
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import Cancelled
 from .autoencoder import PatchVolumeAE, ResBlockX, ResBlockXY, _Upsample
 from .kernels import FastConv3d, channel_moments, group_norm_affine
 
@@ -119,10 +120,11 @@ class StreamingDecoder:
     voxels at decoder level ``l``; image cubes of ``tile * f``).
 
     ``device`` runs the arithmetic (default: the autoencoder's); ``store_device`` holds the stage
-    maps and the output (default CPU)."""
+    maps and the output (default CPU). ``cancel()`` is asked before every cube of every pass; when
+    it turns true :class:`~MedDiffusionLib.errors.Cancelled` is raised."""
 
     def __init__(self, ae: PatchVolumeAE, tile: int, device: torch.device | str | None = None,
-                 store_device: torch.device | str = "cpu"):
+                 store_device: torch.device | str = "cpu", cancel: Callable[[], bool] | None = None):
         if int(tile) < 1:
             raise ValueError(f"the decode tile must be at least 1 latent voxel, got {tile}")
         self.ae = ae
@@ -130,6 +132,11 @@ class StreamingDecoder:
         self.device = torch.device(device) if device is not None else next(ae.parameters()).device
         self.store = torch.device(store_device)
         self.format = _memory_format(ae.decoder.conv_first)
+        self.cancel = cancel
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("decoding cancelled")
 
     # -- passes ------------------------------------------------------------------------------------
     def _new_map(self, like: torch.Tensor, channels: int, dhw: tuple[int, ...]) -> torch.Tensor:
@@ -149,6 +156,7 @@ class StreamingDecoder:
             out = self._new_map(x, conv.out_channels, tuple(x.shape[2:]))
         new_stats = _Stats()
         for region in _cubes(tuple(x.shape[2:]), side):
+            self._check_cancel()
             # GroupNorm with whole-map statistics, applied while the cube and its halo are copied
             h = _read(x, region, halo, self.device, fmt, scale, shift)
             h = _conv_valid(conv, F.silu(h, inplace=True))
@@ -185,6 +193,7 @@ class StreamingDecoder:
         out = self._new_map(x, conv.out_channels, tuple(2 * n for n in x.shape[2:]))
         stats = _Stats()
         for region in _cubes(tuple(x.shape[2:]), max(1, side // 2)):
+            self._check_cancel()
             tile = _read(x, region, 1, self.device, fmt)
             h = conv(tile)  # padding 1 -> output [2(a-1), 2(b+1))
             h = h[..., 2:-2, 2:-2, 2:-2]
@@ -198,6 +207,7 @@ class StreamingDecoder:
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codebook indices ``(B, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)`` on the store device."""
         ae, dec = self.ae, self.ae.decoder
+        self._check_cancel()
         z = ae.post_vq_conv(ae.codes(indices.to(self.device)))
         h = dec.mid_block(dec.conv_first(z))  # latent resolution: whole, the attention sees every voxel
         del z
@@ -219,10 +229,12 @@ class StreamingDecoder:
 
 
 def decode_exact_tiled(ae: PatchVolumeAE, latent: torch.Tensor, tile: int, quantize: bool = True,
-                       store_device: torch.device | str = "cpu") -> torch.Tensor:
+                       store_device: torch.device | str = "cpu",
+                       cancel: Callable[[], bool] | None = None) -> torch.Tensor:
     """Exact tiled decode (equal to :meth:`PatchVolumeAE.decode` to float rounding): a float latent
     ``(B, 8, d, h, w)`` (``quantize=True``) or indices ``(B, d, h, w)`` -> ``(B, 1, f*d, f*h, f*w)``
-    on ``store_device``, with compute-device memory bounded by one ``tile``-cube's working set."""
+    on ``store_device``, with compute-device memory bounded by one ``tile``-cube's working set.
+    ``cancel()`` is asked between cubes (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
     indices = ae.quantize(latent) if quantize else latent
     with torch.no_grad():
-        return StreamingDecoder(ae, tile, store_device=store_device).decode_indices(indices)
+        return StreamingDecoder(ae, tile, store_device=store_device, cancel=cancel).decode_indices(indices)

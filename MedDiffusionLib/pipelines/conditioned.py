@@ -25,7 +25,7 @@ from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_mode
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
 from ..schedulers import resolve_sampling
-from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin
+from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel
 from .loop import CancelFn, ProgressFn, StepCallback
 
 TASKS = ("sparse-view", "labels", "mri")
@@ -82,9 +82,26 @@ class ControlledPipeline(KernelModeMixin):
     def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
         return self.base.latent_shape(size_xyz)
 
-    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1):
-        """See :meth:`GenerationPipeline.estimate` (the ControlNet roughly doubles the step time)."""
-        return self.base.estimate(size_xyz, steps, volumes)
+    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True):
+        """See :meth:`GenerationPipeline.estimate`; ``size_xyz`` is the working grid. Adds the
+        ControlNet's weights, its activations next to the base's (counted as a second network) and
+        the hint; the measured step times the controlled network with a hint of the run's shape
+        (without a measurement the ControlNet doubles the model's step time)."""
+        from ..estimate import _float, _fprod
+
+        hint = 4.0 * self.controlnet.hint_channel * _fprod(self.latent_shape(size_xyz)) * _float(volumes)
+        weights = sum(p.numel() * p.element_size() for p in self.controlnet.parameters())
+        return self.base._estimate(size_xyz, steps, volumes, measure, extra_weight_bytes=weights, extra_bytes=hint,
+                                   networks=2.0, step_fn=lambda n: self.measure_step_seconds(size_xyz, volumes, n))
+
+    def measure_step_seconds(self, size_xyz: Sequence[int], volumes: int = 1, max_forwards: int = 10) -> float:
+        """Measured seconds of one step's forward of the controlled noise network (base +
+        ControlNet) with a zero hint of the run's shape (:meth:`GenerationPipeline.time_forward`)."""
+        d, h, w = self.latent_shape(size_xyz)
+        hint = torch.zeros(volumes, self.controlnet.hint_channel, d, h, w, device=self.device)
+        net = functools.partial(self.noise_model(), hint=hint)
+        return self.base.time_forward(net, size_xyz, volumes, ("controlnet", id(self.controlnet)),
+                                      max_forwards=max_forwards)
 
     @classmethod
     def from_files(cls, controlnet_path: str | Path, model: str | None = None, weights: str | Path | None = None,
@@ -140,6 +157,7 @@ class ControlledPipeline(KernelModeMixin):
         output in HU (CT) or model units (MR) on the input's grid. ``sampler``/``steps`` default to
         DDIM 50; ``callback(step_index, t, latents, pred_x0)`` sees every sampler step."""
         sampler, steps = resolve_sampling(sampler, steps, self.DEFAULT_SAMPLING, self.base.diffusion.num_timesteps)
+        check_cancel(cancel)
         if self.hint_type == "labels":
             vol = vol.with_array(np.rint(vol.array).astype(np.int64))
         canon, ornt = vol.canonical_with_orientation()
@@ -152,12 +170,14 @@ class ControlledPipeline(KernelModeMixin):
         else:
             check_finite(canon, "the input volume")
             work = resample(src.float(), grid.shape_dhw, "image")
+        check_cancel(cancel)
         hint = self.make_hint(work)
         self.check_hint(hint)
         size_xyz = (grid.shape_dhw[1], grid.shape_dhw[2], grid.shape_dhw[0])
         lat = self.base.sample_latents(self.class_index, size_xyz, seed, sampler, steps, 1, progress, cancel,
                                        noise_net=functools.partial(self.noise_model(), hint=hint), callback=callback)
-        out = self.base.decode(lat)[0, 0]
+        out = self.base.decode(lat, cancel=cancel)[0, 0]
+        check_cancel(cancel)
         out = resample(out, canon.to_network().shape, "image").numpy()
         if self.meta.get("output") == "hu" or self.meta["hint"].get("normalize") == "hu_window":
             lo, hi = self.hu_window()

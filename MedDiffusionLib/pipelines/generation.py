@@ -6,6 +6,7 @@ Sizes are given as image voxels ``(X, Y, Z)`` = NIfTI ``(i, j, k)``; the network
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
-from ..errors import ResourceError, UserError
+from ..errors import Cancelled, ResourceError, UserError
 from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
@@ -27,7 +28,8 @@ from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler
 from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
-
+# time a sampler step for the estimate only when the sampler's memory is below this and free memory is unknown
+MEASURE_UNKNOWN_MEMORY_BYTES = 2 * 2 ** 30
 
 
 def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
@@ -52,6 +54,12 @@ def resolve_device(requested: str | None = None, warn: bool = True) -> torch.dev
     if req == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
+
+
+def check_cancel(cancel: CancelFn | None, what: str = "cancelled") -> None:
+    """Raise :class:`~MedDiffusionLib.errors.Cancelled` when ``cancel()`` is true."""
+    if cancel is not None and cancel():
+        raise Cancelled(what)
 
 
 def networks_mode(networks: Sequence[torch.nn.Module]) -> str:
@@ -159,6 +167,8 @@ class GenerationPipeline(KernelModeMixin):
         self._compiled = CompiledNoise(self.net, False)  # ahead-of-time packages replace torch.compile here
         self._packages: dict[Path, PrecompiledNoise] = {}
         self._digest: tuple[list, str] | None = None
+        self._warm: set[tuple] = set()  # shapes whose warm-up forward :meth:`time_forward` already ran
+        self._decode_warm: set[tuple] = set()  # (mode, precision, device) whose decoder ran a warm-up
         self.set_mode(mode)
 
     def networks(self) -> list[torch.nn.Module]:
@@ -258,7 +268,8 @@ class GenerationPipeline(KernelModeMixin):
         with torch.inference_mode():
             return denoise(scheduler, fn, z, gen if scheduler.stochastic else None, progress, cancel, callback)
 
-    def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto") -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto",
+               cancel: CancelFn | None = None) -> torch.Tensor:
         """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
 
         ``tiling="exact"`` decodes the whole volume when it fits in free memory (device memory or
@@ -270,20 +281,30 @@ class GenerationPipeline(KernelModeMixin):
         retries with smaller tiles. ``"official"`` follows the authors' rule: whole-volume decode
         up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256
         voxels). ``"auto"`` = exact in fast mode, official in reference mode. ``mode`` ``"whole"`` /
-        ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles)."""
+        ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles).
+
+        ``cancel()`` is asked before every volume and between the tiles / cubes of a tiled decode;
+        when it turns true :class:`~MedDiffusionLib.errors.Cancelled` is raised. The outputs are
+        written into one float32 CPU tensor as they are decoded (no second copy at the end)."""
         if tiling == "auto":
             tiling = "exact" if self.mode == "fast" else "official"
         if tiling not in ("official", "seamless", "exact"):
             raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
         if mode not in ("auto", "whole", "tiled"):
             raise UserError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
-        out = []
+        out: torch.Tensor | None = None
         with torch.inference_mode():
-            for lat in latents.split(1):
+            for i, lat in enumerate(latents.split(1)):
+                check_cancel(cancel, "decoding cancelled")
                 z = self.ae.denormalize_latent(lat)
-                img = self._decode_one(z, mode, tiling)
-                out.append(img.float().cpu())
-        return torch.cat(out)
+                img = self._decode_one(z, mode, tiling, cancel)
+                if out is None:
+                    out = torch.empty((latents.shape[0], *img.shape[1:]), dtype=torch.float32)
+                out[i:i + 1] = img
+                del img, z
+        if out is None:
+            raise UserError("there are no latents to decode (an empty batch)")
+        return out
 
     def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "exact") -> DecodePlan:
         """How the decode of ``latent_dhw`` will run (method, tile side in latent voxels, peaks)."""
@@ -305,15 +326,134 @@ class GenerationPipeline(KernelModeMixin):
             host = None if avail is None else 0.8 * avail
         return plan_decode(nh, self.compression, latent_dhw, budget, host, self.mode, self.device.type)
 
-    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1):
-        """Time, peak memory (weights + decode) and decode plan of a run, before it starts
-        (:class:`MedDiffusionLib.estimate.RunEstimate`)."""
-        from ..estimate import estimate_run
+    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True):
+        """Time, peak memory and decode plan of a run of ``volumes`` volumes, before it starts
+        (:class:`MedDiffusionLib.estimate.RunEstimate`). Memory counts the weights, the sampler and
+        the noise network's activations for the whole batch, the latents kept while decoding, one
+        volume's decode plan and every decoded output.
+
+        Time: with ``measure`` (default) and when the run fits the free memory, the forward of the
+        noise network that will run (the compiled package when one is used) is timed at the job's
+        real batch and latent shape (:meth:`measure_step_seconds`: a warm-up the first step would
+        pay anyway, then about a second of forwards, never more than ``steps``), and the decoder's
+        rate on a small latent (:meth:`measure_decode_seconds_per_voxel`); the estimate is then
+        ``steps x`` that step plus the decode of every volume, so it follows this machine and its
+        present load. Otherwise (``measure=False``, a run that does not fit, or a failed
+        measurement) the registry's CPU time or the FLOP model
+        (:func:`MedDiffusionLib.estimate.estimate_seconds`)."""
+        return self._estimate(size_xyz, steps, volumes, measure)
+
+    def _estimate(self, size_xyz: Sequence[int], steps: int, volumes: int, measure: bool,
+                  extra_weight_bytes: float = 0.0, extra_bytes: float = 0.0, networks: float = 1.0,
+                  step_fn: Callable[[int], float] | None = None):
+        """:meth:`estimate` for this pipeline or one built on it (a ControlNet: its weights, the hint,
+        ``networks`` noise networks per step, ``step_fn(max_forwards)`` timing its step)."""
+        from dataclasses import replace
+
+        from ..estimate import available_memory_bytes, estimate_run
 
         weight_bytes = sum(p.numel() * p.element_size() for m in (self.ae, self.net) for p in m.parameters())
-        return estimate_run(self.entry, self.compression, size_xyz, steps,
-                            str(self.device), self.mode, volumes, self.ae.config["n_hiddens"], weight_bytes,
-                            self.memory_budget())
+        weight_bytes += extra_weight_bytes
+        kw = dict(n_hiddens=self.ae.config["n_hiddens"], weight_bytes=weight_bytes, budget_bytes=self.memory_budget(),
+                  net_dim=getattr(self.net, "dim", None), latent_channels=self.net.channels, networks=networks)
+        device = str(self.device)
+        est = estimate_run(self.entry, self.compression, size_xyz, steps, device, self.mode, volumes, **kw)
+        est = replace(est, peak_bytes=est.peak_bytes + extra_bytes)
+        if networks != 1.0 and est.step_seconds is None:
+            est = replace(est, seconds=est.seconds * networks)
+        if not measure:
+            return est
+        # time a forward only when the run fits (it is refused otherwise anyway); with free memory
+        # unknown, only when the sampler's batch is small
+        avail = available_memory_bytes(device)
+        fits = est.peak_bytes <= avail if avail is not None else \
+            weight_bytes + est.sampling_bytes <= MEASURE_UNKNOWN_MEMORY_BYTES
+        if not fits:
+            return est
+        try:
+            forwards = max(1, min(10, int(steps)))  # never time more forwards than the run has steps
+            step = step_fn(forwards) if step_fn is not None else self.measure_step_seconds(size_xyz, volumes, forwards)
+            rate = self.measure_decode_seconds_per_voxel()
+        except (RuntimeError, MemoryError) as exc:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            log.info("could not time a sampler step (%s); the estimate uses the model instead", exc)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return est
+        est = estimate_run(self.entry, self.compression, size_xyz, steps, device, self.mode, volumes, step_seconds=step,
+                           decode_s_per_voxel=rate, **kw)
+        return replace(est, peak_bytes=est.peak_bytes + extra_bytes)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_forward(self, net: Callable[..., torch.Tensor], size_xyz: Sequence[int], batch: int = 1,
+                     key: tuple = (), max_forwards: int = 10, min_seconds: float = 1.0) -> float:
+        """Mean seconds of one ``net(x, t, y, res)`` forward at ``batch`` latents of ``size_xyz``
+        under this pipeline's precision. The first time ``key`` is seen, one untimed warm-up
+        forward runs first (kernel choices, lazy loads: what the first sampler step would pay).
+        Then forwards are timed until ``min_seconds`` have passed (at least three, unless one
+        forward alone takes half of that) or ``max_forwards`` ran: step times on a loaded CPU are
+        heavy-tailed (OpenMP threads waiting for a busy core), so a mean over a second is a much
+        better guide than one forward."""
+        d, h, w = self.latent_shape(size_xyz)
+        dev = self.device
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=dev)
+        t = torch.full((batch,), self.diffusion.num_timesteps // 2, dtype=torch.long, device=dev)
+        y = torch.zeros(batch, dtype=torch.long, device=dev)
+        res = torch.tensor([d, h, w], dtype=torch.float32, device=dev) / 64.0
+
+        def once() -> None:
+            with self.autocast():
+                net(x, t, y, res)
+            self._sync()
+
+        full_key = (tuple(int(v) for v in (d, h, w)), int(batch), self.mode, self.precision, *key)
+        n, total = 0, 0.0
+        with torch.inference_mode():
+            if full_key not in self._warm:
+                once()
+                self._warm.add(full_key)
+            while n < max(1, int(max_forwards)):
+                t0 = time.perf_counter()
+                once()
+                total += time.perf_counter() - t0
+                n += 1
+                if total >= min_seconds and (n >= 3 or total >= 0.5 * min_seconds * n):
+                    break
+        return total / n
+
+    def measure_step_seconds(self, size_xyz: Sequence[int], volumes: int = 1, max_forwards: int = 10) -> float:
+        """Measured seconds of one sampler step's network forward for ``volumes`` volumes of
+        ``size_xyz`` on the network :meth:`sample_latents` will run (the compiled package when one
+        is used, else :meth:`noise_model`); see :meth:`time_forward`. Costs a warm-up forward (the
+        first time) and up to ``max_forwards`` timed ones (about a second's worth)."""
+        package = self.precompiled_network(size_xyz, volumes)
+        net = package or self.noise_model()
+        return self.time_forward(net, size_xyz, volumes, ("compiled" if package is not None else "eager",),
+                                 max_forwards=max_forwards)
+
+    def measure_decode_seconds_per_voxel(self) -> float:
+        """Decoder seconds per output voxel, timed on a small latent (32^3 voxels out) at every
+        call, so that it follows the machine's present load (a warm-up decode runs once per kernel
+        mode, precision and device)."""
+        key = (self.mode, self.precision, str(self.device))
+        f = self.compression
+        side = max(2, 32 // f)
+        n_codes = self.ae.codebook.embeddings.shape[0]
+        idx = torch.randint(0, n_codes, (1, side, side, side), generator=torch.Generator().manual_seed(0))
+        idx = idx.to(self.device)
+        with torch.inference_mode():
+            for _ in range(1 if key in self._decode_warm else 2):
+                t0 = time.perf_counter()
+                with self.autocast():
+                    self.ae.decode(idx, quantize=False)
+                self._sync()
+                dt = time.perf_counter() - t0
+        self._decode_warm.add(key)
+        # larger maps run ~25 % slower per voxel than this small one (caches; measured 64^3 vs 128^3)
+        return 1.25 * dt / (side * f) ** 3
 
     def memory_budget(self) -> float | None:
         """Bytes a decode may plan for: 80 % of the free device memory / RAM, capped by
@@ -324,7 +464,7 @@ class GenerationPipeline(KernelModeMixin):
         budgets = [b for b in (None if avail is None else 0.8 * avail, self.memory_limit_bytes) if b is not None]
         return min(budgets) if budgets else None
 
-    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str) -> torch.Tensor:
+    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str, cancel: CancelFn | None = None) -> torch.Tensor:
         from ..models.streaming_decode import decode_exact_tiled
 
         indices = self.ae.quantize(z)  # codes are always chosen in fp32
@@ -337,16 +477,18 @@ class GenerationPipeline(KernelModeMixin):
             plan = self.decode_plan(dhw, tiling)
         while True:
             tile = plan.tile
+            check_cancel(cancel, "decoding cancelled")
             try:
                 with self.autocast():
                     if tile is None or plan.method == "whole":
                         return self.ae.decode(indices, quantize=False)
                     if plan.method == "exact":
-                        return decode_exact_tiled(self.ae, indices, tile, quantize=False)
+                        return decode_exact_tiled(self.ae, indices, tile, quantize=False, cancel=cancel)
                     if plan.method == "official" and all(s % tile == 0 for s in dhw):
-                        return self.ae.decode_tiled_official(indices, tile, quantize=False)
+                        return self.ae.decode_tiled_official(indices, tile, quantize=False, cancel=cancel)
                     if tile < max(dhw):
-                        return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False)
+                        return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False,
+                                                    cancel=cancel)
                     return self.ae.decode(indices, quantize=False)
             except torch.cuda.OutOfMemoryError:
                 smaller = max(1 if plan.method == "exact" else 8, (tile or max(dhw)) * 3 // 4)
@@ -367,6 +509,7 @@ class GenerationPipeline(KernelModeMixin):
         ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step."""
         from ..jobs import generation_defaults
 
+        check_cancel(cancel)
         entry = self.entry
         if self.net.cond_emb is None and class_index is None:
             class_index = 0  # an unconditional model ignores the class
@@ -375,7 +518,7 @@ class GenerationPipeline(KernelModeMixin):
         self.check_class(class_index)
         lat = self.sample_latents(class_index, r["size"], seed, r["sampler"], r["steps"], num_volumes, progress, cancel,
                                   callback=callback)
-        images = self.decode(lat, tiling=tiling)
+        images = self.decode(lat, tiling=tiling, cancel=cancel)
         meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
         spacing_xyz = r["spacing"]
         return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..conditioning import make_hint
 from ..data.grid import apply_affine, random_affine_theta, resample, working_grid
-from ..data.volumes import SUFFIXES, hu_to_model, percentile_normalize, read_volume
+from ..data.volumes import DETACHED_SUFFIXES, SUFFIXES, hu_to_model, percentile_normalize, read_volume
 from ..errors import UserError
 from ..io.atomic import atomic_path
 from ..io.checkpoints import fingerprint, save_model
@@ -82,7 +82,7 @@ def find_pairs(source: str | Path) -> list[tuple[Path, Path]]:
         raise DataError(f"{source}: expected sub-folders condition/ and target/ (or a CSV file)")
 
     def volumes(d: Path) -> dict[str, Path]:
-        return {p.name: p for p in sorted(d.iterdir()) if p.name.lower().endswith(SUFFIXES)}
+        return {p.name: p for p in sorted(d.iterdir()) if p.name.lower().endswith(SUFFIXES + DETACHED_SUFFIXES)}  # detached: refused clearly on read
 
     cond, targ = volumes(cdir), volumes(tdir)
     only_c, only_t = sorted(set(cond) - set(targ)), sorted(set(targ) - set(cond))

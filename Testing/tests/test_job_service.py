@@ -125,7 +125,8 @@ def test_auth_required_and_nothing_runs(server, tmp_path):
     import json
 
     for path in ("/docs", "/openapi.json", "/redoc"):  # FastAPI's own token-less routes are off
-        assert _raw(server, "GET", path)[0] == 404
+        assert _raw(server, "GET", path)[0] == 401  # no route, not even a 404, without the token
+        assert _raw(server, "GET", path, server.token)[0] == 404
     assert _raw(server, "GET", "/v1/openapi.json")[0] == 401
     status, body = _raw(server, "GET", "/v1/openapi.json", server.token)
     assert status == 200 and "/v1/jobs" in json.loads(body)["paths"]
@@ -320,10 +321,10 @@ def test_size_beyond_memory_is_refused_before_starting(client, tmp_path, capsys)
     assert main(["generate", "--size", "4096", "4096", "4096", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "needs about" in err and "force" in err and "Traceback" not in err and not out.exists()
-    st = client.submit({"task": "generate", "params": {"size": [4096, 4096, 4096]}})
-    with pytest.raises(ServiceError) as exc:
-        client.wait(st["id"], timeout=60)
-    assert "needs about" in exc.value.message and client.status(st["id"])["step"] == 0
+    with pytest.raises(ServiceError) as exc:  # over the server's default voxel cap: refused at the door
+        client.submit({"task": "generate", "params": {"size": [4096, 4096, 4096]}})
+    assert exc.value.status == 400 and "allows" in exc.value.message
+    assert client.jobs() == [] or all(j["spec"]["params"]["size"] != [4096, 4096, 4096] for j in client.jobs())
 
 
 @pytest.fixture(scope="module")

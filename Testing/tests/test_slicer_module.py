@@ -429,14 +429,15 @@ def test_the_panel_and_the_job_steps_use_only_stepwise_requests():
 def test_run_on_python_url_and_token_are_application_settings_not_scene_parameters():
     tree = _module_ast()
     fields = {n.target.id for n in _class(tree, "MedDiffusionParameterNode").body if isinstance(n, ast.AnnAssign)}
-    assert not fields & {"runOn", "python", "serverUrl", "serverToken"}
+    assert not fields & {"runOn", "python", "serverUrl", "serverToken", "serverCaFile"}
     bound = {row[1] for row in _ui_bound()}
-    assert not bound & {"runOnComboBox", "pythonPathLineEdit", "serverUrlLineEdit", "serverTokenLineEdit"}
+    assert not bound & {"runOnComboBox", "pythonPathLineEdit", "serverUrlLineEdit", "serverTokenLineEdit",
+                        "serverCaFilePathLineEdit"}
     widget = _class(tree, "MedDiffusionWidget")
     for method, call in (("_loadSettings", "value"), ("_saveSettings", "setValue")):
         body = next(m for m in widget.body if isinstance(m, ast.FunctionDef) and m.name == method)
         keys = {c.args[0].right.value for c in _calls(body) if c.func.attr == call and isinstance(c.args[0], ast.BinOp)}
-        assert keys == {"runOn", "python", "serverUrl", "serverToken"}, (method, keys)
+        assert keys == {"runOn", "python", "serverUrl", "serverToken", "serverCaFile"}, (method, keys)
     readme = (ROOT / "README.md").read_text().split("## 3D Slicer extension", 1)[1].split("\n## ", 1)[0]
     assert "token is stored there in plain" in readme.replace("\n", " ").replace("**", "")
 
@@ -457,3 +458,57 @@ def test_a_picked_pythons_packages_are_checked_in_the_servers_environment(tmp_pa
     assert check.error is None and "surely-not-installed-pkg>=1" in check.missing and check.versions["numpy"]
     polluted = dependencies.DependencyCheck(str(python), ["numpy>=1.24"]).wait()
     assert polluted.missing is None and "launcher variable seen" in polluted.error
+
+
+def _method(cls, name):
+    return next(m for m in cls.body if isinstance(m, ast.FunctionDef) and m.name == name)
+
+
+def _ui_attrs(node) -> set[str]:
+    """The ``self.ui.NAME`` widgets a piece of code uses."""
+    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "ui" and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+
+
+def test_the_server_settings_have_a_ca_file_chooser_shown_and_applied_with_the_url_and_token():
+    """Run on: Server has a CA file (ctkPathLineEdit, files) in the server fields' form rows, shown and hidden
+    with them, passed to useRemoteServer(url, token, caFile) and applied when a path is finished, not per
+    keystroke (currentPathChanged fires for every character typed)."""
+    root = ET.parse(UI).getroot()
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+    props = lambda name: {p.get("name"): next(iter(p)).text for p in widgets[name].findall("property")}  # noqa: E731
+    edit = props("serverCaFilePathLineEdit")
+    assert widgets["serverCaFilePathLineEdit"].get("class") == "ctkPathLineEdit"
+    assert edit["filters"] == "ctkPathLineEdit::Files"
+    assert edit["toolTip"] == ("Certificate authority (PEM) to trust for an https:// server: the lab's CA or the "
+                               "server's self-signed certificate. Empty: the system's trusted CAs.")
+    assert "nameFilters" not in edit  # CTK turns name filters into a validator: any file name must do
+    assert widgets["label_serverCaFilePathLineEdit"].get("class") == "QLabel"
+    assert props("label_serverCaFilePathLineEdit")["text"] == "CA file:"
+    assert "ctkPathLineEdit" in {c.findtext("class") for c in root.iter("customwidget")}
+    # the label and the field share a row of the Run on form, right after the token; the rows stay unique
+    form = next(lay for lay in root.iter("layout") if lay.get("name") == "runOnCollapsibleButtonLayout")
+    cells = {item.find("widget").get("name"): (int(item.get("row")), int(item.get("column")))
+             for item in form.findall("item") if item.find("widget") is not None}
+    token_row = cells["serverTokenLineEdit"][0]
+    assert cells["label_serverCaFilePathLineEdit"] == (token_row + 1, 0)
+    assert cells["serverCaFilePathLineEdit"] == (token_row + 1, 1)
+    assert len(set(cells.values())) == len(cells)
+
+    widget = _class(_module_ast(), "MedDiffusionWidget")
+    shown = [n for n in ast.walk(_method(widget, "_onRunOnChanged")) if isinstance(n, ast.For)]
+    server_fields = next(_ui_attrs(f.iter) for f in shown if "serverUrlLineEdit" in _ui_attrs(f.iter))
+    assert server_fields == {"serverUrlLineEdit", "label_serverUrlLineEdit", "serverTokenLineEdit",
+                             "label_serverTokenLineEdit", "serverCaFilePathLineEdit", "label_serverCaFilePathLineEdit"}
+    remote = [c for c in _calls(_method(widget, "_applyConnection")) if c.func.attr == "useRemoteServer"]
+    assert len(remote) == 1 and len(remote[0].args) == 3 and ast.unparse(remote[0].args[2]) == "self._caFile()"
+    ca_file = ast.unparse(_method(widget, "_caFile"))
+    assert "serverCaFilePathLineEdit.currentPath.strip() or None" in ca_file  # an empty field: None
+    # both path fields go through _connectPathEdited; nothing connects their per-keystroke signal to a slot
+    setup = _method(widget, "setup")
+    edited = {ast.unparse(c.args[0]) for c in _calls(setup) if c.func.attr == "_connectPathEdited"}
+    assert edited == {"ui.pythonPathLineEdit", "ui.serverCaFilePathLineEdit"}
+    assert not [c for c in _calls(setup) if c.func.attr == "connect" and c.args
+                and getattr(c.args[0], "value", None) == "currentPathChanged(QString)"]
+    helper = ast.unparse(_method(widget, "_connectPathEdited"))
+    assert "comboBox().lineEdit()" in helper and "'editingFinished()'" in helper and "lineEdit.modified" in helper

@@ -204,3 +204,79 @@ def test_live_preview_node_follows_the_run_and_goes_at_the_end(logic):
     added = _ids(logic.scene, "vtkMRMLScalarVolumeNode") - before
     result = nodes_[0] if isinstance(nodes_, list) else nodes_
     assert added == {result.GetID()}  # the preview node was removed, only the result stays
+
+
+# -- a remote service over https: the CA file of the panel's server settings ------------------------------------
+def test_a_ca_file_goes_to_every_client_and_a_changed_one_is_a_new_connection(tmp_path):
+    from tls_server import TEST_CERT
+
+    ca = tmp_path / "lab-ca.pem"
+    ca.write_text(TEST_CERT)
+    lg = ServiceLogic(slicer.vtkMRMLScene())  # no server is started: only where jobs would go
+    lg.useRemoteServer("https://gpu-server:8765", "secret", caFile=ca)
+    client = lg.client(start=False)
+    assert (client.url, client.token, client.ca_file) == ("https://gpu-server:8765", "secret", str(ca))
+    assert lg.client(start=False) is client  # kept: its TLS context (the CA file) is loaded once
+    assert lg.client(timeout=5.0, start=False).ca_file == str(ca)
+    lg._health = {"version": "seen"}
+    lg.useRemoteServer("https://gpu-server:8765", "secret", caFile=str(ca))  # unchanged: the connection is kept
+    assert lg.cachedHealth() == {"version": "seen"} and lg.client(start=False) is client
+    lg.useRemoteServer("https://gpu-server:8765", "secret", caFile="")  # empty field: the system's CAs
+    assert lg.cachedHealth() is None and lg.remote == ("https://gpu-server:8765", "secret", None)
+    assert lg.client(start=False) is not client and lg.client(start=False).ca_file is None
+    lg.useRemoteServer("https://gpu-server:8765", "secret", caFile=ca)
+    assert lg.client(start=False).ca_file == str(ca)
+
+    before = lg.remote
+    with pytest.raises(ServiceError, match="certificate authority file not found") as err:
+        lg.useRemoteServer("https://gpu-server:8765", "secret", caFile=tmp_path / "moved.pem")
+    assert str(tmp_path / "moved.pem") in err.value.message
+    assert lg.remote == before  # the last good setting stays in use
+    ca.unlink()  # removed after it was set: the next connection attempt says so (before any request)
+    with pytest.raises(ServiceError, match="certificate authority file not found"):
+        lg.connectStep()
+    with pytest.raises(ServiceError, match="certificate authority file not found"):
+        lg.useRemoteServer("https://gpu-server:8765", "secret", caFile=ca)
+
+
+def test_connect_over_https_trusts_the_ca_file_given(tmp_path, monkeypatch):
+    """The panel's stepwise connection to an https:// service with a self-signed certificate: refused
+    with the system's CAs, accepted with the certificate as the CA file."""
+    import http.server
+    import json
+    import time
+
+    from tls_server import https_server
+
+    from MedDiffusionGlue.service import ServiceUnavailable
+
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = json.dumps({"version": "tls-test", "auth": self.headers["Authorization"]}).encode()
+            self.send_response(200 if self.path == "/v1/health" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    def connect(lg):
+        deadline = time.monotonic() + 30
+        while (health := lg.connectStep()) is None:
+            assert time.monotonic() < deadline
+        return health
+
+    with https_server(tmp_path, Handler) as url:
+        lg = ServiceLogic(slicer.vtkMRMLScene())
+        lg.useRemoteServer(url, "secret")
+        with pytest.raises(ServiceUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            connect(lg)
+        lg.useRemoteServer(url, "secret", caFile=str(tmp_path / "cert.pem"))
+        assert connect(lg) == {"version": "tls-test", "auth": "Bearer secret"}
+        assert lg.cachedHealth() == {"version": "tls-test", "auth": "Bearer secret"}

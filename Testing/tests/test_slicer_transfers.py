@@ -111,37 +111,15 @@ def test_a_download_cut_midway_or_an_absent_server_leave_no_file(tmp_path):
     assert str(absent.error) == str(blocking.value)
 
 
-# A self-signed certificate for 127.0.0.1/localhost (EC P-256, valid until 2126), test use only.
-TEST_KEY = """-----BEGIN PRIVATE KEY-----
-MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgA4svM6nMGdnNXOXv
-z+3BNtHRvyE3Cgno/gG9i1q8s/6hRANCAAQLEwWi07SgegxCJ+V0HTr6PWuIKnD1
-I9znvZcPms8bY356dYipAIctBRWlepjjlWGMbhLsRF5l/QMG0AFy8DnW
------END PRIVATE KEY-----
-"""
-TEST_CERT = """-----BEGIN CERTIFICATE-----
-MIIBmDCCAT6gAwIBAgIUEtJEgnIczBJ+WQ624FfgtfUsPQ0wCgYIKoZIzj0EAwIw
-FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTIwMzA3NDkwNVoYDzIxMjYxMTA5
-MDc0OTA1WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO
-PQMBBwNCAAQLEwWi07SgegxCJ+V0HTr6PWuIKnD1I9znvZcPms8bY356dYipAIct
-BRWlepjjlWGMbhLsRF5l/QMG0AFy8DnWo2wwajAdBgNVHQ4EFgQUMsHTtCxc9Ppu
-ju5m63b0cGcwV4IwHwYDVR0jBBgwFoAUMsHTtCxc9Ppuju5m63b0cGcwV4IwGgYD
-VR0RBBMwEYIJbG9jYWxob3N0hwR/AAABMAwGA1UdEwEB/wQCMAAwCgYIKoZIzj0E
-AwIDSAAwRQIhAI8wMpoxKPDDow5yUIKRPrF6nKI7hmBaywr2n6Q9ILuMAiBBHp5A
-dbIXmsKsWwZM2PYmeQDjJQ87vjfJTsGsj8s/jw==
------END CERTIFICATE-----
-"""
-
-
 def test_https_behind_a_proxy_is_stepped_too(tmp_path, monkeypatch):
     """A TLS server on 127.0.0.1 (as a reverse proxy in front of a lab server would be): the TLS
     handshake, a JSON answer and a chunked download all go through step(); an untrusted
     certificate is refused."""
     import http.server
     import json
-    import ssl
 
-    (tmp_path / "key.pem").write_text(TEST_KEY)
-    (tmp_path / "cert.pem").write_text(TEST_CERT)
+    from tls_server import https_server
+
     payload = bytes(range(256)) * 4096  # 1 MiB
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -166,14 +144,7 @@ def test_https_behind_a_proxy_is_stepped_too(tmp_path, monkeypatch):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"https://127.0.0.1:{httpd.server_address[1]}"
+    with https_server(tmp_path, Handler) as url:
         untrusted = Client(url, "secret").start_health()
         _drive(untrusted)
         assert isinstance(untrusted.error, ServiceUnavailable) and "CERTIFICATE_VERIFY_FAILED" in str(untrusted.error)
@@ -185,7 +156,4 @@ def test_https_behind_a_proxy_is_stepped_too(tmp_path, monkeypatch):
         down = client.start_download("job", "result_0.nrrd", tmp_path / "out.nrrd")
         steps, _longest = _drive(down, 0.001)
         assert down.error is None and (tmp_path / "out.nrrd").read_bytes() == payload and steps > 1
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cert.pem", "key.pem", "out.nrrd"]

@@ -181,7 +181,10 @@ def test_refused_uploads_leave_no_files_threads_or_descriptors(lab, tmp_path):
         assert status == 400
     fds1, threads1, _ = _proc_counts(lab.pid)
     assert threads1 <= threads0 + 1 and fds1 <= fds0 + 2, (threads0, threads1, fds0, fds1)
-    assert list((lab.tmp / "tmp").iterdir()) == []
+    # torch unpacks the compiled network there (aotinductor_*); no upload is ever spooled there
+    assert [p for p in (lab.tmp / "tmp").iterdir() if not p.name.startswith("aotinductor_")] == []
+    assert not [f for f in os.listdir(f"/proc/{lab.pid}/fd")
+                if os.readlink(f"/proc/{lab.pid}/fd/{f}").endswith("(deleted)")]
     assert not any(p.name.startswith("input") for p in lab.work.rglob("*") if p.is_file())
 
 
@@ -529,7 +532,11 @@ def test_load_four_clients_five_jobs_each(lab, tmp_path):
         t.join(600)
     assert not errors, errors
     assert len(list(tmp_path.glob("*.nrrd"))) == 20
-    time.sleep(0.5)
+    # the four concurrent clients made the ASGI thread pool grow; anyio retires a worker idle for
+    # 10 s when the next call comes
+    time.sleep(11)
+    for _ in range(3):
+        c.health()
     fds1, threads1, rss1 = _proc_counts(lab.pid)
     assert threads1 <= threads0 + 1 and fds1 <= fds0 + 2, (threads0, threads1, fds0, fds1)
     assert rss1 < rss0 * 1.15 + 64 * 2 ** 20, (rss0, rss1)

@@ -20,7 +20,6 @@ import hmac
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 from collections import deque
@@ -81,7 +80,9 @@ def add_user(path: str | Path, name: str, admin: bool = False) -> str:
     existing = {ln.split()[0] for ln in text.splitlines() if ln.split("#", 1)[0].strip()}
     if name in existing:
         raise UserError(f"{path}: user {name!r} exists already (remove the line to replace the token)")
-    token = secrets.token_urlsafe(32)
+    from .client import new_token
+
+    token = new_token()
     line = f"{name} {'admin' if admin else 'user'} {hash_token(token)}\n"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with os.fdopen(fd, "a") as fh:
@@ -196,21 +197,38 @@ class FailureLimiter:
 class AuditLog:
     """One line per submit, download, delete, cancel, unload and refusal: time, client address,
     user, action, job and HTTP status. Never a token, a file name or a file's contents. Written to
-    the ``meddiffusion.audit`` logger and, with a work folder, to ``audit.log`` there (0600)."""
+    the ``meddiffusion.audit`` logger and, with a work folder, to ``audit.log`` there (0600),
+    rotated at ``max_bytes`` into ``audit.log.1`` .. ``audit.log.<keep>``."""
 
-    def __init__(self, path: str | Path | None = None):
+    def __init__(self, path: str | Path | None = None, max_bytes: int = 10 * 2 ** 20, keep: int = 5):
         self.path = Path(path) if path is not None else None
+        self.max_bytes, self.keep = max_bytes, keep
         self._lock = threading.Lock()
         if self.path is not None:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
 
+    def _rotate(self) -> None:
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if older.exists():
+                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
+        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+
     def record(self, addr: str, user: str | None, action: str, job: str | None, status: int) -> None:
+        # every field is ours or checked (user names match NAME_RE, job ids are hex): no forged lines
         line = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} addr={addr} user={user or '-'} action={action} "
                 f"job={job or '-'} status={status}")
         audit_log.info(line)
         if self.path is not None:
-            with self._lock, open(self.path, "a") as fh:
-                fh.write(line + "\n")
+            with self._lock:
+                try:
+                    if self.path.stat().st_size > self.max_bytes:
+                        self._rotate()
+                except FileNotFoundError:
+                    pass
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                with os.fdopen(fd, "a") as fh:
+                    fh.write(line + "\n")
 
 
 __all__ = ["User", "Users", "hash_token", "parse_tokens", "add_user", "FailureLimiter", "AuditLog",

@@ -62,6 +62,15 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                                                     "(a lab's own CA or a self-signed server certificate)")
 
 
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """--force, --out, --overwrite, --quiet and the server options of a ControlNet or simulation task."""
+    p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_server_args(p)
+
+
 def _params(args: argparse.Namespace, *names: str) -> dict:
     """Job parameters from the options that are set (unset ones are resolved by jobs.resolve)."""
     out = {}
@@ -215,7 +224,6 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 def _serve_token(args: argparse.Namespace) -> tuple[str | None, str]:
     """(the single token or None with --tokens, where it came from)."""
     import os
-    import secrets
 
     from .client import TOKEN_ENV
 
@@ -233,7 +241,9 @@ def _serve_token(args: argparse.Namespace) -> tuple[str | None, str]:
         return token, f"from {args.token_file}"
     if os.environ.get(TOKEN_ENV, "").strip():
         return os.environ[TOKEN_ENV].strip(), f"from ${TOKEN_ENV}"
-    token = secrets.token_urlsafe(32)
+    from .client import new_token
+
+    token = new_token()
     print(f"token: {token}\n(clients pass it with --token or ${TOKEN_ENV}; it is not shown again)", flush=True)
     return token, "generated"
 
@@ -272,7 +282,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
         Users(tokens_file=args.tokens)  # a bad tokens file stops here, with its line number
     try:
-        caps = Caps(max_voxels=args.max_voxels, max_input_voxels=args.max_input_voxels, max_volumes=args.max_volumes, max_steps=args.max_steps,
+        caps = Caps(max_voxels=args.max_voxels, max_input_voxels=args.max_input_voxels,
+                    max_batch_voxels=args.max_batch_voxels, max_volumes=args.max_volumes, max_steps=args.max_steps,
                     max_views=args.max_views, max_bins=args.max_bins,
                     job_time_limit_s=args.job_time_limit if args.job_time_limit > 0 else None)
     except (TypeError, ValueError) as exc:
@@ -301,9 +312,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
-    from .registry import models
+    from .registry import models, registry_problems
     from .weights import status
 
+    for problem in registry_problems():
+        print(f"warning: {problem}", file=sys.stderr)
     for m in models():
         st = status(m)
         states = {v["state"] for v in st.values()}
@@ -311,10 +324,54 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
             "partly downloaded" if "cached" in states else "not downloaded"
         sizes = [v["size"] for v in st.values() if v["size"]]
         size = f"{sum(sizes) / 2**20:.1f} MiB" if sizes else "size unknown"
-        print(f"{m.id:<16} {state:<18} {size:<14} {m.compression}x  {m.title}")
+        print(f"{m.id:<16} {state:<18} {size:<14} {m.compression}x  {m.title}{'  [user model]' if m.user else ''}")
         classes = ", ".join(f"{c['index']} {c['name']}" for c in m.classes)
         print(f"{'':<16} classes: {classes}")
         print(f"{'':<16} licence: {m.license}")
+        if any(v.get("imported") for v in st.values()):
+            print(f"{'':<16} weights: imported into {Path(next(iter(st.values()))['path']).parent}")
+    return 0
+
+
+def _progress_line(line: str, fraction: float) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _cmd_models_import(args: argparse.Namespace) -> int:
+    from .weights import import_weights, imported_dir
+
+    entry = import_weights(args.folder, args.as_id, progress=_progress_line)
+    print(f"{entry.id}: imported into {imported_dir(entry.id)}; `meddiffusion models list` shows it as downloaded "
+          f"and --model {entry.id} uses it")
+    return 0
+
+
+def _cmd_models_add(args: argparse.Namespace) -> int:
+    from .weights import add_user_model, imported_dir
+
+    entry = add_user_model(args.id, weights=args.weights, repo=args.repo, title=args.title, license=args.license,
+                           compression=args.compression, revision=args.revision, files=args.files,
+                           classes=args.classes, size=args.size, spacing=args.spacing, progress=_progress_line)
+    where = f"weights imported into {imported_dir(entry.id)}" if args.weights else \
+        f"download it with `meddiffusion models download {entry.id}`"
+    print(f"{entry.id}: added to the user registry ({entry.compression}x, classes "
+          f"{', '.join(str(i) for i in entry.class_indices)}); {where}")
+    return 0
+
+
+def _cmd_models_remove(args: argparse.Namespace) -> int:
+    from .registry import builtin_ids
+    from .weights import remove_imported, remove_user_model
+
+    if args.id in builtin_ids() and args.files:  # a built-in entry stays; only the files imported for it go
+        gone = remove_imported(args.id)
+        print(f"{args.id} is built in and stays registered; " + (f"removed its imported files {gone[0]}" if gone
+                                                                   else "it has no imported files"))
+        return 0
+    gone = remove_user_model(args.id, files=args.files)
+    print(f"{args.id}: removed from the user registry" + (f"; deleted {', '.join(map(str, gone))}" if gone else
+                                                           "" if args.files else
+                                                           " (its imported files, if any, stay until --files)"))
     return 0
 
 
@@ -462,8 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(p)
     p.set_defaults(func=_cmd_generate)
 
-    pm = sub.add_parser("models", help="list, download and verify model weights",
-                        description="Model weights: list what exists, download to the Hugging Face cache, verify checksums.")
+    pm = sub.add_parser("models", help="list, download, import, add and verify model weights",
+                        description="Model weights: list what exists, download to the Hugging Face cache, import files "
+                                    "downloaded by hand, register your own models, verify checksums.")
     msub = pm.add_subparsers(dest="models_command", required=True)
     q = msub.add_parser("list", help="models, download state, sizes, licences", description="List registry models.")
     q.set_defaults(func=_cmd_models_list)
@@ -477,6 +535,50 @@ def build_parser() -> argparse.ArgumentParser:
                                     "or missing files). Example: meddiffusion models verify official-8x")
     q.add_argument("id")
     q.set_defaults(func=_cmd_models_verify)
+    q = _command(msub, "import", help="import weights downloaded by hand (the authors' files or converted ones)",
+                 description="Check a folder of weights (the authors' PatchVolume_*.ckpt + BiFlowNet_*.pt from their "
+                             "Google Drive, or\nconverted autoencoder/biflownet .safetensors + .json), convert it into "
+                             "MEDDIFFUSION_CACHE/models/ID/ and make\nthe registry model read \"downloaded\". Without "
+                             "--as, the model the files fit is chosen (compression, architecture,\nchecksums). Nothing "
+                             "is left behind on an error; an earlier import stays.",
+                 epilog="examples:\n  meddiffusion models import ~/Downloads/3D-MedDiffusion --as official-8x\n"
+                        "  meddiffusion models import ~/Downloads/patchvolume-8x")
+    q.add_argument("folder", help="folder holding one autoencoder and one BiFlowNet file")
+    q.add_argument("--as", dest="as_id", metavar="ID", help="registry model the files are for (default: the one they fit)")
+    q.set_defaults(func=_cmd_models_import)
+    q = _command(msub, "add", help="register your own model (user registry)",
+                 description="Register a model of yours in the user registry (MEDDIFFUSION_CACHE/registry.json), merged "
+                             "with the built-in\nregistry. --weights FOLDER imports its files now and reads compression, "
+                             "architecture and classes\nfrom them; --repo OWNER/NAME points at a Hugging Face repo for "
+                             "`models download`. Built-in ids\ncannot be replaced.",
+                 epilog="examples:\n  meddiffusion models add my-ct --weights runs/my-ct --title \"My CT model\" "
+                        "--size 256 256 256 --spacing 1 1 1\n"
+                        "  meddiffusion models add lab-8x --repo lab/meddiffusion-8x --compression 8x "
+                        "--files autoencoder.safetensors biflownet.safetensors")
+    q.add_argument("id", help="new model id (lower-case letters, digits, '.', '-')")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--weights", metavar="FOLDER", help="folder with the autoencoder and BiFlowNet files (imported now)")
+    src.add_argument("--repo", metavar="HF_REPO", help="Hugging Face repo holding the files")
+    q.add_argument("--title")
+    q.add_argument("--license")
+    q.add_argument("--compression", choices=["8x", "4x"], help="--repo: the autoencoder's compression (required)")
+    q.add_argument("--revision", help="--repo: branch, tag or commit (default main)")
+    q.add_argument("--files", nargs=2, metavar=("AUTOENCODER", "BIFLOWNET"),
+                   help="--repo: file names in the repo (default: listed from the hub)")
+    q.add_argument("--classes", nargs="+", type=int, metavar="INDEX",
+                   help="class indices the model knows (default: all the network has; with --repo all seven)")
+    q.add_argument("--size", nargs=3, type=int, metavar=("X", "Y", "Z"), help="trained size (default 256 256 256)")
+    q.add_argument("--spacing", nargs=3, type=float, metavar=("X", "Y", "Z"), help="trained spacing in mm (default 1 1 1)")
+    q.set_defaults(func=_cmd_models_add)
+    q = _command(msub, "remove", help="remove a user model (built-in ones stay)",
+                 description="Remove a model you added from the user registry; --files also deletes its imported files "
+                             "(and hub\ndownloads no other model uses). For a built-in id, only --files is accepted: it "
+                             "deletes the files\nimported for it and keeps the model.",
+                 epilog="examples:\n  meddiffusion models remove my-ct --files\n  meddiffusion models remove official-8x "
+                        "--files   # delete an import")
+    q.add_argument("id")
+    q.add_argument("--files", action="store_true", help="also delete the model's imported / downloaded files")
+    q.set_defaults(func=_cmd_models_remove)
 
     for name, kind, helptext in (("synthesize", "labels", "synthesize CT from a label map (ControlNet)"),
                                  ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume or an under-sampled MRI (ControlNet; the "
@@ -499,12 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, help="ddim or dpm++ steps (default 50)")
         p.add_argument("--device", default="auto")
         _add_speed_args(p, compile_option=False)
-        p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is "
-                                                            "available")
-        p.add_argument("--out", required=True)
-        p.add_argument("--overwrite", action="store_true")
-        p.add_argument("--quiet", action="store_true")
-        _add_server_args(p)
+        _add_output_args(p)
         p.set_defaults(func=_cmd_synthesize if name == "synthesize" else _cmd_reconstruct)
 
     p = sub.add_parser("simulate-sparse-view", help="full CT -> FBP of a sparse fan-beam scan",
@@ -516,11 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--views", type=int, default=40)
     p.add_argument("--bins", type=int, default=512)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    _add_server_args(p)
+    _add_output_args(p)
     p.set_defaults(func=_cmd_simulate)
 
     p = _command(sub, "train-controlnet", help="fine-tune a ControlNet on (condition, target) pairs",
@@ -593,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                          f"voxels (default {d.max_voxels})")
     p.add_argument("--max-input-voxels", type=int, default=d.max_input_voxels,
                    help=f"largest input volume in voxels (default {d.max_input_voxels})")
+    p.add_argument("--max-batch-voxels", type=int, default=d.max_batch_voxels,
+                   help=f"most output voxels of one job, all volumes together (default {d.max_batch_voxels})")
     p.add_argument("--max-volumes", type=int, default=d.max_volumes, help=f"most volumes per job (default {d.max_volumes})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampler steps (default {d.max_steps})")
     p.add_argument("--max-views", type=int, default=d.max_views, help=f"most simulated views (default {d.max_views})")

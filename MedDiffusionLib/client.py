@@ -17,12 +17,14 @@ Never import torch, numpy or any other third-party package here.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import http.client
 import io
 import json
 import os
 import select
+import signal
 import socket
 import ssl
 import subprocess
@@ -126,12 +128,17 @@ class Client:
             raise ServiceError(f"{ca_file}: certificate authority file not found")
         self.ca_file = str(ca_file) if ca_file else None
         self._ssl: ssl.SSLContext | None = None
+        if self.ca_file and self._scheme == "https":
+            self.ssl_context()  # a bad file is reported here, not at the first request
 
     def ssl_context(self) -> ssl.SSLContext:
         """Certificate checks for https: the system's trusted CAs, or only ``ca_file`` when given
         (a lab's own CA, or the server's self-signed certificate). Made once per client."""
         if self._ssl is None:
-            self._ssl = ssl.create_default_context(cafile=self.ca_file)
+            try:
+                self._ssl = ssl.create_default_context(cafile=self.ca_file)
+            except (ssl.SSLError, OSError) as exc:
+                raise ServiceError(f"{self.ca_file}: not a usable certificate authority file (PEM): {exc}") from exc
         return self._ssl
 
     # -- transport ------------------------------------------------------------------------------------
@@ -623,16 +630,246 @@ class _ChunkDecoder:
         return bytes(out)
 
 
+def new_token() -> str:
+    """A random 256-bit token (URL-safe base64) that does not start with "-", so that it can follow
+    ``--token`` on a command line."""
+    import secrets
+
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
+def _live_member(pgid: int, hint: int | None = None) -> int | None:
+    """Linux: the pid of a process of group ``pgid`` that is not a zombie (``hint`` is tried first), or
+    None. Where there is no /proc, ``pgid`` itself is returned: the caller's ``killpg(pgid, 0)`` said
+    the group has members, and without /proc they cannot be told from zombies."""
+    def live(name: str) -> bool:
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            return False
+        fields = stat[stat.rfind(b")") + 2:].split()  # state, ppid, pgrp, ... (the name may hold spaces)
+        return len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] not in (b"Z", b"X")
+
+    if not os.path.exists("/proc/self/stat"):
+        return pgid
+    if hint is not None and live(str(hint)):
+        return hint
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return pgid
+    for name in names:
+        if name.isdigit() and live(name):
+            return int(name)
+    return None
+
+
+class _Win:
+    """The few kernel32 calls for a Job Object (Windows only; nothing here is used elsewhere)."""
+    _api = None
+
+    @classmethod
+    def api(cls):
+        if cls._api is None:
+            import ctypes
+            from ctypes import c_int64, c_size_t, c_uint32, c_void_p
+
+            class Basic(ctypes.Structure):  # JOBOBJECT_BASIC_LIMIT_INFORMATION
+                _fields_ = [("PerProcessUserTimeLimit", c_int64), ("PerJobUserTimeLimit", c_int64),
+                            ("LimitFlags", c_uint32), ("MinimumWorkingSetSize", c_size_t),
+                            ("MaximumWorkingSetSize", c_size_t), ("ActiveProcessLimit", c_uint32),
+                            ("Affinity", c_size_t), ("PriorityClass", c_uint32), ("SchedulingClass", c_uint32)]
+
+            class Extended(ctypes.Structure):  # JOBOBJECT_EXTENDED_LIMIT_INFORMATION (IO_COUNTERS: 6 x ULONGLONG)
+                _fields_ = [("BasicLimitInformation", Basic), ("IoInfo", ctypes.c_uint64 * 6),
+                            ("ProcessMemoryLimit", c_size_t), ("JobMemoryLimit", c_size_t),
+                            ("PeakProcessMemoryUsed", c_size_t), ("PeakJobMemoryUsed", c_size_t)]
+
+            class Accounting(ctypes.Structure):  # JOBOBJECT_BASIC_ACCOUNTING_INFORMATION
+                _fields_ = [("TotalUserTime", c_int64), ("TotalKernelTime", c_int64),
+                            ("ThisPeriodTotalUserTime", c_int64), ("ThisPeriodTotalKernelTime", c_int64),
+                            ("TotalPageFaultCount", c_uint32), ("TotalProcesses", c_uint32),
+                            ("ActiveProcesses", c_uint32), ("TotalTerminatedProcesses", c_uint32)]
+
+            k32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+            BOOL, DWORD, HANDLE = ctypes.c_int, c_uint32, c_void_p
+            for name, restype, argtypes in (
+                    ("CreateJobObjectW", HANDLE, (c_void_p, ctypes.c_wchar_p)),
+                    ("SetInformationJobObject", BOOL, (HANDLE, ctypes.c_int, c_void_p, DWORD)),
+                    ("QueryInformationJobObject", BOOL, (HANDLE, ctypes.c_int, c_void_p, DWORD, c_void_p)),
+                    ("AssignProcessToJobObject", BOOL, (HANDLE, HANDLE)),
+                    ("TerminateJobObject", BOOL, (HANDLE, ctypes.c_uint)),
+                    ("OpenProcess", HANDLE, (DWORD, BOOL, DWORD)),
+                    ("CloseHandle", BOOL, (HANDLE,))):
+                fn = getattr(k32, name)
+                fn.restype, fn.argtypes = restype, argtypes
+            cls._api = (ctypes, k32, Extended, Accounting)
+        return cls._api
+
+    @classmethod
+    def job_for(cls, pid: int) -> int | None:
+        """A new Job Object that holds process ``pid`` and everything it starts from now on, and that
+        Windows kills, with all its processes, when its last handle closes (this process exits or
+        crashes). None when it cannot be made (the caller falls back to ``taskkill /T``)."""
+        try:
+            ctypes, k32, Extended, _ = cls.api()
+            job = k32.CreateJobObjectW(None, None)
+            if not job:
+                return None
+            info = Extended()
+            info.BasicLimitInformation.LimitFlags = 0x2000  # JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+            proc = k32.OpenProcess(0x0100 | 0x0001, False, pid)  # PROCESS_SET_QUOTA | PROCESS_TERMINATE
+            # 9: JobObjectExtendedLimitInformation
+            ok = bool(proc) and bool(k32.SetInformationJobObject(job, 9, ctypes.byref(info), ctypes.sizeof(info)))
+            ok = ok and bool(k32.AssignProcessToJobObject(job, proc))
+            if proc:
+                k32.CloseHandle(proc)
+            if not ok:
+                k32.CloseHandle(job)
+                return None
+            return job
+        except Exception:  # noqa: BLE001 - no job object: stop() falls back to taskkill /T
+            return None
+
+    @classmethod
+    def active(cls, job: int) -> int | None:
+        """How many processes of the job are alive (None when it cannot be asked)."""
+        try:
+            ctypes, k32, _, Accounting = cls.api()
+            info = Accounting()
+            # 1: JobObjectBasicAccountingInformation
+            if k32.QueryInformationJobObject(job, 1, ctypes.byref(info), ctypes.sizeof(info), None):
+                return info.ActiveProcesses
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    @classmethod
+    def terminate(cls, job: int) -> bool:
+        try:
+            return bool(cls.api()[1].TerminateJobObject(job, 1))
+        except Exception:  # noqa: BLE001
+            return False
+
+    @classmethod
+    def close(cls, job: int) -> None:
+        try:
+            cls.api()[1].CloseHandle(job)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class _Tree:
+    """A started server with everything it started: the child itself may be a launcher (Slicer's
+    ``PythonSlicer`` is the CTK app launcher: it runs ``python-real`` as its own child and passes no
+    signals on). POSIX: the child leads its own session, so the tree is its process group; Windows:
+    a Job Object when one could be made, else the child's process tree as ``taskkill /T`` sees it."""
+
+    def __init__(self, proc: subprocess.Popen, job: int | None = None):
+        self.proc = proc
+        self.pgid: int | None = proc.pid if os.name != "nt" else None  # start_new_session: pgid == pid
+        self.job = job
+        self.deadline: float | None = None  # set by terminate(): SIGKILL once it has passed
+        self.killed_at: float | None = None  # when kill() was sent
+        self._member: int | None = None
+
+    def alive(self) -> bool:
+        """Whether any process of the tree still runs (the launcher is reaped on the way)."""
+        launcher_alive = self.proc.poll() is None  # reaps it: a zombie still counts as a member of its group
+        if os.name == "nt":
+            count = _Win.active(self.job) if self.job is not None else None
+            return launcher_alive if count is None else count > 0
+        if self.pgid is None:
+            return False
+        if launcher_alive:
+            return True
+        try:
+            os.killpg(self.pgid, 0)  # signal 0: is there any process in the group
+        except (ProcessLookupError, PermissionError):  # EPERM: the number is someone else's group now
+            self.pgid = None  # empty: never signal this number again (it may be reused)
+            return False
+        self._member = _live_member(self.pgid, self._member)  # members left may be zombies not yet reaped
+        return self._member is not None
+
+    def _signal(self, sig: int) -> None:
+        if self.pgid is not None:
+            try:
+                os.killpg(self.pgid, sig)
+            except (ProcessLookupError, PermissionError):
+                self.pgid = None
+
+    def terminate(self, timeout: float) -> None:
+        """Ask the whole tree to stop now (POSIX: SIGTERM to the group); :meth:`progress` kills it
+        after ``timeout`` seconds. Windows has no polite way to stop a windowless child: it is ended."""
+        if self.deadline is not None:
+            return
+        self.deadline = time.monotonic() + max(0.0, timeout)
+        if not self.alive():  # already gone (and reaped): nothing to signal
+            return
+        if os.name != "nt":
+            self._signal(signal.SIGTERM)
+        else:
+            self.kill()
+
+    def kill(self) -> None:
+        self.killed_at = time.monotonic()
+        if os.name != "nt":
+            self._signal(signal.SIGKILL)
+        elif self.job is not None and _Win.terminate(self.job):
+            pass
+        elif self.proc.poll() is None:  # no job object: the tree as far as its parent links reach
+            try:
+                subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.proc.pid)], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5,
+                               creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
+            except (OSError, subprocess.SubprocessError):
+                pass
+            self.proc.kill()
+
+    def progress(self) -> bool:
+        """One non-blocking step of stopping: True once the whole tree is gone."""
+        if not self.alive():
+            if self.job is not None:
+                _Win.close(self.job)
+                self.job = None
+            return True
+        if self.killed_at is None and self.deadline is not None and time.monotonic() >= self.deadline:
+            self.kill()
+        return False
+
+
+_STOPPING: list[_Tree] = []  # trees sent a stop that may still run, of every LocalServer of this process
+
+
+def _progress_stopping() -> bool:
+    _STOPPING[:] = [tree for tree in _STOPPING if not tree.progress()]
+    return not _STOPPING
+
+
+@atexit.register
+def _kill_stopping() -> None:  # the interpreter exits: what was asked to stop and still runs is killed
+    for tree in _STOPPING:
+        if tree.alive():
+            tree.kill()
+
+
 class LocalServer:
     """A ``meddiffusion serve`` child process on 127.0.0.1 with a free port and a random token.
 
-    ``python``: the interpreter to run it with (default: this one), e.g. a conda env with CUDA torch.
+    ``python``: the interpreter to run it with (default: this one), e.g. a conda env with CUDA torch,
+    or a launcher such as Slicer's ``PythonSlicer`` that starts the real interpreter as its own child.
+    The child runs in its own process group (POSIX: a new session; Windows: a new process group and a
+    Job Object that Windows kills when this process ends), :attr:`running` checks that group, and
+    :meth:`stop` ends all of it, so no server is left behind a launcher that passes no signals on.
     The child imports the same ``MedDiffusionLib`` as this process (its folder is put on
     ``PYTHONPATH``) and exits by itself when this process dies. ``env`` is laid over this process's
     environment; a value of ``None`` removes that variable."""
@@ -640,11 +877,10 @@ class LocalServer:
     def __init__(self, python: str | None = None, port: int | None = None, token: str | None = None,
                  env: dict[str, str | None] | None = None, log_file: str | Path | None = None,
                  extra_args: list[str] | None = None):
-        import secrets
-
         self.python = python or sys.executable
         self.port = port
-        self.token = token or secrets.token_urlsafe(32)
+        self._auto_port = port is None
+        self.token = token or new_token()
         self.env = dict(env or {})
         if log_file is None:  # a fresh private file (mkstemp: 0600, unpredictable name, no symlink games)
             fd, name = tempfile.mkstemp(prefix="meddiffusion-serve-", suffix=".log")
@@ -652,7 +888,9 @@ class LocalServer:
             log_file = name
         self.log_file = Path(log_file)
         self.extra_args = list(extra_args or [])
-        self.process: subprocess.Popen | None = None
+        self.process: subprocess.Popen | None = None  # the direct child (maybe a launcher)
+        self._tree: _Tree | None = None
+        self._stopped: _Tree | None = None  # the last tree this server was asked to stop
         self._log = None
 
     @property
@@ -661,11 +899,31 @@ class LocalServer:
 
     @property
     def pid(self) -> int | None:
+        """The direct child's pid (a launcher's, when ``python`` is one); on POSIX also the group id."""
         return self.process.pid if self.process else None
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        """Whether any process of the server's tree runs: True while the real server lives even when a
+        launcher in front of it has exited. (Also moves earlier non-blocking stops along.)"""
+        if _STOPPING:
+            _progress_stopping()
+        return self._tree is not None and self._tree.alive()
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a tree this server was asked to stop (``stop(wait=False)``) still runs."""
+        if self._stopped is not None and self._stopped in _STOPPING:
+            _progress_stopping()
+        return self._stopped is not None and self._stopped in _STOPPING
+
+    @staticmethod
+    def poll_stopped() -> bool:
+        """One non-blocking step for every server of this process that was stopped with
+        ``wait=False``: reaps what has exited, kills (SIGKILL / job termination) what outlived its
+        ``timeout``. True when nothing stopped is left running. Call it from a timer (or call
+        :attr:`running`, :meth:`start` or :meth:`stop`, which do it too)."""
+        return _progress_stopping()
 
     def client(self, timeout: float = 30.0) -> Client:
         return Client(self.url, self.token, timeout)
@@ -674,6 +932,8 @@ class LocalServer:
         """Start the process (a no-op when it runs). ``wait=False`` returns at once: poll :meth:`ready`."""
         if self.running:
             return
+        if self._auto_port and self.stopping:  # the old server may still hold its port
+            self.port = None
         self.port = self.port or free_port()
         env = dict(os.environ)
         for key, value in self.env.items():  # None removes a variable (e.g. one Slicer's launcher set)
@@ -687,12 +947,24 @@ class LocalServer:
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [self.python, "-m", "MedDiffusionLib.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--exit-with-parent", str(os.getpid()), *self.extra_args]
-        self._log = open(self.log_file, "ab")
+        if self._log is None:
+            self._log = open(self.log_file, "ab")
         kwargs: dict[str, Any] = {}
-        if os.name == "nt":  # no console window for the child on Windows
-            kwargs["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        self.process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-                                        stderr=subprocess.STDOUT, **kwargs)
+        if os.name == "nt":  # no console window; its own group (no Ctrl+C/Break of ours reaches it)
+            kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0)
+                                       | getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0))
+        else:  # its own session and process group: the group is the whole tree, launcher or not
+            kwargs["start_new_session"] = True
+        try:
+            proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                    stderr=subprocess.STDOUT, **kwargs)
+        except BaseException:
+            self._log.close()
+            self._log = None
+            raise
+        # Windows: the job is made just after the start, so a launcher that starts its child within
+        # these microseconds would leave that child outside it (taskkill /T is the fallback then).
+        self.process, self._tree = proc, _Tree(proc, _Win.job_for(proc.pid) if os.name == "nt" else None)
         if wait:
             self.wait_ready(timeout)
 
@@ -709,7 +981,7 @@ class LocalServer:
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
+            if self.process is not None and not self.running:
                 raise ServiceUnavailable(f"the local MedDiffusion server exited with code {self.process.returncode}:\n"
                                          f"{self.log_tail()}")
             if self.ready(timeout=1.0):
@@ -720,10 +992,9 @@ class LocalServer:
     def ensure(self, timeout: float = 120.0) -> Client:
         """A client of a running server: the process is restarted if it died or stopped answering."""
         if self.running and not self.ready(timeout=5.0):
-            try:  # dying, or hung: give it a moment, then replace it
-                self.process.wait(2.0)
-            except subprocess.TimeoutExpired:
-                pass
+            end = time.monotonic() + 2.0  # dying, or hung: give it a moment, then replace it
+            while self.running and time.monotonic() < end:
+                time.sleep(0.05)
         if not self.running or not self.ready(timeout=5.0):
             self.stop(timeout=2.0)
             self.start(wait=True, timeout=timeout)
@@ -735,19 +1006,38 @@ class LocalServer:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the process (terminate, then kill after ``timeout``)."""
-        proc, self.process = self.process, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
-        if self._log is not None:
+    def stop(self, timeout: float = 10.0, wait: bool = True) -> bool:
+        """Stop the server's whole tree: POSIX: SIGTERM to its process group, SIGKILL to the group
+        once ``timeout`` has passed; Windows: the Job Object is terminated. ``wait=True`` blocks until
+        everything has exited (at most ``timeout`` plus ``max(timeout, 2)`` s after the kill);
+        ``wait=False`` returns at once after the signals, and :meth:`poll_stopped` (or a later
+        ``running``/``start``/``stop``) reaps the tree and kills it when ``timeout`` has passed.
+        Returns True when nothing of the tree runs any more. After it :attr:`running` is False;
+        :attr:`stopping` tells whether the old tree still runs (a new :meth:`start` then takes a new
+        free port, unless the port was given)."""
+        tree, self._tree, self.process = self._tree, None, None
+        if tree is not None:
+            tree.terminate(timeout)
+            _STOPPING.append(tree)
+            self._stopped = tree
+        if self._log is not None:  # the child writes through its own descriptor
             self._log.close()
             self._log = None
+        target = self._stopped  # this call's tree, or the one an earlier stop(wait=False) left running
+        _progress_stopping()
+        if not wait or target not in _STOPPING:
+            return target not in _STOPPING
+        end = time.monotonic() + timeout
+        while True:
+            time.sleep(0.02)
+            _progress_stopping()
+            if target not in _STOPPING:
+                return True
+            now = time.monotonic()
+            if target.killed_at is None and now >= end:
+                target.kill()  # an earlier stop(wait=False) may have allowed longer
+            if target.killed_at is not None and now >= target.killed_at + max(timeout, 2.0):
+                return False  # unkillable for now (e.g. stuck in the driver): poll_stopped() goes on
 
 
 __all__ = ["Client", "Transfer", "LocalServer", "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "free_port"]

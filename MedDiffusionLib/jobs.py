@@ -24,6 +24,7 @@ import numbers
 import os
 import re
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -601,26 +602,43 @@ def _memory_limit(p: dict[str, Any]) -> float | None:
 
 
 class ModelCache:
-    """Pipelines kept between jobs, keyed by what they were built from. ``loads`` counts weight loads."""
+    """Pipelines kept between jobs, keyed by what they were built from, at most ``max_pipelines``
+    of them: using a key makes it the most recently used; loading one more than that drops the
+    least recently used first (and gives its memory back, as :meth:`clear` does), so no more than
+    ``max_pipelines`` are ever held. ``loads`` counts weight loads."""
 
-    def __init__(self) -> None:
-        self._pipes: dict[tuple, Any] = {}
+    def __init__(self, max_pipelines: int = 2) -> None:
+        if int(max_pipelines) < 1:
+            raise ValueError(f"max_pipelines must be at least 1, got {max_pipelines}")
+        self.max_pipelines = int(max_pipelines)
+        self._pipes: OrderedDict[tuple, Any] = OrderedDict()
         self.loads = 0
 
     def keys(self) -> list[str]:
         return [":".join(str(k) for k in key if k is not None) for key in self._pipes]
+
+    def _get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key in self._pipes:
+            self._pipes.move_to_end(key)
+            return self._pipes[key]
+        if len(self._pipes) >= self.max_pipelines:
+            # drop the least recently used before loading, so at most max_pipelines are ever held
+            while len(self._pipes) >= self.max_pipelines:
+                self._pipes.popitem(last=False)
+            self._release_memory()
+        self.loads += 1
+        pipe = load()
+        self._pipes[key] = pipe
+        return pipe
 
     def generation(self, spec: JobSpec, device: str) -> Any:
         from .pipelines.generation import GenerationPipeline
 
         p = spec.params
         key = ("generate", spec.model, spec.weights, device, p["mode"], p["precision"], p["compile"])
-        if key not in self._pipes:
-            self.loads += 1
-            self._pipes[key] = GenerationPipeline.from_pretrained(spec.model, spec.weights, device=device,
-                                                                  precision=p["precision"], mode=p["mode"],
-                                                                  compile=p["compile"])
-        pipe = self._pipes[key]
+        pipe = self._get(key, lambda: GenerationPipeline.from_pretrained(spec.model, spec.weights, device=device,
+                                                                         precision=p["precision"], mode=p["mode"],
+                                                                         compile=p["compile"]))
         pipe.memory_limit_bytes = _memory_limit(p)
         return pipe
 
@@ -629,21 +647,24 @@ class ModelCache:
 
         p = spec.params
         key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"], p["compile"])
-        if key not in self._pipes:
-            self.loads += 1
-            self._pipes[key] = ControlledPipeline.from_files(bundled_controlnet(spec.controlnet) or spec.controlnet,
-                                                             spec.model, spec.weights, device=device, mode=p["mode"],
-                                                             precision=p["precision"], compile=p["compile"])
-        pipe = self._pipes[key]
+        pipe = self._get(key, lambda: ControlledPipeline.from_files(
+            bundled_controlnet(spec.controlnet) or spec.controlnet, spec.model, spec.weights, device=device,
+            mode=p["mode"], precision=p["precision"], compile=p["compile"]))
         pipe.base.memory_limit_bytes = _memory_limit(p)
         return pipe
 
     def clear(self) -> list[str]:
         """Drop every pipeline and give cached GPU memory back to the driver."""
-        import gc
-
         names = self.keys()
         self._pipes.clear()
+        self._release_memory()
+        return names
+
+    @staticmethod
+    def _release_memory() -> None:
+        """``gc.collect()`` and, with CUDA, hand the allocator's cached blocks back to the driver."""
+        import gc
+
         gc.collect()
         try:
             import torch
@@ -652,7 +673,6 @@ class ModelCache:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover - torch is a dependency
             pass
-        return names
 
 
 # -- running ------------------------------------------------------------------------------------------------
@@ -905,7 +925,17 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             device = "cpu" if p["device"] == "cpu" else str(resolve_device(p["device"], warn=False))
             check_memory(spec, device, None, vols)
             prog.emit("sampling", 0, 0, f"simulating {p['views']} fan-beam views")
-            out = simulate_sparse_view(vols["input"], views=p["views"], bins=p["bins"], device=device)
+            started: list[float] = []
+
+            def slices_done(done: int, total: int) -> None:
+                now = time.monotonic()
+                if not started:
+                    started.append(now)
+                eta = (now - started[0]) / done * (total - done) if done > 0 else None
+                prog.emit("sampling", done, total, f"simulated {done} of {total} slices", eta)
+
+            out = simulate_sparse_view(vols["input"], views=p["views"], bins=p["bins"], device=device,
+                                       cancel=cancel, progress=slices_done)
             prog.emit("writing", 0, 0, "writing")
             meta = {"task": spec.task, "views": p["views"], "units": "HU"}
             return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)

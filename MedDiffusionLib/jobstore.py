@@ -28,6 +28,7 @@ class JobStore:
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self._lock = threading.Lock()
+        self._closed = False
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=DELETE")
         self._db.execute(SCHEMA)
@@ -35,12 +36,15 @@ class JobStore:
     def save(self, row: dict[str, Any]) -> None:
         values = [json.dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in COLUMNS]
         with self._lock:
+            if self._closed:  # a worker finishing during shutdown: the next start recovers the job
+                return
             self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(COLUMNS)}) VALUES "
                              f"({', '.join('?' * len(COLUMNS))})", values)
 
     def delete(self, job_id: str) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            if not self._closed:
+                self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def rows(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -55,6 +59,7 @@ class JobStore:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()
 
 

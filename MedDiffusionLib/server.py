@@ -58,6 +58,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from . import __version__
 from .data.volumes import DETACHED_SUFFIXES
@@ -70,7 +71,7 @@ from .schema import Caps, JobRequest, parse_spec
 
 log = logging.getLogger("meddiffusion.server")
 
-JOB_ID_RE = re.compile(r"^[0-9a-f]{16,32}$")
+JOB_ID_RE = re.compile(r"[0-9a-f]{16,32}")  # always used with fullmatch
 MAX_DETAIL = 300  # characters of an error message sent to a client
 MAX_FORM_PARTS = 4
 MAX_SPEC_PART = 64 * 1024
@@ -145,8 +146,12 @@ class JobService:
     """Job table (in memory, mirrored in SQLite), per-device FIFO workers and model caches."""
 
     def __init__(self, work_dir: Path, limits: Limits, metrics: "Metrics | None" = None):
-        self.work_dir = Path(work_dir)
+        self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if any(self.work_dir.iterdir()) and not (self.work_dir / "jobs.sqlite3").exists():
+            raise UserError(f"{self.work_dir}: the work folder must be empty or one a MedDiffusion server made "
+                            "(it holds other files, which the server would manage as its own)")
+        self._lock_file = _lock_folder(self.work_dir)
         os.chmod(self.work_dir, 0o700)
         self.limits = limits
         self.metrics = metrics
@@ -164,7 +169,7 @@ class JobService:
 
     # -- persistence ----------------------------------------------------------------------------------------
     def save(self, job: Job) -> None:
-        if job.state != "receiving" and not job.deleted:
+        if job.state != "receiving" and not job.deleted and not self._stop.is_set():
             self.store.save(job.row())
 
     def _recover(self) -> None:
@@ -173,7 +178,7 @@ class JobService:
         now = time.time()
         for row in self.store.rows():
             folder = self.work_dir / row["id"]
-            if not JOB_ID_RE.match(row["id"] or ""):
+            if not JOB_ID_RE.fullmatch(row["id"] or ""):
                 self.store.delete(row["id"])
                 continue
             if row["finished"] and now - row["finished"] > self.limits.result_ttl_s:
@@ -200,7 +205,7 @@ class JobService:
                 self.store.save(job.row())
             self.jobs[job.id] = job
         for child in self.work_dir.iterdir():
-            if child.is_dir() and JOB_ID_RE.match(child.name) and child.name not in self.jobs:
+            if child.is_dir() and JOB_ID_RE.fullmatch(child.name) and child.name not in self.jobs:
                 shutil.rmtree(child, ignore_errors=True)
         for job in sorted(self.jobs.values(), key=lambda j: j.created):
             if job.state == "queued":
@@ -242,6 +247,8 @@ class JobService:
 
     def enqueue(self, job: Job) -> None:
         with self.lock:
+            if job.deleted:  # its client deleted it while the upload was read
+                raise HTTPException(409, "the job was deleted by its client during the upload")
             waiting = sum(1 for j in self.jobs.values() if j.state == "queued")
             if waiting >= self.limits.max_queue:
                 raise HTTPException(503, f"the queue is full ({self.limits.max_queue} jobs waiting); try again later",
@@ -316,7 +323,8 @@ class JobService:
             path = next(iter(job.folder.glob(f"{name}.*")), None)
             if path is None:
                 raise UserError("the uploaded input is gone (the server restarted); submit the job again")
-            out[name] = read_volume(path, max_bytes=self.limits.max_upload_bytes, name=name)
+            out[name] = read_volume(path, max_bytes=self.limits.max_upload_bytes,
+                                    max_voxels=self.limits.caps.max_input_voxels, name=name)
         return out
 
     def _run(self, job: Job, cache: ModelCache) -> None:
@@ -404,6 +412,11 @@ class JobService:
         for j in old:
             self.store.delete(j.id)
             shutil.rmtree(j.folder, ignore_errors=True)
+        with self.lock:  # folders no job owns (a job's folder is made and registered under this lock)
+            orphans = [c for c in self.work_dir.iterdir()
+                       if c.is_dir() and JOB_ID_RE.fullmatch(c.name) and c.name not in self.jobs]
+        for child in orphans:
+            shutil.rmtree(child, ignore_errors=True)
 
     def cancel(self, job: Job) -> None:
         with self.lock:
@@ -457,12 +470,42 @@ class JobService:
                 "preview_step": job.preview_step, "spec": spec, "device": job.device,
                 "created": job.created, "finished": job.finished}
 
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
     def close(self) -> None:
-        self._stop.set()
+        self._stop.set()  # no row is written after this: a running job is failed at the next start
         for device, job_id in self.running.items():
             if job_id:
                 log.warning("stopping while job %s runs on %s; it is failed at the next start", job_id, device)
-        self.store.close()
+        with self.lock:
+            self.store.close()
+        self._unlock()
+
+
+def _lock_folder(folder: Path) -> Any:
+    """An exclusive lock on ``folder/.lock`` held while the service lives: two servers sharing one
+    work folder would fail each other's jobs and delete each other's uploads."""
+    fh = open(os.open(folder / ".lock", os.O_WRONLY | os.O_CREAT, 0o600), "w")
+    try:
+        import fcntl
+    except ImportError:  # Windows: msvcrt locks a byte range instead
+        import msvcrt
+
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            fh.close()
+            raise UserError(f"{folder}: another MedDiffusion server uses this work folder") from None
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise UserError(f"{folder}: another MedDiffusion server uses this work folder") from None
+    return fh
 
 
 def _jsonable(obj: Any) -> Any:
@@ -492,15 +535,17 @@ def health_info(service: JobService, viewer: User | None = None) -> dict[str, An
         out_models.append({"id": m.id, "title": m.title, "compression": m.compression, "bundled": m.bundled,
                            "state": state, "license": m.license, "classes": m.classes,
                            "defaults": {"class": m.default_class, **m.sampling_defaults}})
-    running = [j for j in service.running.values() if j]
+    with service.lock:  # a snapshot: submits change the table from other threads
+        jobs = dict(service.jobs)
+        running = [j for j in service.running.values() if j]
     if viewer is not None and not viewer.admin:
-        running = [j for j in running if j in service.jobs and service.jobs[j].owner == viewer.name]
+        running = [j for j in running if j in jobs and jobs[j].owner == viewer.name]
     caps = service.limits.caps
     return {"version": __version__, "torch": torch.__version__, "devices": devices, "models": out_models,
             "controlnets": named_controlnets(),
             "loaded": [k for c in service.caches.values() for k in c.keys()],
             "model_loads": sum(c.loads for c in service.caches.values()),
-            "queue": sum(1 for j in service.jobs.values() if j.state == "queued"),
+            "queue": sum(1 for j in jobs.values() if j.state == "queued"),
             "running": running,
             "user": viewer.name if viewer else None, "admin": bool(viewer and viewer.admin),
             "limits": {"max_upload_bytes": service.limits.max_upload_bytes,
@@ -556,7 +601,7 @@ class Metrics:
 def _action(method: str, path: str) -> tuple[str | None, str | None]:
     """(audited action, job id) of a request path under /v1."""
     parts = path.strip("/").split("/")
-    job = parts[2] if len(parts) >= 3 and parts[:2] == ["v1", "jobs"] else None
+    job = parts[2] if len(parts) >= 3 and parts[:2] == ["v1", "jobs"] and JOB_ID_RE.fullmatch(parts[2]) else None
     if method == "POST" and parts == ["v1", "jobs"]:
         return "submit", None
     if method == "POST" and len(parts) == 4 and parts[3] == "cancel":
@@ -597,6 +642,17 @@ class Gate:
                  metrics: Metrics | None = None):
         self.app, self.users, self.limits, self.audit, self.limiter = app, users, limits, audit, limiter
         self.metrics = metrics
+        self._locked: dict[str, float] = {}
+
+    def _first_refusal(self, addr: str) -> bool:
+        now = time.monotonic()
+        last = self._locked.get(addr)
+        if last is not None and now - last < self.limits.auth_window_s:
+            return False
+        if len(self._locked) >= 10000:
+            self._locked.clear()
+        self._locked[addr] = now
+        return True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -606,7 +662,8 @@ class Gate:
         action, job = _action(method, path)
         retry = self.limiter.retry_after(addr)
         if retry is not None:
-            self.audit.record(addr, None, "refused", job, 429)
+            if self._first_refusal(addr):  # one audit line per lockout, not one per request
+                self.audit.record(addr, None, "locked out", job, 429)
             return await _send_json(send, 429, f"too many failed sign-ins from this address; try again in "
                                                f"{retry:.0f} s", {"Retry-After": str(int(retry + 0.999))})
         headers = dict(scope.get("headers") or [])
@@ -684,11 +741,11 @@ def header_timeout_protocol(seconds: float) -> type:
             self._arm_head_deadline()
 
         def on_response_complete(self) -> None:
+            marker = self.cycle  # before super(): it may start a pipelined request's cycle
             super().on_response_complete()
-            self._arm_head_deadline()
+            self._arm_head_deadline(marker)
 
-        def _arm_head_deadline(self) -> None:
-            marker = self.cycle
+        def _arm_head_deadline(self, marker: Any = None) -> None:
             self.loop.call_later(seconds, self._head_deadline, marker)
 
         def _head_deadline(self, marker: Any) -> None:
@@ -714,13 +771,16 @@ class _FormReader:
         self._headers: dict[str, bytes] = {}
         self._name: str | None = None
         self._fh: Any = None
-        self.error: HTTPException | None = None
+        self.ended = False
 
     def callbacks(self) -> dict[str, Callable]:
         return {"on_part_begin": self._part_begin, "on_header_field": self._header_field_cb,
                 "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
                 "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-                "on_part_end": self._part_end}
+                "on_part_end": self._part_end, "on_end": self._end}
+
+    def _end(self) -> None:
+        self.ended = True
 
     def _part_begin(self) -> None:
         self.parts += 1
@@ -816,21 +876,26 @@ async def _read_body(request: Request, folder: Path) -> tuple[bytes, dict[str, t
             raise HTTPException(400, f"could not read the upload ({type(exc).__name__})") from exc
     finally:
         reader.close()
+    if not reader.ended:
+        raise HTTPException(400, "the upload ended before its closing boundary")
     if reader.spec is None:
         raise HTTPException(400, "the request needs a 'spec' field with the job spec as JSON")
     return bytes(reader.spec), reader.files
 
 
 # -- the app ----------------------------------------------------------------------------------------------------
-ERRORS = {400: "bad request (one line says what)", 401: "missing or wrong token", 404: "no such job (or not yours)",
-          408: "the request body stalled", 409: "conflict (job not finished, or id in use)",
-          413: "upload or spec too large", 415: "not a readable single-file volume", 429: "too many failed sign-ins",
-          500: "internal error (with an id the server log has)", 503: "the queue is full (see Retry-After)"}
+ERRORS = {400: "bad request (one line says what)", 401: "missing or wrong token", 403: "an admin's action",
+          404: "no such job (or not yours)", 408: "the request body stalled",
+          409: "conflict (job not finished, or id in use)", 413: "upload or spec too large",
+          415: "not a readable single-file volume", 429: "too many failed sign-ins from this address",
+          500: "internal error (with an id the server log has)", 503: "the queue is full"}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema plus what routes taking a raw request cannot say themselves: the job
-    request body, the bearer security scheme and the error answers."""
+    request body, the bearer security scheme, the error answers each route gives and the media
+    types of its successful answers."""
     from fastapi.openapi.utils import get_openapi
 
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
@@ -844,21 +909,32 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     doc["security"] = [{"bearer": []}]
     ref = {"$ref": "#/components/schemas/JobRequest"}
-    post = doc["paths"]["/v1/jobs"]["post"]
+    paths = doc["paths"]
+    post = paths["/v1/jobs"]["post"]
     post["requestBody"] = {"required": True, "content": {
         "application/json": {"schema": ref},
         "multipart/form-data": {"schema": {"type": "object", "required": ["spec"], "properties": {
             "spec": ref, "input": {"type": "string", "format": "binary"}}},
             "encoding": {"spec": {"contentType": "application/json"}}}}}
     post["parameters"] = [{"name": "X-Job-Id", "in": "header", "required": False,
-                           "schema": {"type": "string", "pattern": JOB_ID_RE.pattern}}]
-    for item in doc["paths"].values():
-        for op in item.values():
+                           "schema": {"type": "string", "pattern": f"^{JOB_ID_RE.pattern}$"}}]
+    binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    for path in ("/v1/jobs/{job_id}/results/{name}", "/v1/jobs/{job_id}/preview"):
+        paths[path]["get"]["responses"]["200"]["content"] = binary
+    paths["/v1/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    common = (400, 401, 404, 429, 500)
+    extra = {("/v1/jobs", "post"): (408, 409, 413, 415, 503), ("/v1/unload", "post"): (403,),
+             ("/v1/jobs/{job_id}/results/{name}", "get"): (409,)}
+    for path, item in paths.items():
+        for method, op in item.items():
             responses = op.setdefault("responses", {})
             responses.pop("422", None)
-            for code, text in ERRORS.items():
-                responses.setdefault(str(code), {"description": text, "content": {
-                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+            for code in common + extra.get((path, method), ()):
+                answer = {"description": ERRORS[code], "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                if code in (429, 503):
+                    answer["headers"] = RETRY_AFTER
+                responses.setdefault(str(code), answer)
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     return doc
@@ -872,7 +948,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
     users = Users(tokens_file=tokens_file) if tokens_file is not None else Users(token=token)
     limits = limits or Limits()
     own_dir = work_dir is None
-    work = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="meddiffusion-jobs-"))
+    work = Path(work_dir).resolve() if work_dir else Path(tempfile.mkdtemp(prefix="meddiffusion-jobs-")).resolve()
     service: JobService | None = None
     metrics = Metrics(lambda: service)
     service = JobService(work, limits, metrics)
@@ -954,7 +1030,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
             raise HTTPException(413, f"upload too large ({int(length) / 2 ** 20:.0f} MiB; the limit is "
                                      f"{limits.max_upload_bytes / 2 ** 20:.0f} MiB)")
         wanted = request.headers.get("x-job-id")
-        if wanted is not None and not JOB_ID_RE.match(wanted):
+        if wanted is not None and not JOB_ID_RE.fullmatch(wanted):
             raise HTTPException(400, "X-Job-Id must be 16 to 32 lowercase hex digits")
         job_id = wanted or uuid.uuid4().hex[:16]
         with service.lock:
@@ -967,10 +1043,12 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
             service.jobs[job_id] = job
         request.scope["state"]["job"] = job_id
         try:
-            await _submit(request, job)
-            if job.deleted:  # deleted by its client while the upload was read
-                raise HTTPException(409, "the job was deleted by its client during the upload")
-            service.enqueue(job)
+            try:
+                await _submit(request, job, user)
+            except ClientDisconnect:
+                log.info("job %s: the client went away during the upload", job_id)
+                raise HTTPException(499, "the client went away during the upload") from None
+            service.enqueue(job)  # refuses a job its client deleted while the upload was read
         except BaseException:
             with service.lock:
                 if service.jobs.get(job_id) is job:
@@ -980,7 +1058,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         log.info("job %s queued for %s: %s on %s", job_id, user.name, job.spec.task, job.device)
         return service.status(job, user)
 
-    async def _submit(request: Request, job: Job) -> None:
+    async def _submit(request: Request, job: Job, user: User) -> None:
         from .jobs import check_input
 
         raw, files = await _read_body(request, job.folder)
@@ -988,6 +1066,9 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
             spec = await run_in_threadpool(parse_spec, raw, limits.caps)
         except UserError as exc:
             raise HTTPException(400, str(exc)) from exc
+        for key, why in (("force", "run past the memory check"), ("compile", "start an ahead-of-time build")):
+            if spec.params.get(key) and not user.admin:  # either would let one user take the machine
+                raise HTTPException(400, f"{key}: only an admin may {why} on this server")
         missing = [n for n in spec.inputs if n not in files]
         if missing:
             raise HTTPException(400, f"input {missing[0]!r} was not uploaded (send it as a file field named "
@@ -1000,24 +1081,26 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         except UserError as exc:
             raise HTTPException(400, str(exc)) from exc
         spec.params["device"] = device  # what the worker runs on is what the spec says
-        inputs, warnings = {}, []
+        warnings = []
         for name, (fname, path) in files.items():
-            inputs[name] = await run_in_threadpool(_read_upload, path, name)
+            vol = await run_in_threadpool(_read_upload, path, name)
             job.input_names[name] = fname or name
             spec.inputs[name] = name
             try:
-                found = await run_in_threadpool(check_input, spec, inputs[name], limits.caps)
+                found = await run_in_threadpool(check_input, spec, vol, limits.caps)
             except UserError as exc:
                 raise HTTPException(400, str(exc)) from exc
             warnings += [f"warning: {w}" for w in found]
-        job.spec, job.device, job.inputs, job.warnings = spec, device, inputs, warnings
+            del vol  # queued jobs keep their inputs on disk only; the worker reads them again
+        job.spec, job.device, job.warnings = spec, device, warnings
         job.created = time.time()
 
     def _read_upload(path: Path, name: str) -> Any:
         from .data.volumes import read_volume
 
         try:
-            return read_volume(path, max_bytes=limits.max_upload_bytes, name=name)
+            return read_volume(path, max_bytes=limits.max_upload_bytes, max_voxels=limits.caps.max_input_voxels,
+                               name=name)
         except UserError as exc:
             raise HTTPException(415 if "too large" not in str(exc) else 413,
                                 f"input {name!r} could not be read as a volume: {exc}") from exc
@@ -1028,8 +1111,9 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
     @app.get("/v1/jobs")
     def list_jobs(request: Request) -> list:
         user = user_of(request)
-        return [service.status(j, user) for j in list(service.jobs.values())
-                if service.visible(j, user) and j.state != "receiving"]
+        with service.lock:
+            jobs = list(service.jobs.values())
+        return [service.status(j, user) for j in jobs if service.visible(j, user) and j.state != "receiving"]
 
     @app.get("/v1/jobs/{job_id}")
     def job_status(job_id: str, request: Request) -> dict:
@@ -1050,7 +1134,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         if job is not None and job.state == "receiving" and job.owner == user.name:
             service.delete(job)  # the submit handler sees it and drops the upload
             return Response(status_code=204)
-        if job is None and JOB_ID_RE.match(job_id):
+        if job is None and JOB_ID_RE.fullmatch(job_id):
             service.bury(user.name, job_id)  # an interrupted submit may still arrive under this id
         service.delete(job_or_404(job_id, user))
         return Response(status_code=204)
@@ -1103,7 +1187,9 @@ def serve(host: str = "127.0.0.1", port: int = 8765, token: str | None = None, w
         threading.Thread(target=_watch_parent, args=(exit_with_parent,), daemon=True).start()
     limits = limits or Limits()
     app = create_app(token, work_dir, limits, tokens_file)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False,
+    # proxy_headers=False: X-Forwarded-For from any local process would otherwise pick the address
+    # that the sign-in limit and the audit log see
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, proxy_headers=False,
                 http=header_timeout_protocol(limits.header_timeout_s), timeout_keep_alive=5,
                 ssl_certfile=tls_cert, ssl_keyfile=tls_key)
 

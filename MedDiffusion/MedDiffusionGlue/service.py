@@ -32,7 +32,8 @@ from typing import Any, Callable
 from MedDiffusionLib.client import (Client, JobCancelled, JobFailed, LocalServer, ServiceError,
                                     ServiceUnavailable)
 
-from .nodes import InputError, check_scalar_volume, read_volume, remove_node, write_labels, write_volume
+from .nodes import (InputError, check_scalar_volume, propose_segment_mapping, read_volume, remove_node,
+                    unmapped_segments, write_labels, write_volume)
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_NAME = "MedDiffusion preview"
@@ -75,6 +76,36 @@ def default_python() -> str:
     return sys.executable
 
 
+# The label convention of the bundled labels ControlNet (``ct_labels_from_hu``: 0 air, 1 lung, 2 soft
+# tissue, 3 bone, 4 tumour), used where the service lists a ControlNet's label values without names.
+DEFAULT_LABEL_NAMES = {0: "Air", 1: "Lung", 2: "Soft tissue", 3: "Bone", 4: "Tumour"}
+
+
+class UnmappedSegmentsError(InputError):
+    """Segments of the segmentation have no model label; ``segments``: [(segment id, name)]."""
+
+    def __init__(self, message: str, segments: list) -> None:
+        super().__init__(message)
+        self.segments = segments
+
+
+def controlnet_label_names(info: dict) -> dict:
+    """{label value: name} of a labels ControlNet as the service's health lists it
+    (``label_values``, and ``label_names`` as a list or {value: name} where the service gives
+    them); values without a name get the bundled convention's name (:data:`DEFAULT_LABEL_NAMES`)
+    when they all belong to it, else "Label N"."""
+    values = [int(v) for v in (info.get("label_values") or [])]
+    names = info.get("label_names")
+    if isinstance(names, dict):
+        given = {int(k): str(v) for k, v in names.items()}
+    elif isinstance(names, (list, tuple)) and len(names) == len(values):
+        given = {v: str(n) for v, n in zip(values, names)}
+    else:
+        given = {}
+    conventional = all(v in DEFAULT_LABEL_NAMES for v in values)
+    return {v: given.get(v) or (DEFAULT_LABEL_NAMES[v] if conventional else f"Label {v}") for v in values}
+
+
 POLL_BUDGET_S = 0.05  # the longest one poll() moves a job on (the GUI stays responsive)
 START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
 
@@ -105,6 +136,7 @@ class Job:
     cancelTransfer: Any = None
     downloaded: int = 0  # results loaded so far
     cancelRequested: bool = False
+    sceneClosed: bool = False  # the scene was closed during the job: it adds nothing (ServiceLogic.onSceneClosing)
 
     @property
     def state(self) -> str:
@@ -317,6 +349,74 @@ class ServiceLogic:
                 return c
         raise InputError(f"the service has no ControlNet {name!r}")
 
+    # -- segment -> label mapping (the panel's table and the console) -----------------------------------------
+    def controlNetLabels(self, controlNet: str = "chest-ct-mini-labels") -> dict:
+        """{label value: label name} of a labels ControlNet, from the service's health."""
+        labels = controlnet_label_names(self.controlNetInfo(controlNet))
+        if not labels:
+            raise InputError(f"the ControlNet {controlNet!r} takes no label map")
+        return labels
+
+    @staticmethod
+    def proposeSegmentMapping(segmentationNode, labelNames) -> dict:
+        """{segment id: proposed label name, or None where nothing matched} for every segment, from
+        the segment names and terminology entries ("left lung" -> Lung, "rib" -> Bone, "nodule" ->
+        Tumour). ``labelNames``: a list of names or {value: name} (:meth:`controlNetLabels`)."""
+        return propose_segment_mapping(segmentationNode, labelNames)
+
+    @staticmethod
+    def unmappedSegments(segmentationNode, segmentLabels: dict) -> list:
+        """[(segment id, segment name)] of the segments ``segmentLabels`` gives no label (absent or None)."""
+        if segmentationNode is None:
+            raise InputError("select a segmentation")
+        return unmapped_segments(segmentationNode, segmentLabels or {})
+
+    def segmentLabelValues(self, segmentationNode, segmentLabels: dict, controlNet: str = "chest-ct-mini-labels",
+                           allowUnmapped: bool = False) -> dict:
+        """``segmentLabels`` ({segment id: label value, label name or None}) as {segment id: value}
+        for the export, checked before a job starts: a label name or a value the ControlNet does not
+        have is refused, and segments left without a label raise :class:`UnmappedSegmentsError`
+        (listing them) unless ``allowUnmapped`` (then they become label 0 like the background)."""
+        if segmentationNode is None:
+            raise InputError("select a segmentation")
+        segmentLabels = dict(segmentLabels or {})
+        try:
+            labels = self.controlNetLabels(controlNet)
+        except (InputError, ServiceError):
+            if any(isinstance(v, str) for v in segmentLabels.values()):
+                raise
+            labels = None  # unknown here: the service checks the ControlNet itself
+        byName = {n.strip().lower(): v for v, n in (labels or {}).items()}
+        seg = segmentationNode.GetSegmentation()
+        values = {}
+        for sid, label in segmentLabels.items():
+            segment = seg.GetSegment(sid)
+            title = segment.GetName() if segment is not None else sid
+            if label is None:
+                continue
+            if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
+                if label.strip().lower() not in byName:
+                    raise InputError(f"segment {title!r}: the ControlNet has no label {label!r}; it has "
+                                     f"{', '.join(labels.values())}")
+                label = byName[label.strip().lower()]
+            label = int(label)
+            if labels is not None and label not in labels:
+                raise InputError(f"segment {title!r}: {label} is not a label of the ControlNet {controlNet!r} "
+                                 f"({', '.join(f'{v} {n}' for v, n in labels.items())})")
+            values[sid] = label
+        missing = unmapped_segments(segmentationNode, values)
+        if missing and not allowUnmapped:
+            zero = (labels or DEFAULT_LABEL_NAMES).get(0, "background")
+            raise UnmappedSegmentsError(
+                f"{len(missing)} segment{'s' if len(missing) > 1 else ''} of {segmentationNode.GetName()!r} "
+                f"{'have' if len(missing) > 1 else 'has'} no model label: {', '.join(n for _, n in missing)}. "
+                f"Choose a label for {'them' if len(missing) > 1 else 'it'}, or leave "
+                f"{'them' if len(missing) > 1 else 'it'} out on purpose (allowUnmapped=True): "
+                f"left-out segments become label 0 ({zero}).", missing)
+        if not values:
+            raise InputError("map at least one segment to a model label (e.g. Lung=1)")
+        return values
+
     # -- submitting ----------------------------------------------------------------------------------------
     def _newWorkDir(self) -> str:
         return tempfile.mkdtemp(prefix="meddiffusion-job-")
@@ -341,8 +441,50 @@ class ServiceLogic:
             shutil.rmtree(work, ignore_errors=True)
             raise
         job = Job("", spec["task"], name, like, window, {"state": "uploading"}, work, transfer=transfer)
+        self._trackJob(job)
         self.poll(job)
         return job
+
+    # -- the scene closing under running jobs ----------------------------------------------------------------
+    def _activeJobs(self) -> list:
+        jobs = self.__dict__.setdefault("_jobs", [])  # set here: the module logic's __init__ is Slicer's
+        jobs[:] = [j for j in jobs if not j.done]
+        return jobs
+
+    def _trackJob(self, job: Job) -> None:
+        self._activeJobs().append(job)
+
+    def onSceneClosing(self) -> None:
+        """The scene is about to be closed (the panel calls this on ``StartCloseEvent``): every
+        unfinished job is cancelled and adds nothing to the scene any more. Its live preview and
+        any result loaded so far are removed now and its input node is let go; a job on the service
+        is deleted there (which stops it). Keep polling the jobs as usual: each ends ``cancelled``
+        (``finishJob`` raises :class:`JobCancelled` and returns no node) without touching the scene."""
+        for job in list(self._activeJobs()):
+            if job.done:
+                continue
+            job.sceneClosed, job.like = True, None
+            if job.previewTransfer is not None:
+                job.previewTransfer.cancel()
+                job.previewTransfer = None
+            if job.previewNode is not None:
+                remove_node(self.scene, job.previewNode)
+                job.previewNode = None
+            self._removeNodes(job)
+            if job.phase == "uploading" and job.transfer is not None and job.transfer.sent < (job.transfer.total or 0):
+                job.transfer.cancel()  # the service drops a partial upload: no job was created
+                job.transfer = None
+                self._end(job, self._sceneClosedError())
+            elif job.phase == "uploading":
+                job.cancelRequested = True  # all sent: deleted once the service names the job (_stepUpload)
+            elif job.phase in ("service", "downloading"):
+                self._end(job, self._sceneClosedError())  # DELETE cancels it on the service
+            else:  # "cleanup": its results went with the scene; only the service's copy is still being deleted
+                job.error = self._sceneClosedError()
+
+    @staticmethod
+    def _sceneClosedError() -> JobCancelled:
+        return JobCancelled("the scene was closed: the job was cancelled and nothing was added", None)
 
     def submitGenerate(self, modelId: str | None = None, classIndex: int | None = None, size=None, spacing=None,
                        seed: int = 0, sampler: str | None = None, steps: int | None = None, numberOfVolumes: int = 1,
@@ -368,11 +510,16 @@ class ServiceLogic:
 
     def submitSynthesize(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
                          controlNet: str = "chest-ct-mini-labels", seed: int = 0, steps: int | None = None,
-                         device: str = "auto", mode: str = "fast", previewEvery: int = 0) -> Job:
-        """Synthesize CT from segments (segment id -> model label value) on the reference grid."""
+                         device: str = "auto", mode: str = "fast", previewEvery: int = 0,
+                         allowUnmapped: bool = False) -> Job:
+        """Synthesize CT from segments on the reference grid. ``segmentLabels``: {segment id: model
+        label value (or label name)}. Every segment must have a label: the ones without raise
+        :class:`UnmappedSegmentsError` (an ``InputError`` listing them) before anything starts,
+        unless ``allowUnmapped`` (then they become label 0, like the background)."""
         if segmentationNode is None:
             raise InputError("select a segmentation")
         check_scalar_volume(referenceVolumeNode, "reference volume")
+        segmentLabels = self.segmentLabelValues(segmentationNode, segmentLabels, controlNet, allowUnmapped)
         params = {"seed": int(seed), "sampler": "ddim", "steps": steps, "device": device, "mode": mode,
                   "preview_every": int(previewEvery)}
         return self._submit({"task": "synthesize", "controlnet": controlNet, "params": params},
@@ -438,7 +585,9 @@ class ServiceLogic:
             return
         job.status, job.id, job.phase = transfer.result, transfer.result["id"], "service"
         self._log(f"submitted {job.task} job {job.id}")
-        if job.cancelRequested:
+        if job.sceneClosed:
+            self._end(job, self._sceneClosedError())
+        elif job.cancelRequested:
             self.cancel(job)
 
     def _stepService(self, job: Job, left: Callable[[], float]) -> None:
@@ -614,7 +763,8 @@ class ServiceLogic:
 
     def synthesizeFromSegmentation(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
                                    progressCallback=None, timeout: float | None = None, **kwargs):
-        """Blocking :meth:`submitSynthesize`: returns the synthetic CT node on the reference grid."""
+        """Blocking :meth:`submitSynthesize`: returns the synthetic CT node on the reference grid
+        (``allowUnmapped=True`` to leave segments without a label out on purpose)."""
         job = self.submitSynthesize(segmentationNode, referenceVolumeNode, segmentLabels, **kwargs)
         return self.waitJob(job, progressCallback, timeout=timeout)
 
@@ -653,4 +803,5 @@ def segment_mapping(segmentationNode, text: str) -> dict:
 
 
 __all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError",
+           "UnmappedSegmentsError", "controlnet_label_names", "DEFAULT_LABEL_NAMES",
            "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S"]

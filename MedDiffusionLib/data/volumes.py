@@ -6,7 +6,8 @@ convention (``to_network`` / ``from_network``). Generated volumes get the offici
 geometry: a positive diagonal affine of the spacings (i -> R, j -> A, k -> S) with origin 0.
 NIfTI is written with nibabel (RAS), NRRD and MHA with SimpleITK (LPS on disk). Only single-file
 formats are read and written (:data:`SUFFIXES`); :func:`read_volume` checks each header itself
-before SimpleITK reads the file (headers that name other files, unpacked size, NaN kept).
+before SimpleITK reads the file (headers that name other files, unpacked size and voxel count, data
+as long as the header says, compressed data that inflate exactly, NaN kept).
 """
 from __future__ import annotations
 
@@ -98,6 +99,13 @@ def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
 # tokenisation), refuses anything that names another file, and computes the unpacked size in
 # Python ints. The reader is then pinned to the ImageIO of the format we checked, so that ITK cannot
 # pick another (GDCM, Bruker, ...) for a file crafted to look like two formats.
+# The readers also trust the data part: the NIfTI reader fills data that end early with zeros, and
+# MetaIO prints "Uncompress failed" and hands back an uninitialised buffer (heap contents) when its
+# zlib data do not inflate. So once the size is known to be within bounds, :func:`_check_data`
+# measures the data part: raw data by the file size, compressed data by inflating them once more in
+# bounded chunks and counting (nothing kept). Data shorter than the header says, and compressed data
+# that are damaged (or, for MetaIO, do not inflate to exactly the header's size), are refused. NRRD
+# encodings are limited to what we verify (raw, gzip) or what teem verifies value by value (ascii, hex).
 SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")  # single-file formats: read and written
 DETACHED_SUFFIXES = (".nhdr", ".mhd")  # headers that always name a separate data file: refused
 HEADER_LIMIT = 64 * 1024  # bytes of NRRD/MetaIO header we read; a longer header is refused
@@ -116,6 +124,14 @@ class _Header:
     inter: float = 0.0
     offset: int = 0  # NIfTI vox_offset
     sizes: tuple = ()  # NIfTI dim[1..dim[0]]
+    voxels: int = 0  # grid points the header gives (product of its sizes; MetaIO channels not counted)
+    # where and how the data part is stored, for _check_data
+    encoding: str = ""  # "raw", "gzip" (gzip members), "zlib" (MetaIO: one zlib/gzip stream); "" = not checked
+    data_start: int = 0  # file offset of the data part
+    skip: int = 0  # bytes of the (inflated) data part before the voxels (NIfTI vox_offset, NRRD byte skip)
+    data_bytes: int = 0  # bytes of voxel data the header says the reader takes
+    line_skip: int = 0  # NRRD: lines of the file skipped before the data part
+    compressed_size: int = 0  # MetaIO CompressedDataSize
 
 
 def _suffix(path: Path, label: str | None = None, writing: bool = False) -> str:
@@ -239,9 +255,12 @@ def _inspect_nifti(f, suffix: str, label: str) -> _Header:
     # niftilib's FIXED_FLOAT: a non-finite slope or intercept reads as 0; ITK rescales only when slope != 0
     slope = slope if math.isfinite(slope) else 0.0
     inter = inter if math.isfinite(inter) else 0.0
+    f.seek(0)
+    gz = suffix == ".nii.gz" and f.read(2) == b"\x1f\x8b"  # as _nifti_stream decides
     return _Header("NiftiImageIO", int(vox_offset) + voxels * _NIFTI_BYTES[datatype],
                    end + _NIFTI_FLOATS[datatype] if datatype in _NIFTI_FLOATS else "", slope, inter,
-                   int(vox_offset), tuple(sizes))
+                   int(vox_offset), tuple(sizes), voxels=voxels, encoding="gzip" if gz else "raw",
+                   skip=int(vox_offset), data_bytes=voxels * _NIFTI_BYTES[datatype])
 
 
 # teem's nrrdType names (case-insensitive, spaces collapsed) -> bytes
@@ -255,6 +274,9 @@ _NRRD_TYPES = {**dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsig
                                 "unsigned long long int", "uint64", "uint64_t", "double"), 8)}
 _NRRD_FIELDS = ("type", "dimension", "sizes", "encoding", "byteskip", "lineskip", "kinds")
 _NRRD_SPATIAL_KINDS = ("domain", "space", "time", "???", "none")
+# teem's encoding names (case-insensitive) -> what _check_data does: measure raw data, inflate gzip
+# data; ascii/hex are parsed value by value by teem, which refuses a missing or malformed value
+_NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip", "ascii": "", "text": "", "txt": "", "hex": ""}
 _LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")  # teem's airOneLine: a line ends at \n, \r or \r\n
 
 
@@ -286,7 +308,7 @@ def _inspect_nrrd(head: bytes, label: str) -> _Header:
                 if key in fields:
                     raise _refuse(label, f"the NRRD header gives '{key}' twice")
                 fields[key] = line.split(b": ", 1)[1].strip().decode("latin-1")
-    missing = [k for k in ("type", "dimension", "sizes") if k not in fields]
+    missing = [k for k in ("type", "dimension", "sizes", "encoding") if k not in fields]
     if missing:
         raise _refuse(label, f"the NRRD header has no {', '.join(missing)} field")
     tsize = _NRRD_TYPES.get(" ".join(fields["type"].lower().split()))
@@ -303,7 +325,15 @@ def _inspect_nrrd(head: bytes, label: str) -> _Header:
     voxels = _prod(sizes, label)
     kinds = fields.get("kinds", "").lower().split()
     _check_spatial(label, [s for i, s in enumerate(sizes) if len(kinds) != dim or kinds[i] in _NRRD_SPATIAL_KINDS])
-    return _Header("NrrdImageIO", voxels * tsize + max(byte_skip, 0))
+    encoding = _NRRD_ENCODINGS.get(fields["encoding"].lower())
+    if encoding is None:
+        what = "bzip2-compressed" if fields["encoding"].lower() in ("bzip2", "bz2") else \
+            f"{fields['encoding'][:40]!r}-encoded"
+        raise _refuse(label, f"{what} NRRD data are not supported; save the image with raw or gzip encoding")
+    if encoding == "gzip" and byte_skip < 0:  # teem would inflate the whole stream to skip from its end
+        raise _refuse(label, "the NRRD header gives 'byte skip: -1' with gzip data, which is not supported")
+    return _Header("NrrdImageIO", voxels * tsize + max(byte_skip, 0), voxels=voxels, encoding=encoding,
+                   data_start=pos, skip=max(byte_skip, 0), data_bytes=voxels * tsize, line_skip=line_skip)
 
 
 _MET_TYPES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
@@ -365,7 +395,7 @@ def _inspect_metaio(head: bytes, file_size: int, label: str) -> _Header:
             tokens = value.split()
             if len(tokens) < need or not all(_NUMBER.fullmatch(t) for t in tokens[:need]):
                 raise bad(f"{name} needs {need} number(s)")
-        if name in fields and (need or name == "ElementType"):
+        if name in fields and (need or name in ("ElementType", "CompressedData", "BinaryData")):
             raise bad(f"{name} given twice")
         fields[name] = [float(t) for t in value.split()[:need]] if need else value.decode("latin-1")
         if name == "NDims" and (fields[name][0] != int(fields[name][0]) or not 1 <= fields[name][0] <= 16):
@@ -387,20 +417,138 @@ def _inspect_metaio(head: bytes, file_size: int, label: str) -> _Header:
         raise _refuse(label, f"unsupported MetaIO ElementType {fields['ElementType'][:40]!r}")
     voxels = _prod(sizes + [int(channels)], label)
     _check_spatial(label, sizes)
-    return _Header("MetaImageIO", voxels * tsize)
+    unpacked = voxels * tsize
+    # where MetaIO's M_ReadElements looks for the data: HeaderSize > 0 is an offset from the start of the
+    # file, -1 means "the last bytes of the file" (we require them after the header), else after the header
+    header_size = int(fields.get("HeaderSize", [0])[0])
+    start = header_size if header_size > 0 else pos
+    true = lambda key: fields.get(key, "")[:1] in ("T", "t", "1")  # noqa: E731 (MetaIO's test)
+    binary = "BinaryData" not in fields or true("BinaryData")
+    if not binary:  # ASCII values, parsed one by one by MetaIO, which fails on a missing one
+        return _Header("MetaImageIO", unpacked, voxels=_prod(sizes, label))
+    if not true("CompressedData"):
+        return _Header("MetaImageIO", unpacked, voxels=_prod(sizes, label), encoding="raw", data_start=start,
+                       data_bytes=unpacked)
+    compressed = int(fields.get("CompressedDataSize", [0])[0])
+    if compressed == 0:  # MetaIO then inflates the whole file, header included: never a valid image
+        raise bad("CompressedData without CompressedDataSize")
+    if header_size == -1:
+        raise bad("HeaderSize = -1 with CompressedData")
+    return _Header("MetaImageIO", unpacked, voxels=_prod(sizes, label), encoding="zlib", data_start=start,
+                   data_bytes=unpacked, compressed_size=compressed)
 
 
 def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.1f} MiB" if n < 2 ** 40 else f"{n / 2 ** 40:.3g} TiB"
 
 
-def read_volume(path: str | Path, *, max_bytes: int | None = None, name: str | None = None) -> Volume:
+_CHUNK = 1 << 22  # bytes read or inflated per step when measuring the data part
+_EOL = re.compile(rb"\r\n|\r|\n")  # teem's airOneLine line ends
+
+
+def _skip_lines(f, count: int) -> bool:
+    """Move ``f`` past ``count`` lines (ended as teem's airOneLine ends them); False if the file ends first."""
+    while count > 0:
+        chunk = f.read(_CHUNK)
+        while chunk.endswith(b"\r"):  # keep a \r\n pair in one chunk
+            more = f.read(1)
+            if not more:
+                break
+            chunk += more
+        if not chunk:
+            return False
+        ends = [m.end() for _, m in zip(range(count), _EOL.finditer(chunk))]
+        count -= len(ends)
+        if count == 0:
+            f.seek(ends[-1] - len(chunk), os.SEEK_CUR)
+    return True
+
+
+def _inflated(f, cap: int, label: str, what: str, *, wbits: int, limit_in: int | None = None,
+              members: bool = False) -> tuple[int, bool]:
+    """Inflate the compressed data at ``f``'s position and count the bytes out, never more than ``cap``
+    (and never more than ``_CHUNK`` in memory at a time); nothing is kept. Returns (bytes out, whether
+    the stream ended properly). ``limit_in`` bounds the compressed bytes read; with ``members``,
+    gzip members that follow one another are read on, as zlib's gzread does (trailing bytes that
+    are not a gzip member are ignored, as there). Damaged data are refused."""
+    import zlib
+
+    d, out, buf, left = zlib.decompressobj(wbits), 0, b"", limit_in
+
+    def more() -> bytes:
+        nonlocal left
+        data = f.read(_CHUNK if left is None else min(left, _CHUNK))
+        if left is not None:
+            left -= len(data)
+        return data
+
+    try:
+        while out < cap:
+            if not buf:
+                buf = more()
+                if not buf:
+                    return out, d.eof
+            out += len(d.decompress(buf, min(cap - out, _CHUNK)))
+            buf = d.unconsumed_tail
+            if d.eof:
+                if not members:
+                    return out, True
+                buf = d.unused_data
+                if len(buf) < 2:
+                    buf += more()
+                if not buf.startswith(b"\x1f\x8b"):
+                    return out, True
+                d = zlib.decompressobj(wbits)
+    except zlib.error as err:
+        raise _unreadable(label, f"damaged {what} data") from err
+    return out, d.eof
+
+
+def _check_data(path: Path, header: _Header, label: str) -> None:
+    """Refuse a data part shorter than the header says, and compressed data that are damaged (MetaIO:
+    that do not inflate to exactly the header's size), before a reader fills the rest with zeros or
+    leaves it uninitialised. Called after the size checks, so the work is bounded."""
+    if not header.encoding:
+        return  # ASCII / hex values: the reader parses and checks each one
+    need = header.skip + header.data_bytes
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            f.seek(min(header.data_start, size))
+            if header.encoding == "zlib":  # MetaIO: one zlib (or gzip) stream of CompressedDataSize bytes
+                if header.data_start + header.compressed_size > size:
+                    raise _unreadable(label, "the MetaIO CompressedDataSize runs past the end of the file")
+                have, ended = _inflated(f, header.data_bytes + 1, label, "zlib", wbits=47,
+                                        limit_in=header.compressed_size)
+                if have > header.data_bytes:
+                    raise _refuse(label, f"the compressed data hold more than the {header.data_bytes} bytes of voxel "
+                                         "data the header says")
+                if have == header.data_bytes and not ended:
+                    raise _unreadable(label, "the zlib data do not end properly (truncated or damaged)")
+            elif not _skip_lines(f, header.line_skip):
+                have = 0
+            elif header.encoding == "raw":
+                have = size - f.tell()
+            else:
+                have, _ = _inflated(f, need + 1, label, "gzip", wbits=31, members=True)  # + 1: up to the CRC
+    except OSError as err:
+        raise _refuse(label, f"cannot be read ({err.strerror or type(err).__name__})") from err
+    if have < need:
+        where = "compressed data hold" if header.encoding != "raw" else "file holds"
+        raise _refuse(label, f"the {where} {max(have - header.skip, 0)} bytes of voxel data, the header says "
+                             f"{header.data_bytes}")
+
+
+def read_volume(path: str | Path, *, max_bytes: int | None = None, max_voxels: int | None = None,
+                name: str | None = None) -> Volume:
     """Read a single-file NIfTI-1 / NRRD / MHA volume: (i, j, k) array and RAS affine.
 
     The header is checked first (see the comment above :data:`SUFFIXES`): headers that name another
-    file are refused, and so is an unpacked size over ``max_bytes`` (when given). NaN and infinite
-    voxels are kept in every format. Messages name ``name`` when given (the job service passes the
-    upload's field name; no server path reaches a client), else ``path``."""
+    file are refused, and so is an unpacked size over ``max_bytes`` or a voxel count over
+    ``max_voxels`` (when given; these refusals say "too large"). Then the data part is measured: data
+    shorter than the header says, and compressed data that do not inflate as the header says, are
+    refused. NaN and infinite voxels are kept in every format. Messages name ``name`` when given (the
+    job service passes the upload's field name; no server path reaches a client), else ``path``."""
     import SimpleITK as sitk
 
     path = Path(path)
@@ -412,7 +560,11 @@ def read_volume(path: str | Path, *, max_bytes: int | None = None, name: str | N
     if header.unpacked > ABSURD_BYTES or (max_bytes is not None and header.unpacked > max_bytes):
         limit = f"the limit of {_mib(max_bytes)}" if max_bytes is not None and max_bytes < ABSURD_BYTES else \
             "any sensible size"
-        raise _refuse(label, f"the header gives an image of {_mib(header.unpacked)} unpacked, over {limit}")
+        raise _refuse(label, f"too large: the header gives an image of {_mib(header.unpacked)} unpacked, over {limit}")
+    if max_voxels is not None and header.voxels > max_voxels:
+        raise _refuse(label, f"too large: the header gives {header.voxels} voxels, over the limit of {max_voxels} "
+                             "voxels")
+    _check_data(path, header, label)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(header.io)  # never let ITK pick another reader for this file
     reader.SetFileName(str(path))

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import Cancelled
 
 MU_WATER = 0.02  # 1/mm, roughly water at 70 keV
 
@@ -179,11 +182,30 @@ def simulate_peak_bytes(image_size: tuple[int, int], slices: int, views: int, bi
 
 
 def simulate_sparse_view_slices(hu: torch.Tensor, geometry: FanBeamGeometry, chunk: int = 16,
-                                device: str | torch.device = "cpu", mu_water: float = MU_WATER) -> torch.Tensor:
-    """HU slices ``(S, H, W)`` -> FBP of their fan-beam projections in HU, ``chunk`` slices at a time."""
-    op = FanBeamOperator(geometry, device=device)
+                                device: str | torch.device = "cpu", mu_water: float = MU_WATER,
+                                cancel: Callable[[], bool] | None = None,
+                                progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """HU slices ``(S, H, W)`` -> FBP of their fan-beam projections in HU, ``chunk`` slices at a time.
+
+    ``cancel()`` is asked before each chunk (the first one before the operator is built); when it
+    is true :class:`~MedDiffusionLib.errors.Cancelled` is raised. ``progress(done, total)`` is
+    called with 0 before the first chunk and after each chunk, in slices."""
+    total = int(hu.shape[0])
+    if progress is not None:
+        progress(0, total)
+    op: FanBeamOperator | None = None
     out = []
+    done = 0
     for block in hu.split(chunk):
+        if cancel is not None and cancel():
+            raise Cancelled(f"fan-beam simulation cancelled after {done} of {total} slices")
+        if op is None:
+            op = FanBeamOperator(geometry, device=device)
         mu = hu_to_attenuation(block.to(op.device, torch.float32), mu_water)
         out.append(attenuation_to_hu(op.fbp(op.forward(mu)), mu_water).cpu())
+        done += int(block.shape[0])
+        if progress is not None:
+            progress(done, total)
+    if op is None:  # no slices: keep the old behaviour (the operator's geometry checks, an empty cat error)
+        op = FanBeamOperator(geometry, device=device)
     return torch.cat(out)

@@ -189,9 +189,12 @@ class ControlledPipeline(KernelModeMixin):
 # -- task front doors ------------------------------------------------------------------------------------
 def simulate_sparse_view(ct_hu: Volume, views: int = 40, arc_degrees: float = 360.0, source_iso: float = 500.0,
                          source_det: float = 1000.0, bins: int = 512, device: str = "cpu",
-                         chunk: int = 16) -> Volume:
+                         chunk: int = 16, cancel: CancelFn | None = None,
+                         progress: ProgressFn | None = None) -> Volume:
     """Full CT (HU) -> FBP of a simulated ``views``-view fan-beam scan (HU), slice by slice in
-    the axial plane, on the same grid."""
+    the axial plane, on the same grid. ``cancel()`` is asked before every ``chunk`` of axial
+    slices (:class:`~MedDiffusionLib.errors.Cancelled` when true); ``progress(done, total)``
+    reports axial slices done (0 before the first chunk, then after each)."""
     check_finite(ct_hu, "the CT volume")
     canon, ornt = ct_hu.canonical_with_orientation()
     sp = canon.spacing
@@ -202,7 +205,8 @@ def simulate_sparse_view(ct_hu: Volume, views: int = 40, arc_degrees: float = 36
     slices = arr.transpose(1, 2)
     geo = FanBeamGeometry(image_size=tuple(slices.shape[1:]), pixel=float(sp[0]), views=views, arc_degrees=arc_degrees,
                           source_iso=source_iso, source_det=source_det, bins=bins)
-    fbp = simulate_sparse_view_slices(slices, geo, chunk=chunk, device=device).transpose(1, 2)
+    fbp = simulate_sparse_view_slices(slices, geo, chunk=chunk, device=device, cancel=cancel,
+                                      progress=progress).transpose(1, 2)
     out = np.ascontiguousarray(np.transpose(fbp.numpy(), (1, 2, 0)))
     return Volume.restore(out, ornt, ct_hu)
 

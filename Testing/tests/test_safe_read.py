@@ -111,9 +111,10 @@ def test_zip_bomb_is_refused_with_max_bytes(tmp_path):
 
 def test_compressed_mha_and_nrrd_bombs_are_refused_with_max_bytes(tmp_path):
     zeros = np.zeros((128, 128, 128), np.int16)
+    packed = zlib.compress(zeros.tobytes(), 9)  # MetaIO needs CompressedDataSize to find the stream
     (tmp_path / "bomb.mha").write_bytes(
         b"ObjectType = Image\nNDims = 3\nDimSize = 128 128 128\nElementType = MET_SHORT\nCompressedData = True\n"
-        b"ElementDataFile = LOCAL\n" + zlib.compress(zeros.tobytes(), 9))
+        b"CompressedDataSize = %d\nElementDataFile = LOCAL\n" % len(packed) + packed)
     (tmp_path / "bomb.nrrd").write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 128 128 128\nendian: little\n"
                                          b"encoding: gzip\n\n" + gzip.compress(zeros.tobytes(), 9))
     for name in ("bomb.mha", "bomb.nrrd"):
@@ -211,3 +212,105 @@ def test_ordinary_files_read_as_simpleitk_reads_them(tmp_path, suffix, compress)
     np.testing.assert_array_equal(vol.array, want_arr)
     np.testing.assert_array_equal(vol.affine, want_aff)
     np.testing.assert_array_equal(vol.array, arr)
+
+
+# -- the data part must be what the header says ----------------------------------------------------
+MHA_Z = "ObjectType = Image\nNDims = 3\nDimSize = {} 1 1\nElementType = MET_UCHAR\nCompressedData = True\n"
+
+
+def _mha_z(path, voxels, payload, size=None):
+    path.write_bytes(MHA_Z.format(voxels).encode() + b"CompressedDataSize = %d\nElementDataFile = LOCAL\n"
+                     % (len(payload) if size is None else size) + payload)
+    return path
+
+
+def test_compressed_mha_whose_data_do_not_inflate_is_refused(tmp_path):
+    # the review's file: ITK prints "Uncompress failed" and returns an uninitialised buffer
+    _refused(_mha_z(tmp_path / "g.mha", 256, b"not zlib data at all" * 3), "damaged zlib data")
+    data = bytes(range(256))
+    packed = zlib.compress(data)
+    _refused(_mha_z(tmp_path / "short.mha", 256, zlib.compress(data[:200])),
+             "the compressed data hold 200 bytes of voxel data, the header says 256")
+    _refused(_mha_z(tmp_path / "long.mha", 256, zlib.compress(data + b"more")), "hold more than the 256 bytes")
+    _refused(_mha_z(tmp_path / "cut.mha", 256, packed[:-3]), "do not end properly")  # all data, no checksum
+    _refused(_mha_z(tmp_path / "past.mha", 256, packed, size=len(packed) + 10), "runs past the end of the file")
+    (tmp_path / "nosize.mha").write_bytes(MHA_Z.format(256).encode() + b"ElementDataFile = LOCAL\n" + packed)
+    _refused(tmp_path / "nosize.mha", "CompressedData without CompressedDataSize")
+    # valid compressed data still read: zlib and gzip streams (MetaIO takes both), trailing bytes ignored
+    for i, payload in enumerate((packed, gzip.compress(data), packed + b"trailing")):
+        vol = read_volume(_mha_z(tmp_path / f"ok{i}.mha", 256, payload), max_bytes=1 << 20)
+        np.testing.assert_array_equal(vol.array.ravel(), np.frombuffer(data, np.uint8))
+
+
+def test_gzip_nrrd_that_is_cut_short_or_damaged_is_refused(tmp_path):
+    data = np.arange(4096, dtype=np.uint16).tobytes()
+    head = b"NRRD0004\ntype: uint16\ndimension: 3\nsizes: 16 16 16\nendian: little\nencoding: gzip\n\n"
+    packed = gzip.compress(data)
+    (tmp_path / "cut.nrrd").write_bytes(head + packed[:len(packed) // 2])
+    _refused(tmp_path / "cut.nrrd", r"the compressed data hold \d+ bytes of voxel data, the header says 8192")
+    (tmp_path / "short.nrrd").write_bytes(head + gzip.compress(data[:3000]))
+    _refused(tmp_path / "short.nrrd", "the compressed data hold 3000 bytes of voxel data, the header says 8192")
+    (tmp_path / "bad.nrrd").write_bytes(head + b"x" * 5000)  # teem would read these bytes as the image
+    _refused(tmp_path / "bad.nrrd", "damaged gzip data")
+    bad_crc = bytearray(packed)
+    bad_crc[-8] ^= 0xFF
+    (tmp_path / "crc.nrrd").write_bytes(head + bytes(bad_crc))
+    _refused(tmp_path / "crc.nrrd", "damaged gzip data")
+    (tmp_path / "bz.nrrd").write_bytes(head.replace(b"gzip", b"bzip2") + data)
+    _refused(tmp_path / "bz.nrrd", "bzip2-compressed NRRD data are not supported")
+    (tmp_path / "zrl.nrrd").write_bytes(head.replace(b"gzip", b"zrl") + data)
+    _refused(tmp_path / "zrl.nrrd", "'zrl'-encoded NRRD data are not supported")
+    # still read: gzip members one after another, skipped lines and bytes, ascii
+    want = np.frombuffer(data, np.uint16)
+    ok = {"members.nrrd": head + gzip.compress(data[:1000]) + gzip.compress(data[1000:]),
+          "skips.nrrd": head.replace(b"\n\n", b"\nline skip: 2\nbyte skip: 3\n\n") + b"one\r\ntwo\r"
+                        + gzip.compress(b"xyz" + data),
+          "rawskip.nrrd": head.replace(b"gzip\n\n", b"raw\nline skip: 1\nbyte skip: -1\n\n") + b"x\n" + data,
+          "GZ.nrrd": head.replace(b"gzip", b"GZ") + packed + b"trailing bytes"}
+    for fname, content in ok.items():
+        (tmp_path / fname).write_bytes(content)
+        np.testing.assert_array_equal(read_volume(tmp_path / fname).array.ravel(order="F"), want, fname)
+    (tmp_path / "ascii.nrrd").write_text(NRRD.replace("raw", "ascii") + "\n" + " ".join(map(str, range(8))))
+    np.testing.assert_array_equal(read_volume(tmp_path / "ascii.nrrd").array.ravel(), np.arange(8))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".mha", ".nrrd"])
+def test_raw_files_cut_short_are_refused(tmp_path, suffix):
+    path = tmp_path / f"full{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((8, 16, 16), np.int16)), str(path), useCompression=False)
+    full = path.read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(full[:-1000])
+    _refused(tmp_path / f"cut{suffix}", "the file holds 3096 bytes of voxel data, the header says 4096")
+    assert read_volume(path).array.sum() == 2048
+
+
+def test_nii_gz_whose_stream_is_cut_short_is_refused(tmp_path):
+    nib.save(nib.Nifti1Image(np.arange(4096, dtype=np.int16).reshape(16, 16, 16), np.eye(4)), tmp_path / "v.nii")
+    raw = (tmp_path / "v.nii").read_bytes()
+    data = len(raw) - 352
+    (tmp_path / "short.nii.gz").write_bytes(gzip.compress(raw[:-1000]))
+    _refused(tmp_path / "short.nii.gz", f"the compressed data hold {data - 1000} bytes of voxel data, the header "
+                                        f"says {data}")
+    (tmp_path / "cut.nii.gz").write_bytes(gzip.compress(raw)[:-2000])
+    _refused(tmp_path / "cut.nii.gz", rf"the compressed data hold \d+ bytes of voxel data, the header says {data}")
+    (tmp_path / "members.nii.gz").write_bytes(gzip.compress(raw[:5000]) + gzip.compress(raw[5000:]))
+    np.testing.assert_array_equal(read_volume(tmp_path / "members.nii.gz").array,
+                                  np.arange(4096, dtype=np.int16).reshape(16, 16, 16))
+
+
+def test_max_voxels_is_checked_before_reading(tmp_path):
+    paths = [write_volume(Volume(np.zeros((16, 16, 16), np.int16), np.eye(4)), tmp_path / f"v{s}") for s in SUFFIXES]
+    for path in paths:
+        text = _refused(path, "too large: the header gives 4096 voxels, over the limit of 4000 voxels",
+                        max_voxels=4000, name="input")
+        assert text.startswith("input: ")
+        assert read_volume(path, max_voxels=4096).shape == (16, 16, 16)
+
+
+def test_size_refusals_say_too_large(tmp_path):
+    path = write_volume(Volume(np.zeros((64, 64, 64), np.int16), np.eye(4)), tmp_path / "v.nii.gz")
+    assert "too large" in _refused(path, r"0\.5 MiB unpacked, over the limit of 0\.2 MiB", max_bytes=200_000)
+    assert "too large" in _refused(path, "over the limit of 1000 voxels", max_voxels=1000)
+    (tmp_path / "huge.nrrd").write_text("NRRD0004\ntype: double\ndimension: 3\nsizes: 100000 100000 100000\n"
+                                        "encoding: raw\n\n")
+    assert "too large" in _refused(tmp_path / "huge.nrrd", "over any sensible size")

@@ -55,6 +55,13 @@ def _multipart(spec_text, filename=None, payload=b""):
     return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
+def _until(condition, timeout=120, what="the condition", poll=0.1):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
 def _proc_counts(pid):
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     threads = len(os.listdir(f"/proc/{pid}/task"))
@@ -76,7 +83,8 @@ def lab(tmp_path_factory, users):
     tmp = tmp_path_factory.mktemp("lab")
     (tmp / "tmp").mkdir()
     path, tokens = users
-    srv = _start(tmp, "lab", "--tokens", str(path), "--max-upload-mb", "4", "--max-volumes", "2",
+    srv = _start(tmp, "lab", "--tokens", str(path), "--max-upload-mb", "64", "--max-volumes", "2",
+                 "--auth-failures", "1000",  # tests here try tokens on purpose; the limit has its own test
                  "--max-voxels", str(96 ** 3), token=tokens["alice"], env={"TMPDIR": str(tmp / "tmp")})
     srv.tmp = tmp
     srv.work = tmp / "lab-work"
@@ -130,13 +138,16 @@ def test_caps_and_absurd_values_are_refused_at_the_door(lab):
            '{"task":"generate","params":{"hu_window":[NaN,100]}}',
            '{"task":"generate","params":{"max_memory_gb":NaN}}',
            '{"task":"generate","params":{"device":"cuda-x1"}}',
-           '[' * 100000 + ']' * 100000,
-           '{"task":"generate","params":{"class":"' + "x" * 200000 + '"}}']
+           '[' * 20000 + ']' * 20000,  # deep, but under the 64 KiB spec limit: the depth check answers
+           '{"task":"generate","params":{"class":"' + "x" * 50000 + '"}}',
+           '{"task":"generate","params":{"force":true}}',  # alice is no admin
+           '{"task":"generate","params":{"compile":true}}']
     for text in bad:
         status, data, _ = _raw(lab.port, "POST", "/v1/jobs", alice, text.encode(),
                                {"Content-Type": "application/json"})
-        assert status in (400, 413), (text[:80], status, data[:200])
-        assert len(data) < 500 and b"internal error" not in data, (text[:80], data[:200])
+        assert status == 400, (text[:80], status, data[:200])
+        assert len(data) < 500 and b"internal error" not in data and b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx" \
+            not in data, (text[:80], data[:200])
     assert _client(lab, "alice").jobs() == [] or all(j["state"] != "queued" for j in _client(lab, "alice").jobs())
     assert _client(lab, "alice").health()["version"]
 
@@ -159,7 +170,7 @@ def test_refused_uploads_leave_no_files_threads_or_descriptors(lab, tmp_path):
     files after refused uploads, no thread per made-up device, a gzip bomb refused by its size."""
     alice = lab.tokens["alice"]
     c = _client(lab, "alice")
-    c.submit({"task": "generate", "params": {"device": "cpu", **QUICK}})  # the worker thread exists
+    c.wait(c.submit({"task": "generate", "params": {"device": "cpu", **QUICK}})["id"], timeout=120)  # warm
     fds0, threads0, _ = _proc_counts(lab.pid)
     junk = tmp_path / "junk.nrrd"
     junk.write_bytes(os.urandom(3 * 2 ** 20))
@@ -168,12 +179,12 @@ def test_refused_uploads_leave_no_files_threads_or_descriptors(lab, tmp_path):
         with pytest.raises(ServiceError) as err:
             c.submit(spec, {"input": junk})
         assert err.value.status == 415
-    bomb = tmp_path / "bomb.nii.gz"  # 256^3 int16 zeros: ~32 MiB unpacked, a few hundred KB on the wire
-    write_volume(Volume(np.zeros((256, 256, 256), np.int16), np.eye(4)), bomb)
+    bomb = tmp_path / "bomb.nii.gz"  # 512x512x256 int16 zeros: 128 MiB unpacked, well under 1 MiB on the wire
+    write_volume(Volume(np.zeros((512, 512, 256), np.int16), np.eye(4)), bomb)
     assert bomb.stat().st_size < 2 ** 20
     with pytest.raises(ServiceError) as err:
         c.submit(spec, {"input": bomb})
-    assert err.value.status in (400, 413, 415) and str(lab.work) not in err.value.message
+    assert err.value.status == 413 and str(lab.work) not in err.value.message
     for i in range(20):
         status, _, _ = _raw(lab.port, "POST", "/v1/jobs", alice,
                             json.dumps({"task": "generate", "params": {"device": f"cuda:{i + 7}"}}).encode(),
@@ -244,10 +255,18 @@ def test_failed_sign_ins_are_rate_limited(tmp_path):
     """7: 300 wrong tokens in 0.2 s, then the right one worked. Now the address is locked out."""
     srv = _start(tmp_path, "rate")
     try:
-        codes = [_raw(srv.port, "GET", "/v1/health", "wrong-token")[0] for _ in range(15)]
+        # a forged audit line through a percent-encoded newline in the path (the first failure)
+        codes = [_raw(srv.port, "GET", "/v1/jobs/abc%0a2026-01-01T00:00:00%20addr=1.2.3.4%20user=root%20action=delete",
+                      "x")[0]]
+        codes += [_raw(srv.port, "GET", "/v1/health", "wrong-token", headers={"X-Forwarded-For": f"10.0.0.{i}"})[0]
+                  for i in range(14)]  # a forwarded-for header changes nothing: the TCP peer counts
         assert codes[:10] == [401] * 10 and set(codes[10:]) == {429}
         status, data, headers = _raw(srv.port, "GET", "/v1/health", srv.token)
         assert status == 429 and int(headers["retry-after"]) >= 1
+        audit = (tmp_path / "rate-work" / "audit.log").read_text().splitlines()
+        assert not any(line.startswith("2026-01-01") for line in audit)
+        assert sum("status=429" in line for line in audit) == 1 and sum("status=401" in line for line in audit) == 10
+        assert all("10.0.0." not in line for line in audit)
     finally:
         srv.stop()
 
@@ -263,8 +282,7 @@ def test_restart_keeps_finished_and_queued_jobs(tmp_path):
     long = c.submit({"task": "generate", "params": {"sampler": "ddpm"}})
     queued = c.submit({"task": "simulate-sparse-view", "params": {"views": 8, "bins": 64},
                        "inputs": {"input": CT.name}}, {"input": CT})
-    while c.status(long["id"])["state"] != "running":
-        time.sleep(0.05)
+    _until(lambda: c.status(long["id"])["state"] == "running", what="the long job to run")
     assert any(p.name.startswith("input") for p in (work / queued["id"]).iterdir())
     srv.process.kill()
     srv.process.wait(30)
@@ -290,9 +308,10 @@ def test_restart_keeps_finished_and_queued_jobs(tmp_path):
 
 class _HoldingProxy:
     """A TCP proxy on 127.0.0.1 that forwards every connection but the first one (the submit)
-    whole: of that one it holds either the server's answer (``stall_upload_after=None``: the upload
-    went through, the 202 does not come back) or the upload after its first bytes. Tests interrupt
-    a client at exactly those two moments with it."""
+    whole. Of that one it either holds the server's answer (``stall_upload_after=None``: the whole
+    upload went through, the 202 does not come back), or stops reading the upload after its first
+    bytes, so that the client blocks in the middle of sending. Tests interrupt a client at exactly
+    those two moments with it; ``close()`` cuts every connection."""
 
     def __init__(self, target_port, stall_upload_after=None):
         self.target = target_port
@@ -300,8 +319,10 @@ class _HoldingProxy:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.holding = threading.Event()
+        self.closed = threading.Event()
         self.held = bytearray()
         self.count = 0
+        self.sockets = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -313,6 +334,7 @@ class _HoldingProxy:
                 return
             self.count += 1
             upstream = socket.create_connection(("127.0.0.1", self.target), timeout=120)
+            self.sockets += [client, upstream]
             first = self.count == 1
             up_limit = self.stall_after if first else None
             threading.Thread(target=self._pipe, args=(client, upstream, up_limit, False), daemon=True).start()
@@ -322,35 +344,47 @@ class _HoldingProxy:
     def _pipe(self, src, dst, limit, hold):
         sent = 0
         try:
-            while data := src.recv(65536):
-                if hold or (limit is not None and sent + len(data) > limit):
+            while data := src.recv(65536 if limit is None else min(65536, max(1, limit - sent))):
+                if hold:
                     self.held += data
                     self.holding.set()
-                    hold = True
-                else:
-                    dst.sendall(data)
-                    sent += len(data)
+                    continue
+                dst.sendall(data)
+                sent += len(data)
+                if limit is not None and sent >= limit:  # stop reading: the sender blocks once buffers fill
+                    self.holding.set()
+                    self.closed.wait(120)
+                    break
         except OSError:
             pass
         finally:
-            for s in (src, dst):
+            for sock in (src, dst):
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
 
     def close(self):
+        self.closed.set()
         self.sock.close()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("moment", ["during the upload", "before the answer"])
 def test_ctrl_c_deletes_the_remote_job(lab, tmp_path, moment):
-    """A8: SIGINT to `meddiffusion ... --server` in the middle of the upload, or after it but
-    before the 202 arrived: no job is left on the server."""
-    proxy = _HoldingProxy(lab.port, 200_000 if moment == "during the upload" else None)
+    """A8: SIGINT to `meddiffusion ... --server` while it is still sending its upload, or after
+    it but before the 202 arrived: no job is left on the server."""
+    during = moment == "during the upload"
+    proxy = _HoldingProxy(lab.port, 200_000 if during else None)
     out = tmp_path / "never.nrrd"
-    big = tmp_path / "ct.nrrd"  # an uncompressed NRRD of ~0.8 MB: the upload takes many packets
-    write_volume(read_volume(CT), big)
+    big = tmp_path / "ct.nii"  # 25 MB uncompressed: more than the socket buffers hold, so the send blocks
+    rng = np.random.default_rng(0)
+    arr = (rng.normal(0, 300, (256, 256, 96)) - 500).astype(np.float32)
+    write_volume(Volume(arr, np.diag([1.5, 1.5, 2.5, 1.0])), big)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     before = {p.name for p in lab.work.iterdir()}
     proc = subprocess.Popen([sys.executable, "-m", "MedDiffusionLib.cli", "simulate-sparse-view", str(big), "--views",
@@ -359,7 +393,8 @@ def test_ctrl_c_deletes_the_remote_job(lab, tmp_path, moment):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proxy.holding.wait(120), "the proxy never held anything"
-        time.sleep(0.3)
+        time.sleep(1.0)  # the client is blocked in send (upload) or in recv (answer)
+        assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -368,15 +403,13 @@ def test_ctrl_c_deletes_the_remote_job(lab, tmp_path, moment):
             proc.kill()
     assert proc.returncode == 130, err
     assert proxy.count >= 2  # the CLI's delete went to the server
-    if moment == "before the answer":
+    if not during:
         job_id = json.loads(bytes(proxy.held).split(b"\r\n\r\n", 1)[1])["id"]
         with pytest.raises(ServiceError) as exc:
             _client(lab, "alice").status(job_id)
         assert exc.value.status == 404
-    deadline = time.monotonic() + 10
-    while {p.name for p in lab.work.iterdir()} != before and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert {p.name for p in lab.work.iterdir()} == before and not out.exists()
+    _until(lambda: {p.name for p in lab.work.iterdir()} == before, 30, "the job folder to go")
+    assert not out.exists()
     assert all(j["state"] in ("done", "failed", "cancelled") for j in _client(lab, "alice").jobs())
 
 
@@ -386,8 +419,7 @@ def test_queue_full_is_answered_before_the_body(tmp_path):
     try:
         c = srv.client()
         first = c.submit({"task": "generate", "params": {"sampler": "ddpm"}})
-        while c.status(first["id"])["state"] != "running":
-            time.sleep(0.05)
+        _until(lambda: c.status(first["id"])["state"] == "running", what="the first job to run")
         c.submit({"task": "generate", "params": QUICK})
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
         s.sendall((f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.token}\r\n"
@@ -458,6 +490,10 @@ def test_metrics_and_openapi_describe_the_service(lab):
     assert "multipart/form-data" in post["requestBody"]["content"]
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert {"400", "401", "413", "415", "503"} <= set(post["responses"])
+    assert "retry-after" in {h.lower() for h in post["responses"]["503"]["headers"]}
+    result = doc["paths"]["/v1/jobs/{job_id}/results/{name}"]["get"]["responses"]["200"]["content"]
+    assert list(result) == ["application/octet-stream"]
+    assert "403" in doc["paths"]["/v1/unload"]["post"]["responses"]
     assert "params" in doc["components"]["schemas"]["JobRequest"]["properties"]
 
 
@@ -540,3 +576,62 @@ def test_load_four_clients_five_jobs_each(lab, tmp_path):
     fds1, threads1, rss1 = _proc_counts(lab.pid)
     assert threads1 <= threads0 + 1 and fds1 <= fds0 + 2, (threads0, threads1, fds0, fds1)
     assert rss1 < rss0 * 1.15 + 64 * 2 ** 20, (rss0, rss1)
+
+
+def test_removed_user_is_locked_out_without_a_restart(lab, users):
+    """7: tokens change without a restart, both ways."""
+    path, _ = users
+    token = add_user(path, "dave")
+    _until(lambda: _raw(lab.port, "GET", "/v1/health", token)[0] == 200, 10, "dave to be added")
+    path.write_text("".join(ln + "\n" for ln in path.read_text().splitlines() if not ln.startswith("dave ")))
+    _until(lambda: _raw(lab.port, "GET", "/v1/health", token)[0] == 401, 10, "dave to be removed")
+    assert _raw(lab.port, "GET", "/v1/health", lab.tokens["alice"])[0] == 200
+
+
+def test_work_folder_is_the_servers_alone(tmp_path):
+    """A folder holding other files is refused; two servers never share one work folder."""
+    from MedDiffusionLib.errors import UserError
+    from MedDiffusionLib.server import JobService, Limits
+
+    other = tmp_path / "home"
+    other.mkdir()
+    (other / "thesis.tex").write_text("mine")
+    mode = os.stat(other).st_mode
+    with pytest.raises(UserError, match="must be empty"):
+        JobService(other, Limits())
+    assert (other / "thesis.tex").read_text() == "mine" and os.stat(other).st_mode == mode
+    first = JobService(tmp_path / "work", Limits())
+    try:
+        with pytest.raises(UserError, match="another MedDiffusion server"):
+            JobService(tmp_path / "work", Limits())
+    finally:
+        first.close()
+    JobService(tmp_path / "work", Limits()).close()  # free again once the first one closed
+
+
+def test_internal_fault_gets_an_id_the_log_has(tmp_path, monkeypatch, caplog):
+    """A6: a fault of ours ends the job with 'internal error (id X)', and the log has X with the
+    traceback; the client sees neither the exception text nor a path."""
+    import logging
+    import re
+
+    from MedDiffusionLib.jobs import ModelCache, resolve
+    from MedDiffusionLib.pipelines.generation import GenerationPipeline
+    from MedDiffusionLib.server import Job, JobService, Limits
+
+    def bug(*a, **k):
+        raise RuntimeError(f"an internal fault in {tmp_path}")
+
+    monkeypatch.setattr(GenerationPipeline, "generate", bug)
+    service = JobService(tmp_path / "work", Limits())
+    try:
+        job = Job("0123456789abcdef", resolve({"task": "generate", "params": QUICK}), "cpu",
+                  service.work_dir / "0123456789abcdef")
+        job.folder.mkdir()
+        with caplog.at_level(logging.ERROR, logger="meddiffusion.server"):
+            service._run(job, ModelCache())
+        eid = re.fullmatch(r"internal error \(id ([0-9a-f]{12})\); the server log has the details", job.error).group(1)
+        assert f"error id {eid}" in caplog.text and "an internal fault" in caplog.text
+        assert str(tmp_path) not in job.error and job.state == "failed"
+    finally:
+        service.close()

@@ -23,14 +23,20 @@ from MedDiffusionGlue.service import (JobCancelled, PREVIEW_NAME, ServiceError, 
 SAMPLES = ROOT / "MedDiffusion" / "Resources" / "SampleData"
 
 
-@pytest.fixture(scope="module")
-def logic(tmp_path_factory):
+def started_logic() -> ServiceLogic:
+    """A service logic on a fresh MRML scene with its local server started (this Python)."""
     scene = slicer.vtkMRMLScene()
     seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
     seg_logic.SetMRMLScene(scene)
     lg = ServiceLogic(scene, seg_logic)
     lg.useLocalServer(sys.executable)
     lg.startServer(wait=True, timeout=120)
+    return lg
+
+
+@pytest.fixture(scope="module")
+def logic(tmp_path_factory):
+    lg = started_logic()
     yield lg
     lg.stopServer()
     assert lg.server is None

@@ -7,6 +7,7 @@ imports only ``MedDiffusionLib.client`` (standard library) and never torch.
 """
 import logging
 import os
+import re
 import sys
 import time
 from typing import Annotated
@@ -40,6 +41,8 @@ PAPER_URL = "https://arxiv.org/abs/2412.13059"
 README_URL = "https://github.com/meddiffusion/SlicerMedDiffusion#3d-slicer-extension"
 SETTINGS = "MedDiffusion/"  # qt.QSettings keys
 RUN_ON = ["This computer", "Server"]
+MODULE_API = 1  # the service API this module speaks: sent as X-MedDiffusion-API, the health answer's "api"
+LOG_MAX_BYTES = 5 * 2 ** 20  # the local server's log is rotated (one old copy, ".1") when over this
 
 
 class MedDiffusion(ScriptedLoadableModule):
@@ -95,6 +98,81 @@ def registerSampleData() -> None:
         uris=[uri(SAMPLE_CT[0]), uri(SAMPLE_SEG[0])], fileNames=[SAMPLE_CT[0], SAMPLE_SEG[0]],
         checksums=[SAMPLE_CT[1], SAMPLE_SEG[1]], nodeNames=["MedDiffusionChestCT", "MedDiffusionChestCT segmentation"],
         loadFileTypes=["VolumeFile", "SegmentationFile"])
+
+
+# Nodes that Sample Data loads for this module (Slicer appends "_N" to a name that is taken) and the
+# parameters each fills: a loaded sample is ready for Synthesize CT and Simulate.
+SAMPLE_NODE_ROLES = (
+    (r"MedDiffusionChestCT segmentation(_\d+)?", "vtkMRMLSegmentationNode", ("segmentation",)),
+    (r"MedDiffusionChestCT(_\d+)?", "vtkMRMLScalarVolumeNode", ("referenceVolume", "fullCTVolume")),
+)
+
+
+def sampleDataRoles(node) -> tuple:
+    """The parameter names a node loaded from this module's Sample Data should fill; () for any other node
+    (a job's result, a label map, a node of another sample)."""
+    name = node.GetName() or ""
+    for pattern, className, roles in SAMPLE_NODE_ROLES:
+        if re.fullmatch(pattern, name) and node.IsA(className) and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return roles
+    return ()
+
+
+#
+# Service answers and the local server's log
+#
+HEALTH_KEYS = {"devices": ("name", "label"), "models": ("id", "title", "state", "classes", "defaults"),
+               "controlnets": ("name", "task")}
+
+
+def serviceProblem(health, url: str) -> str | None:
+    """Why the panel cannot use a service's health answer, as a message for the user (another API
+    version, a key this module reads is missing); None when it can."""
+    if not isinstance(health, dict):
+        return _("the service at {url} sent a status answer this module cannot read").format(url=url)
+    api = health.get("api")
+    if api != MODULE_API:
+        return _("the service at {url} is version {version} (API {api}); this module needs API {need}: update "
+                 "MedDiffusion on the server").format(url=url, version=health.get("version", "?"),
+                                                      api=_("unknown") if api is None else api, need=MODULE_API)
+    missing = []
+    for key, itemKeys in HEALTH_KEYS.items():
+        items = health.get(key)
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            missing.append(key)
+            continue
+        missing += [f"{key}.{k}" for k in itemKeys if any(k not in i for i in items)]
+    for model in health.get("models") or []:
+        if not isinstance(model, dict):
+            continue
+        classes = model.get("classes")
+        if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
+            missing.append("models.classes")
+        else:
+            missing += [f"models.classes.{k}" for k in ("index", "name", "sizes") if any(k not in c for c in classes)]
+        if not isinstance(model.get("defaults"), dict) or not {"class", "sampler"} <= set(model["defaults"]):
+            missing.append("models.defaults")
+    if missing:
+        return _("the service at {url} (version {version}) sent a status answer without {keys}: update MedDiffusion "
+                 "on the server or this module").format(url=url, version=health.get("version", "?"),
+                                                        keys=", ".join(sorted(set(missing))))
+    return None
+
+
+def rotateLog(path: str, maxBytes: int = LOG_MAX_BYTES) -> str:
+    """Before a server starts writing to ``path``: when the file is over ``maxBytes``, keep it as
+    ``path.1`` (replacing an older one) so the log starts afresh. A file still held open (Windows) stays."""
+    try:
+        if os.path.getsize(path) > maxBytes:
+            os.replace(path, path + ".1")
+    except OSError:
+        pass
+    return path
+
+
+def serverLogPath() -> str:
+    """The local server's log file, kept between runs (rotated by :func:`rotateLog`)."""
+    return os.path.join(slicer.app.temporaryPath, "MedDiffusion-server.log")
 
 
 #
@@ -204,28 +282,58 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
             raise RuntimeError(check.error)
         return check.missing
 
-    def installTorch(self, python: str | None = None, missing: list[str] | None = None) -> None:
-        """Install torch into Slicer's Python through the PyTorch extension, only when no installed
-        torch satisfies the requirement (a working CUDA torch is never replaced). This blocks:
-        PyTorchUtils runs light-the-torch in the foreground and then imports torch in Slicer's process."""
+    def torchPlan(self, python: str | None = None) -> "dependencies.TorchPlan":
+        """What to do about torch in the local service's Python (see ``dependencies.torch_plan``): ok,
+        install (light-the-torch in a child process) or refuse (an older torch is never replaced; Intel
+        Macs have no torch >= 2.6). The version is read from package metadata: torch is not imported."""
         python = python or self.serverPython or default_python()
-        torchReq = "torch" + dependencies.TORCH_REQUIREMENT
-        if torchReq not in (self.missingDependencies(python) if missing is None else missing):
+        check = self.startDependencyCheck(python)
+        while not check.poll():
+            self._idle(0.05)
+        if check.error is not None:
+            raise RuntimeError(check.error)
+        return dependencies.torch_plan(python, check.versions.get("torch"), slicer_python=_isSlicerPython(python))
+
+    def installTorch(self, python: str | None = None, missing: list[str] | None = None) -> None:
+        """Install torch into the local service's Python when it has none, and wait (console use; the
+        panel polls :meth:`startInstall` instead). A child process runs light-the-torch; torch is never
+        imported into Slicer's process, and an installed older torch is never replaced (refused with a
+        message pointing to PyTorch Utils). ``missing``: unused, kept for callers of the old signature."""
+        python = python or self.serverPython or default_python()
+        plan = self.torchPlan(python)
+        if plan.action == "ok":
             return
-        if not _isSlicerPython(python):
-            raise InputError(_("{python} has no {req}: install a build of PyTorch for your GPU into that Python "
-                               "(https://pytorch.org/get-started), or choose Slicer's Python").format(
-                python=python, req=torchReq))
-        try:
-            import PyTorchUtils
-        except ImportError:
-            raise InputError(_("PyTorch is needed: install the PyTorch extension (View > Extensions Manager > "
-                               "PyTorch), restart Slicer and press Install again")) from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=False, torchVersionRequirement=dependencies.TORCH_REQUIREMENT)
-        if torch is None:
-            raise RuntimeError(_("PyTorch was not installed; use the PyTorch Utils module to install {req}").format(
-                req=torchReq))
+        if plan.action == "refuse":
+            raise InputError(plan.message)
+        log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-torch.log")
+        process = dependencies.InstallProcess(plan.commands, log, env=self._dependencyEnvironment(python))
+        while process.poll() is None:
+            self._idle(0.2)
+        if process.poll() != 0:
+            raise RuntimeError(_("Installing PyTorch failed (exit code {rc}); see {log}:\n{tail}").format(
+                rc=process.poll(), log=log, tail=process.tail()))
+
+    def startInstall(self, python: str | None = None, missing: list[str] | None = None
+                     ) -> "dependencies.InstallProcess | None":
+        """Install what the local service's Python lacks, as child processes to ``poll()``: torch
+        with light-the-torch when it has none, then the other missing packages with pip. Raises
+        ``InputError`` (nothing started) when torch is there but too old, or on an Intel Mac.
+        ``missing``: the requirements found missing (checked again when not given)."""
+        python = python or self.serverPython or default_python()
+        missing = self.missingDependencies(python) if missing is None else missing
+        commands = []
+        if any(dependencies.split_requirement(r)[0].lower() == "torch" for r in missing):
+            plan = self.torchPlan(python)
+            if plan.action == "refuse":
+                raise InputError(plan.message)
+            commands += plan.commands
+        others = [r for r in missing if dependencies.split_requirement(r)[0].lower() != "torch"]
+        if others:
+            commands.append(dependencies.pip_command(python, others))
+        if not commands:
+            return None
+        log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-pip.log")
+        return dependencies.InstallProcess(commands, log, env=self._dependencyEnvironment(python))
 
     def startPipInstall(self, python: str | None = None, missing: list[str] | None = None
                         ) -> "dependencies.PipProcess | None":
@@ -278,6 +386,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._startedAt = 0.0
         self._misses = 0
         self._appliedConnection = None  # the Run on settings last applied (see _onConnectionEdited)
+        self._ticking = False  # a timer tick is running (a message box it shows runs its own event loop)
+        self._addedNodeIDs: list = []  # nodes added to the scene, checked for Sample Data once loading returns
 
     # -- set-up: connect everything first; nothing here needs torch or the service ---------------------------
     def setup(self) -> None:
@@ -320,9 +430,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
         ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
         ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
+        ui.showLogButton.connect("clicked(bool)", guarded(self._onShowLog))
         slicer.app.connect("aboutToQuit()", self._onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
         ui.progressBar.setRange(0, 1)
         ui.progressBar.setValue(0)
 
@@ -380,6 +492,27 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node) -> None:
+        """Remember added volumes and segmentations; once the loading call returns (their names are
+        set then), those from this module's Sample Data fill the input selectors."""
+        if node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLSegmentationNode"):
+            self._addedNodeIDs.append(node.GetID())
+            if len(self._addedNodeIDs) == 1:
+                qt.QTimer.singleShot(0, self._fillFromSampleData)
+
+    def _fillFromSampleData(self) -> None:
+        ids, self._addedNodeIDs = self._addedNodeIDs, []
+        p = self._parameterNode
+        if p is None or self._job is not None:
+            return
+        nodes = [slicer.mrmlScene.GetNodeByID(i) for i in ids]
+        assignments = {role: node for node in nodes if node is not None for role in sampleDataRoles(node)}
+        if assignments:
+            with slicer.util.NodeModify(p):
+                for role, node in assignments.items():
+                    setattr(p, role, node)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -440,7 +573,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onRunOnChanged(self, *_args) -> None:
         local = self._isLocal()
         for w in (self.ui.pythonPathLineEdit, self.ui.label_pythonPathLineEdit, self.ui.installButton,
-                  self.ui.dependenciesLabel, self.ui.label_dependenciesLabel):
+                  self.ui.dependenciesLabel, self.ui.label_dependenciesLabel, self.ui.showLogButton):
             w.visible = local
         for w in (self.ui.serverUrlLineEdit, self.ui.label_serverUrlLineEdit, self.ui.serverTokenLineEdit,
                   self.ui.label_serverTokenLineEdit, self.ui.serverCaFilePathLineEdit,
@@ -515,6 +648,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             action()  # connected before: a dead remote service shows up as the job's error
             return
         if self._isLocal():
+            self._useServerLog()
             self._status(_("starting the MedDiffusion service on this computer ..."))
         else:
             self._status(_("connecting to {url} ...").format(url=self.ui.serverUrlLineEdit.text.strip()))
@@ -527,18 +661,34 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except ServiceError as exc:
             self._pending = None
             self._setBusy(False)
-            self._status(_("the MedDiffusion service could not be reached"))
+            self._status(_("the MedDiffusion service could not be reached") + self._logHint())
             slicer.util.errorDisplay(_("The MedDiffusion service could not be reached: {error}").format(
                 error=panel_message(exc.message).split("\n", 1)[0]), detailedText=exc.message,
                 windowTitle=_("MedDiffusion"))
             return
         if health is None:
             return
-        self._setServiceInfo(health)
-        action, self._pending = self._pending, None
+        action, self._pending = self._pending, None  # first: whatever follows fails once, never per tick
         self._setBusy(False)
-        with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
-            self._guardedCall(action)
+        problem = serviceProblem(health, self._serviceUrl())
+        if problem is None:
+            try:
+                self._setServiceInfo(health)
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+                problem = _("the service at {url} sent a status answer this module cannot read ({error}): update "
+                            "MedDiffusion on the server or this module").format(url=self._serviceUrl(), error=exc)
+        if problem is not None:
+            self.logic.stopServer()  # forgets the answer: the next job or Connect asks again
+            self._setServiceInfo(None)
+            self._status(problem)
+            slicer.util.errorDisplay(problem, windowTitle=_("MedDiffusion"))
+            return
+        self._guardedCall(action)  # an error here is shown once by _onTimer
+
+    def _serviceUrl(self) -> str:
+        if not self.logic.isLocal:
+            return self.logic.remote[0]
+        return self.logic.server.url if self.logic.server is not None else _("this computer")
 
     def _setServiceInfo(self, health) -> None:
         if health is None:
@@ -574,6 +724,41 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onAboutToQuit(self) -> None:
         self.logic.stopServer()
 
+    # -- the local server's log ---------------------------------------------------------------------------------
+    def _useServerLog(self) -> None:
+        """A local server that has not started yet writes to the kept log file (rotated when over
+        LOG_MAX_BYTES) instead of a fresh temporary file, so Show log finds it after a restart too."""
+        if not self.logic.isLocal:
+            return
+        server = self.logic.localServer()
+        path = serverLogPath()
+        if server.process is not None or str(server.log_file) == path:
+            return
+        old = str(server.log_file)
+        try:
+            if os.path.getsize(old) == 0:
+                os.remove(old)  # the empty private file LocalServer made for itself
+        except OSError:
+            pass
+        server.log_file = type(server.log_file)(rotateLog(path))
+
+    def _logFile(self) -> str | None:
+        server = self.logic.server if self.logic is not None and self.logic.isLocal else None
+        path = str(server.log_file) if server is not None else serverLogPath()
+        return path if os.path.isfile(path) else None
+
+    def _logHint(self) -> str:
+        """For a status line after a failure of the local server: where its log is."""
+        path = self._logFile() if self.logic is not None and self.logic.isLocal else None
+        return _(" (server log: {path}; Show log opens it)").format(path=path) if path else ""
+
+    def _onShowLog(self) -> None:
+        path = self._logFile()
+        if path is None:
+            raise InputError(_("there is no server log yet: it is written once the local service starts"))
+        if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(path)):
+            raise InputError(_("no application opens {path}: open it with a text editor").format(path=path))
+
     # -- dependencies of the local service's Python (checked by a child process polled from the timer) ---------
     def _refreshDependencies(self) -> None:
         if not self._isLocal():
@@ -605,9 +790,15 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._advancePending()
 
     def _setDependencies(self, missing, text: str) -> None:
+        intelMac = bool(missing) and dependencies.is_intel_mac() and any(
+            dependencies.split_requirement(r)[0].lower() == "torch" for r in missing)
+        if intelMac:  # say it up front: no torch >= 2.6 for Intel Macs, so This computer cannot work
+            text = _("{text}. Intel Mac: no PyTorch {req} exists for it; choose Run on: Server").format(
+                text=text, req=dependencies.TORCH_REQUIREMENT)
         self.ui.dependenciesLabel.text = text
         self.ui.installButton.enabled = bool(missing) or missing is None
-        self.ui.installButton.toolTip = (_("Install into {python}: {packages}").format(
+        self.ui.installButton.toolTip = (dependencies.intel_mac_message() if intelMac else
+            _("Install into {python}: {packages}").format(
             python=self._python(), packages=", ".join(missing)) if missing else
             _("Check the packages again") if missing is None else _("Nothing to install"))
 
@@ -624,40 +815,34 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if then:
                 then()
             return
+        if any(dependencies.split_requirement(r)[0].lower() == "torch" for r in missing):
+            # An older torch is never replaced and Intel Macs have no torch >= 2.6: explain instead of trying.
+            plan = self.logic.torchPlan(python)
+            if plan.action == "refuse":
+                raise InputError(plan.message)
         if not slicer.util.confirmOkCancelDisplay(
                 _("The MedDiffusion service needs these Python packages in {python}:\n{packages}\n\nInstall them "
-                  "now? (PyTorch is a large download and comes from the PyTorch extension.)").format(
+                  "now? (PyTorch is a large download: light-the-torch picks the build for this computer's GPU. "
+                  "Slicer stays usable meanwhile.)").format(
                     python=python, packages="\n".join(missing)), windowTitle=_("MedDiffusion")):
             return
-        if any(dependencies.split_requirement(r)[0].lower() == "torch" for r in missing):
-            # PyTorchUtils installs in the foreground (no progress in the panel) and then imports torch in
-            # Slicer's process: say so before the panel freezes.
-            message = _("Installing PyTorch... see the Python console (this can take several minutes; Slicer does "
-                        "not respond meanwhile)")
-            self._status(message)
-            self.ui.progressBar.setRange(0, 0)
-            slicer.util.showStatusMessage(message)
-            slicer.app.processEvents()
-            try:
-                with slicer.util.WaitCursor():
-                    self.logic.installTorch(python, missing)
-            finally:
-                self.ui.progressBar.setRange(0, 1)
-                slicer.util.showStatusMessage("")
-        self._pip = self.logic.startPipInstall(python, missing)
+        # torch (light-the-torch) and the other packages (pip) install in child processes polled from the
+        # timer: Slicer does not freeze and never imports torch.
+        self._pip = self.logic.startInstall(python, missing)
         self._pending = then
         if self._pip is None:
             self._installFinished(0)
             return
         self._setBusy(True)
         self.ui.progressBar.setRange(0, 0)
-        self._status(_("installing {packages} ...").format(packages=", ".join(self._pip.command[5:])))
+        self._status(_("installing {packages} ...").format(packages=", ".join(missing)))
         self._timer.start()
 
     def _pipTick(self) -> None:
         rc = self._pip.poll()
         if rc is None:
-            self._status(_("installing: {line}").format(line=self._pip.last_line()[:120]))
+            self._status(_("installing ({step}/{steps}): {line}").format(
+                step=self._pip.step + 1, steps=len(self._pip.commands), line=self._pip.last_line()[:120]))
             return
         self._installFinished(rc)
 
@@ -671,7 +856,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if rc != 0:
             self._pending = None
             self._status(_("installation failed"))
-            slicer.util.errorDisplay(_("Installing the packages failed (pip exit code {rc}).").format(rc=rc),
+            slicer.util.errorDisplay(_("Installing the packages failed (exit code {rc}; log: {log}).").format(
+                                         rc=rc, log=pip.log_file if pip else ""),
                                      detailedText=pip.tail() if pip else "", windowTitle=_("MedDiffusion"))
             self._refreshDependencies()
             return
@@ -802,8 +988,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.toolTip = _("Select {items} first").format(items=_(" and ").join(missing))
             else:
                 button.toolTip = tips[name]
-        self.ui.cancelButton.enabled = self._job is not None
+        # Cancel: a job, or the server starting / the connection being made (and the package check before it)
+        self.ui.cancelButton.enabled = self._job is not None or self._pending is not None
         self.ui.connectButton.enabled = not busy
+        # where jobs run cannot change under a running job or installation (re-enabled when it ends, however)
+        working = self._job is not None or self._pip is not None
+        for w in self._connectionWidgets():
+            w.enabled = not working
         if p is not None:
             self.ui.stepsSpinBox.enabled = p.sampler != "ddpm"
             self.ui.stepsSpinBox.toolTip = (_("DDPM always runs the model's full schedule (1000 steps)")
@@ -812,6 +1003,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                       self.ui.spacingYSpinBox, self.ui.spacingZSpinBox):
                 w.enabled = not p.useTrainedSize
             self.ui.sizePresetComboBox.enabled = p.useTrainedSize
+
+    def _connectionWidgets(self) -> tuple:
+        ui = self.ui
+        return (ui.runOnComboBox, ui.pythonPathLineEdit, ui.serverUrlLineEdit, ui.serverTokenLineEdit,
+                ui.serverCaFilePathLineEdit)
 
     # -- tasks ---------------------------------------------------------------------------------------------------------
     def _mode(self) -> str:
@@ -851,6 +1047,15 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self.logic.cancel(self._job)
             self._status(_("cancelling after the current step ..."))
+        elif self._pending is not None:  # starting the server / connecting (or checking packages first)
+            connecting = self._depCheck is None
+            self._pending = None
+            if connecting:  # drops the connection attempt; a local server that was starting is stopped
+                self.logic.stopServer()
+                self._setServiceInfo(None)
+            self.ui.progressBar.setRange(0, 1)
+            self._setBusy(False)
+            self._status(_("cancelled: not connected"))
 
     # -- job handling (main thread; each timer tick moves things on for at most ~POLL_BUDGET_S) ------------------
     def _setBusy(self, busy: bool) -> None:
@@ -873,22 +1078,68 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._poll()
 
     def _onTimer(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("MedDiffusion:"), waitCursor=False):
-            try:
-                if self._pip is not None:
-                    self._pipTick()
-                elif self._depCheck is not None:
-                    if self._depCheck.poll():
-                        self._dependenciesChecked()
-                elif self._job is not None:
-                    self._poll()
-                elif self._pending is not None:
-                    self._connectTick()
-                if self._unload is not None:
-                    self._unloadTick()
-            finally:
-                if not (self._pip or self._depCheck or self._job or self._pending or self._unload):
-                    self._timer.stop()
+        """One step of whatever is in progress. A step that fails stops the timer first, drops what
+        failed, and shows one message; the panel stays usable. No tick runs inside another (a message
+        box opened by a tick runs its own event loop while the timer is live)."""
+        if self._ticking:
+            return
+        self._ticking = True
+        stage = None
+        try:
+            if self._pip is not None:
+                stage = "pip"
+                self._pipTick()
+            elif self._depCheck is not None:
+                stage = "dependencies"
+                if self._depCheck.poll():
+                    self._dependenciesChecked()
+            elif self._job is not None:
+                stage = "job"
+                self._poll()
+            elif self._pending is not None:
+                stage = "connect"
+                self._connectTick()
+            if self._unload is not None:
+                stage = "unload"
+                self._unloadTick()
+        except Exception as exc:  # noqa: BLE001 - shown once below; the timer must not repeat it
+            self._timer.stop()
+            self._tickFailed(stage, exc)
+        finally:
+            self._ticking = False
+            if not (self._pip or self._depCheck or self._job or self._pending or self._unload):
+                self._timer.stop()
+
+    def _tickFailed(self, stage, exc: Exception) -> None:
+        """Drop what a failing tick was doing (and the action waiting for it), reset the panel, show one message."""
+        import traceback
+
+        detail = "".join(traceback.format_exception(exc))
+        try:
+            self._pending = None
+            if stage == "pip" and self._pip is not None:
+                pip, self._pip = self._pip, None
+                pip.kill()
+            elif stage == "dependencies" and self._depCheck is not None:
+                check, self._depCheck = self._depCheck, None
+                check.kill()
+                self._missing = None
+                self._setDependencies(None, _("could not check the Python packages: {error}").format(error=exc))
+            elif stage == "job" and self._job is not None:
+                job, self._job = self._job, None
+                try:
+                    self.logic.cancel(job)
+                except Exception:  # noqa: BLE001 - the job's service may be what failed
+                    pass
+            elif stage == "unload":
+                self._unload = None
+        finally:
+            self.ui.progressBar.setRange(0, 1)
+            self._setBusy(False)
+        message = panel_message(exc.message) if isinstance(exc, ServiceError) else str(exc) or type(exc).__name__
+        self._status(_("failed: {error}").format(error=message.split("\n", 1)[0]) + self._logHint())
+        slicer.util.errorDisplay(_("MedDiffusion: {error}").format(error=message), detailedText=detail,
+                                 windowTitle=_("MedDiffusion"))
 
     def _poll(self) -> None:
         job = self._job
@@ -901,7 +1152,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if dead:
                 self._endJob()
                 detail = self.logic.serverLog() if self.logic.isLocal else exc.message
-                self._status(_("the MedDiffusion service stopped answering"))
+                self._status(_("the MedDiffusion service stopped answering") + self._logHint())
                 slicer.util.errorDisplay(_("The MedDiffusion service stopped answering during the job."),
                                          detailedText=detail, windowTitle=_("MedDiffusion"))
             return
@@ -929,7 +1180,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._status(_("cancelled; the scene was left unchanged"))
             return
         except ServiceError as exc:
-            self._status(_("failed: {error}").format(error=panel_message(exc.message)))
+            self._status(_("failed: {error}").format(error=panel_message(exc.message)) + self._logHint())
             slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(
                 task=job.task, error=panel_message(exc.message)), windowTitle=_("MedDiffusion"))
             return

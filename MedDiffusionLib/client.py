@@ -150,7 +150,7 @@ class Client:
 
     def _request(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None,
                  timeout: float | None = None, stream_to: Path | None = None) -> Any:
-        hdrs = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        hdrs = {"Authorization": f"Bearer {self.token}", "Accept": "application/json", "X-MedDiffusion-API": "1"}
         hdrs.update(headers or {})
         conn = self._connection(timeout)
         try:
@@ -332,7 +332,7 @@ class Transfer:
         self.received = 0
         self.total: int | None = length or None
         hdrs = {"Host": client._netloc, "Authorization": f"Bearer {client.token}", "Accept": "application/json",
-                "Connection": "close", "Content-Length": str(length), **(headers or {})}
+                "X-MedDiffusion-API": "1", "Connection": "close", "Content-Length": str(length), **(headers or {})}
         head = f"{method} {quote(client._prefix + API + path, safe='/%:@!$&()*+,;=-._~')} HTTP/1.1\r\n"
         head += "".join(f"{k}: {v}\r\n" for k, v in hdrs.items()) + "\r\n"
         self._out = memoryview(head.encode("latin-1"))

@@ -541,7 +541,7 @@ def health_info(service: JobService, viewer: User | None = None) -> dict[str, An
     if viewer is not None and not viewer.admin:
         running = [j for j in running if j in jobs and jobs[j].owner == viewer.name]
     caps = service.limits.caps
-    return {"version": __version__, "torch": torch.__version__, "devices": devices, "models": out_models,
+    return {"version": __version__, "api": 1, "torch": torch.__version__, "devices": devices, "models": out_models,
             "controlnets": named_controlnets(),
             "loaded": [k for c in service.caches.values() for k in c.keys()],
             "model_loads": sum(c.loads for c in service.caches.values()),

@@ -3,20 +3,28 @@ picked). Versions are read from package metadata (nothing is imported, so a brok
 break the check), in this process for this interpreter and in a short subprocess otherwise, which
 :class:`DependencyCheck` polls so that Slicer's GUI thread never waits for it.
 
-torch is never installed from here: ``MedDiffusion.py`` installs it into Slicer's Python through
-the PyTorch extension's ``PyTorchUtils`` (CUDA build matched to the driver) and only when no
-installed torch satisfies :data:`TORCH_REQUIREMENT`; a user-picked Python brings its own torch.
+torch, like the reference extensions (TotalSegmentator, MONAIAuto3DSeg), is installed only where
+none is installed: an installed torch older than :data:`TORCH_REQUIREMENT` is never replaced (it may
+be loaded, and a working CUDA build would be lost); :func:`torch_plan` refuses with a message that
+points to the *PyTorch Utils* module instead. A missing torch is installed into the server's Python
+by a child process (:class:`InstallProcess`) running ``light-the-torch`` (``python -m
+light_the_torch install torch>=2.6``, which picks the CUDA build matching the driver, as PyTorch
+Utils does), so Slicer neither waits for it nor imports torch. Intel Macs get no torch >= 2.6
+wheels: :func:`torch_plan` says that *This computer* needs a server there.
 """
 from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import time
 
 TORCH_REQUIREMENT = ">=2.6"  # MedDiffusionLib's minimum (pyproject.toml: torch>=2.6,<3)
+LIGHT_THE_TORCH_REQUIREMENT = "light-the-torch>=0.5"  # what PyTorch Utils installs (PyTorchUtils.py:247)
+PYTORCH_UTILS = "PyTorch Utils"  # the PyTorch extension's module as Slicer lists it (PyTorchUtils.py:16-17)
 REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "Resources",
                                  "requirements.txt")
 
@@ -189,6 +197,66 @@ def pip_command(python: str, requirements: list[str]) -> list[str]:
     return [python, "-m", "pip", "install", "--disable-pip-version-check", *reqs]
 
 
+def is_intel_mac(system: str | None = None, machine: str | None = None) -> bool:
+    """macOS on x86_64, where PyTorch publishes no wheels of torch >= 2.6 (2.2 was the last)."""
+    system = platform.system() if system is None else system
+    machine = platform.machine() if machine is None else machine
+    return system == "Darwin" and machine.lower() in ("x86_64", "amd64")
+
+
+def intel_mac_message(requirement: str = TORCH_REQUIREMENT) -> str:
+    return (f"This Mac has an Intel processor: PyTorch publishes no torch{requirement} for Intel Macs "
+            "(torch 2.2 was the last), so MedDiffusion cannot run on this computer. Choose Run on: Server "
+            "and use a MedDiffusion service on a machine with a GPU (see the README).")
+
+
+def old_torch_message(python: str, installed: str, requirement: str = TORCH_REQUIREMENT,
+                      slicer_python: bool = True) -> str:
+    """Why an older torch is not replaced, and where to update it (PyTorch Utils for Slicer's Python)."""
+    head = (f"{python} has torch {installed}, but MedDiffusion needs torch{requirement}. An installed torch is "
+            "never replaced from here (it may already be loaded, and a working CUDA build would be lost). ")
+    if slicer_python:
+        how = (f"Update it in the {PYTORCH_UTILS} module (Utilities > {PYTORCH_UTILS}: Uninstall PyTorch, restart "
+               f"Slicer, set the torch version requirement to {requirement}, Install PyTorch), ")
+    else:
+        how = "Update torch in that Python yourself (https://pytorch.org/get-started), "
+    return head + how + (f"or pick a Python that has torch{requirement} (Run on: This computer, Python), "
+                         "or use Run on: Server.")
+
+
+def light_the_torch_commands(python: str, requirement: str = TORCH_REQUIREMENT) -> list[list[str]]:
+    """The child-process commands that install torch (CUDA build matched to the driver) into
+    ``python``: light-the-torch, then ``ltt install torch<requirement>`` (torch only: no torchvision)."""
+    return [[python, "-m", "pip", "install", "--disable-pip-version-check", LIGHT_THE_TORCH_REQUIREMENT],
+            [python, "-m", "light_the_torch", "install", "--disable-pip-version-check", "torch" + requirement]]
+
+
+class TorchPlan:
+    """What to do about torch in the server's Python: ``action`` is ``"ok"`` (nothing to do),
+    ``"install"`` (run ``commands`` in a child process) or ``"refuse"`` (show ``message``)."""
+
+    def __init__(self, action: str, message: str = "", commands: list[list[str]] | None = None):
+        self.action, self.message, self.commands = action, message, commands or []
+
+    def __repr__(self) -> str:
+        return f"TorchPlan({self.action!r}, {self.message!r}, {self.commands!r})"
+
+
+def torch_plan(python: str, installed: str | None, requirement: str = TORCH_REQUIREMENT,
+               system: str | None = None, machine: str | None = None, slicer_python: bool = True) -> TorchPlan:
+    """The decision for a server Python whose torch is ``installed`` (a version, or None when absent):
+    satisfied -> ok; Intel Mac -> refuse (no wheels); older torch -> refuse, pointing to PyTorch Utils
+    (never replaced); absent -> install with light-the-torch in a child process."""
+    if satisfies(installed, requirement):
+        return TorchPlan("ok")
+    if is_intel_mac(system, machine):
+        return TorchPlan("refuse", intel_mac_message(requirement))
+    if installed is not None:
+        return TorchPlan("refuse", old_torch_message(python, installed, requirement, slicer_python))
+    return TorchPlan("install", f"torch{requirement} (light-the-torch picks the build for this computer's GPU)",
+                     light_the_torch_commands(python, requirement))
+
+
 def _clean_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     """This process's environment with ``extra`` laid over it; a ``None`` value removes the variable."""
     env = dict(os.environ)
@@ -200,21 +268,57 @@ def _clean_env(extra: dict[str, str | None] | None = None) -> dict[str, str]:
     return env
 
 
-class PipProcess:
-    """pip running in a child process; :meth:`poll` never blocks (output goes to a log file)."""
+class InstallProcess:
+    """Commands run one after the other in child processes (the first failure stops them);
+    :meth:`poll` never blocks (output goes to one log file)."""
 
-    def __init__(self, python: str, requirements: list[str], log_file: str, env: dict[str, str] | None = None):
-        self.command = pip_command(python, requirements)
+    def __init__(self, commands: list[list[str]], log_file: str, env: dict[str, str | None] | None = None):
+        if not commands:
+            raise ValueError("nothing to run")
+        self.commands = [list(c) for c in commands]
+        self.command = self.commands[-1]
         self.log_file = log_file
+        self.step = 0
+        self._env = _clean_env(env)
         self._log = open(log_file, "wb")
-        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=_clean_env(env))
+        self._rc: int | None = None
+        self.process = self._start(0)
+
+    def _start(self, step: int) -> subprocess.Popen:
+        self.step = step
+        self._log.write(("$ " + " ".join(self.commands[step]) + "\n").encode())
+        self._log.flush()
+        return subprocess.Popen(self.commands[step], stdout=self._log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=self._env)
 
     def poll(self) -> int | None:
-        """The exit code once pip has finished, else None."""
+        """The exit code once every command has finished (or one failed), else None."""
+        if self._rc is not None:
+            return self._rc
         rc = self.process.poll()
-        if rc is not None and not self._log.closed:
+        if rc is None:
+            return None
+        if rc == 0 and self.step + 1 < len(self.commands):
+            try:
+                self.process = self._start(self.step + 1)
+            except OSError as exc:
+                self._log.write(f"cannot run {self.commands[self.step + 1][0]}: {exc}\n".encode())
+                self._rc = 127
+                self._log.close()
+            return self._rc
+        self._rc = rc
+        if not self._log.closed:
             self._log.close()
+        return rc
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Block until done (scripts and tests)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if end is not None and time.monotonic() > end:
+                self.kill()
+                raise TimeoutError(f"{self.commands[self.step]} did not finish within {timeout} s")
+            time.sleep(0.02)
         return rc
 
     def last_line(self) -> str:
@@ -237,8 +341,20 @@ class PipProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
-        self.poll()
+        if self._rc is None:
+            self._rc = self.process.returncode
+        if not self._log.closed:
+            self._log.close()
+
+
+class PipProcess(InstallProcess):
+    """pip (never torch) running in a child process; :meth:`poll` never blocks."""
+
+    def __init__(self, python: str, requirements: list[str], log_file: str, env: dict[str, str | None] | None = None):
+        super().__init__([pip_command(python, requirements)], log_file, env)
 
 
 __all__ = ["TORCH_REQUIREMENT", "REQUIREMENTS_FILE", "read_requirements", "split_requirement", "parse_version",
-           "satisfies", "DependencyCheck", "installed_versions", "missing", "pip_command", "PipProcess"]
+           "satisfies", "DependencyCheck", "installed_versions", "missing", "pip_command", "PipProcess",
+           "InstallProcess", "LIGHT_THE_TORCH_REQUIREMENT", "PYTORCH_UTILS", "TorchPlan", "torch_plan",
+           "is_intel_mac", "intel_mac_message", "old_torch_message", "light_the_torch_commands"]

@@ -477,9 +477,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pip.kill()
         if self._depCheck is not None:
             self._depCheck.kill()
-        if self._job is not None and not self._job.done:
+        if self._job is not None and not self._job.done:  # quitting or reloading: the job goes too
             try:
                 self.logic.cancel(self._job)
+                if not self.logic.isLocal and self._job.id:  # a remote job would run on for nobody
+                    self.logic.client(timeout=2.0, start=False).delete(self._job.id)
             except ServiceError:
                 pass
         self.logic.stopServer()
@@ -515,6 +517,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     setattr(p, role, node)
 
     def onSceneStartClose(self, caller, event) -> None:
+        self.logic.onSceneClosing()  # unfinished jobs are cancelled and add nothing to the next scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

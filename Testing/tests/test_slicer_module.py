@@ -512,3 +512,19 @@ def test_the_server_settings_have_a_ca_file_chooser_shown_and_applied_with_the_u
                 and getattr(c.args[0], "value", None) == "currentPathChanged(QString)"]
     helper = ast.unparse(_method(widget, "_connectPathEdited"))
     assert "comboBox().lineEdit()" in helper and "'editingFinished()'" in helper and "lineEdit.modified" in helper
+
+
+def test_closing_the_scene_or_quitting_cancels_jobs():
+    """Issue 19 item 3: the scene's StartCloseEvent reaches the logic's onSceneClosing (unfinished
+    jobs are cancelled and add nothing), and cleanup (quit, reload) deletes a remote job."""
+    import ast
+
+    tree = ast.parse((ROOT / "MedDiffusion" / "MedDiffusion.py").read_text())
+    methods = {f.name: f for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "MedDiffusionWidget"
+               for f in c.body if isinstance(f, ast.FunctionDef)}
+    close = ast.unparse(methods["onSceneStartClose"])
+    assert "self.logic.onSceneClosing()" in close
+    assert close.index("onSceneClosing") < close.index("setParameterNode")
+    cleanup = ast.unparse(methods["cleanup"])
+    assert "self.logic.cancel(self._job)" in cleanup and ".delete(self._job.id)" in cleanup
+    assert "not self.logic.isLocal" in cleanup

@@ -480,8 +480,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None and not self._job.done:  # quitting or reloading: the job goes too
             try:
                 self.logic.cancel(self._job)
-                if not self.logic.isLocal and self._job.id:  # a remote job would run on for nobody
-                    self.logic.client(timeout=2.0, start=False).delete(self._job.id)
+                for _ in range(20):  # the timer is stopped: step the cancel on (at most ~1 s) so that a
+                    if self._job.done:  # remote job does not run on for nobody
+                        break
+                    self.logic.poll(self._job)
             except ServiceError:
                 pass
         self.logic.stopServer()

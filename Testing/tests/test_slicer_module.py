@@ -526,5 +526,4 @@ def test_closing_the_scene_or_quitting_cancels_jobs():
     assert "self.logic.onSceneClosing()" in close
     assert close.index("onSceneClosing") < close.index("setParameterNode")
     cleanup = ast.unparse(methods["cleanup"])
-    assert "self.logic.cancel(self._job)" in cleanup and ".delete(self._job.id)" in cleanup
-    assert "not self.logic.isLocal" in cleanup
+    assert "self.logic.cancel(self._job)" in cleanup and "self.logic.poll(self._job)" in cleanup

@@ -63,7 +63,17 @@ def parent_transform_id(node) -> str | None:
 def write_labels(scene, segmentation_node, reference_node, segment_labels: Mapping[str, int], path: str,
                  logic=None, compress: bool = False) -> str:
     """Rasterise segments on the reference volume's grid and write a label map with the model's
-    label values (``segment_labels``: segment id -> value; later segments win overlaps).
+    label values (``segment_labels``: segment id -> value; later segments win overlaps): the file
+    :func:`labels_encoder` encodes, written at once."""
+    folder = os.path.dirname(os.path.abspath(str(path)))
+    return labels_encoder(scene, segmentation_node, reference_node, segment_labels, folder, logic, compress).write(path)
+
+
+def labels_encoder(scene, segmentation_node, reference_node, segment_labels: Mapping[str, int], folder: str,
+                   logic=None, compress: bool = False) -> "NrrdEncoder":
+    """Rasterise segments on the reference volume's grid (one Slicer call) and return the label map
+    with the model's label values (``segment_labels``: segment id -> value; later segments win
+    overlaps) as an :class:`NrrdEncoder`: the values are mapped piece by piece as it is encoded.
 
     ``logic`` is Slicer's segmentations logic (``slicer.modules.segmentations.logic()`` in the
     application); a private one is made only where no application exists (tests). Nothing is
@@ -74,6 +84,7 @@ def write_labels(scene, segmentation_node, reference_node, segment_labels: Mappi
     Only the segments in ``segment_labels`` are exported; the caller checks that no segment is
     left out unintentionally (:func:`unmapped_segments`)."""
     slicer = _slicer()
+    import numpy as np
     import vtk
 
     if segmentation_node is None:
@@ -91,7 +102,7 @@ def write_labels(scene, segmentation_node, reference_node, segment_labels: Mappi
     if logic is None:
         logic = slicer.vtkSlicerSegmentationsModuleLogic()
         logic.SetMRMLScene(scene)
-    # export assigns 1, 2, ... in the order of the ids; write the model's values instead
+    # export assigns 1, 2, ... in the order of the ids; the encoder writes the model's values instead
     order = list(segment_labels)
     ids = vtk.vtkStringArray()
     for sid in order:
@@ -102,23 +113,11 @@ def write_labels(scene, segmentation_node, reference_node, segment_labels: Mappi
         if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_node,
                                                   slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
             raise InputError("exporting the segments to a label map failed")
-        from vtk.util import numpy_support
-
-        scalars = labelmap.GetImageData().GetPointData().GetScalars()
-        exported = numpy_support.vtk_to_numpy(scalars)
-        out = exported.astype("int16")
-        out[:] = 0
+        # export value i -> the i-th segment's model value; anything else (0, or out of range) -> 0
+        lut = np.zeros(len(order) + 2, np.int16)
         for index, sid in enumerate(order, start=1):
-            out[exported == index] = int(segment_labels[sid])
-        image = vtk.vtkImageData()
-        image.DeepCopy(labelmap.GetImageData())
-        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(out, deep=True, array_type=vtk.VTK_SHORT))
-        labelmap.SetAndObserveImageData(image)
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(1 if compress else 0)
-        if not storage.WriteData(labelmap):
-            raise OSError(f"could not write the label map to {path}")
+            lut[index] = int(segment_labels[sid])
+        encoder = NrrdEncoder(labelmap, folder, compress, image=labelmap.GetImageData(), lut=lut)
     finally:
         # Slicer names the export's colour table "<seg>_ColorTable", then "_1", "_2", ... (the scene
         # never reuses a unique name): remove what this export added, by reference, not by name
@@ -127,7 +126,7 @@ def write_labels(scene, segmentation_node, reference_node, segment_labels: Mappi
         for node in added:
             if scene.IsNodePresent(node):
                 scene.RemoveNode(node)
-    return str(path)
+    return encoder
 
 
 def _node_ids(scene) -> set:
@@ -338,6 +337,332 @@ def geometry(node):
     return [[m.GetElement(r, c) for c in range(4)] for r in range(4)], node.GetImageData().GetDimensions()
 
 
+# -- stepwise NRRD: inputs encoded from memory, results decoded from the downloaded file -------------------------
+# Nothing below takes long at a time: the panel's timer moves the job on in short steps (service.poll), and
+# each step here does at most one piece (about PIECE_BYTES of voxels) of copying, compressing or inflating.
+PIECE_BYTES = 1 << 20
+GZIP_LEVEL = 1  # fast: on the GUI thread the CPU time matters more than the last few percent of size
+
+
+def _image_array(image):
+    from vtk.util import numpy_support
+
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+
+
+def nrrd_header(node, folder: str, compress: bool = False, scalar_type: int | None = None) -> bytes:
+    """The NRRD header (up to and including the blank line) that :func:`write_volume` writes for
+    ``node``, byte for byte: Slicer's own writer writes a 2x2x2 volume with the node's geometry
+    and scalar type (``scalar_type``: another VTK type, e.g. for a label map with model values),
+    and the ``sizes`` line is set to the node's dimensions. ``folder``: where that tiny file goes."""
+    import vtk
+
+    slicer = _slicer()
+    image = node.GetImageData()
+    tiny = node.CreateNodeInstance()  # same class, not in the scene
+    tiny.CopyOrientation(node)
+    small = vtk.vtkImageData()
+    small.SetDimensions(2, 2, 2)
+    small.AllocateScalars(image.GetScalarType() if scalar_type is None else scalar_type, 1)
+    _image_array(small)[:] = 0
+    tiny.SetAndObserveImageData(small)
+    path = os.path.join(folder, "header.nrrd")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(path)
+    storage.SetUseCompression(1 if compress else 0)
+    try:
+        if not storage.WriteData(tiny):
+            raise OSError(f"could not write the header of {node.GetName()!r}")
+        with open(path, "rb") as fh:
+            text = fh.read(1 << 16)
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    end = text.find(b"\n\n")
+    if end < 0:
+        raise OSError("Slicer's NRRD writer wrote no header")
+    dims = image.GetDimensions()
+    lines = text[:end].split(b"\n")
+    sizes = [i for i, ln in enumerate(lines) if ln.startswith(b"sizes:")]
+    if len(sizes) != 1 or lines[sizes[0]] != b"sizes: 2 2 2":
+        raise OSError(f"unexpected NRRD header from Slicer's writer: {text[:end]!r}")
+    lines[sizes[0]] = f"sizes: {dims[0]} {dims[1]} {dims[2]}".encode()
+    return b"\n".join(lines) + b"\n\n"
+
+
+class NrrdEncoder:
+    """The NRRD file :func:`write_volume` (or :func:`write_labels`) writes, produced in pieces from
+    the node's voxels in memory: :meth:`blocks` yields the header, then the voxels (about
+    :data:`PIECE_BYTES` at a time, raw, or gzip-compressed piece by piece in one gzip stream).
+
+    ``image``/``dtype``/``lut``: the voxels to encode (default: the node's image data) and, for label
+    maps, a look-up table applied piece by piece (``lut[value]``, values clipped to its range). The
+    image data object is kept, so a node that gets new image data meanwhile does not matter; edits
+    made in place to the node's voxels during the upload do go into the voxels not yet sent."""
+
+    def __init__(self, node, folder: str, compress: bool = False, image=None, lut=None) -> None:
+        import vtk
+
+        check_scalar_volume(node)
+        self.image = image if image is not None else node.GetImageData()
+        extent = self.image.GetExtent()
+        if extent[0] or extent[2] or extent[4]:
+            raise InputError(f"{node.GetName()!r} has image data that does not start at voxel 0")
+        self.compress = bool(compress)
+        self.lut = lut
+        self.header = nrrd_header(node, folder, compress, None if lut is None else vtk.VTK_SHORT)
+        self._voxels = _image_array(self.image).reshape(-1)
+        self.itemsize = self._voxels.dtype.itemsize if lut is None else lut.dtype.itemsize
+        self.raw_bytes = self._voxels.size * self.itemsize
+        self.length = None if self.compress else len(self.header) + self.raw_bytes
+
+    def pieces(self):
+        """The voxel data, raw (native byte order, as the header says), in pieces."""
+        import numpy as np
+
+        count = max(1, PIECE_BYTES // self.itemsize)
+        for start in range(0, self._voxels.size, count):
+            piece = self._voxels[start:start + count]
+            if self.lut is not None:
+                piece = np.take(self.lut, piece, mode="clip")
+            yield piece.tobytes()
+
+    def blocks(self):
+        """Header, then the (compressed) voxel data."""
+        yield self.header
+        if not self.compress:
+            yield from self.pieces()
+            return
+        import zlib
+
+        z = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # 31: a gzip member, as "encoding: gzip" expects
+        for piece in self.pieces():
+            out = z.compress(piece)
+            if out:
+                yield out
+        yield z.flush()
+
+    def write(self, path: str) -> str:
+        """The whole file at once (what :func:`write_volume` does; tests and scripts)."""
+        with open(path, "wb") as fh:
+            for block in self.blocks():
+                fh.write(block)
+        return str(path)
+
+
+class StepwiseFileWriter:
+    """An :class:`NrrdEncoder`'s file written in short steps (:meth:`step`), e.g. a compressed input
+    whose size must be known before its upload starts."""
+
+    def __init__(self, encoder: NrrdEncoder, path: str) -> None:
+        self.path = str(path)
+        self._blocks = encoder.blocks()
+        self._fh = open(self.path, "wb")
+        self.done = False
+        self.written = 0
+
+    def step(self, budget: float) -> bool:
+        import time
+
+        deadline = time.monotonic() + budget
+        while not self.done and time.monotonic() < deadline:
+            block = next(self._blocks, None)
+            if block is None:
+                self._fh.close()
+                self.done = True
+            else:
+                self._fh.write(block)
+                self.written += len(block)
+        return self.done
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+# NRRD type names (any spelling the format allows) -> numpy dtype names
+NRRD_TYPES = {}
+for _names, _dtype in (
+        (("signed char", "int8", "int8_t"), "i1"), (("uchar", "unsigned char", "uint8", "uint8_t"), "u1"),
+        (("short", "short int", "signed short", "signed short int", "int16", "int16_t"), "i2"),
+        (("ushort", "unsigned short", "unsigned short int", "uint16", "uint16_t"), "u2"),
+        (("int", "signed int", "int32", "int32_t"), "i4"), (("uint", "unsigned int", "uint32", "uint32_t"), "u4"),
+        (("longlong", "long long", "long long int", "signed long long", "signed long long int", "int64", "int64_t"),
+         "i8"),
+        (("ulonglong", "unsigned long long", "unsigned long long int", "uint64", "uint64_t"), "u8"),
+        (("float",), "f4"), (("double",), "f8")):
+    for _n in _names:
+        NRRD_TYPES[_n] = _dtype
+RAS_FROM = {"left-posterior-superior": (-1.0, -1.0, 1.0), "LPS": (-1.0, -1.0, 1.0),
+            "right-anterior-superior": (1.0, 1.0, 1.0), "RAS": (1.0, 1.0, 1.0)}
+
+
+class NrrdLoader:
+    """A result file (single-file NRRD, raw or gzip, as the service writes them) read into a numpy
+    array in short steps (:meth:`step`: at most about :data:`PIECE_BYTES` read and up to 4 pieces
+    inflated at a time); then :func:`volume_from_array` puts it into a node in one cheap call.
+
+    A file this reader does not take (another encoding, byte order or layout) is left to Slicer's
+    storage node: ``supported`` is False and :meth:`step` is done at once."""
+
+    def __init__(self, path: str) -> None:
+        import numpy as np
+
+        self.path = str(path)
+        self.done = False
+        self.error: Exception | None = None
+        self.array = None
+        self.ijk_to_ras = None
+        self.dims = None
+        self._fh = open(self.path, "rb")
+        try:
+            self.supported = self._parse()
+        except (ValueError, KeyError, IndexError):
+            self.supported = False
+        if not self.supported:
+            self._fh.close()
+            self.done = True
+            return
+        self._buf = np.empty(self._nbytes, np.uint8)
+        self._filled = 0
+        self._inflate = None
+        if self._gzip:
+            import zlib
+
+            self._inflate = zlib.decompressobj(47)  # gzip or zlib header
+            self._pending = b""
+
+    def _parse(self) -> bool:
+        import numpy as np
+
+        head = self._fh.read(1 << 16)
+        end = head.find(b"\n\n")
+        if not head.startswith(b"NRRD") or end < 0:
+            return False
+        fields = {}
+        for line in head[:end].decode("latin-1").split("\n")[1:]:
+            if not line or line.startswith("#"):
+                continue
+            if ":=" in line:
+                continue  # key/value pairs: not geometry
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        if fields.get("dimension") != "3" or "data file" in fields or "datafile" in fields:
+            return False
+        if fields.get("line skip", "0") != "0" or fields.get("byte skip", "0") != "0":
+            return False
+        encoding = fields.get("encoding", "")
+        if encoding not in ("raw", "gzip", "gz"):
+            return False
+        dtype = np.dtype(NRRD_TYPES[fields["type"]])
+        if dtype.itemsize > 1 and fields.get("endian", "little") != ("little" if np.little_endian else "big"):
+            return False
+        flip = RAS_FROM.get(fields.get("space", ""))
+        if flip is None:
+            return False
+        dims = tuple(int(v) for v in fields["sizes"].split())
+        dirs = [[float(v) for v in d.strip().strip("()").split(",")] for d in fields["space directions"].split(")")
+                if d.strip()]
+        origin = [float(v) for v in fields.get("space origin", "(0,0,0)").strip().strip("()").split(",")]
+        if len(dims) != 3 or len(dirs) != 3 or any(len(d) != 3 for d in dirs) or len(origin) != 3:
+            return False
+        cols = np.array(dirs, float)
+        norms = np.linalg.norm(cols, axis=1)
+        unit = cols / np.where(norms > 0, norms, 1.0)[:, None]
+        if not np.all(norms > 0) or np.abs(unit @ unit.T - np.eye(3)).max() > 1e-6:
+            return False  # sheared or degenerate axes: Slicer's reader has its own rules for those
+        m = np.eye(4)
+        for axis in range(3):
+            m[:3, axis] = np.array(dirs[axis]) * flip
+        m[:3, 3] = np.array(origin) * flip
+        self.dtype, self.dims, self.ijk_to_ras = dtype, dims, m
+        self._nbytes = int(np.prod(dims)) * dtype.itemsize
+        self._gzip = encoding != "raw"
+        self._fh.seek(end + 2)
+        return True
+
+    def step(self, budget: float) -> bool:
+        """Read on for about ``budget`` seconds; True once the whole array is there (or ``error``)."""
+        import time
+
+        deadline = time.monotonic() + budget
+        try:
+            while not self.done and time.monotonic() < deadline:
+                self._advance()
+        except Exception as exc:  # noqa: BLE001 - reported by the caller as a failed load
+            self.error, self.done = exc, True
+            self._fh.close()
+        return self.done
+
+    def _put(self, data) -> None:
+        n = min(len(data), self._nbytes - self._filled)
+        self._buf[self._filled:self._filled + n] = memoryview(data)[:n]
+        self._filled += n
+
+    def _advance(self) -> None:
+        import zlib
+
+        if self._filled >= self._nbytes:
+            self._fh.close()
+            self.array = self._buf.view(self.dtype)
+            self.done = True
+            return
+        if not self._gzip:
+            data = self._fh.read(min(PIECE_BYTES, self._nbytes - self._filled))
+            if not data:
+                raise OSError(f"{os.path.basename(self.path)}: the file is shorter than its header says")
+            self._put(data)
+            return
+        if not self._pending:
+            if self._inflate.eof:  # another gzip member follows (or trailing bytes)
+                rest = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(47)
+                self._pending = rest
+            if not self._pending:
+                self._pending = self._fh.read(PIECE_BYTES // 4)
+                if not self._pending:
+                    raise OSError(f"{os.path.basename(self.path)}: the compressed data end before the volume does")
+        out = self._inflate.decompress(self._pending, PIECE_BYTES)
+        self._pending = self._inflate.unconsumed_tail
+        if self._inflate.eof and not self._pending:
+            self._pending = b""
+        self._put(out)
+
+    def cancel(self) -> None:
+        self._fh.close()
+        self.done = True
+
+
+def volume_from_array(scene, array, dims, ijk_to_ras, name: str, like=None, window: tuple[float, float] | None = None,
+                      node=None):
+    """:func:`read_volume` for voxels already in memory (``array``: flat, i fastest, as in NRRD;
+    ``ijk_to_ras``: 4x4): the image data wraps the array without a copy, and the display range is
+    set before the voxels arrive, so no automatic window is computed for a given ``window``."""
+    import vtk
+    from vtk.util import numpy_support
+
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if window is not None:
+        set_window(node, *window)
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(ijk_to_ras[r][c]))
+    node.SetIJKToRASMatrix(m)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*dims)
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array, deep=False))
+    node.SetAndObserveImageData(image)
+    if like is not None:
+        node.SetAndObserveTransformNodeID(parent_transform_id(like))
+    place_in_hierarchy(scene, node, like)
+    return node
+
+
 __all__ = ["InputError", "check_scalar_volume", "write_volume", "write_labels", "read_volume", "remove_node",
            "set_window", "place_in_hierarchy", "parent_transform_id", "geometry", "label_class", "propose_label",
-           "propose_segment_mapping", "segment_terminology", "terminology_text", "unmapped_segments"]
+           "propose_segment_mapping", "segment_terminology", "terminology_text", "unmapped_segments",
+           "nrrd_header", "NrrdEncoder", "StepwiseFileWriter", "NrrdLoader", "volume_from_array", "labels_encoder"]

@@ -1,9 +1,10 @@
 """The module's logic as a thin client of the MedDiffusion job service (no Qt, no torch).
 
-:class:`ServiceLogic` writes input nodes to temporary NRRD files, submits jobs to a local
-(``LocalServer``) or remote service through ``MedDiffusionLib.client`` (standard library only),
-polls them with short timeouts, and loads the result files as nodes on the calling (main)
-thread. ``MedDiffusionLogic`` in ``MedDiffusion.py`` adds Slicer's application services to it.
+:class:`ServiceLogic` encodes input nodes as NRRD from memory in short steps (gzip-compressed
+piece by piece for a remote service), submits jobs to a local (``LocalServer``) or remote service
+through ``MedDiffusionLib.client`` (standard library only), polls them with short timeouts, and
+reads the result files into memory in short steps before making each node in one cheap call, all
+on the calling (main) thread. ``MedDiffusionLogic`` in ``MedDiffusion.py`` adds Slicer's application services to it.
 
 Nothing here blocks the calling thread for longer than about :data:`POLL_BUDGET_S` once the
 service answers: uploads, status requests, previews and downloads are ``Transfer`` objects of the
@@ -21,19 +22,21 @@ Console use (the blocking forms step until the job ends and return the new nodes
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from MedDiffusionLib.client import (Client, JobCancelled, JobFailed, LocalServer, ServiceError,
-                                    ServiceUnavailable)
+                                    ServiceUnavailable, Transfer)
 
-from .nodes import (InputError, check_scalar_volume, propose_segment_mapping, read_volume, remove_node,
-                    unmapped_segments, write_labels, write_volume)
+from .nodes import (InputError, NrrdEncoder, NrrdLoader, StepwiseFileWriter, check_scalar_volume, labels_encoder,
+                    propose_segment_mapping, read_volume, remove_node, unmapped_segments, volume_from_array)
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_NAME = "MedDiffusion preview"
@@ -108,6 +111,98 @@ def controlnet_label_names(info: dict) -> dict:
 
 POLL_BUDGET_S = 0.05  # the longest one poll() moves a job on (the GUI stays responsive)
 START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
+
+
+class EncodedUpload:
+    """A job submission whose input NRRD is encoded from the node's voxels in memory, in short steps
+    on the calling (main) thread, with the interface of the client's ``Transfer`` (``step``,
+    ``cancel``, ``done``, ``result``, ``error``, ``sent``, ``total``).
+
+    Uncompressed (a local server): the multipart body is produced piece by piece as the socket takes
+    it (its length is known from the header and the voxel count). Compressed (a remote server): the
+    length is known only once compressed, so the gzip NRRD is first written to the job's folder
+    piece by piece (``encoding``), then sent like any input file (``client.start_submit``)."""
+
+    def __init__(self, client: Client, spec: dict, encoder: NrrdEncoder, path: str) -> None:
+        self.client, self.spec, self.encoder, self.path = client, spec, encoder, path
+        self.done = False
+        self.result: Any = None
+        self.error: ServiceError | None = None
+        self.cancelled = False
+        self.writer: StepwiseFileWriter | None = None
+        self.transfer: Transfer | None = None
+        if encoder.compress:
+            self.writer = StepwiseFileWriter(encoder, path)
+        else:
+            headers, length, body = self._multipart(spec, os.path.basename(path), encoder)
+            self.transfer = Transfer(client, "POST", "/jobs", body=body, length=length, headers=headers)
+
+    @staticmethod
+    def _multipart(spec: dict, filename: str, encoder: NrrdEncoder):
+        """The body ``client.start_submit(spec, {"input": file})`` sends, with the file's bytes
+        from ``encoder.blocks()`` (the same parts, in the same form, as ``_multipart`` of the client)."""
+        boundary = uuid.uuid4().hex
+        spec_part = (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n'
+                     "Content-Type: application/json\r\n\r\n").encode() + json.dumps(spec).encode() + b"\r\n"
+        file_head = (f'--{boundary}\r\nContent-Disposition: form-data; name="input"; '
+                     f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        tail = f"--{boundary}--\r\n".encode()
+        length = len(spec_part) + len(file_head) + encoder.length + 2 + len(tail)
+
+        def body():
+            yield spec_part
+            yield file_head
+            yield from encoder.blocks()
+            yield b"\r\n"
+            yield tail
+
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
+        return headers, length, body()
+
+    @property
+    def phase(self) -> str:
+        return "encoding" if self.transfer is None else "sending"
+
+    @property
+    def sent(self) -> int:
+        return self.transfer.sent if self.transfer is not None else 0
+
+    @property
+    def total(self) -> int | None:
+        if self.transfer is not None:
+            return self.transfer.total
+        return len(self.encoder.header) + self.encoder.raw_bytes  # not sent yet: a cancel drops it
+
+    def step(self, budget_s: float = POLL_BUDGET_S) -> bool:
+        deadline = time.monotonic() + max(0.0, budget_s)
+        if self.done:
+            return True
+        if self.transfer is None:
+            try:
+                if not self.writer.step(budget_s):
+                    return False
+                self.transfer = self.client.start_submit(self.spec, {"input": self.path})
+            except ServiceError as exc:
+                return self._finish(error=exc)
+            except OSError as exc:
+                return self._finish(error=ServiceError(f"could not encode the input: {exc}"))
+        if self.transfer.step(max(0.0, deadline - time.monotonic())):
+            self._finish(self.transfer.result, self.transfer.error)
+        return self.done
+
+    def cancel(self) -> None:
+        if self.done:
+            return
+        self.cancelled = True
+        if self.transfer is not None:
+            self.transfer.cancel()
+        self._finish(error=ServiceError("the transfer was cancelled"))
+
+    def _finish(self, result: Any = None, error: ServiceError | None = None) -> bool:
+        self.done, self.result, self.error = True, result, error
+        if self.writer is not None:
+            self.writer.close()
+        return True
 
 
 @dataclass
@@ -422,21 +517,24 @@ class ServiceLogic:
         return tempfile.mkdtemp(prefix="meddiffusion-job-")
 
     def _submit(self, spec: dict, name: str, like=None, window=None, inputNode=None, labels=None) -> Job:
-        """Write the input (a volume node, or ``labels`` = (segmentation, reference, mapping)) and
-        start its upload; returns the job in phase ``uploading`` (move it on with :meth:`poll`).
-        Inputs are written on this (main) thread."""
+        """Start the upload of the input (a volume node, or ``labels`` = (segmentation, reference,
+        mapping)); returns the job in phase ``uploading`` (move it on with :meth:`poll`). The input's
+        NRRD is encoded from memory in short steps by :meth:`poll` (:class:`EncodedUpload`): here only
+        its header is made (and, for ``labels``, the segments are exported: one Slicer call)."""
         work = self._newWorkDir()
-        files = {}
         try:
+            encoder = None
             if inputNode is not None:
-                files["input"] = write_volume(inputNode, os.path.join(work, "input.nrrd"), compress=not self.isLocal)
+                encoder = NrrdEncoder(inputNode, work, compress=not self.isLocal)
             elif labels is not None:
                 seg, ref, mapping = labels
-                files["input"] = write_labels(self.scene, seg, ref, mapping, os.path.join(work, "input.nrrd"),
-                                              logic=self.segmentationsLogic, compress=not self.isLocal)
-            if files:
+                encoder = labels_encoder(self.scene, seg, ref, mapping, work, logic=self.segmentationsLogic,
+                                         compress=not self.isLocal)
+            if encoder is not None:
                 spec = dict(spec, inputs={"input": "input.nrrd"})
-            transfer = self.client().start_submit(spec, files)
+                transfer = EncodedUpload(self.client(), spec, encoder, os.path.join(work, "input.nrrd"))
+            else:
+                transfer = self.client().start_submit(spec, {})
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -538,10 +636,14 @@ class ServiceLogic:
                             f"{fbpVolumeNode.GetName()} MedDiffusion recon", like=fbpVolumeNode,
                             window=self._controlNetWindow(controlNet), inputNode=fbpVolumeNode)
 
-    def submitSimulate(self, ctVolumeNode, views: int = 40) -> Job:
-        """Simulate the FBP of a ``views``-view fan-beam scan of a full CT (HU)."""
+    def submitSimulate(self, ctVolumeNode, views: int = 40, bins: int | None = None) -> Job:
+        """Simulate the FBP of a ``views``-view fan-beam scan of a full CT (HU); ``bins``: detector
+        bins (None: the service's default)."""
         check_scalar_volume(ctVolumeNode, "full CT volume")
-        return self._submit({"task": "simulate-sparse-view", "params": {"views": int(views)}},
+        params = {"views": int(views)}
+        if bins is not None:
+            params["bins"] = int(bins)
+        return self._submit({"task": "simulate-sparse-view", "params": params},
                             f"{ctVolumeNode.GetName()} FBP {views} views", like=ctVolumeNode, window=CT_WINDOW,
                             inputNode=ctVolumeNode)
 
@@ -637,6 +739,10 @@ class ServiceLogic:
                 res = results[job.downloaded]
                 job.transfer = self.client(start=False).start_download(job.id, res["name"],
                                                                        os.path.join(job.workDir, res["name"]))
+            if isinstance(job.transfer, NrrdLoader):
+                if not self._stepLoad(job, results[job.downloaded], left):
+                    return
+                continue
             if not job.transfer.step(left()):
                 return
             transfer, job.transfer = job.transfer, None
@@ -645,20 +751,44 @@ class ServiceLogic:
                 self._end(job, ServiceError(f"downloading the results failed: {panel_message(transfer.error.message)}",
                                             transfer.error.status))
                 return
-            res = results[job.downloaded]
-            name = job.name if len(results) == 1 else f"{job.name} #{job.downloaded}"
-            try:
-                job.nodes.append(read_volume(self.scene, str(transfer.result), name, like=job.like,
-                                             window=self._window(job, res)))
-            except Exception as exc:
+            try:  # read into memory in steps (NrrdLoader), then made a node at once (_stepLoad)
+                job.transfer = NrrdLoader(str(transfer.result))
+            except OSError as exc:
                 self._removeNodes(job)
-                self._end(job, ServiceError(f"loading {res['name']} failed: {exc}"))
+                self._end(job, ServiceError(f"loading {results[job.downloaded]['name']} failed: {exc}"))
                 return
-            finally:
-                os.remove(transfer.result)
-            job.downloaded += 1
             if left() <= 0:
                 return
+
+    def _stepLoad(self, job: Job, res: dict, left: Callable[[], float]) -> bool:
+        """Move the load of a downloaded result on; True once its node is in the scene (or the job
+        ended). The node is made at the start of a poll, so that one call has the poll to itself."""
+        loader = job.transfer
+        if not loader.done:
+            if not loader.step(left()):
+                return False
+            if loader.supported and loader.error is None:
+                return False  # read: the node is made on the next poll
+        job.transfer = None
+        name = job.name if len(job.status.get("results") or []) == 1 else f"{job.name} #{job.downloaded}"
+        try:
+            if loader.error is not None:
+                raise loader.error
+            if loader.supported:
+                node = volume_from_array(self.scene, loader.array, loader.dims, loader.ijk_to_ras, name,
+                                         like=job.like, window=self._window(job, res))
+            else:  # a file the stepwise reader does not take: Slicer's storage node, in one call
+                node = read_volume(self.scene, loader.path, name, like=job.like, window=self._window(job, res))
+            job.nodes.append(node)
+        except Exception as exc:
+            self._removeNodes(job)
+            self._end(job, ServiceError(f"loading {res['name']} failed: {exc}"))
+            return False
+        finally:
+            if os.path.exists(loader.path):
+                os.remove(loader.path)
+        job.downloaded += 1
+        return left() > 0
 
     def cancel(self, job: Job) -> dict:
         """Stop the job: an upload or download stops at once (nothing is added to the scene); a job
@@ -804,4 +934,5 @@ def segment_mapping(segmentationNode, text: str) -> dict:
 
 __all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError",
            "UnmappedSegmentsError", "controlnet_label_names", "DEFAULT_LABEL_NAMES",
-           "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S"]
+           "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S",
+           "EncodedUpload"]

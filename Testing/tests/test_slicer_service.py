@@ -248,29 +248,16 @@ def test_a_ca_file_goes_to_every_client_and_a_changed_one_is_a_new_connection(tm
 def test_connect_over_https_trusts_the_ca_file_given(tmp_path, monkeypatch):
     """The panel's stepwise connection to an https:// service with a self-signed certificate: refused
     with the system's CAs, accepted with the certificate as the CA file."""
-    import http.server
-    import json
     import time
 
-    from tls_server import https_server
+    from tls_server import https_server, json_handler
 
     from MedDiffusionGlue.service import ServiceUnavailable
 
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self):  # noqa: N802 - http.server's name
-            body = json.dumps({"version": "tls-test", "auth": self.headers["Authorization"]}).encode()
-            self.send_response(200 if self.path == "/v1/health" else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
+    Handler = json_handler(lambda h: (200 if h.path == "/v1/health" else 404,
+                                      {"version": "tls-test", "auth": h.headers["Authorization"]}))
 
     def connect(lg):
         deadline = time.monotonic() + 30

@@ -230,24 +230,18 @@ def test_a_health_answer_without_a_key_the_panel_reads_is_a_message_not_a_key_er
     assert mod["serviceProblem"]("<html>", "x").startswith("the service at x sent a status answer")
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    seen: list = []
+SEEN_HEADERS: list = []
 
-    def do_GET(self):
-        type(self).seen.append(dict(self.headers))
-        body = b'{"version": "x", "api": 1}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *args):
-        pass
+def _record(handler):
+    SEEN_HEADERS.append(dict(handler.headers))
+    return 200, {"version": "x", "api": 1}
 
 
 def test_every_client_request_sends_the_api_version_blocking_and_stepwise():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    from tls_server import json_handler
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), json_handler(_record))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         client = Client(f"http://127.0.0.1:{srv.server_address[1]}", "t")
@@ -259,8 +253,8 @@ def test_every_client_request_sends_the_api_version_blocking_and_stepwise():
     finally:
         srv.shutdown()
         srv.server_close()
-    assert len(_Recorder.seen) == 2
-    assert all(h.get("X-MedDiffusion-API") == "1" for h in _Recorder.seen), _Recorder.seen
+    assert len(SEEN_HEADERS) == 2
+    assert all(h.get("X-MedDiffusion-API") == "1" for h in SEEN_HEADERS), SEEN_HEADERS
 
 
 def test_the_real_service_reports_api_1_and_the_panel_accepts_its_health(mod, tmp_path):

@@ -1,6 +1,6 @@
-"""A TLS test server on 127.0.0.1 with a self-signed certificate, shared by the tests of the
-client's https paths (blocking calls, stepwise transfers, the Slicer logic) and of the job
-service's own TLS."""
+"""Small test servers on 127.0.0.1: a TLS server with a self-signed certificate (shared by the
+tests of the client's https paths, the Slicer logic and the job service's own TLS) and a JSON
+answering request handler."""
 import contextlib
 import http.server
 import ssl
@@ -51,3 +51,25 @@ def https_server(folder: Path, handler: type):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def json_handler(answer) -> type:
+    """A request handler class whose GET answers ``answer(handler) -> (status, JSON-able body)``."""
+    import json
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            status, doc = answer(self)
+            body = json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    return Handler

@@ -34,8 +34,9 @@ for _candidate in (_HERE, os.path.dirname(_HERE)):
 
 from MedDiffusionGlue import dependencies  # noqa: E402
 from MedDiffusionGlue.nodes import InputError  # noqa: E402
-from MedDiffusionGlue.service import (POLL_BUDGET_S, JobCancelled, ServiceError, ServiceLogic,  # noqa: E402
-                                      ServiceUnavailable, default_python, panel_message, segment_mapping)
+from MedDiffusionGlue.service import (DEFAULT_LABEL_NAMES, POLL_BUDGET_S, JobCancelled, ServiceError,  # noqa: E402
+                                      ServiceLogic, ServiceUnavailable, default_python, panel_message,
+                                      segment_mapping)
 
 PAPER_URL = "https://arxiv.org/abs/2412.13059"
 README_URL = "https://github.com/meddiffusion/SlicerMedDiffusion#3d-slicer-extension"
@@ -204,7 +205,7 @@ class MedDiffusionParameterNode:
     # from segmentation
     segmentation: vtkMRMLSegmentationNode
     referenceVolume: vtkMRMLScalarVolumeNode
-    segmentMapping: str = "Air=0, Lung=1, Soft tissue=2, Bone=3, Tumour=4"
+    # (the segment -> label choices live in the panel's table, rebuilt from the segmentation: not a parameter)
     controlSteps: Annotated[int, WithinRange(1, 1000)] = 50
     # sparse-view CT
     fullCTVolume: vtkMRMLScalarVolumeNode
@@ -347,6 +348,16 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-pip.log")
         return dependencies.PipProcess(python, missing, log, env=self._dependencyEnvironment(python))
 
+    def startImportWeights(self, folder: str, python: str | None = None) -> "dependencies.InstallProcess":
+        """Add a folder of weights (the authors' files or converted ones) to the model cache of the
+        local service's Python: ``meddiffusion models import FOLDER`` in a child process to ``poll()``
+        (torch runs there, never in Slicer's process; one progress line per file goes to its log). The
+        local server re-reads the registry, so its next health answer lists the model as downloaded."""
+        python = python or self.serverPython or default_python()
+        command, env = importWeightsCommand(python, str(folder), self._dependencyEnvironment(python))
+        log = os.path.join(slicer.app.temporaryPath, "MedDiffusion-import.log")
+        return dependencies.InstallProcess([command], log, env=env)
+
 
 def _isSlicerPython(python: str) -> bool:
     return os.path.realpath(python) == os.path.realpath(default_python())
@@ -359,6 +370,24 @@ def externalPythonEnvironment() -> dict:
     for key in os.environ:
         env.setdefault(key, None)  # LocalServer starts from os.environ: None removes what the launcher added
     return env
+
+
+def libraryParent() -> str:
+    """The folder holding MedDiffusionLib: what ``LocalServer.start`` puts first on the server's PYTHONPATH."""
+    import MedDiffusionLib.client
+
+    return os.path.dirname(os.path.dirname(os.path.realpath(MedDiffusionLib.client.__file__)))
+
+
+def importWeightsCommand(python: str, folder: str, env: dict | None = None) -> tuple:
+    """The command line and environment of ``meddiffusion models import FOLDER`` on the local
+    server's Python, run as the server is: ``env`` laid over this process's environment (``None``
+    removes a variable), the folder holding MedDiffusionLib first on PYTHONPATH."""
+    env = dict(env or {})
+    inherited = env["PYTHONPATH"] if "PYTHONPATH" in env else os.environ.get("PYTHONPATH")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (libraryParent(), inherited or "") if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return [python, "-m", "MedDiffusionLib.cli", "models", "import", folder], env
 
 
 #
@@ -375,6 +404,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._pip = None
+        self._import = None  # an Add weights... child process (meddiffusion models import) in progress
         self._pending = None  # action to run once the service answers
         self._models: list = []
         self._labelsNets: list = []
@@ -388,6 +418,10 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._appliedConnection = None  # the Run on settings last applied (see _onConnectionEdited)
         self._ticking = False  # a timer tick is running (a message box it shows runs its own event loop)
         self._addedNodeIDs: list = []  # nodes added to the scene, checked for Sample Data once loading returns
+        self._segmentRows: list = []  # [(segment id, label combo box)] of the segment -> label table
+        self._segmentLabelNames: list = []  # the label names the table's combo boxes list (then "(leave out)")
+        self._segmentChoices: dict = {}  # {segment id: the combo text} the user picked in the table
+        self._observedSegmentation = None  # the vtkSegmentation whose segment events rebuild the table
 
     # -- set-up: connect everything first; nothing here needs torch or the service ---------------------------
     def setup(self) -> None:
@@ -427,10 +461,14 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.sparseViewControlNetComboBox.connect("currentIndexChanged(int)", guarded(self._onControlNetChanged))
         ui.generateButton.connect("clicked(bool)", guarded(self._onGenerate))
         ui.synthesizeButton.connect("clicked(bool)", guarded(self._onSynthesize))
+        ui.segmentLabelTable.setColumnCount(2)
+        ui.segmentLabelTable.setHorizontalHeaderLabels([_("Segment"), _("Label")])
+        ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", guarded(self._onSegmentationChanged))
         ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
         ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
         ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
         ui.showLogButton.connect("clicked(bool)", guarded(self._onShowLog))
+        ui.addWeightsButton.connect("clicked(bool)", guarded(self._onAddWeights))
         slicer.app.connect("aboutToQuit()", self._onAboutToQuit)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -475,12 +513,14 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         if self._pip is not None:
             self._pip.kill()
+        if self._import is not None:
+            self._import.kill()
         if self._depCheck is not None:
             self._depCheck.kill()
         if self._job is not None and not self._job.done:  # quitting or reloading: the job goes too
             try:
                 self.logic.cancel(self._job)
-                for _ in range(20):  # the timer is stopped: step the cancel on (at most ~1 s) so that a
+                for _step in range(20):  # the timer is stopped: step the cancel on (at most ~1 s) so that a
                     if self._job.done:  # remote job does not run on for nobody
                         break
                     self.logic.poll(self._job)
@@ -584,6 +624,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   self.ui.label_serverTokenLineEdit, self.ui.serverCaFilePathLineEdit,
                   self.ui.label_serverCaFilePathLineEdit):
             w.visible = not local
+        self._updateAddWeights()
         self._onConnectionEdited()
 
     def _onConnectionEdited(self, *_args) -> None:
@@ -614,7 +655,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Run ``action`` once the packages are checked and the service answers. Nothing here waits:
         the local server is started with start(wait=False) and probed from the timer."""
         self._afterInstall = afterInstall
-        if self._job is not None or self._pip is not None:
+        if self._job is not None or self._pip is not None or self._import is not None:
             raise InputError(_("wait for the running job (or Cancel it) first"))
         self._applyConnection()
         if not self._isLocal() and not self.ui.serverUrlLineEdit.text.strip():
@@ -763,6 +804,72 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise InputError(_("there is no server log yet: it is written once the local service starts"))
         if not qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(path)):
             raise InputError(_("no application opens {path}: open it with a text editor").format(path=path))
+
+    # -- Add weights...: `meddiffusion models import FOLDER` in a child process on the local server's Python ---------
+    def _updateAddWeights(self) -> None:
+        button = self.ui.addWeightsButton
+        busy = self._job is not None or self._pip is not None or self._pending is not None or self._import is not None
+        if not self._isLocal():
+            button.enabled = False
+            button.toolTip = _("The server's admin adds weights there (`meddiffusion models import FOLDER` on the "
+                               "server)")
+            return
+        button.enabled = not busy
+        button.toolTip = (_("A job is running: wait or Cancel") if busy else
+                          _("Add a model from a folder of its weights (the authors' files or converted ones): they are "
+                            "checked and converted into the model cache of the local service's Python, and the model "
+                            "appears in the list"))
+
+    def _onAddWeights(self) -> None:
+        if not self._isLocal():
+            raise InputError(_("The server's admin adds weights there (`meddiffusion models import FOLDER` on the "
+                               "server)"))
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), _("Folder with the model's weights"))
+        if folder:
+            self._startAddWeights(folder)
+
+    def _startAddWeights(self, folder: str) -> None:
+        """Start the import child (polled from the timer; Cancel stops it)."""
+        if self._job is not None or self._pip is not None or self._import is not None or self._pending is not None:
+            raise InputError(_("wait for the running job (or Cancel it) first"))
+        self._applyConnection()
+        self._import = self.logic.startImportWeights(folder, self._python())
+        self._setBusy(True)
+        self.ui.progressBar.setRange(0, 0)
+        self._status(_("adding the weights in {folder} ...").format(folder=folder))
+        self._timer.start()
+
+    def _importTick(self) -> None:
+        rc = self._import.poll()
+        if rc is None:
+            line = self._import.last_line()
+            if line and not line.startswith("$ "):  # the log's first line is the command itself
+                self._status(_("adding weights: {line}").format(line=line[:120]))
+            return
+        process, self._import = self._import, None
+        self._setBusy(False)
+        if rc != 0:
+            lines = [ln for ln in process.tail(15).splitlines() if ln.strip() and not ln.startswith("$ ")]
+            error = lines[-1] if lines else _("exit code {rc}").format(rc=rc)
+            if error.startswith("error: "):
+                error = error[len("error: "):]
+            self._status(_("adding the weights failed: {error}").format(error=error[:200]))
+            slicer.util.errorDisplay(_("Adding the weights failed: {error}").format(error=error),
+                                     detailedText=_("{command}\n(exit code {rc}; log: {log})\n\n{tail}").format(
+                                         command=" ".join(process.command), rc=rc, log=process.log_file,
+                                         tail="\n".join(lines)), windowTitle=_("MedDiffusion"))
+            return
+        model = process.last_line().split(":", 1)[0].strip() or _("the model")
+        added = _("added {model}").format(model=model)
+        if self.logic.cachedHealth() is None:  # not connected: the list is filled when the service answers
+            self._status(added + _(" (it appears in the model list once the service is connected)"))
+            return
+        # connected: ask the service again (it re-reads the registry); its answer refills the model list
+        self._pending = lambda: self._status(added)
+        self._startedAt = time.monotonic()
+        self._setBusy(True)
+        self._status(added + _("; refreshing the model list ..."))
+        self._timer.start()
 
     # -- dependencies of the local service's Python (checked by a child process polled from the timer) ---------
     def _refreshDependencies(self) -> None:
@@ -967,16 +1074,90 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.labelsControlNet = self._labelsNets[i]["name"]
         if 0 <= j < len(self._sparseNets):
             p.sparseViewControlNet = self._sparseNets[j]["name"]
+        self._refreshSegmentTable()  # the labels ControlNet's label names fill the table's combo boxes
+
+    # -- segment -> label table (issue 19, item 8) ---------------------------------------------------------------
+    def _labelNames(self) -> dict:
+        """{value: name} of the selected labels ControlNet: the service's, once it has answered; before
+        that the bundled convention's (so Sample Data is pre-mapped before connecting; the names are
+        checked against the service's when the job is submitted)."""
+        p = self._parameterNode
+        if p is not None and self.logic is not None and self.logic.cachedHealth() is not None:
+            try:
+                return self.logic.controlNetLabels(p.labelsControlNet)  # the cached answer: no request
+            except (InputError, ServiceError):
+                pass
+        return dict(DEFAULT_LABEL_NAMES)
+
+    def _onSegmentationChanged(self, *_args) -> None:
+        self._segmentChoices = {}  # another segmentation: the proposals start again
+        self._refreshSegmentTable()
+
+    def _observeSegmentation(self, node) -> None:
+        """Rebuild the table when segments of the selected segmentation are added, removed or renamed."""
+        segmentation = node.GetSegmentation() if node is not None else None
+        if segmentation is self._observedSegmentation:
+            return
+        old, self._observedSegmentation = self._observedSegmentation, segmentation
+        for seg, connect in ((old, self.removeObserver), (segmentation, self.addObserver)):
+            if seg is not None:
+                for event in (seg.SegmentAdded, seg.SegmentRemoved, seg.SegmentModified):
+                    connect(seg, event, self._onSegmentsChanged)
+
+    def _onSegmentsChanged(self, *_args) -> None:
+        self._refreshSegmentTable()
+
+    def _choiceRecorder(self, segmentId, combo):
+        def record(*_args):
+            self._segmentChoices[segmentId] = combo.currentText
+        return record
+
+    def _refreshSegmentTable(self) -> None:
+        """One row per segment of the selected segmentation: its name, and a combo box of the ControlNet's
+        label names and "(leave out)", pre-selected by ``proposeSegmentMapping`` (segment names and
+        terminology); a label the user picked for a segment is kept while the ControlNet has it."""
+        node = self.ui.segmentationSelector.currentNode()
+        self._observeSegmentation(node)
+        labels = self._labelNames()
+        names = list(labels.values())
+        proposal = self.logic.proposeSegmentMapping(node, labels) if node is not None else {}
+        ui = self.ui  # (the QTableWidget's class is checked in Testing/tests/test_slicer_segment_table.py)
+        table = ui.segmentLabelTable
+        table.setRowCount(0)
+        self._segmentRows, self._segmentLabelNames = [], names
+        table.setRowCount(len(proposal))
+        segmentation = node.GetSegmentation() if node is not None else None
+        for row, (segmentId, proposed) in enumerate(proposal.items()):
+            item = qt.QTableWidgetItem(segmentation.GetSegment(segmentId).GetName())
+            item.setFlags(qt.Qt.ItemIsEnabled)
+            item.setToolTip(_("segment ID: {id}").format(id=segmentId))
+            table.setItem(row, 0, item)
+            combo = qt.QComboBox()
+            combo.addItems(names + [_("(leave out)")])
+            chosen = self._segmentChoices.get(segmentId, proposed)
+            combo.currentIndex = names.index(chosen) if chosen in names else len(names)
+            combo.toolTip = _("The ControlNet label this segment becomes; \"(leave out)\": not exported (its "
+                              "voxels become label 0, like the background)")
+            combo.connect("currentIndexChanged(int)", self._choiceRecorder(segmentId, combo))
+            table.setCellWidget(row, 1, combo)
+            self._segmentRows.append((segmentId, combo))
+        self._updateButtons()
+
+    def _segmentLabels(self) -> dict:
+        """The table's choices: {segment id: label name, or None where left out}."""
+        names = self._segmentLabelNames
+        return {segmentId: names[combo.currentIndex] if 0 <= combo.currentIndex < len(names) else None
+                for segmentId, combo in self._segmentRows}
 
     # -- buttons: enabled only when their inputs are set --------------------------------------------------------------
     def _updateButtons(self, *_args) -> None:
         p = self._parameterNode
-        busy = self._job is not None or self._pip is not None or self._pending is not None
+        busy = self._job is not None or self._pip is not None or self._pending is not None or self._import is not None
         needs = {
             "generateButton": [],
             "synthesizeButton": ([] if p and p.segmentation else [_("a segmentation")])
             + ([] if p and p.referenceVolume else [_("a reference volume")])
-            + ([] if p and p.segmentMapping.strip() else [_("a Segment = label mapping")]),
+            + ([] if not (p and p.segmentation) or self._segmentRows else [_("a segmentation with segments")]),
             "simulateButton": [] if p and p.fullCTVolume else [_("a full CT volume")],
             "reconstructButton": [] if p and p.fbpVolume else [_("a sparse-view FBP volume")],
         }
@@ -994,12 +1175,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 button.toolTip = tips[name]
         # Cancel: a job, or the server starting / the connection being made (and the package check before it)
-        self.ui.cancelButton.enabled = self._job is not None or self._pending is not None
+        self.ui.cancelButton.enabled = self._job is not None or self._pending is not None or self._import is not None
         self.ui.connectButton.enabled = not busy
         # where jobs run cannot change under a running job or installation (re-enabled when it ends, however)
-        working = self._job is not None or self._pip is not None
+        working = self._job is not None or self._pip is not None or self._import is not None
         for w in self._connectionWidgets():
             w.enabled = not working
+        self._updateAddWeights()
         if p is not None:
             self.ui.stepsSpinBox.enabled = p.sampler != "ddpm"
             self.ui.stepsSpinBox.toolTip = (_("DDPM always runs the model's full schedule (1000 steps)")
@@ -1033,10 +1215,20 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onSynthesize(self) -> None:
         p = self._parameterNode
-        mapping = segment_mapping(p.segmentation, p.segmentMapping)  # checked before anything starts
+        mapping = self._segmentLabels()  # the table's choices, checked before anything starts
+        if not any(label is not None for label in mapping.values()):
+            raise InputError(_("give at least one segment a label in the Segment labels table"))
+        leftOut = self.logic.unmappedSegments(p.segmentation, mapping)
+        if leftOut and not slicer.util.confirmOkCancelDisplay(
+                _("These segments have no label: they are not exported and their voxels become label 0, like "
+                  "the background:\n\n{segments}\n\nSynthesize anyway?").format(
+                    segments="\n".join(name for sid, name in leftOut)), windowTitle=_("MedDiffusion")):
+            self._status(_("not started: give the left-out segments a label, or confirm leaving them out"))
+            return
         self._withService(lambda: self._start(self.logic.submitSynthesize(
             p.segmentation, p.referenceVolume, mapping, controlNet=p.labelsControlNet, seed=p.seed,
-            steps=p.controlSteps, device=p.device, mode=self._mode(), previewEvery=p.previewEvery)))
+            steps=p.controlSteps, device=p.device, mode=self._mode(), previewEvery=p.previewEvery,
+            allowUnmapped=bool(leftOut))))  # only reached with left-out segments once the user confirmed
 
     def _onSimulate(self) -> None:
         p = self._parameterNode
@@ -1052,6 +1244,12 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self.logic.cancel(self._job)
             self._status(_("cancelling after the current step ..."))
+        elif self._import is not None:  # Add weights...: the child (and what it started) stops; it converts into
+            # a temporary folder renamed only when complete, so the cache gets nothing half-written
+            process, self._import = self._import, None
+            process.kill()
+            self._setBusy(False)
+            self._status(_("adding the weights was cancelled"))
         elif self._pending is not None:  # starting the server / connecting (or checking packages first)
             connecting = self._depCheck is None
             self._pending = None
@@ -1094,6 +1292,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._pip is not None:
                 stage = "pip"
                 self._pipTick()
+            elif self._import is not None:
+                stage = "import"
+                self._importTick()
             elif self._depCheck is not None:
                 stage = "dependencies"
                 if self._depCheck.poll():
@@ -1112,7 +1313,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._tickFailed(stage, exc)
         finally:
             self._ticking = False
-            if not (self._pip or self._depCheck or self._job or self._pending or self._unload):
+            if not (self._pip or self._import or self._depCheck or self._job or self._pending or self._unload):
                 self._timer.stop()
 
     def _tickFailed(self, stage, exc: Exception) -> None:
@@ -1125,6 +1326,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if stage == "pip" and self._pip is not None:
                 pip, self._pip = self._pip, None
                 pip.kill()
+            elif stage == "import" and self._import is not None:
+                process, self._import = self._import, None
+                process.kill()
             elif stage == "dependencies" and self._depCheck is not None:
                 check, self._depCheck = self._depCheck, None
                 check.kill()

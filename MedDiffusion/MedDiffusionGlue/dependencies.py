@@ -288,8 +288,12 @@ class InstallProcess:
         self.step = step
         self._log.write(("$ " + " ".join(self.commands[step]) + "\n").encode())
         self._log.flush()
+        # Its own process group (POSIX: session), so that kill() reaches the whole tree: Slicer's PythonSlicer
+        # is a launcher that runs python-real as its child and passes no signals on.
+        kwargs = ({"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)} if os.name == "nt"
+                  else {"start_new_session": True})
         return subprocess.Popen(self.commands[step], stdout=self._log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=self._env)
+                                stdin=subprocess.DEVNULL, env=self._env, **kwargs)
 
     def poll(self) -> int | None:
         """The exit code once every command has finished (or one failed), else None."""
@@ -338,6 +342,17 @@ class InstallProcess:
             return ""
 
     def kill(self) -> None:
+        """Stop the running command and whatever it started (its process group; Windows: ``taskkill /T``)."""
+        if os.name != "nt":
+            if self.process.returncode is None:  # not reaped yet: its pid (the group's id) cannot be anyone else's
+                try:
+                    os.killpg(self.process.pid, 9)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        elif self.process.poll() is None:
+            subprocess.Popen(["taskkill", "/F", "/T", "/PID", str(self.process.pid)], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # not waited for
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)

@@ -203,6 +203,7 @@ EXPECTED_CLASSES = {
     "Button": {"QPushButton"}, "CollapsibleButton": {"ctkCollapsibleButton"}, "ComboBox": {"QComboBox"},
     "Selector": {"qMRMLNodeComboBox"}, "SpinBox": {"QSpinBox", "QDoubleSpinBox"}, "Label": {"QLabel"},
     "CheckBox": {"QCheckBox"}, "LineEdit": {"QLineEdit", "ctkPathLineEdit"}, "ProgressBar": {"QProgressBar"},
+    "Table": {"QTableWidget"},
 }
 
 

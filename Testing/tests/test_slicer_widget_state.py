@@ -10,11 +10,11 @@ import os
 import sys
 import threading
 import types
-import xml.etree.ElementTree as ET
 
 import pytest
 
 from conftest import ROOT
+from panel_fakes import FakeTimer, FakeUI  # noqa: E402
 
 MODULE = ROOT / "MedDiffusion"
 UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
@@ -31,45 +31,9 @@ from MedDiffusionGlue.service import ServiceError, ServiceUnavailable, panel_mes
 from MedDiffusionLib.client import Client, LocalServer  # noqa: E402
 
 HELPERS = ("sampleDataRoles", "serviceProblem", "rotateLog", "serverLogPath")
-UI_NAMES = {w.get("name") for w in ET.parse(UI).iter("widget")}
 
 
 # -- stand-ins ---------------------------------------------------------------------------------------------
-class FakeWidget:
-    def __init__(self, name):
-        self.name, self.enabled, self.visible, self.text, self.toolTip = name, True, True, "", ""
-        self.currentIndex, self.range, self.value = 0, (0, 1), 0
-
-    def setRange(self, lo, hi):
-        self.range = (lo, hi)
-
-    def setValue(self, v):
-        self.value = v
-
-    def blockSignals(self, b):
-        return False
-
-
-class FakeUI:
-    def __init__(self):
-        self._w = {}
-
-    def __getattr__(self, name):
-        assert name in UI_NAMES, f"self.ui.{name} is not in the .ui"
-        return self._w.setdefault(name, FakeWidget(name))
-
-
-class FakeTimer:
-    def __init__(self):
-        self.active = False
-
-    def start(self):
-        self.active = True
-
-    def stop(self):
-        self.active = False
-
-
 class FakeLogic:
     def __init__(self, local=True):
         self.isLocal = local

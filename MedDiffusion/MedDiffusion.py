@@ -634,16 +634,20 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip(), self._caFile())
         if settings == self._appliedConnection:
             return
-        self._appliedConnection = settings
         self._saveSettings()
-        self._applyConnection()
+        self._applyConnection()  # a Python path that does not exist is refused here; nothing changes
+        self._appliedConnection = settings
         if self._isLocal():
             self._refreshDependencies()
         self._setServiceInfo(None)
 
     def _applyConnection(self) -> None:
         if self._isLocal():
-            self.logic.useLocalServer(self.ui.pythonPathLineEdit.currentPath.strip() or None)
+            python = self.ui.pythonPathLineEdit.currentPath.strip() or None
+            if python is not None and not os.path.isfile(python):
+                raise InputError(_("{path}: no such Python; choose the python executable of the environment "
+                                   "(or leave the field empty for Slicer's Python)").format(path=python))
+            self.logic.useLocalServer(python)
         elif self.ui.serverUrlLineEdit.text.strip():
             self.logic.useRemoteServer(self.ui.serverUrlLineEdit.text.strip(), self.ui.serverTokenLineEdit.text.strip(),
                                        self._caFile())
@@ -1289,6 +1293,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._ticking = True
         stage = None
         try:
+            self.logic.reapStoppedServers()  # servers stopped without waiting: kill late ones, reap
             if self._pip is not None:
                 stage = "pip"
                 self._pipTick()
@@ -1469,14 +1474,14 @@ class MedDiffusionTest(ScriptedLoadableModuleTest):
         waits or not. True when nothing is left."""
         from MedDiffusionLib.client import LocalServer
 
-        server, left = logic.server, False
+        server = logic.server
         try:
-            logic.stopServer()
+            logic.stopServer()  # returns at once; the tree gets its grace time, then a kill
         finally:
-            if server is not None and server.running:  # stopServer must have stopped it; never leave it
-                left = True
+            end = time.monotonic() + timeout
+            while not LocalServer.poll_stopped() and time.monotonic() < end:
+                time.sleep(0.05)
+            left = server is not None and server.running
+            if left:  # stopServer must have stopped it; never leave it
                 server.stop(timeout=5.0)
-        end = time.monotonic() + timeout
-        while not LocalServer.poll_stopped() and time.monotonic() < end:
-            time.sleep(0.05)
         return not left and LocalServer.poll_stopped() and (server is None or not server.stopping)

@@ -323,13 +323,21 @@ class ServiceLogic:
     def serverLog(self) -> str:
         return self.server.log_tail() if self.server is not None else ""
 
-    def stopServer(self) -> None:
+    def stopServer(self, wait: bool = False) -> None:
+        """Forget the service; a local server's whole process tree is told to stop. Without ``wait``
+        this returns at once (the panel's main thread never waits on it): :meth:`reapStoppedServers`
+        (the panel's timer) escalates to a kill after the grace time and reaps the processes."""
         if self.server is not None:
-            self.server.stop()
+            self.server.stop(wait=wait)
             self.server = None
         self._health = None
         self._connecting = None
         self._remoteClients.clear()
+
+    @staticmethod
+    def reapStoppedServers() -> bool:
+        """One non-blocking step over the local servers stopped without waiting; True when none is left."""
+        return LocalServer.poll_stopped()
 
     def client(self, timeout: float | None = None, start: bool = True) -> Client:
         """A client of the current service. ``start``: start (or restart) the local server if it

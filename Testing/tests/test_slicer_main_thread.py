@@ -4,7 +4,7 @@ volume node (real MRML from the slicer-core wheel) goes to a real local job serv
 timer does; every main-thread call (the submit and each poll) is timed.
 
 The issue's target is 100 ms per step. This machine is shared (2 cores, other jobs), so the test
-asserts :data:`BUDGET_S`, a bound that the one-go code failed by far (writing the input with gzip
+asserts that at least 95 % of the calls take under 100 ms, and every call under :data:`BUDGET_S`, a bound that the one-go code failed by far (writing the input with gzip
 took about 2.5 s, loading the result with the storage node about 0.6 s) and prints the measured
 longest steps (``pytest -s``)."""
 import gzip
@@ -28,7 +28,8 @@ from vtk.util import numpy_support  # noqa: E402
 from MedDiffusionGlue import nodes  # noqa: E402
 from MedDiffusionGlue.service import ServiceLogic  # noqa: E402
 
-BUDGET_S = 0.4  # per main-thread call; the issue's goal is 0.1 s (see the module docstring)
+BUDGET_S = 0.4  # per main-thread call, always; the issue's goal is 0.1 s (see the module docstring)
+GOAL_S = 0.1  # ... which at least 95 % of the calls meet even on a loaded machine
 SHAPE = (512, 512, 300)  # i, j, k
 VIEWS, BINS = 4, 32
 
@@ -101,12 +102,13 @@ def expected(ct):
 
 def run_timed(logic, ct):
     """Submit and poll to the end as the panel does; (result node, {phase: longest call in s})."""
-    longest = {}
+    longest, durations = {}, []
 
     def timed(phase, call):
         t = time.perf_counter()
         out = call()
-        longest[phase] = max(longest.get(phase, 0.0), time.perf_counter() - t)
+        durations.append(time.perf_counter() - t)
+        longest[phase] = max(longest.get(phase, 0.0), durations[-1])
         return out
 
     job = timed("submit", lambda: logic.submitSimulate(ct, views=VIEWS, bins=BINS))
@@ -120,6 +122,7 @@ def run_timed(logic, ct):
             time.sleep(0.002)  # the panel's timer gives the event loop a turn between steps
         assert time.monotonic() < deadline, f"the job did not finish: {job.status}"
     (node,) = logic.finishJob(job)
+    longest["share over 0.1 s"] = sum(d > GOAL_S for d in durations) / len(durations)
     return node, longest
 
 
@@ -143,7 +146,9 @@ def test_submit_and_download_of_a_full_ct_never_block_the_main_thread(local, ct,
     print(f"\n{where}: longest main-thread call per phase (s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in longest.items()))
     check_result(node, ct, expected)
+    share = longest.pop("share over 0.1 s")
     assert max(longest.values()) < BUDGET_S, longest
+    assert share <= 0.05, (share, longest)
     nodes.remove_node(local.scene, node)
 
 

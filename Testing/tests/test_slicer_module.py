@@ -528,3 +528,15 @@ def test_closing_the_scene_or_quitting_cancels_jobs():
     assert close.index("onSceneClosing") < close.index("setParameterNode")
     cleanup = ast.unparse(methods["cleanup"])
     assert "self.logic.cancel(self._job)" in cleanup and "self.logic.poll(self._job)" in cleanup
+
+
+def test_a_python_path_that_does_not_exist_is_refused_not_applied():
+    """Issue 19 item 2: the Python path applies when editing finishes and the path exists."""
+    tree = _module_ast()
+    widget = _class(tree, "MedDiffusionWidget")
+    apply = ast.unparse(next(m for m in widget.body if isinstance(m, ast.FunctionDef) and m.name == "_applyConnection"))
+    assert "os.path.isfile(python)" in apply and "raise InputError" in apply
+    assert apply.index("isfile") < apply.index("useLocalServer")
+    edited = ast.unparse(next(m for m in widget.body if isinstance(m, ast.FunctionDef)
+                              and m.name == "_onConnectionEdited"))
+    assert edited.index("self._applyConnection()") < edited.index("self._appliedConnection = settings")

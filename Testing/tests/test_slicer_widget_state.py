@@ -48,6 +48,10 @@ class FakeLogic:
             raise self.health
         return self.health
 
+    @staticmethod
+    def reapStoppedServers():
+        return True
+
     def stopServer(self):
         self.stopped += 1
         self.server = None

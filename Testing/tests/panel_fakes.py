@@ -1,11 +1,36 @@
-"""Stand-ins for the Qt side of the Slicer panel (its .ui widgets and its timer), shared by the tests
-that run the widget's code without Qt. Every ``self.ui.X`` the code touches must exist in the .ui."""
+"""Stand-ins for the Qt side of the Slicer panel (its .ui widgets, its timer, Slicer's widget base
+classes), shared by the tests that run the widget's code without Qt, and the real MRML they use
+(slicer-core). Every ``self.ui.X`` the code touches must exist in the .ui."""
+import sys
 import xml.etree.ElementTree as ET
+
+import pytest
 
 from conftest import ROOT
 
-UI = ROOT / "MedDiffusion" / "Resources" / "UI" / "MedDiffusion.ui"
+MODULE = ROOT / "MedDiffusion"
+UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
 UI_NAMES = {w.get("name") for w in ET.parse(UI).iter("widget")}
+sys.path.insert(0, str(MODULE))
+
+if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
+    import slicer as mrml  # the test extra installs slicer-core here
+else:
+    mrml = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
+
+
+class StandInBase:
+    """Slicer's ScriptedLoadableModuleWidget: nothing to set up here."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+class StandInMixin:
+    """Slicer's VTKObservationMixin (the widget's second base class)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
 
 class FakeWidget:

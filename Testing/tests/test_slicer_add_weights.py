@@ -5,7 +5,6 @@ the child is a real ``python -m MedDiffusionLib.cli models import FOLDER`` (or a
 success and Cancel paths, which need no weights)."""
 import ast
 import os
-import sys
 import time
 import types
 import xml.etree.ElementTree as ET
@@ -15,14 +14,7 @@ import pytest
 from conftest import ROOT
 from panel_fakes import FakeTimer, FakeUI  # noqa: E402
 
-MODULE = ROOT / "MedDiffusion"
-UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
-sys.path.insert(0, str(MODULE))
-
-if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
-    import slicer as mrml  # the test extra installs slicer-core here
-else:
-    mrml = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
+from panel_fakes import MODULE, UI, StandInBase, StandInMixin, mrml  # noqa: E402
 import vtk  # noqa: E402
 
 from MedDiffusionGlue import dependencies  # noqa: E402
@@ -49,14 +41,6 @@ def _load(tmp_path, chosen=""):
         def __init__(self, *args, **kwargs):
             super().__init__()
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    class Mixin:
-        def __init__(self, *args, **kwargs):
-            pass
-
     def errorDisplay(text, **kwargs):
         shown.append((text, kwargs))
 
@@ -72,7 +56,7 @@ def _load(tmp_path, chosen=""):
     ns = {"__name__": "MedDiffusionUnderTest", "__file__": str(MODULE / "MedDiffusion.py"), "_": lambda s: s,
           "qt": qt, "slicer": slicer, "vtk": vtk, "os": os, "re": __import__("re"), "time": time,
           "logging": __import__("logging"), "ScriptedLoadableModuleLogic": ModuleLogic, "ServiceLogic": ServiceLogic,
-          "ScriptedLoadableModuleWidget": Base, "VTKObservationMixin": Mixin, "InputError": InputError,
+          "ScriptedLoadableModuleWidget": StandInBase, "VTKObservationMixin": StandInMixin, "InputError": InputError,
           "ServiceError": ServiceError, "ServiceUnavailable": ServiceUnavailable, "panel_message": panel_message,
           "dependencies": dependencies, "default_python": default_python, "chosen": chosen,
           "MedDiffusionParameterNode": None}

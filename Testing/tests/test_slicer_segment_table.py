@@ -7,24 +7,15 @@ passing ``allowUnmapped`` only once the user confirmed."""
 import ast
 import contextlib
 import os
-import sys
 import types
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import ROOT
 import panel_fakes  # noqa: E402
 from panel_fakes import FakeWidget  # noqa: E402
 
-MODULE = ROOT / "MedDiffusion"
-UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
-sys.path.insert(0, str(MODULE))
-
-if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
-    import slicer as mrml  # the test extra installs slicer-core here
-else:
-    mrml = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
+from panel_fakes import MODULE, UI, StandInBase, mrml  # noqa: E402
 import vtk  # noqa: E402
 
 from MedDiffusionGlue.nodes import InputError  # noqa: E402
@@ -198,10 +189,6 @@ def _load():
         asked.append(text)
         return answer["ok"]
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
     qt = types.SimpleNamespace(QTableWidgetItem=FakeItem, QComboBox=FakeCombo,
                                Qt=types.SimpleNamespace(ItemIsEnabled=32))
     slicer = types.SimpleNamespace(
@@ -210,7 +197,7 @@ def _load():
                                    errorDisplay=lambda *a, **k: None,
                                    NodeModify=lambda p: contextlib.nullcontext()))
     ns = {"__name__": "MedDiffusionUnderTest", "__file__": str(MODULE / "MedDiffusion.py"), "_": lambda s: s, "qt": qt, "slicer": slicer, "vtk": vtk, "os": os,
-          "ScriptedLoadableModuleWidget": Base, "VTKObservationMixin": Observing, "InputError": InputError,
+          "ScriptedLoadableModuleWidget": StandInBase, "VTKObservationMixin": Observing, "InputError": InputError,
           "ServiceError": ServiceError, "ServiceUnavailable": ServiceUnavailable, "panel_message": panel_message,
           "DEFAULT_LABEL_NAMES": DEFAULT_LABEL_NAMES}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "MedDiffusion.py", "exec"), ns)

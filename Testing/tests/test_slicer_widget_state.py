@@ -13,17 +13,9 @@ import types
 
 import pytest
 
-from conftest import ROOT
 from panel_fakes import FakeTimer, FakeUI  # noqa: E402
 
-MODULE = ROOT / "MedDiffusion"
-UI = MODULE / "Resources" / "UI" / "MedDiffusion.ui"
-sys.path.insert(0, str(MODULE))
-
-if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
-    import slicer as mrml  # the test extra installs slicer-core here
-else:
-    mrml = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
+from panel_fakes import MODULE, StandInBase, StandInMixin, mrml  # noqa: E402
 import vtk  # noqa: E402
 
 from MedDiffusionGlue.nodes import InputError  # noqa: E402
@@ -84,14 +76,6 @@ def _load(tmp_path):
             keep.append(node)
     shown, opened, shots = [], [], []
 
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    class Mixin:
-        def __init__(self, *args, **kwargs):
-            pass
-
     def errorDisplay(text, **kwargs):
         shown.append(text)
         if ns.get("reenter"):  # a modal message box: the timer keeps firing inside its event loop
@@ -106,7 +90,7 @@ def _load(tmp_path):
         util=types.SimpleNamespace(errorDisplay=errorDisplay, NodeModify=lambda p: contextlib.nullcontext()))
     ns = {"__name__": "MedDiffusionUnderTest", "__file__": str(MODULE / "MedDiffusion.py"), "_": lambda s: s, "qt": qt, "slicer": slicer, "vtk": vtk, "os": os,
           "re": __import__("re"), "time": __import__("time"), "logging": __import__("logging"),
-          "ScriptedLoadableModuleWidget": Base, "VTKObservationMixin": Mixin, "InputError": InputError,
+          "ScriptedLoadableModuleWidget": StandInBase, "VTKObservationMixin": StandInMixin, "InputError": InputError,
           "ServiceError": ServiceError, "ServiceUnavailable": ServiceUnavailable, "panel_message": panel_message}
     exec(compile(ast.Module(body=keep, type_ignores=[]), "MedDiffusion.py", "exec"), ns)
     ns.update(shown=shown, opened=opened, shots=shots)

@@ -127,6 +127,11 @@ class Job:
                 "input_names": self.input_names, "created": self.created, "finished": self.finished}
 
 
+def _queue_full(limits: Limits) -> HTTPException:
+    return HTTPException(503, f"the queue is full ({limits.max_queue} jobs waiting); try again later",
+                         headers={"Retry-After": "30"})
+
+
 def _user_message(exc: BaseException) -> str | None:
     """The message to show a client for an expected failure, ``None`` for an internal fault."""
     if isinstance(exc, (MedDiffusionError, MemoryError)):
@@ -251,8 +256,7 @@ class JobService:
                 raise HTTPException(409, "the job was deleted by its client during the upload")
             waiting = sum(1 for j in self.jobs.values() if j.state == "queued")
             if waiting >= self.limits.max_queue:
-                raise HTTPException(503, f"the queue is full ({self.limits.max_queue} jobs waiting); try again later",
-                                    headers={"Retry-After": "30"})
+                raise _queue_full(self.limits)
             self.jobs[job.id] = job
             job.state, job.phase = "queued", "queued"
             self._start_worker(job.device)
@@ -706,15 +710,6 @@ class Gate:
 
         try:
             await self.app(scope, guarded_receive, tracked_send)
-        except _TooLarge:
-            if not status:
-                status = 413
-                await _send_json(send, 413, f"upload too large (the limit is "
-                                            f"{self.limits.max_upload_bytes / 2 ** 20:.0f} MiB)")
-        except _BodyStalled:
-            if not status:
-                status = 408
-                await _send_json(send, 408, f"the request body stalled for {self.limits.body_timeout_s:.0f} s")
         except Exception as exc:  # noqa: BLE001 - the last catch: one 500 with an id, logged once
             eid = getattr(exc, "meddiffusion_error_id", None)
             if eid is None:
@@ -1021,8 +1016,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
     async def submit(request: Request) -> dict:
         user = user_of(request)
         if service.waiting() >= limits.max_queue:  # before a byte of the body is read
-            raise HTTPException(503, f"the queue is full ({limits.max_queue} jobs waiting); try again later",
-                                headers={"Retry-After": "30"})
+            raise _queue_full(limits)
         length = request.headers.get("content-length")
         if length is not None and not length.strip().isdigit():
             raise HTTPException(400, "bad Content-Length header")

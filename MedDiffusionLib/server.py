@@ -67,12 +67,12 @@ from .auth import AuditLog, FailureLimiter, User, Users
 from .errors import Cancelled, MedDiffusionError, UserError
 from .jobs import JobSpec, ModelCache, ProgressEvent, named_controlnets, oom_advice, run_job
 from .jobstore import JobStore
-from .schema import Caps, JobRequest, parse_spec
+from .schema import MAX_MESSAGE_CHARS, Caps, JobRequest, one_line, parse_spec
 
 log = logging.getLogger("meddiffusion.server")
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{16,32}")  # always used with fullmatch
-MAX_DETAIL = 300  # characters of an error message sent to a client
+MAX_DETAIL = MAX_MESSAGE_CHARS  # characters of an error message sent to a client
 MAX_FORM_PARTS = 4
 MAX_SPEC_PART = 64 * 1024
 TOMBSTONE_S = 300.0
@@ -143,8 +143,7 @@ def _short(text: str, work: Path | None = None) -> str:
     """One client-facing line: server paths removed, cut at :data:`MAX_DETAIL` characters."""
     if work is not None:
         text = text.replace(str(work), "<work>")
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+    return one_line(text, MAX_DETAIL)
 
 
 class JobService:

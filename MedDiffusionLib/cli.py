@@ -8,11 +8,12 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .defaults import CONTROLLED_DEFAULTS, SAMPLER_STEPS, SAMPLERS
 from .errors import UserError
 
 if TYPE_CHECKING:
     from .client import Client
-    from .jobs import JobSpec
+    from .jobspec import JobSpec
 
 EXAMPLES_GENERATE = """examples:
   meddiffusion generate --out sample.nii.gz                      # bundled demo model, CPU is fine
@@ -33,7 +34,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_speed_args(p: argparse.ArgumentParser, compile_option: bool = True) -> None:
     p.add_argument("--reference", action="store_true",
                    help="run the plain reference kernels the parity tests pin (default: fast kernels with the same "
-                        "float32 results to ~1e-5, seamless memory-aware decoding)")
+                        "float32 results to ~1e-5, exact memory-aware decoding)")
     if compile_option:
         p.add_argument("--compile", action="store_true",
                        help="compile BiFlowNet ahead of time for this size first, if not compiled yet (one-time, about "
@@ -62,6 +63,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
                                                     "(a lab's own CA or a self-signed server certificate)")
 
 
+def _add_spill_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spill-dir", metavar="FOLDER",
+                   help="where the exact decode keeps its stage maps when they do not fit in memory (memory-mapped "
+                        "files, removed as they are made; default: MEDDIFFUSION_CACHE/spill, i.e. "
+                        "~/.cache/meddiffusion/spill); local runs only: a server uses its own")
+
+
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """--force, --out, --overwrite, --quiet and the server options of a ControlNet or simulation task."""
     p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
@@ -71,19 +79,28 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     _add_server_args(p)
 
 
+FLAGS = {"class": "--class", "hu_window": "--hu-window LO HI", "hu": "--hu / --model-units",
+         "size": "--size X Y Z", "spacing": "--spacing X Y Z", "force": "--force"}
+
+
+def _flag(field: str) -> str:
+    """The command-line option of a job request field (errors name fields; the CLI words them as flags)."""
+    return FLAGS.get(field, "--" + field.replace("_", "-"))
+
+
 def _params(args: argparse.Namespace, *names: str) -> dict:
     """Job parameters from the options that are set (unset ones are resolved by jobs.resolve)."""
     out = {}
     for name in names:
         value = getattr(args, name.replace("-", "_") if name != "class" else "class_", None)
-        if value is not None and value is not False:
+        if value is not None and (value is not False or name == "hu"):  # hu=False: model units, asked for
             out[name] = list(value) if isinstance(value, (list, tuple)) else value
     return out
 
 
 def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSpec":
     from .data.volumes import SUFFIXES
-    from .jobs import JobSpec
+    from .jobspec import JobSpec
 
     if getattr(args, "reference", False):
         params["mode"] = "reference"
@@ -91,6 +108,8 @@ def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSp
     fmt = next((s for s in SUFFIXES if name.endswith(s)), ".nrrd")
     if getattr(args, "server", None) and getattr(args, "weights", None):
         raise UserError("--weights is a local folder: a server uses the models it has (choose one with --model)")
+    if getattr(args, "server", None) and getattr(args, "spill_dir", None):
+        raise UserError("--spill-dir is a local folder: a server spills to its own (`meddiffusion serve --spill-dir`)")
     inputs = {"input": args.input} if hasattr(args, "input") else {}
     return JobSpec(task, getattr(args, "model", None), getattr(args, "weights", None),
                    getattr(args, "controlnet", None), params, inputs, fmt)
@@ -99,7 +118,7 @@ def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSp
 def _prepare(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSpec":
     """The job spec; resolved here for a local run, by the server (its models, its ControlNets) with
     ``--server``."""
-    from .jobs import resolve
+    from .jobspec import resolve
 
     spec = _spec(args, task, params, out)
     return spec if getattr(args, "server", None) else resolve(spec)
@@ -128,10 +147,11 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
     try:
         if getattr(args, "server", None):
             return _execute_remote(args, spec, outputs, show)
-        from .jobs import run_job, write_results
+        from .jobs import run_job
+        from .results import write_results
 
         res = run_job(spec, progress=lambda ev: show(ev.step, ev.total, [ev.notice] if ev.notice else []),
-                      resolved=True)
+                      spill_dir=getattr(args, "spill_dir", None))
         bar.close()
         write_results(res, outputs, getattr(args, "overwrite", False))
         return [r.meta for r in res.results], spec.params
@@ -154,7 +174,7 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
         for path in outputs:
             if path.exists() and not getattr(args, "overwrite", False):
                 raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
-        from .jobs import write_all
+        from .results import write_all
 
         write_all(outputs, [lambda r=r, o=o: client.download(job_id, r["name"], o) for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
@@ -187,8 +207,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     metas, p = _execute(args, spec, outs, f"sampling ({spec.params.get('sampler') or 'default sampler'})")
     units = "HU" if p["hu_window"] else "model units [-1, 1]"
     for meta, out in zip(metas, outs):
+        decode = meta.get("decode") or {}
+        note = "" if decode.get("exact", True) else f", approximate decode ({decode.get('method')} tiles)"
         print(f"wrote {out}  ({'x'.join(map(str, p['size']))} voxels, spacing {tuple(round(s, 3) for s in p['spacing'])} "
-              f"mm, class {p['class']}, seed {p['seed']}, {units})")
+              f"mm, class {p['class']}, seed {p['seed']}, {units}{note})")
     print(f"done in {time.time() - t0:.1f} s" + (f" on {args.server}" if args.server else ""))
     return 0
 
@@ -198,7 +220,7 @@ def _run_controlled(args: argparse.Namespace, kind: str) -> int:
 
     check_writable(args.out, args.overwrite)
     spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device", "force"), args.out)
-    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params.get('sampler') or 'ddim'})")
+    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params.get('sampler') or CONTROLLED_DEFAULTS['sampler']})")
     print(f"wrote {args.out} (on the input's grid)")
     return 0
 
@@ -250,7 +272,6 @@ def _serve_token(args: argparse.Namespace) -> tuple[str | None, str]:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
-    import os
 
     if getattr(args, "serve_command", None) == "add-user":
         from .auth import add_user
@@ -293,20 +314,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving plain HTTP on {args.host}: tokens and patients' volumes cross the network "
               "unencrypted. Use --tls-cert/--tls-key, a TLS reverse proxy, or a trusted network only.",
               file=sys.stderr)
-    if args.controlnet_dir:
-        from .jobs import CONTROLNET_DIRS_ENV
-
-        for d in args.controlnet_dir:
-            if not Path(d).is_dir():
-                raise UserError(f"--controlnet-dir {d}: not a folder")
-        os.environ[CONTROLNET_DIRS_ENV] = os.pathsep.join(
-            [*(str(Path(d).resolve()) for d in args.controlnet_dir), os.environ.get(CONTROLNET_DIRS_ENV, "")]).strip(os.pathsep)
+    for d in args.controlnet_dir:
+        if not Path(d).is_dir():
+            raise UserError(f"--controlnet-dir {d}: not a folder")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"MedDiffusion job service on {scheme}://{args.host}:{args.port} ({source})", flush=True)
     serve(args.host, args.port, token, args.work_dir,
           Limits(int(args.max_upload_mb * 2 ** 20), args.max_queue, args.result_ttl, caps,
                  header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
-                 auth_failures=args.auth_failures),
+                 auth_failures=args.auth_failures, spill_dir=args.spill_dir,
+                 controlnet_dirs=tuple(str(Path(d).resolve()) for d in args.controlnet_dir)),
           args.exit_with_parent, tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
 
@@ -401,7 +418,7 @@ def _cmd_models_verify(args: argparse.Namespace) -> int:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     """Build (or find) the ahead-of-time compiled BiFlowNet for one generation size."""
-    from .jobs import resolve
+    from .jobspec import resolve
     from .pipelines.generation import GenerationPipeline, resolve_device
 
     spec = resolve(_spec(args, "generate", _params(args, "size", "num_volumes", "device"), "x.nii.gz"))
@@ -481,22 +498,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate synthetic volumes", epilog=EXAMPLES_GENERATE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Generate class-conditional volumes. Output is float32 in model units [-1, 1] "
-                                   "(per-volume normalised intensities, as the authors' model produces), or HU with "
-                                   "--hu-window/--hu (our convention). Geometry: array axes i, j, k = X, Y, Z with a "
+                       description="Generate class-conditional volumes. CT classes are written in HU with the model's "
+                                   "window for the class (our convention, recorded in the output), other classes and "
+                                   "--model-units in model units [-1, 1] (per-volume normalised intensities, as the "
+                                   "authors' model produces); --hu-window LO HI sets the window. Geometry: array axes i, j, k = X, Y, Z with a "
                                    "diagonal affine of the spacing (RAS), like the official writer.")
     _add_model_args(p)
     p.add_argument("--class", dest="class_", help="class index 0-6 or a name such as 'chest' or 'MR T1'")
     p.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), help="output voxels (default: the model's first trained size)")
     p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="voxel size in mm")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"],
+    p.add_argument("--sampler", choices=SAMPLERS,
                    help="ddpm: 1000 ancestral steps (official default); ddim: --steps deterministic steps (official "
                         "variant); dpm++: DPM-Solver++(2M), --steps deterministic steps (ours; 20-50 are enough)")
-    p.add_argument("--steps", type=int, help="steps for ddim (default 100) or dpm++ (default 20)")
+    p.add_argument("--steps", type=int, help=f"steps for ddim (default {SAMPLER_STEPS['ddim']}) or dpm++ (default "
+                                             f"{SAMPLER_STEPS['dpm++']})")
     p.add_argument("--tiling", choices=["auto", "exact", "official", "seamless"], default="auto",
                    help="decoding of large volumes. exact: whole when it fits in free memory, else the decoder "
-                        "streamed stage by stage in cubes (equal to the whole decode; stage maps in RAM); official: "
+                        "streamed stage by stage in cubes (equal to the whole decode at any memory cap; stage maps in "
+                        "GPU memory or RAM, else spilled to --spill-dir on disk); official: "
                         "the authors' rule (whole up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping "
                         "tiles with seams); seamless: overlapping blended tiles sized to the memory (approximate); "
                         "auto (default): exact, or official with --reference")
@@ -504,13 +524,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     _add_speed_args(p)
     p.add_argument("--max-memory-gb", type=float, help="memory (RAM or GPU) the decoder may plan to use; larger "
-                                                       "volumes are decoded in seamless tiles that fit")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="network precision: fp32 = the reference; bf16/fp16 = autocast (faster on GPUs with tensor "
-                        "cores; codes and samplers stay fp32)")
+                                                       "volumes are decoded exactly in cubes that fit, their stage "
+                                                       "maps spilled to disk when needed (see --spill-dir)")
+    _add_spill_arg(p)
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"], default="fp32",
+                   help="network precision: fp32 = the reference (TF32 off on CUDA); tf32 = CUDA TF32 convolutions "
+                        "and matmuls; bf16/fp16 = autocast (faster on GPUs with tensor cores; codes and samplers "
+                        "stay fp32)")
     p.add_argument("--hu-window", type=float, nargs=2, metavar=("LO", "HI"),
                    help="CT only: map model units to HU as LO + (v+1)/2*(HI-LO) (our convention, not the authors')")
-    p.add_argument("--hu", action="store_true", help="CT only: use the model's suggested HU window")
+    units = p.add_mutually_exclusive_group()
+    units.add_argument("--hu", action="store_true", default=None,
+                       help="CT only: use the model's suggested HU window (the default for CT classes whose model "
+                            "publishes one)")
+    units.add_argument("--model-units", dest="hu", action="store_false",
+                       help="write model units [-1, 1] instead of HU")
     p.add_argument("--out", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha); with --num-volumes N, "
                                                 "files are numbered _0 ... _N-1")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -597,10 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "chest-ct-mini-sparse-view")
         _add_model_args(p)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], help="default ddim")
-        p.add_argument("--steps", type=int, help="ddim or dpm++ steps (default 50)")
+        p.add_argument("--sampler", choices=SAMPLERS, help=f"default {CONTROLLED_DEFAULTS['sampler']}")
+        p.add_argument("--steps", type=int, help=f"ddim or dpm++ steps (default {CONTROLLED_DEFAULTS['steps']})")
         p.add_argument("--device", default="auto")
         _add_speed_args(p, compile_option=False)
+        _add_spill_arg(p)
         _add_output_args(p)
         p.set_defaults(func=_cmd_synthesize if name == "synthesize" else _cmd_reconstruct)
 
@@ -669,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-file", help="file holding the token (default: $MEDDIFFUSION_TOKEN, else a new random "
                                         "token printed once)")
     p.add_argument("--work-dir", help="folder for uploads and results (default: a temporary folder, removed at exit)")
+    p.add_argument("--spill-dir", metavar="FOLDER",
+                   help="where exact decodes keep their stage maps when they do not fit in memory (memory-mapped "
+                        "files, removed as they are made; default: MEDDIFFUSION_CACHE/spill); clients cannot choose it")
     p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload accepted (default 2048)")
     p.add_argument("--max-queue", type=int, default=16, help="most jobs waiting (default 16)")
     p.add_argument("--result-ttl", type=float, default=3600, help="seconds finished jobs and results are kept")
@@ -755,7 +787,10 @@ def main(argv: list[str] | None = None) -> int:
     except expected as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        from .errors import message_field
+
+        field = getattr(exc, "field", None) or message_field(str(exc))[0]  # a service relays "field: ..."
+        print(f"error: {exc}" + (f" ({_flag(field)})" if field else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: stopped cleanly, no output file was written", file=sys.stderr)

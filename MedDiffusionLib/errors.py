@@ -6,13 +6,55 @@ internal fault: the CLI prints a traceback, the service logs it and answers 500 
 """
 from __future__ import annotations
 
+import re
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class MedDiffusionError(Exception):
     """Base class of every error the library raises on purpose."""
 
 
+FIELD_PREFIX = re.compile(r"^([a-z][a-z_]*): ")
+
+
 class UserError(MedDiffusionError, ValueError):
-    """Bad input or a request that cannot be served; the message is written for the user."""
+    """Bad input or a request that cannot be served; the message is written for the user.
+
+    A message about one request field starts with the field's name (``"steps: ..."``) and sets
+    ``field``; each front end words the field its own way (the CLI as its flag, the Slicer panel as
+    its control), see :func:`message_field`."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        m = FIELD_PREFIX.match(message)
+        self.field = field or (m.group(1) if m else None)
+
+
+@contextmanager
+def about(field: str) -> Iterator[None]:
+    """A :class:`UserError` raised inside is about request field ``field`` (unless it already names one)."""
+    try:
+        yield
+    except UserError as exc:
+        if exc.field is None:
+            exc.field = field
+        raise
+
+
+def fielded(exc: BaseException) -> str:
+    """The message of ``exc`` led by the request field it is about (``"steps: ..."``), as the job
+    service relays it: a client words the field its own way (:func:`message_field`)."""
+    text = str(exc)
+    field = getattr(exc, "field", None)
+    return text if not field or text.startswith(f"{field}: ") else f"{field}: {text}"
+
+
+def message_field(message: str) -> tuple[str | None, str]:
+    """``(field, rest)`` of a message that starts with ``"field: "`` (as the job service relays
+    library messages), else ``(None, message)``."""
+    m = FIELD_PREFIX.match(message or "")
+    return (m.group(1), message[m.end():]) if m else (None, message)
 
 
 class ResourceError(MedDiffusionError, RuntimeError):
@@ -23,4 +65,4 @@ class Cancelled(MedDiffusionError, RuntimeError):
     """A job was cancelled between sampler steps."""
 
 
-__all__ = ["MedDiffusionError", "UserError", "ResourceError", "Cancelled"]
+__all__ = ["MedDiffusionError", "UserError", "ResourceError", "Cancelled", "about", "fielded", "message_field"]

@@ -15,6 +15,10 @@ Everything that scales with the batch counts too: the sampler's latents and stat
 network's activations for all ``volumes`` at once (:func:`sampling_peak_bytes`), the latents kept
 while decoding and every decoded output (:func:`estimate_run`).
 
+Decode plans are exact unless blended tiles are asked for (:func:`plan_decode`): when the exact
+decode's stage maps fit neither the device nor RAM they spill to disk, and the plan says how much
+and where (:class:`DecodePlan`, :attr:`RunEstimate.disk_bytes`).
+
 Every planner here is bounded whatever the size a client asks for: tile searches are binary
 searches over monotone pieces of the cost (O(log n) evaluations), and sizes too large for a float
 give ``inf`` bytes / seconds instead of an ``OverflowError``.
@@ -260,12 +264,42 @@ OFFICIAL_TILE = 32
 class DecodePlan:
     """How a latent is decoded: ``method`` "whole", "exact" (stage-streamed cubes, equal to whole),
     "seamless" (blended cubes, approximate) or "official" (the authors' 32^3 tiles); ``tile`` in
-    latent voxels (None for whole); ``device_bytes`` / ``store_bytes`` the estimated peaks."""
+    latent voxels (None for whole); ``device_bytes`` / ``store_bytes`` the estimated peaks. For
+    "exact", ``store`` says where the stage maps live: "ram" (host RAM), "device" (GPU memory) or
+    "disk" (memory-mapped files in ``spill_dir``)."""
 
     method: str
     tile: int | None
     device_bytes: float
     store_bytes: float = 0.0
+    store: str = "ram"
+    spill_dir: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        """True when the result equals the whole-volume decode (to float rounding)."""
+        return self.method in ("whole", "exact") or self.tile is None
+
+    def describe(self) -> str:
+        """One line for a person, e.g. "exact decode in 6^3-latent tiles, 2.1 GB of stage maps
+        spilled to /tmp/spill (disk)"; approximate decodes say so."""
+        if self.tile is None or self.method == "whole":
+            return "whole-volume decode"
+        if self.method == "exact":
+            where = {"ram": "in RAM", "device": "in GPU memory"}.get(self.store)
+            spilled = f"spilled to {self.spill_dir} (disk)" if self.spill_dir else "spilled to disk"
+            maps = f"{_size(self.store_bytes)} of stage maps {where or spilled}"
+            return f"exact decode in {self.tile}^3-latent tiles, {maps}"
+        if self.method == "official":
+            return f"approximate decode in the authors' {self.tile}^3-latent tiles (official tiling: seams)"
+        return f"approximate decode in blended {self.tile}^3-latent tiles (seamless tiling)"
+
+    def meta(self) -> dict:
+        """What a result's metadata records about its decode (no paths: it may go to a client)."""
+        out = {"method": self.method, "exact": self.exact, "tile": self.tile}
+        if self.method == "exact":
+            out["store"] = self.store
+        return out
 
 
 def official_plan(n_hiddens: int, compression: int, latent_dhw: Sequence[int], mode: str = "reference",
@@ -280,19 +314,36 @@ def official_plan(n_hiddens: int, compression: int, latent_dhw: Sequence[int], m
 
 
 def plan_decode(n_hiddens: int, compression: int, latent_dhw: Sequence[int], budget_bytes: float | None,
-                host_budget_bytes: float | None = None, mode: str = "fast", device: str = "cpu") -> DecodePlan:
-    """Whole when it fits ``budget_bytes`` (or the budget is unknown); else the exact tiled decode with
-    the largest cube that fits device and host memory; else (host memory short too) blended tiles."""
+                host_budget_bytes: float | None = None, mode: str = "fast", device: str = "cpu",
+                spill_dir: str | None = None) -> DecodePlan:
+    """Whole when it fits ``budget_bytes`` (or the budget is unknown); else the exact tiled decode,
+    never an approximate one. Its stage maps go, in this order of preference, to: GPU memory (on
+    CUDA, when ``budget_bytes`` holds them and a cube's working set), RAM (the CPU: when working
+    set and maps together fit ``budget_bytes``; CUDA: when the maps fit ``host_budget_bytes``),
+    else memory-mapped files in ``spill_dir`` on disk, with the largest cube whose working set fits
+    the budget (the smallest, 1, when none does: still exact). Each step is one binary search
+    (:func:`choose_exact_tile`), O(log n) evaluations."""
     whole = decode_peak_bytes(n_hiddens, compression, latent_dhw, None, mode, device)
     if budget_bytes is None or whole <= budget_bytes:
         return DecodePlan("whole", None, whole)
-    shared = not device.startswith("cuda")
-    tile = choose_exact_tile(n_hiddens, compression, latent_dhw, budget_bytes, host_budget_bytes, shared)
+
+    def plan(tile: int, store: str) -> DecodePlan:
+        dev, maps = exact_decode_bytes(n_hiddens, compression, latent_dhw, tile)
+        return DecodePlan("exact", tile, dev, maps, store, spill_dir if store == "disk" else None)
+
+    cuda = device.startswith("cuda")
+    # working set and stage maps in one memory: the CPU's RAM, or the GPU's memory on CUDA
+    tile = choose_exact_tile(n_hiddens, compression, latent_dhw, budget_bytes, None, True)
     if tile is not None:
-        dev, store = exact_decode_bytes(n_hiddens, compression, latent_dhw, tile)
-        return DecodePlan("exact", tile, dev, store)
-    tile = choose_decode_tile(n_hiddens, compression, latent_dhw, budget_bytes, mode, device)
-    return DecodePlan("seamless", tile, decode_peak_bytes(n_hiddens, compression, latent_dhw, tile, mode, device))
+        return plan(tile, "device" if cuda else "ram")
+    if cuda and host_budget_bytes is not None:
+        tile = choose_exact_tile(n_hiddens, compression, latent_dhw, budget_bytes, host_budget_bytes, False)
+        if tile is not None:
+            return plan(tile, "ram")
+    tile = choose_exact_tile(n_hiddens, compression, latent_dhw, budget_bytes, None, False)
+    if cuda and host_budget_bytes is None:  # host RAM unknown: the maps go there, as before
+        return plan(tile or 1, "ram")
+    return plan(tile or 1, "disk")
 
 
 def available_memory_bytes(device: str = "cpu") -> float | None:
@@ -347,18 +398,16 @@ class RunEstimate:
     step_seconds: float | None = None  # measured seconds of one sampler step for the whole batch (None: model-based)
     sampling_bytes: float = 0.0  # the sampler's peak for the whole batch (included in peak_bytes)
     output_bytes: float = 0.0  # the decoded outputs kept in RAM, all volumes (float32)
+    decode: DecodePlan | None = None  # one volume's decode plan
+    disk_bytes: float = 0.0  # disk for the exact decode's stage maps when they spill (``decode.spill_dir``)
 
     def text(self, device: str) -> str:
         where = "GPU memory" if device.startswith("cuda") else "RAM"
-        if self.tile is None:
-            tiles = "whole-volume decode"
-        elif self.method == "exact":
-            tiles = f"exact decode in {self.tile}^3-latent tiles"
-        else:
-            tiles = f"decoded in {self.tile}^3-latent tiles"
+        plan = self.decode or DecodePlan(self.method, self.tile, 0.0)
+        tiles = plan.describe()
         host = ""
         if device.startswith("cuda") and self.host_bytes > 0:
-            what = "decoder maps and outputs" if self.method == "exact" else "outputs"
+            what = "decoder maps and outputs" if self.method == "exact" and plan.store == "ram" else "outputs"
             host = f" + {_approx(self.host_bytes, _gb)} RAM for {what}"
         step = "" if self.step_seconds is None else f" ({_step_text(self.step_seconds)} per sampler step, measured)"
         return (f"{_approx(self.seconds, human_seconds)} on {device}{step}, {_approx(self.peak_bytes, _gb)} {where} "
@@ -375,6 +424,13 @@ def _gb(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GB" if n < 1e5 * 2 ** 30 else f"{n / 2 ** 30:.3g} GB"
 
 
+def _size(n: float) -> str:
+    """Bytes for a person: MB below a GB."""
+    if not math.isfinite(n) or n >= 2 ** 30:
+        return _gb(n)
+    return f"{max(n, 1) / 2 ** 20:.0f} MB"
+
+
 def _step_text(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else human_seconds(s)
 
@@ -384,10 +440,14 @@ def estimate_run(entry: "ModelEntry | None", compression: int, size_xyz: Sequenc
                  budget_bytes: float | None = None, host_budget_bytes: float | None = None,
                  net_dim: int | None = None, latent_channels: int = LATENT_CHANNELS,
                  step_seconds: float | None = None, decode_s_per_voxel: float | None = None,
-                 networks: float = 1.0) -> RunEstimate:
+                 networks: float = 1.0, plan: DecodePlan | None = None, spill_dir: str | None = None) -> RunEstimate:
     """Time, peak memory and decode plan of one generation run of ``volumes`` volumes of
     ``size_xyz`` image voxels (X, Y, Z). ``budget_bytes`` is what the run device may use,
     ``host_budget_bytes`` the RAM for the exact decode's stage maps when the device is a GPU.
+    ``plan`` is one volume's decode plan when the caller made it (the pipeline's
+    :meth:`~MedDiffusionLib.pipelines.generation.GenerationPipeline.decode_plan`), else it is made
+    here (the authors' rule in reference mode, else :func:`plan_decode` spilling to ``spill_dir``).
+    Stage maps spilled to disk count as ``disk_bytes``, not memory.
 
     Memory: weights plus the larger of (a) the sampler's peak for the whole batch
     (:func:`sampling_peak_bytes`, ``net_dim`` the noise network's width, ``networks`` how many such
@@ -400,10 +460,10 @@ def estimate_run(entry: "ModelEntry | None", compression: int, size_xyz: Sequenc
     latent = (z // compression, x // compression, y // compression)
     nh = n_hiddens or RELEASED_AE_N_HIDDENS
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    if mode == "reference":
+    if plan is None and mode == "reference":
         plan = official_plan(nh, compression, latent, mode, kind)
-    else:
-        plan = plan_decode(nh, compression, latent, budget_bytes, host_budget_bytes, mode, kind)
+    elif plan is None:
+        plan = plan_decode(nh, compression, latent, budget_bytes, host_budget_bytes, mode, kind, spill_dir)
     out_one = 4 * _fprod((x, y, z))
     outputs = out_one * _float(volumes)
     latents = 4 * latent_channels * _fprod(latent) * _float(volumes)
@@ -411,12 +471,18 @@ def estimate_run(entry: "ModelEntry | None", compression: int, size_xyz: Sequenc
     # decoding one volume at a time: its plan (tiled plans count their output already; the exact
     # decode writes it to the store), next to every latent and the outputs decoded so far
     decode_dev = plan.device_bytes + latents + (out_one if plan.method == "whole" else 0.0)
+    exact_store = plan.store_bytes if plan.method == "exact" else 0.0
+    # where the stage maps live: RAM, the GPU, or disk (then only the decoded volume stays in RAM)
+    disk = exact_store if plan.store == "disk" else 0.0
+    ram_store = out_one if disk else (0.0 if plan.store == "device" else exact_store)
+    if plan.store == "device":
+        decode_dev += exact_store
     if kind == "cpu":
-        dev = max(sampling, decode_dev + plan.store_bytes + outputs)
-        host = plan.store_bytes
+        dev = max(sampling, decode_dev + ram_store + outputs)
+        host = ram_store
     else:
         dev = max(sampling, decode_dev)
-        host = plan.store_bytes + outputs
+        host = ram_store + outputs
     if step_seconds is not None:
         sample_s = steps * step_seconds * SAMPLER_STEP_OVERHEAD
         if decode_s_per_voxel is not None:
@@ -426,4 +492,5 @@ def estimate_run(entry: "ModelEntry | None", compression: int, size_xyz: Sequenc
         seconds = sample_s + dec_s
     else:
         seconds = estimate_seconds(entry, compression, size_xyz, steps, device, volumes, mode)
-    return RunEstimate(seconds, weight_bytes + dev, plan.tile, plan.method, host, step_seconds, sampling, outputs)
+    return RunEstimate(seconds, weight_bytes + dev, plan.tile, plan.method, host, step_seconds, sampling, outputs,
+                       plan, disk)

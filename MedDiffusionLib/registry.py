@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -22,28 +21,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-
-RESOURCES = Path(__file__).resolve().parent / "resources"
-REGISTRY_FILE = RESOURCES / "models.json"
-SCHEMA_FILE = RESOURCES / "models.schema.json"
-USER_REGISTRY_NAME = "registry.json"
+from .paths import RESOURCES, SCHEMA_FILE, builtin_registry_path, user_registry_path
 
 log = logging.getLogger(__name__)
 
 
 class RegistryError(UserError):
     """Unknown model or class, or a request the model cannot serve."""
-
-
-def cache_root() -> Path:
-    """MedDiffusion's own cache: converted and imported weights, the user registry, compiled packages
-    (``MEDDIFFUSION_CACHE``, default ``~/.cache/meddiffusion``)."""
-    return Path(os.environ.get("MEDDIFFUSION_CACHE", Path.home() / ".cache" / "meddiffusion"))
-
-
-def user_registry_path() -> Path:
-    """Where user-added models are registered: ``$MEDDIFFUSION_CACHE/registry.json``."""
-    return cache_root() / USER_REGISTRY_NAME
 
 
 @dataclass(frozen=True)
@@ -173,11 +157,7 @@ def reload() -> None:
 
 def registry(path: str | Path | None = None) -> dict[str, Any]:
     """The built-in registry document (or ``MEDDIFFUSION_REGISTRY``'s), without user models."""
-    return _load(path or _builtin_path())
-
-
-def _builtin_path() -> Path:
-    return Path(os.environ.get("MEDDIFFUSION_REGISTRY") or REGISTRY_FILE)
+    return _load(path or builtin_registry_path())
 
 
 def schema() -> dict[str, Any]:
@@ -340,7 +320,7 @@ def _merged(builtin: str, builtin_stamp: Any, user: str, user_stamp: Any) -> tup
 
 
 def _merged_now() -> tuple[tuple[ModelEntry, ...], tuple[str, ...]]:
-    builtin, user = _builtin_path(), user_registry_path()
+    builtin, user = builtin_registry_path(), user_registry_path()
     return _merged(str(builtin), _stamp(builtin), str(user), _stamp(user))
 
 
@@ -389,3 +369,9 @@ def parse_class(value: str | int, entry: ModelEntry | None = None) -> int:
     if entry is not None:
         entry.class_info(idx)
     return idx
+
+
+# RESOURCES and user_registry_path live in paths.py; they stay importable from here
+__all__ = ["RESOURCES", "RegistryError", "ModelEntry", "reload", "registry", "schema", "validate", "validate_model",
+           "read_user_registry", "user_registry_path", "class_names", "models", "registry_problems", "builtin_ids",
+           "get_model", "parse_class"]

@@ -1,12 +1,12 @@
 """The job spec as a pydantic model: one schema for the job service's door and its OpenAPI page.
 
-:class:`JobRequest` mirrors :class:`MedDiffusionLib.jobs.JobSpec` field for field and
-:class:`JobParams` mirrors :data:`MedDiffusionLib.jobs.PARAM_DEFAULTS` name for name (every
+:class:`JobRequest` mirrors :class:`MedDiffusionLib.jobspec.JobSpec` field for field and
+:class:`JobParams` mirrors :data:`MedDiffusionLib.jobspec.PARAM_DEFAULTS` name for name (every
 parameter optional; ``null`` = the default). Unknown fields are refused, numbers must be finite,
 integers whole (``3.0`` counts as 3, ``3.5`` and ``"3"`` do not), booleans are JSON ``true`` /
 ``false`` only, and every number, string and list is bounded by the absolute limits in
-:mod:`MedDiffusionLib.jobs` (``MAX_*``). :func:`parse_spec` is the whole door: size and nesting
-limits on the raw text, JSON without NaN/Infinity, this model, then :func:`jobs.resolve` with the
+:mod:`MedDiffusionLib.jobspec` (``MAX_*``). :func:`parse_spec` is the whole door: size and nesting
+limits on the raw text, JSON without NaN/Infinity, this model, then :func:`jobspec.resolve` with the
 server's :class:`Caps`. Every refusal is a :class:`~MedDiffusionLib.errors.UserError` with one
 short line that quotes at most a few dozen characters of what the client sent.
 """
@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Annotated, Any, Literal, Optional, Union
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 from annotated_types import Ge, Gt, Le, Len, MaxLen
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints, ValidationError,
                       WithJsonSchema)
 
-from . import jobs
+from . import jobspec
+from .defaults import MAX_CLASS_CHARS, MAX_SIDE, MAX_STEPS, SPACING_RANGE_MM, show
 from .errors import UserError
-from .jobs import Caps, JobSpec
+from .jobspec import Caps, JobSpec
 
 MAX_SPEC_BYTES = 64 * 1024   # the raw JSON of one job spec
 MAX_SPEC_DEPTH = 6           # nested arrays/objects (a valid spec needs 3: spec -> params -> size)
@@ -36,17 +38,17 @@ MAX_MESSAGE_CHARS = 300
 def _whole(value: Any) -> Any:
     """Integers and whole floats (3.0 -> 3); no booleans, strings, fractions, NaN or infinities."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be an integer, got {jobs.show(value)}")
+        raise ValueError(f"must be an integer, got {show(value)}")
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise ValueError(f"must be an integer, got {jobs.show(value)}")
+            raise ValueError(f"must be an integer, got {show(value)}")
         return int(value)
     return value
 
 
 def _finite(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"must be a number, got {jobs.show(value)}")
+        raise ValueError(f"must be a number, got {show(value)}")
     try:
         out = float(value)
     except OverflowError:
@@ -58,13 +60,13 @@ def _finite(value: Any) -> Any:
 
 def _class(value: Any) -> Any:
     if isinstance(value, str):
-        if len(value) > jobs.MAX_CLASS_CHARS:
-            raise ValueError(f"is too long ({len(value)} characters; at most {jobs.MAX_CLASS_CHARS})")
+        if len(value) > MAX_CLASS_CHARS:
+            raise ValueError(f"is too long ({len(value)} characters; at most {MAX_CLASS_CHARS})")
         return value
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be a class index or name, got {jobs.show(value)}")
+        raise ValueError(f"must be a class index or name, got {show(value)}")
     if abs(value) > 2 ** 31:
-        raise ValueError(f"is not a class, got {jobs.show(value)}")
+        raise ValueError(f"is not a class, got {show(value)}")
     return value
 
 
@@ -76,27 +78,27 @@ def _float(lo: float, hi: float, gt: bool = False) -> Any:
     return Annotated[float, Gt(lo) if gt else Ge(lo), Le(hi), BeforeValidator(_finite)]
 
 
-Side = _int(1, jobs.MAX_SIDE)
-Seed = _int(-jobs.MAX_SEED, jobs.MAX_SEED)
-Steps = _int(1, jobs.MAX_STEPS)
-Volumes = _int(1, jobs.MAX_VOLUMES)
-Views = _int(*jobs.VIEWS_RANGE)
-Bins = _int(*jobs.BINS_RANGE)
-PreviewEvery = _int(0, jobs.MAX_PREVIEW_EVERY)
-MemoryGB = _float(0.0, jobs.MAX_MEMORY_GB, gt=True)
-SpacingMM = _float(jobs.SPACING_RANGE_MM[0], jobs.SPACING_RANGE_MM[1])
-HU = _float(-jobs.MAX_ABS_HU, jobs.MAX_ABS_HU)
+Side = _int(1, MAX_SIDE)
+Seed = _int(-jobspec.MAX_SEED, jobspec.MAX_SEED)
+Steps = _int(1, MAX_STEPS)
+Volumes = _int(1, jobspec.MAX_VOLUMES)
+Views = _int(*jobspec.VIEWS_RANGE)
+Bins = _int(*jobspec.BINS_RANGE)
+PreviewEvery = _int(0, jobspec.MAX_PREVIEW_EVERY)
+MemoryGB = _float(0.0, jobspec.MAX_MEMORY_GB, gt=True)
+SpacingMM = _float(SPACING_RANGE_MM[0], SPACING_RANGE_MM[1])
+HU = _float(-jobspec.MAX_ABS_HU, jobspec.MAX_ABS_HU)
 ClassValue = Annotated[
     Union[int, str], BeforeValidator(_class),
     WithJsonSchema({"anyOf": [{"type": "integer", "minimum": -2 ** 31, "maximum": 2 ** 31},
-                              {"type": "string", "maxLength": jobs.MAX_CLASS_CHARS}],
+                              {"type": "string", "maxLength": MAX_CLASS_CHARS}],
                     "description": "class index or (partial, case-insensitive) class name"})]
-Name = Annotated[str, StringConstraints(max_length=jobs.MAX_NAME_CHARS)]
-Device = Annotated[str, StringConstraints(max_length=jobs.MAX_DEVICE_CHARS, pattern=jobs.DEVICE_PATTERN)]
+Name = Annotated[str, StringConstraints(max_length=jobspec.MAX_NAME_CHARS)]
+Device = Annotated[str, StringConstraints(max_length=jobspec.MAX_DEVICE_CHARS, pattern=jobspec.DEVICE_PATTERN)]
 
 
 class JobParams(BaseModel):
-    """Every job parameter (:data:`MedDiffusionLib.jobs.PARAM_DEFAULTS`); unset or ``null`` = the default."""
+    """Every job parameter (:data:`MedDiffusionLib.jobspec.PARAM_DEFAULTS`); unset or ``null`` = the default."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -114,7 +116,7 @@ class JobParams(BaseModel):
         None, description="generate: HU window LO HI that maps to model units [-1, 1]")
     device: Optional[Device] = Field(None, description="auto, cpu, cuda or cuda:N")
     mode: Optional[Literal["fast", "reference"]] = None
-    precision: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    precision: Optional[Literal["fp32", "tf32", "bf16", "fp16"]] = None
     tiling: Optional[Literal["auto", "exact", "official", "seamless"]] = None
     max_memory_gb: Optional[MemoryGB] = None
     compile: Optional[StrictBool] = None
@@ -126,20 +128,20 @@ class JobParams(BaseModel):
 
 
 class JobRequest(BaseModel):
-    """One job (:class:`MedDiffusionLib.jobs.JobSpec`): the task, the model and ControlNet by name,
+    """One job (:class:`MedDiffusionLib.jobspec.JobSpec`): the task, the model and ControlNet by name,
     parameters, and the names of the uploaded input volumes."""
 
     model_config = ConfigDict(extra="forbid", title="JobSpec")
 
     task: Literal["generate", "synthesize", "reconstruct", "simulate-sparse-view"]
-    model: Optional[Annotated[str, StringConstraints(max_length=jobs.MAX_ID_CHARS)]] = Field(
+    model: Optional[Annotated[str, StringConstraints(max_length=jobspec.MAX_ID_CHARS)]] = Field(
         None, description="registry model id (default: the base model of the ControlNet, or the default model)")
-    weights: Optional[Annotated[str, StringConstraints(max_length=jobs.MAX_WEIGHTS_CHARS)]] = Field(
+    weights: Optional[Annotated[str, StringConstraints(max_length=jobspec.MAX_WEIGHTS_CHARS)]] = Field(
         None, description="a local weights folder: in-process runs only, refused by the job service")
-    controlnet: Optional[Annotated[str, StringConstraints(max_length=jobs.MAX_ID_CHARS)]] = Field(
+    controlnet: Optional[Annotated[str, StringConstraints(max_length=jobspec.MAX_ID_CHARS)]] = Field(
         None, description="named ControlNet (synthesize, reconstruct)")
     params: Optional[JobParams] = None
-    inputs: Optional[Annotated[dict[Name, Name], MaxLen(jobs.MAX_INPUTS)]] = Field(
+    inputs: Optional[Annotated[dict[Name, Name], MaxLen(jobspec.MAX_INPUTS)]] = Field(
         None, description="input name ('input') -> uploaded file name")
     output_format: Optional[Literal[".nrrd", ".nii.gz", ".nii", ".mha"]] = None
 
@@ -236,23 +238,29 @@ def validate(doc: Any) -> JobRequest:
     try:
         return JobRequest.model_validate(doc)
     except ValidationError as exc:
-        raise UserError(one_line(validation_message(exc))) from None
+        errors = exc.errors(include_url=False)
+        loc = errors[0].get("loc", ()) if errors else ()
+        field = str(loc[1]) if len(loc) >= 2 and loc[0] == "params" else None
+        raise UserError(one_line(validation_message(exc)), field=field) from None
 
 
-def parse_spec(raw: bytes | str, caps: Caps | None = None) -> JobSpec:
+def parse_spec(raw: bytes | str, caps: Caps | None = None,
+               controlnet_dirs: Sequence[str | Path] | None = None) -> JobSpec:
     """The whole door of the job service: raw JSON -> a resolved :class:`JobSpec`.
 
     Refuses (with a one-line :class:`UserError`) a spec over :data:`MAX_SPEC_BYTES`, nested over
     :data:`MAX_SPEC_DEPTH`, with NaN/Infinity, not matching :class:`JobRequest`, or refused by
-    :func:`jobs.resolve` (``service=True``, with ``caps``)."""
+    :func:`jobspec.resolve` (``service=True``, with ``caps``; named ControlNets are looked up in
+    ``controlnet_dirs``, default the bundled ones)."""
     request = validate(load_json(raw))
     try:
-        return jobs.resolve(request.to_spec(), service=True, caps=caps)
+        return jobspec.resolve(request.to_spec(), service=True, caps=caps, controlnet_dirs=controlnet_dirs)
     except UserError as exc:
         try:
             short = type(exc)(one_line(str(exc)))
         except TypeError:  # a subclass with its own constructor
             short = UserError(one_line(str(exc)))
+        short.field = exc.field
         raise short from None
 
 
@@ -275,7 +283,7 @@ def _where(loc: tuple) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + jobs.show(str(part), 30).strip("'\"")
+            out += ("." if out else "") + show(str(part), 30).strip("'\"")
     return out
 
 
@@ -284,43 +292,43 @@ def _error_text(err: dict[str, Any]) -> str:
     kind, ctx, given = err.get("type", ""), err.get("ctx") or {}, err.get("input")
     where = _where(loc)
     if kind == "extra_forbidden":
-        name = jobs.show(str(loc[-1]), 30) if loc else "?"
+        name = show(str(loc[-1]), 30) if loc else "?"
         if loc[:1] == ("params",):
-            return f"unknown parameter {name}; known: {', '.join(jobs.PARAM_DEFAULTS)}"
-        return f"unknown job spec field {name}; known: {', '.join(jobs.SPEC_FIELDS)}"
+            return f"unknown parameter {name}; known: {', '.join(jobspec.PARAM_DEFAULTS)}"
+        return f"unknown job spec field {name}; known: {', '.join(jobspec.SPEC_FIELDS)}"
     if kind == "missing":
         return f"{where} is required"
     if kind == "literal_error" and loc:
         what = _UNKNOWN.get(str(loc[-1]), where)
-        return f"unknown {what} {jobs.show(given)}; use one of {ctx.get('expected', '')}"
+        return f"unknown {what} {show(given)}; use one of {ctx.get('expected', '')}"
     if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
         return "the job spec must be a JSON object"
     if kind == "value_error":
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         return f"{where} {msg}"
     if kind == "string_pattern_mismatch" and loc and loc[-1] == "device":
-        return (f"unknown device {jobs.show(given)}; use auto, cpu, cuda or cuda:N (N from 0 to "
-                f"{jobs.MAX_CUDA_INDEX})")
+        return (f"unknown device {show(given)}; use auto, cpu, cuda or cuda:N (N from 0 to "
+                f"{jobspec.MAX_CUDA_INDEX})")
     if kind == "string_too_long":
         return f"{where} is too long (at most {ctx.get('max_length')} characters)"
     if kind == "greater_than_equal":
         bound = ctx.get("ge")
-        return f"{where} must be {'positive' if bound == 1 else f'at least {bound}'}, got {jobs.show(given)}"
+        return f"{where} must be {'positive' if bound == 1 else f'at least {bound}'}, got {show(given)}"
     if kind == "greater_than":
         bound = ctx.get("gt")
-        return f"{where} must be {'positive' if bound == 0 else f'greater than {bound}'}, got {jobs.show(given)}"
+        return f"{where} must be {'positive' if bound == 0 else f'greater than {bound}'}, got {show(given)}"
     if kind in ("less_than_equal", "less_than"):
-        return f"{where} must be at most {ctx.get('le', ctx.get('lt'))}, got {jobs.show(given)}"
+        return f"{where} must be at most {ctx.get('le', ctx.get('lt'))}, got {show(given)}"
     if kind in ("too_short", "too_long"):
         if loc and loc[-1] in ("size", "spacing"):
             return f"{where} must be three numbers X Y Z"
         if loc and loc[-1] == "hu_window":
             return f"{where} must be two numbers LO HI"
         if loc and loc[-1] == "inputs":
-            return f"a job takes at most {jobs.MAX_INPUTS} inputs"
+            return f"a job takes at most {jobspec.MAX_INPUTS} inputs"
         return f"{where} has the wrong number of items"
     if kind in _KIND:
-        return f"{where or 'the job spec'} must be {_KIND[kind]}, got {jobs.show(given)}"
+        return f"{where or 'the job spec'} must be {_KIND[kind]}, got {show(given)}"
     return f"{where or 'the job spec'}: {one_line(str(err.get('msg', 'invalid')), 80)}"
 
 

@@ -64,9 +64,13 @@ from . import __version__
 from .data.volumes import DETACHED_SUFFIXES
 from .data.volumes import SUFFIXES as UPLOAD_SUFFIXES  # single-file formats only
 from .auth import AuditLog, FailureLimiter, User, Users
-from .errors import Cancelled, MedDiffusionError, UserError
-from .jobs import JobSpec, ModelCache, ProgressEvent, named_controlnets, oom_advice, run_job
+from .errors import Cancelled, MedDiffusionError, UserError, fielded
+from .controlnets import controlnet_search_path, named_controlnets
+from .jobs import oom_advice, run_job
+from .jobspec import JobSpec
 from .jobstore import JobStore
+from .model_cache import ModelCache
+from .progress import ProgressEvent
 from .schema import MAX_MESSAGE_CHARS, Caps, JobRequest, one_line, parse_spec
 
 log = logging.getLogger("meddiffusion.server")
@@ -92,6 +96,8 @@ class Limits:
     body_timeout_s: float = 60.0
     auth_failures: int = 10  # per address within auth_window_s, then locked out for the rest of it
     auth_window_s: float = 60.0
+    spill_dir: str | None = None  # where exact decodes spill stage maps (the admin's; default <cache root>/spill)
+    controlnet_dirs: tuple[str, ...] = ()  # folders of the admin's named ControlNets, after the bundled ones
 
 
 @dataclass
@@ -159,6 +165,7 @@ class JobService:
         os.chmod(self.work_dir, 0o700)
         self.limits = limits
         self.metrics = metrics
+        self.controlnet_dirs = controlnet_search_path(limits.controlnet_dirs)  # where named ControlNets are
         self.jobs: dict[str, Job] = {}
         self.lock = threading.Lock()
         self.queues: dict[str, queue.Queue] = {}
@@ -190,7 +197,7 @@ class JobService:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
             try:
-                spec = JobSpec.from_dict(row["spec"])
+                spec = JobSpec.from_dict(row["spec"]).as_stored_resolution()  # stored after resolve()
             except UserError:
                 self.store.delete(row["id"])
                 shutil.rmtree(folder, ignore_errors=True)
@@ -352,7 +359,7 @@ class JobService:
                 job.started = time.monotonic()
             inputs = self._load_inputs(job)
             res = run_job(job.spec, inputs, cache=cache, progress=progress, cancel=cancelled, preview=preview,
-                          resolved=True)
+                          spill_dir=self.limits.spill_dir, controlnet_dirs=self.controlnet_dirs)
             if cancelled():
                 raise Cancelled("cancelled")
             job.phase, job.message = "writing", "writing results"
@@ -545,7 +552,7 @@ def health_info(service: JobService, viewer: User | None = None) -> dict[str, An
         running = [j for j in running if j in jobs and jobs[j].owner == viewer.name]
     caps = service.limits.caps
     return {"version": __version__, "api": 1, "torch": torch.__version__, "devices": devices, "models": out_models,
-            "controlnets": named_controlnets(),
+            "controlnets": named_controlnets(service.controlnet_dirs),
             "loaded": [k for c in service.caches.values() for k in c.keys()],
             "model_loads": sum(c.loads for c in service.caches.values()),
             "queue": sum(1 for j in jobs.values() if j.state == "queued"),
@@ -1052,13 +1059,13 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         return service.status(job, user)
 
     async def _submit(request: Request, job: Job, user: User) -> None:
-        from .jobs import check_input
+        from .checks import check_input
 
         raw, files = await _read_body(request, job.folder)
         try:
-            spec = await run_in_threadpool(parse_spec, raw, limits.caps)
+            spec = await run_in_threadpool(parse_spec, raw, limits.caps, service.controlnet_dirs)
         except UserError as exc:
-            raise HTTPException(400, str(exc)) from exc
+            raise HTTPException(400, fielded(exc)) from exc
         for key, why in (("force", "run past the memory check"), ("compile", "start an ahead-of-time build")):
             if spec.params.get(key) and not user.admin:  # either would let one user take the machine
                 raise HTTPException(400, f"{key}: only an admin may {why} on this server")
@@ -1072,17 +1079,17 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         try:
             device = await run_in_threadpool(service.device_for, spec)
         except UserError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        spec.params["device"] = device  # what the worker runs on is what the spec says
+            raise HTTPException(400, fielded(exc)) from exc
+        spec = spec.with_params(device=device)  # what the worker runs on is what the spec says
         warnings = []
+        spec = spec.with_inputs({name: name for name in spec.inputs})  # the uploads, stored under their field names
         for name, (fname, path) in files.items():
             vol = await run_in_threadpool(_read_upload, path, name)
             job.input_names[name] = fname or name
-            spec.inputs[name] = name
             try:
-                found = await run_in_threadpool(check_input, spec, vol, limits.caps)
+                found = await run_in_threadpool(check_input, spec, vol, limits.caps, service.controlnet_dirs)
             except UserError as exc:
-                raise HTTPException(400, str(exc)) from exc
+                raise HTTPException(400, fielded(exc)) from exc
             warnings += [f"warning: {w}" for w in found]
             del vol  # queued jobs keep their inputs on disk only; the worker reads them again
         job.spec, job.device, job.warnings = spec, device, warnings

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .registry import (RESOURCES, ModelEntry, RegistryError, builtin_ids, cache_root, class_names, get_model, models,
-                       read_user_registry, schema, user_registry_path, validate_model)
+from .paths import RESOURCES, converted_root, imported_dir, imports_root, user_registry_path
+from .registry import (ModelEntry, RegistryError, builtin_ids, class_names, get_model, models, read_user_registry, schema,
+                       validate_model)
 
 ROLES = ("autoencoder", "biflownet")
 
@@ -207,7 +208,7 @@ def resolve_weights(model: str | None = None, weights: str | Path | None = None,
 def _converted_dir(src: Path) -> Path:
     st = src.stat()
     key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:20]
-    return cache_root() / "converted" / key
+    return converted_root() / key
 
 
 def converted_path(src: Path, role: str, log: Callable[[str], None] | None = None) -> Path:
@@ -304,41 +305,14 @@ def verify(entry: ModelEntry) -> list[tuple[str, str, str]]:
 
 
 __all__ = ["WeightsError", "RegistryError", "resolve_weights", "load_models", "download_file", "status", "verify",
-           "sha256_file", "cache_root", "import_weights", "add_user_model", "remove_user_model", "remove_imported",
+           "sha256_file", "import_weights", "add_user_model", "remove_user_model", "remove_imported",
            "imported_dir", "imported_files", "weights_version"]
-
-
-def resolve_controlnet(name_or_path: str | Path) -> Path:
-    """A ControlNet file path, a run folder holding ``controlnet.safetensors``, or the name of a
-    bundled one (``chest-ct-mini-labels`` ...)."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir() and (p / "controlnet.safetensors").exists():  # a train-controlnet run folder
-        return p / "controlnet.safetensors"
-    if p.is_file() or p.with_suffix(".safetensors").exists():
-        return p
-    bundled = RESOURCES / "models" / str(name_or_path) / "controlnet.safetensors"
-    if bundled.exists():
-        return bundled
-    known = sorted(d.name for d in (RESOURCES / "models").iterdir() if (d / "controlnet.safetensors").exists()) \
-        if (RESOURCES / "models").exists() else []
-    raise WeightsError(f"ControlNet {name_or_path!r} not found: not a file, and not a bundled ControlNet "
-                       f"({', '.join(known) or 'none bundled'})")
 
 
 # -- imported weights: files downloaded by hand, converted into the cache for a registry model ---------------
 MANIFEST = "IMPORTED.json"
 Progress = Callable[[str, float], None]
 """``progress(line, fraction)``: one human-readable line per step and the fraction done (0..1)."""
-
-
-def imports_root() -> Path:
-    """Folder of imported models: ``MEDDIFFUSION_CACHE/models``."""
-    return cache_root() / "models"
-
-
-def imported_dir(model_id: str) -> Path:
-    """Where the imported (converted) files of ``model_id`` live: ``MEDDIFFUSION_CACHE/models/<id>/``."""
-    return imports_root() / model_id
 
 
 def _read_manifest(entry: ModelEntry) -> dict[str, Any] | None:

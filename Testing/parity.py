@@ -40,12 +40,25 @@ AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups
            "patch_size")
 
 
-MODE = {"name": "reference"}
+MODE = {"name": "reference", "device": "cpu"}
+# keys whose reference draws noise from the CPU's global RNG: a CUDA run cannot reproduce that stream
+CPU_RNG_KEYS = ("sampler/ddpm_first_step_x998", "sampler/ddpm_1000_steps")
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
-    """Put ``model`` (in place) in eval mode on the kernels of the selected mode (the pipelines' recipe)."""
-    return apply_kernel_mode(model.eval(), MODE["name"])
+    """Put ``model`` (in place) in eval mode on the selected device and kernels (the pipelines' recipe)."""
+    return apply_kernel_mode(model.eval().to(MODE["device"]), MODE["name"])
+
+
+def on_device(tree: Any) -> Any:
+    """``tree`` (tensors in dicts/lists) with every tensor on the selected device."""
+    if isinstance(tree, torch.Tensor):
+        return tree.to(MODE["device"])
+    if isinstance(tree, dict):
+        return {k: on_device(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(on_device(v) for v in tree)
+    return tree
 
 
 class Report:
@@ -59,8 +72,11 @@ class Report:
 
     def check(self, key: str, got: Any, tol: dict[str, float], note: str = "") -> None:
         ref = self.expected.pop(key)
+        if MODE["device"] != "cpu" and key in CPU_RNG_KEYS:
+            self.lines.append(f"skip [{self.label}] {key:<48} (the reference's noise is the CPU RNG stream)")
+            return
         if isinstance(ref, torch.Tensor) and not ref.is_floating_point():
-            got_t = torch.as_tensor(got)
+            got_t = torch.as_tensor(got).cpu()
             ok = got_t.shape == ref.shape and torch.equal(got_t.to(ref.dtype), ref)
             err = "exact" if ok else f"{int((got_t.reshape(ref.shape) != ref).sum()) if got_t.numel() == ref.numel() else 'shape'} differ"
             self._line(key, ok, f"{err:>12}", "exact", note)
@@ -131,7 +147,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
     prepare(ae)
     out = case["outputs"]
     rep = Report(label, out)
-    x = case["inputs"]["x"]
+    x = on_device(case["inputs"]["x"])
     p = int(cfg["patch_size"])
     enc_keys = [k for k in out if k.startswith("enc_single_patch/")]
     dec_keys = [k for k in out if k.startswith("dec/")]
@@ -144,7 +160,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
 
         lat = ae.patch_encode(x)
         rep.check("latent_patchwise", lat, SINGLE)
-        ref_lat = out["latent_patchwise"]
+        ref_lat = on_device(out["latent_patchwise"])
         emb = ae.codebook.embeddings
         idx = ae.quantize(ref_lat)
         rep.check("codebook_indices", idx, {}, "(fed the reference latent)")
@@ -155,7 +171,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
         gap = (top2[:, 1] - top2[:, 0]).reshape(idx.shape)
         rep.check("codebook_top2_gap", gap, SINGLE)
 
-        own_idx = ae.quantize(lat)
+        own_idx = ae.quantize(lat).cpu()
         flips = own_idx != out["codebook_indices"]
         note = ""
         if flips.any():
@@ -164,16 +180,17 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
                 own_idx = torch.where(flips, out["codebook_indices"], own_idx)
             else:
                 note = f"({int(flips.sum())} code(s) differ at non-tiny gaps)"
+        own_idx = on_device(own_idx)
         rep.check("latent_patchwise_quantized", ae.codes(own_idx), SINGLE, note)
 
         lo, hi = ae.codebook_range()
         rep.check("codebook_min", lo, SINGLE)
         rep.check("codebook_max", hi, SINGLE)
         rep.check("latent_normalized", ae.normalize_latent(lat), SINGLE)
-        z = ae.denormalize_latent(out["latent_normalized"])
+        z = ae.denormalize_latent(on_device(out["latent_normalized"]))
         rep.check("latent_denormalized", z, SINGLE)
 
-        ref_z = out["latent_denormalized"]
+        ref_z = on_device(out["latent_denormalized"])
         with capture(ae, dec_keys, "dec/") as acts:
             dec = ae.decode(ref_z, quantize=True)
         for k in dec_keys:
@@ -204,7 +221,7 @@ def run_biflownet(case: dict[str, Any], label: str) -> int:
     net = BiFlowNet(**case["config"]).eval()
     net.load_state_dict(case["state_dict"], strict=True)
     prepare(net)
-    inp = case["inputs"]
+    inp = on_device(case["inputs"])
     expected = dict(case["outputs"])
     if "diffusion_buffers" in case:
         expected.update(_flatten("diffusion_buffers/", case["diffusion_buffers"]))
@@ -222,7 +239,7 @@ def run_biflownet(case: dict[str, Any], label: str) -> int:
 
 
 def _run_sampler(net: torch.nn.Module, gd: GaussianDiffusion, sampler: dict[str, Any], rep: Report) -> None:
-    si, so = sampler["inputs"], sampler["outputs"]
+    si, so = on_device(sampler["inputs"]), sampler["outputs"]
     z, y, res = si["z"], si["y"], si["res"]
     seed = int(si["torch_manual_seed_before_loop"])
 
@@ -230,7 +247,7 @@ def _run_sampler(net: torch.nn.Module, gd: GaussianDiffusion, sampler: dict[str,
         return net(x, t, y, res)
 
     last = gd.num_timesteps - 1
-    t_last = torch.full((z.shape[0],), last, dtype=torch.long)
+    t_last = torch.full((z.shape[0],), last, dtype=torch.long, device=z.device)
 
     def ddpm_first_step() -> torch.Tensor:
         torch.manual_seed(seed)
@@ -268,7 +285,7 @@ def run_controlnet(case: dict[str, Any], label: str, init_ref: dict[str, Any] | 
             rep.check(f"init_from_base/{k}", sorted(got.get(k, [])), {}, "")
     model.load_state_dict(case["state_dict"], strict=True)
     prepare(model)
-    inp = case["inputs"]
+    inp = on_device(case["inputs"])
     out = case["outputs"]
     with torch.no_grad():
         controls = model.controlnet(inp["x"], inp["hint"], inp["time"], inp["y"], inp["res"])
@@ -309,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="+", help="parity_<family>.pt files")
     parser.add_argument("--mode", choices=["reference", "fast"], default="reference",
                         help="kernels to run: the plain reference path or the pipelines' fast path")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on CUDA the two DDPM keys drawn from the "
+                                                        "CPU's RNG stream are skipped")
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 in cuDNN convolutions and matmuls (CUDA)")
     args = parser.parse_args(argv)
-    MODE["name"] = args.mode
-    print(f"== kernels: {args.mode}", flush=True)
+    MODE["name"], MODE["device"] = args.mode, args.device
+    if args.device.startswith("cuda"):
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    print(f"== kernels: {args.mode}, device {args.device}{' (TF32 allowed)' if args.tf32 else ''}", flush=True)
     total = 0
     for path in args.files:
         try:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,22 +44,26 @@ PREVIEW_NAME = "MedDiffusion preview"
 CT_WINDOW = (-1000.0, 1000.0)  # display range for CT results in HU when nothing better is known
 MODEL_UNITS_WINDOW = (-1.0, 1.0)
 
-# What the library's messages call command-line flags, in the panel's words.
+FIELD_PREFIX = re.compile(r"^([a-z][a-z_]*): ")
+# The panel's control for each request field: the service leads a message about one field with its
+# name ("steps: ..."), and the panel words it as its control.
+PANEL_CONTROLS = {"steps": "Steps", "sampler": "Sampler", "seed": "Seed", "device": "Run on", "class": "Class",
+                  "size": "Size X, Y, Z", "spacing": "Spacing (mm)", "num_volumes": "Number of volumes", "hu": "Map CT to HU",
+                  "hu_window": "Map CT to HU", "preview_every": "Live preview every", "mode": "Reference kernels"}
+# What some library messages (model management, memory advice) say for the command line, in the panel's words.
 PANEL_WORDS = (
-    ("give one with --hu-window LO HI", "untick \"Map CT to HU\""),
-    ("--hu-window LO HI", "an HU window"),
     ("--weights FOLDER", "a weights folder on the server"),
-    ("(or force it)", "(or choose a smaller size)"),
-    ("--steps", "Steps"),
-    ("--sampler", "Sampler"),
-    ("--seed", "Seed"),
-    ("--device", "Device"),
+    ("(or force it: force=true)", "(or choose a smaller size)"),
 )
 
 
 def panel_message(text: str | None) -> str:
-    """A service error message with command-line flags replaced by the panel's control names."""
+    """A service error message in the panel's words: a leading request field becomes the control's
+    name, command-line phrases the panel's."""
     text = text or "unknown error"
+    m = FIELD_PREFIX.match(text)  # MedDiffusionLib.errors.FIELD_PREFIX: the module imports only the client
+    if m and m.group(1) in PANEL_CONTROLS:
+        text = f"{PANEL_CONTROLS[m.group(1)]}: {text[m.end():]}"
     for cli, panel in PANEL_WORDS:
         text = text.replace(cli, panel)
     return text
@@ -601,6 +606,7 @@ class ServiceLogic:
         ``mapToHU`` None = map CT to HU when the model knows the class's HU window."""
         model = self.modelInfo(modelId)
         cls = self.classInfo(model, classIndex)
+        asked = mapToHU  # None: the resolver's default (CT in HU when the model knows the window)
         if mapToHU is None:
             mapToHU = bool(cls.get("hu_window")) and huWindow is None
         if mapToHU and not cls.get("hu_window") and huWindow is None:
@@ -608,7 +614,8 @@ class ServiceLogic:
         params = {"class": cls["index"], "size": list(size) if size else None,
                   "spacing": list(spacing) if spacing else None, "seed": int(seed), "sampler": sampler,
                   "steps": None if sampler == "ddpm" else steps, "num_volumes": int(numberOfVolumes),
-                  "hu": bool(mapToHU), "hu_window": list(huWindow) if huWindow else None, "device": device,
+                  "hu": None if asked is None else bool(mapToHU), "hu_window": list(huWindow) if huWindow else None,
+                  "device": device,
                   "mode": mode, "preview_every": int(previewEvery)}
         window = tuple(huWindow) if huWindow else tuple(cls["hu_window"]) if mapToHU else MODEL_UNITS_WINDOW
         return self._submit({"task": "generate", "model": model["id"], "params": params},

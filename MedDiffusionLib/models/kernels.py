@@ -24,6 +24,7 @@ import os
 import platform
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UserError
+from ..paths import kernel_choices_dir
 from .dit import Attention
 from .unet_blocks import PreNorm, Residual, SpatialAttention
 
@@ -92,10 +94,14 @@ def measured_choice(key: tuple, candidates: dict[str, Callable[[], Any]]) -> str
 
 
 def _choices_file() -> Path:
-    from ..weights import cache_root
-
     name = f"{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}-{platform.machine()}"
-    return cache_root() / "kernels" / f"choices-{name.replace('/', '_')}.json"
+    return kernel_choices_dir() / f"choices-{name.replace('/', '_')}.json"
+
+
+def kernel_choices_recorded() -> bool:
+    """Whether this machine and torch build have recorded kernel choices (else the first fast CPU
+    run times the candidates, :func:`measured_choice`); choices made in this process count too."""
+    return bool(_CHOICES) or _choices_file().exists()
 
 
 def _read_choices(path: Path) -> dict[str, str]:
@@ -429,6 +435,51 @@ def apply_kernel_mode(module: nn.Module, mode: str) -> nn.Module:
     if isinstance(decoder, nn.Module):
         decoder.to(memory_format=torch.channels_last_3d if fast else torch.contiguous_format)
     return module
+
+
+@dataclass(frozen=True)
+class AccelerationPlan:
+    """What :func:`accelerate` may apply: ``kernels`` (the fast convolution / GroupNorm / attention
+    subclasses), ``channels_last_decoder`` (a ``decoder`` sub-module in channels-last weights) and
+    ``compile`` (``torch.compile`` through :class:`CompiledOrEager`)."""
+
+    kernels: bool = True
+    channels_last_decoder: bool = True
+    compile: bool = False
+
+
+@dataclass
+class Accelerated:
+    """The fast form of a module and what was applied to it (in order)."""
+
+    module: Any
+    applied: tuple[str, ...]
+
+
+def accelerate(module: nn.Module, plan: AccelerationPlan = AccelerationPlan()) -> Accelerated:
+    """The fast form of ``module`` as a new module; ``module`` itself is never changed (its classes,
+    weights and weight layouts stay as they are). The new module shares the parameter tensors,
+    except where a layout changes (the channels-last decoder gets its own copies). ``applied``
+    names what was applied: ``"kernels"``, ``"channels_last_decoder"``, ``"compile"``."""
+    import copy
+
+    decoder = getattr(module, "decoder", None) if plan.channels_last_decoder else None
+    own = set()
+    if isinstance(decoder, nn.Module):
+        own = {id(t) for t in (*decoder.parameters(), *decoder.buffers())}
+    shared = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in own}
+    fast = copy.deepcopy(module, memo=dict(shared))
+    applied: list[str] = []
+    if plan.kernels:
+        use_fast_kernels(fast, True)
+        applied.append("kernels")
+    fast_decoder = getattr(fast, "decoder", None) if plan.channels_last_decoder else None
+    if isinstance(fast_decoder, nn.Module):
+        fast_decoder.to(memory_format=torch.channels_last_3d)
+        applied.append("channels_last_decoder")
+    if plan.compile:
+        return Accelerated(CompiledOrEager(fast), (*applied, "compile"))
+    return Accelerated(fast, tuple(applied))
 
 
 def kernel_mode(module: nn.Module) -> str:

@@ -29,15 +29,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..paths import compiled_dir
+
 log = logging.getLogger(__name__)
 
 NoiseArgs = Sequence[torch.Tensor]
-
-
-def compiled_dir() -> Path:
-    from ..weights import cache_root
-
-    return cache_root() / "compiled"
 
 
 def weights_digest(net: nn.Module) -> str:

@@ -13,23 +13,117 @@ one operation at a time above the mid-block:
   normalises each cube with the statistics of the *whole* map.
 
 The result equals the whole-volume decode to float rounding (tests pin max |tiled - whole| <= 1e-4)
-and the compute device only ever holds one cube's working set. The price is host memory for the
-stored maps (:func:`MedDiffusionLib.estimate.exact_decode_bytes`) and the halo overlap.
+and the compute device only ever holds one cube's working set. The price is memory for the stored
+maps (:func:`MedDiffusionLib.estimate.exact_decode_bytes`) and the halo overlap. The store is host
+RAM, the GPU itself (``store_device``), or, when neither holds the maps, memory-mapped files in a
+*spill* folder on disk (``spill_dir``): each map is a file whose blocks are reserved first (a full
+disk is refused up front with :class:`~MedDiffusionLib.errors.ResourceError`, never a crash while
+writing) and unlinked as soon as it is mapped, so nothing is left behind, not even after a crash.
 """
 from __future__ import annotations
 
+import errno
 import itertools
+import math
+import mmap
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import Cancelled
+from ..errors import Cancelled, ResourceError
 from .autoencoder import PatchVolumeAE, ResBlockX, ResBlockXY, _Upsample
 from .kernels import FastConv3d, channel_moments, group_norm_affine
 
 Region = tuple[slice, slice, slice]
+SPILL_PREFIX = "meddiffusion-spill-"
+
+
+# -- spilling stage maps to disk -----------------------------------------------------------------------
+def spill_directory(spill_dir: str | os.PathLike | None = None) -> Path:
+    """The folder spilled stage maps go to: ``spill_dir``, else ``<cache root>/spill`` (cache root:
+    ``MEDDIFFUSION_CACHE`` or ``~/.cache/meddiffusion``). Not created here."""
+    if spill_dir is not None:
+        return Path(spill_dir).expanduser()
+    from ..paths import cache_root
+
+    return cache_root() / "spill"
+
+
+def free_disk_bytes(folder: str | os.PathLike) -> float:
+    """Free bytes on the file system that holds ``folder`` (or, before it exists, its nearest
+    existing parent)."""
+    p = Path(folder).expanduser().absolute()
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    return float(shutil.disk_usage(p).free)
+
+
+def _size_text(n: float) -> str:
+    return f"{n / 2 ** 30:.1f} GB" if n >= 2 ** 30 else f"{max(n, 1) / 2 ** 20:.0f} MB"
+
+
+def check_spill_space(folder: str | os.PathLike, need_bytes: float) -> None:
+    """A :class:`ResourceError` unless ``folder``'s disk has ``need_bytes`` free."""
+    free = free_disk_bytes(folder)
+    if need_bytes > free:
+        raise ResourceError(f"the exact decode needs {_size_text(need_bytes)} of disk for its stage maps in {folder} "
+                            f"(they do not fit in memory) but only {_size_text(free)} is free there; free some "
+                            "space, choose another folder (--spill-dir), allow more memory (--max-memory-gb) or "
+                            "choose a smaller size")
+
+
+def spilled_tensor(shape: tuple[int, ...], folder: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
+    """A float32 CPU tensor of ``shape`` backed by a memory-mapped file in ``folder``, and ``None``.
+    The file is unlinked as soon as it is made, before its disk blocks are reserved and mapped: it
+    has no name while it is used, its space returns to the disk when the tensor is freed, and
+    nothing is left behind, not even after a crash. The blocks are reserved before mapping, so a
+    full disk is a :class:`ResourceError` here, never a ``SIGBUS`` while writing. (Where an open
+    file cannot be unlinked, Windows, its path comes back instead of ``None``, for the caller to
+    remove once the tensor is freed.)"""
+    n = math.prod(int(v) for v in shape)
+    nbytes = 4 * max(n, 1)
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResourceError(f"cannot create the spill folder {folder} for the exact decode's stage maps: "
+                            f"{exc.strerror or exc}") from exc
+    check_spill_space(folder, nbytes)
+    fd, path = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".f32", dir=folder)
+    leftover: str | None = None
+    try:
+        try:
+            os.unlink(path)  # the open descriptor keeps the file; no name is left to clean up
+        except OSError:
+            leftover = path
+        try:
+            os.posix_fallocate(fd, 0, nbytes)  # type: ignore[attr-defined]
+        except AttributeError:  # no posix_fallocate (Windows, macOS): a sparse file, space checked above
+            os.ftruncate(fd, nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceError(f"the disk holding {folder} is full: the exact decode could not reserve "
+                                    f"{_size_text(nbytes)} for a stage map; free some space or choose another "
+                                    "folder (--spill-dir)") from exc
+            os.ftruncate(fd, nbytes)  # a file system without fallocate
+        buf = mmap.mmap(fd, nbytes)  # shared, read-write; it outlives the descriptor
+    except BaseException:
+        if leftover is not None:
+            os.close(fd)
+            fd = -1
+            Path(leftover).unlink(missing_ok=True)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    flat = torch.frombuffer(buf, dtype=torch.float32, count=max(n, 1))  # holds the mapping until freed
+    return flat[:n].view(shape), leftover
 
 
 class _Stats:
@@ -120,32 +214,49 @@ class StreamingDecoder:
     voxels at decoder level ``l``; image cubes of ``tile * f``).
 
     ``device`` runs the arithmetic (default: the autoencoder's); ``store_device`` holds the stage
-    maps and the output (default CPU). ``cancel()`` is asked before every cube of every pass; when
-    it turns true :class:`~MedDiffusionLib.errors.Cancelled` is raised."""
+    maps and the output (default CPU). With ``spill_dir`` the stage maps are memory-mapped files
+    in that folder instead (:func:`spilled_tensor`; the output stays in RAM). ``cancel()`` is
+    asked before every cube of every pass; when it turns true
+    :class:`~MedDiffusionLib.errors.Cancelled` is raised."""
 
     def __init__(self, ae: PatchVolumeAE, tile: int, device: torch.device | str | None = None,
-                 store_device: torch.device | str = "cpu", cancel: Callable[[], bool] | None = None):
+                 store_device: torch.device | str = "cpu", cancel: Callable[[], bool] | None = None,
+                 spill_dir: str | os.PathLike | None = None):
         if int(tile) < 1:
             raise ValueError(f"the decode tile must be at least 1 latent voxel, got {tile}")
         self.ae = ae
         self.tile = int(tile)
         self.device = torch.device(device) if device is not None else next(ae.parameters()).device
-        self.store = torch.device(store_device)
+        self.spill_dir = None if spill_dir is None else Path(spill_dir)
+        self.store = torch.device("cpu") if spill_dir is not None else torch.device(store_device)
         self.format = _memory_format(ae.decoder.conv_first)
         self.cancel = cancel
+        self._leftover: list[str] = []  # spill files the OS would not unlink while mapped (Windows)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel():
             raise Cancelled("decoding cancelled")
 
     # -- passes ------------------------------------------------------------------------------------
-    def _new_map(self, like: torch.Tensor, channels: int, dhw: tuple[int, ...]) -> torch.Tensor:
-        """A stage map in the store, in the decoder's memory format (cubes copy in and out whole)."""
-        return torch.empty(like.shape[0], channels, *dhw, dtype=torch.float32, device=self.store,
-                           memory_format=self.format)
+    def _new_map(self, like: torch.Tensor, channels: int, dhw: tuple[int, ...], final: bool = False) -> torch.Tensor:
+        """A stage map in the store, in the decoder's memory format (cubes copy in and out whole);
+        spilled to a memory-mapped file unless it is the ``final`` output."""
+        if self.spill_dir is None or final:
+            return torch.empty(like.shape[0], channels, *dhw, dtype=torch.float32, device=self.store,
+                               memory_format=self.format)
+        b = like.shape[0]
+        if self.format == torch.channels_last_3d:  # a (B, D, H, W, C) buffer seen as (B, C, D, H, W)
+            buf, path = spilled_tensor((b, *dhw, channels), self.spill_dir)
+            buf = buf.permute(0, 4, 1, 2, 3)
+        else:
+            buf, path = spilled_tensor((b, channels, *dhw), self.spill_dir)
+        if path is not None:
+            self._leftover.append(path)
+        return buf
 
     def _norm_conv(self, x: torch.Tensor, stats: _Stats, norm: nn.GroupNorm, conv: nn.Conv3d, side: int,
-                   skip=None, out: torch.Tensor | None = None, want_stats: bool = True) -> tuple[torch.Tensor, _Stats]:
+                   skip=None, out: torch.Tensor | None = None, want_stats: bool = True,
+                   final: bool = False) -> tuple[torch.Tensor, _Stats]:
         """``conv(silu(norm(x))) [+ skip(region)]`` cube by cube; returns the map and its statistics.
         ``skip(region, device)`` gives the residual of a cube; ``out`` may alias ``x`` when the skip
         reads ``x`` only inside the cube (it is read before the cube is written)."""
@@ -153,7 +264,7 @@ class StreamingDecoder:
         fmt = _memory_format(conv)
         halo = conv.kernel_size[0] // 2
         if out is None:
-            out = self._new_map(x, conv.out_channels, tuple(x.shape[2:]))
+            out = self._new_map(x, conv.out_channels, tuple(x.shape[2:]), final)
         new_stats = _Stats()
         for region in _cubes(tuple(x.shape[2:]), side):
             self._check_cancel()
@@ -205,7 +316,19 @@ class StreamingDecoder:
 
     # -- the whole decode --------------------------------------------------------------------------
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codebook indices ``(B, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)`` on the store device."""
+        """Codebook indices ``(B, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)`` on the store device
+        (in RAM when the maps spill)."""
+        try:
+            return self._decode(indices)
+        finally:
+            for path in self._leftover:  # mapped files that could not be unlinked at once (Windows)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            self._leftover = []
+
+    def _decode(self, indices: torch.Tensor) -> torch.Tensor:
         ae, dec = self.ae, self.ae.decoder
         self._check_cancel()
         z = ae.post_vq_conv(ae.codes(indices.to(self.device)))
@@ -213,7 +336,8 @@ class StreamingDecoder:
         del z
         stats = _Stats()
         stats.add(h)
-        x = h.to(self.store, torch.float32).contiguous(memory_format=self.format)
+        x = self._new_map(h, h.shape[1], tuple(h.shape[2:]))
+        x.copy_(h)
         del h
         side = self.tile
         for block in dec.conv_blocks:
@@ -224,17 +348,20 @@ class StreamingDecoder:
                 side *= 2
                 x, stats = self._upsample(resample, x, side)
         norm, _, conv = dec.final_block
-        out, _ = self._norm_conv(x, stats, norm, conv, side, want_stats=False)
+        out, _ = self._norm_conv(x, stats, norm, conv, side, want_stats=False, final=True)
         return out
 
 
 def decode_exact_tiled(ae: PatchVolumeAE, latent: torch.Tensor, tile: int, quantize: bool = True,
                        store_device: torch.device | str = "cpu",
-                       cancel: Callable[[], bool] | None = None) -> torch.Tensor:
+                       cancel: Callable[[], bool] | None = None,
+                       spill_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """Exact tiled decode (equal to :meth:`PatchVolumeAE.decode` to float rounding): a float latent
     ``(B, 8, d, h, w)`` (``quantize=True``) or indices ``(B, d, h, w)`` -> ``(B, 1, f*d, f*h, f*w)``
     on ``store_device``, with compute-device memory bounded by one ``tile``-cube's working set.
+    With ``spill_dir`` the stage maps are memory-mapped files there (output in RAM).
     ``cancel()`` is asked between cubes (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
     indices = ae.quantize(latent) if quantize else latent
     with torch.no_grad():
-        return StreamingDecoder(ae, tile, store_device=store_device, cancel=cancel).decode_indices(indices)
+        return StreamingDecoder(ae, tile, store_device=store_device, cancel=cancel,
+                                spill_dir=spill_dir).decode_indices(indices)

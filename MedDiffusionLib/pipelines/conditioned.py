@@ -20,11 +20,11 @@ import torch
 from ..conditioning import make_hint
 from ..data.grid import resample, working_grid
 from ..data.volumes import Volume, check_finite, model_to_hu
+from ..defaults import CONTROLLED_DEFAULTS, resolve_sampling
 from ..errors import UserError
 from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_model_config
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
-from ..schedulers import resolve_sampling
 from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel
 from .loop import CancelFn, ProgressFn, StepCallback
 
@@ -36,8 +36,6 @@ class ControlledPipeline(KernelModeMixin):
     task recorded in the ControlNet's ``meta``. Every setting of the base (device, precision,
     compile, memory limit, kernel mode) applies; the noise model is :class:`ControlledNoise`
     ``(x, t, y, res, hint) -> eps`` over the base's own network."""
-
-    DEFAULT_SAMPLING = {"sampler": "ddim", "steps": 50}
 
     def __init__(self, base: GenerationPipeline, controlnet: ControlNet, meta: dict[str, Any], mode: str | None = None):
         self.base = base
@@ -82,7 +80,8 @@ class ControlledPipeline(KernelModeMixin):
     def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
         return self.base.latent_shape(size_xyz)
 
-    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True):
+    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True,
+                 memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None):
         """See :meth:`GenerationPipeline.estimate`; ``size_xyz`` is the working grid. Adds the
         ControlNet's weights, its activations next to the base's (counted as a second network) and
         the hint; the measured step times the controlled network with a hint of the run's shape
@@ -92,7 +91,8 @@ class ControlledPipeline(KernelModeMixin):
         hint = 4.0 * self.controlnet.hint_channel * _fprod(self.latent_shape(size_xyz)) * _float(volumes)
         weights = sum(p.numel() * p.element_size() for p in self.controlnet.parameters())
         return self.base._estimate(size_xyz, steps, volumes, measure, extra_weight_bytes=weights, extra_bytes=hint,
-                                   networks=2.0, step_fn=lambda n: self.measure_step_seconds(size_xyz, volumes, n))
+                                   networks=2.0, step_fn=lambda n: self.measure_step_seconds(size_xyz, volumes, n),
+                                   memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)
 
     def measure_step_seconds(self, size_xyz: Sequence[int], volumes: int = 1, max_forwards: int = 10) -> float:
         """Measured seconds of one step's forward of the controlled noise network (base +
@@ -108,7 +108,7 @@ class ControlledPipeline(KernelModeMixin):
                    device: str | None = None, mode: str = "fast", local_files_only: bool | None = None,
                    precision: str = "fp32", compile: bool = False,
                    memory_limit_bytes: float | None = None) -> "ControlledPipeline":
-        from ..weights import resolve_controlnet
+        from ..controlnets import resolve_controlnet
 
         controlnet_path = resolve_controlnet(controlnet_path)
         doc = read_model_config(controlnet_path)
@@ -151,12 +151,16 @@ class ControlledPipeline(KernelModeMixin):
     # -- running ----------------------------------------------------------------------------------------
     def run(self, vol: Volume, seed: int = 0, sampler: str | None = None, steps: int | None = None,
             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-            callback: StepCallback | None = None) -> Volume:
+            callback: StepCallback | None = None, memory_limit_bytes: float | None = None,
+            spill_dir: str | Path | None = None) -> Volume:
         """Run this ControlNet's task on ``vol``: a label map (values rounded to integer labels) for
         label tasks, an image (HU for CT, any units for MR) for sparse-view and MRI. Returns the
         output in HU (CT) or model units (MR) on the input's grid. ``sampler``/``steps`` default to
-        DDIM 50; ``callback(step_index, t, latents, pred_x0)`` sees every sampler step."""
-        sampler, steps = resolve_sampling(sampler, steps, self.DEFAULT_SAMPLING, self.base.diffusion.num_timesteps)
+        :data:`~MedDiffusionLib.defaults.CONTROLLED_DEFAULTS` (DDIM 50); ``callback(step_index, t,
+        latents, pred_x0)`` sees every sampler step.
+        ``memory_limit_bytes`` / ``spill_dir`` are this run's decode cap and spill folder
+        (:meth:`GenerationPipeline.decode`)."""
+        sampler, steps = resolve_sampling(sampler, steps, CONTROLLED_DEFAULTS, self.base.diffusion.num_timesteps)
         check_cancel(cancel)
         if self.hint_type == "labels":
             vol = vol.with_array(np.rint(vol.array).astype(np.int64))
@@ -176,7 +180,7 @@ class ControlledPipeline(KernelModeMixin):
         size_xyz = (grid.shape_dhw[1], grid.shape_dhw[2], grid.shape_dhw[0])
         lat = self.base.sample_latents(self.class_index, size_xyz, seed, sampler, steps, 1, progress, cancel,
                                        noise_net=functools.partial(self.noise_model(), hint=hint), callback=callback)
-        out = self.base.decode(lat, cancel=cancel)[0, 0]
+        out = self.base.decode(lat, cancel=cancel, memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)[0, 0]
         check_cancel(cancel)
         out = resample(out, canon.to_network().shape, "image").numpy()
         if self.meta.get("output") == "hu" or self.meta["hint"].get("normalize") == "hu_window":

@@ -8,15 +8,17 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
+from ..defaults import generation_defaults
 from ..errors import Cancelled, ResourceError, UserError
 from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
@@ -24,7 +26,7 @@ from ..models.biflownet import BiFlowNet
 from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode, param_tag
 from ..models.precompiled import PrecompiledNoise, find_or_build, package_path, weights_digest
 from ..registry import ModelEntry
-from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, make_scheduler
+from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, scheduler_for
 from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
@@ -54,6 +56,28 @@ def resolve_device(requested: str | None = None, warn: bool = True) -> torch.dev
     if req == "cpu":
         return torch.device("cpu")
     raise UserError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
+
+
+@contextmanager
+def tf32_allowed(device: torch.device, allowed: bool) -> Iterator[None]:
+    """TF32 in CUDA convolutions and matmuls on (``allowed``) or off while the block runs, restored
+    after. These are process-wide torch flags: the job service runs one job at a time, and the
+    block is one forward or decode."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _check_limit(memory_limit_bytes: float | None) -> None:
+    """A :class:`UserError` unless the memory limit is unset or positive."""
+    if memory_limit_bytes is not None and not memory_limit_bytes > 0:
+        raise UserError(f"the memory limit must be positive, got {memory_limit_bytes}")
 
 
 def check_cancel(cancel: CancelFn | None, what: str = "cancelled") -> None:
@@ -138,14 +162,16 @@ class GenerationPipeline(KernelModeMixin):
     ``compile=True`` builds the missing package first (one-time, ~1.5 min on a 2-core CPU; falls
     back to eager where compiling is impossible).
     ``precision`` bf16/fp16 is autocast on top of either mode (not float32-exact: opt-in).
-    ``memory_limit_bytes`` caps the memory seamless decoding plans for (default: 80 % of what is free).
+    ``memory_limit_bytes`` is the default cap on the memory a decode plans for (default: 80 % of
+    what is free); a call's own ``memory_limit_bytes`` (:meth:`decode`) replaces it. Nothing a job
+    asks for is stored on the pipeline: the job service shares one between jobs.
 
     The kernel mode is read from the networks (:attr:`mode`), never stored: building a pipeline
     with ``mode=`` or calling :meth:`set_mode` switches the network modules in place, which every
     pipeline sharing them sees.
     """
 
-    PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     MODES = KERNEL_MODES
 
     def __init__(self, autoencoder: PatchVolumeAE, biflownet: BiFlowNet, entry: ModelEntry | None = None,
@@ -161,9 +187,8 @@ class GenerationPipeline(KernelModeMixin):
             raise UserError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
         self.precision = precision
         self.compile, self.precompiled = bool(compile), bool(precompiled)
-        if memory_limit_bytes is not None and memory_limit_bytes <= 0:
-            raise UserError(f"the memory limit must be positive, got {memory_limit_bytes}")
-        self.memory_limit_bytes = memory_limit_bytes  # cap on what seamless decoding may plan to use
+        _check_limit(memory_limit_bytes)
+        self.memory_limit_bytes = memory_limit_bytes  # default cap on what a decode may plan to use; never set per job
         self._compiled = CompiledNoise(self.net, False)  # ahead-of-time packages replace torch.compile here
         self._packages: dict[Path, PrecompiledNoise] = {}
         self._digest: tuple[list, str] | None = None
@@ -175,10 +200,17 @@ class GenerationPipeline(KernelModeMixin):
         """The modules whose kernels :meth:`set_mode` switches."""
         return [self.net, self.ae]
 
-    def autocast(self):
-        """Mixed precision for the networks (weights stay fp32; samplers and codebook in fp32)."""
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The networks' arithmetic for this pipeline's precision (weights stay fp32; samplers and
+        codebook in fp32). ``fp32`` on CUDA runs with TF32 off: torch lets cuDNN convolutions use
+        TF32 by default, which on an H200 moved the parity outputs by up to 1e-2 (tolerance 1e-4)
+        and flipped codebook indices. ``tf32`` allows TF32 in convolutions and matmuls; ``bf16`` /
+        ``fp16`` are autocast."""
         dtype = self.PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        with tf32_allowed(self.device, self.precision != "fp32"), \
+                torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            yield
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, weights: str | Path | None = None, device: str | None = None,
@@ -242,18 +274,20 @@ class GenerationPipeline(KernelModeMixin):
         return self._packages[path]
 
     # -- steps ---------------------------------------------------------------------------------------
-    def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str = "ddpm",
+    def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str | None = None,
                        steps: int | None = None, batch: int = 1, progress: ProgressFn | None = None,
                        cancel: CancelFn | None = None, noise_net: Callable[..., torch.Tensor] | None = None,
                        callback: StepCallback | None = None) -> torch.Tensor:
         """Diffusion-space latents ``(batch, C, d, h, w)``. With a CPU or CUDA generator seeded
         with ``seed`` the noise sequence equals the official ``torch.manual_seed(seed)`` run.
+        ``sampler`` and ``steps`` are required, a resolved pair
+        (:func:`MedDiffusionLib.defaults.resolve_sampling`; :meth:`generate` resolves them).
 
         ``noise_net(x, t, y, res) -> eps`` replaces :meth:`noise_model` (a controlled network);
         ``callback(step_index, t, latents, pred_x0)`` sees every step (see :func:`.loop.denoise`)."""
         if batch < 1:
             raise UserError(f"number of volumes must be positive, got {batch}")
-        scheduler = make_scheduler(sampler, self.diffusion, steps)
+        scheduler = scheduler_for(sampler, self.diffusion, steps)
         d, h, w = self.latent_shape(size_xyz)
         gen = torch.Generator(device=self.device).manual_seed(int(seed))
         z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
@@ -269,64 +303,97 @@ class GenerationPipeline(KernelModeMixin):
             return denoise(scheduler, fn, z, gen if scheduler.stochastic else None, progress, cancel, callback)
 
     def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto",
-               cancel: CancelFn | None = None) -> torch.Tensor:
-        """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time.
+               cancel: CancelFn | None = None, memory_limit_bytes: float | None = None,
+               spill_dir: str | Path | None = None) -> torch.Tensor:
+        """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time
+        (:meth:`decode_with_plans` without the plans).
 
         ``tiling="exact"`` decodes the whole volume when it fits in free memory (device memory or
         RAM, :mod:`MedDiffusionLib.estimate`), else streams the decoder stage by stage in cubes
         (:mod:`MedDiffusionLib.models.streaming_decode`): equal to the whole decode to float
-        rounding, device memory bounded by the cube, stage maps in RAM. When RAM is short too it
-        falls back to ``"seamless"``: overlapping tiles blended with linear ramps (approximate:
-        every tile sees its own GroupNorm statistics and attention). A CUDA out-of-memory error
-        retries with smaller tiles. ``"official"`` follows the authors' rule: whole-volume decode
-        up to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256
-        voxels). ``"auto"`` = exact in fast mode, official in reference mode. ``mode`` ``"whole"`` /
-        ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles).
+        rounding, device memory bounded by the cube. Its stage maps stay in GPU memory when it holds
+        them next to a cube's working set, else in RAM, else (RAM short too) in memory-mapped files
+        in ``spill_dir`` (default ``<cache root>/spill``): exact at any memory cap, never a silent
+        fallback to blended tiles. ``"seamless"``, only when asked for: overlapping tiles blended
+        with linear ramps sized to the memory (approximate: every tile sees its own GroupNorm
+        statistics and attention). A CUDA out-of-memory error retries with the maps off the GPU,
+        then with smaller tiles. ``"official"`` follows the authors' rule: whole-volume decode up
+        to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256
+        voxels; approximate). ``"auto"`` = exact in fast mode, official in reference mode. ``mode``
+        ``"whole"`` / ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles).
 
-        ``cancel()`` is asked before every volume and between the tiles / cubes of a tiled decode;
-        when it turns true :class:`~MedDiffusionLib.errors.Cancelled` is raised. The outputs are
-        written into one float32 CPU tensor as they are decoded (no second copy at the end)."""
-        if tiling == "auto":
-            tiling = "exact" if self.mode == "fast" else "official"
-        if tiling not in ("official", "seamless", "exact"):
-            raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
+        ``memory_limit_bytes`` caps what this call plans for (default: the pipeline's
+        ``memory_limit_bytes``, else 80 % of the free memory). ``cancel()`` is asked before every
+        volume and between the tiles / cubes of a tiled decode; when it turns true
+        :class:`~MedDiffusionLib.errors.Cancelled` is raised. The outputs are written into one
+        float32 CPU tensor as they are decoded (no second copy at the end)."""
+        return self.decode_with_plans(latents, mode, tiling, cancel, memory_limit_bytes, spill_dir)[0]
+
+    def decode_with_plans(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto",
+                          cancel: CancelFn | None = None, memory_limit_bytes: float | None = None,
+                          spill_dir: str | Path | None = None) -> tuple[torch.Tensor, list[DecodePlan]]:
+        """:meth:`decode`, and how each volume was decoded (:class:`~MedDiffusionLib.estimate.DecodePlan`:
+        ``exact`` false for blended or official tiles; ``describe()`` for a person; ``meta()`` for a
+        result's metadata)."""
+        tiling = self._tiling(tiling)
         if mode not in ("auto", "whole", "tiled"):
             raise UserError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
+        _check_limit(memory_limit_bytes)
         out: torch.Tensor | None = None
+        plans: list[DecodePlan] = []
         with torch.inference_mode():
             for i, lat in enumerate(latents.split(1)):
                 check_cancel(cancel, "decoding cancelled")
                 z = self.ae.denormalize_latent(lat)
-                img = self._decode_one(z, mode, tiling, cancel)
+                img, plan = self._decode_one(z, mode, tiling, cancel, memory_limit_bytes, spill_dir)
+                plans.append(plan)
                 if out is None:
                     out = torch.empty((latents.shape[0], *img.shape[1:]), dtype=torch.float32)
                 out[i:i + 1] = img
                 del img, z
         if out is None:
             raise UserError("there are no latents to decode (an empty batch)")
-        return out
+        return out, plans
 
-    def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "exact") -> DecodePlan:
-        """How the decode of ``latent_dhw`` will run (method, tile side in latent voxels, peaks)."""
+    def _tiling(self, tiling: str) -> str:
+        """``"auto"`` -> exact (fast mode) or official (reference mode); unknown names refused."""
+        if tiling == "auto":
+            tiling = "exact" if self.mode == "fast" else "official"
+        if tiling not in ("official", "seamless", "exact"):
+            raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
+        return tiling
+
+    def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "exact", memory_limit_bytes: float | None = None,
+                    spill_dir: str | Path | None = None) -> DecodePlan:
+        """How the decode of ``latent_dhw`` will run (method, tile side in latent voxels, peaks, and
+        for the exact decode where its stage maps live: GPU memory, RAM or ``spill_dir`` on disk)
+        under ``memory_limit_bytes`` (default: the pipeline's) and the free memory."""
         from ..estimate import available_memory_bytes, decode_peak_bytes, official_plan, plan_decode
+        from ..models.streaming_decode import spill_directory
 
+        tiling = self._tiling(tiling)
         nh = self.ae.config["n_hiddens"]
         if tiling == "official":
             return official_plan(nh, self.compression, latent_dhw, self.mode, self.device.type)
-        budget = self.memory_budget()
+        budget = self.memory_budget(memory_limit_bytes)
         if tiling == "seamless":
             from ..estimate import choose_decode_tile
 
             tile = choose_decode_tile(nh, self.compression, latent_dhw, budget, self.mode, self.device.type)
+            if tile is not None and tile >= max(int(v) for v in latent_dhw):
+                tile = None  # one tile covers the latent: the whole decode runs (see _run_plan)
             peak = decode_peak_bytes(nh, self.compression, latent_dhw, tile, self.mode, self.device.type)
             return DecodePlan("whole" if tile is None else "seamless", tile, peak)
         host = None
         if self.device.type == "cuda":
             avail = available_memory_bytes("cpu")
             host = None if avail is None else 0.8 * avail
-        return plan_decode(nh, self.compression, latent_dhw, budget, host, self.mode, self.device.type)
+        return plan_decode(nh, self.compression, latent_dhw, budget, host, self.mode, self.device.type,
+                           str(spill_directory(spill_dir)))
 
-    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True):
+    def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True,
+                 memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None,
+                 tiling: str = "auto"):
         """Time, peak memory and decode plan of a run of ``volumes`` volumes, before it starts
         (:class:`MedDiffusionLib.estimate.RunEstimate`). Memory counts the weights, the sampler and
         the noise network's activations for the whole batch, the latents kept while decoding, one
@@ -340,12 +407,16 @@ class GenerationPipeline(KernelModeMixin):
         ``steps x`` that step plus the decode of every volume, so it follows this machine and its
         present load. Otherwise (``measure=False``, a run that does not fit, or a failed
         measurement) the registry's CPU time or the FLOP model
-        (:func:`MedDiffusionLib.estimate.estimate_seconds`)."""
-        return self._estimate(size_xyz, steps, volumes, measure)
+        (:func:`MedDiffusionLib.estimate.estimate_seconds`). The decode plan is the one
+        :meth:`decode` will make with the same ``memory_limit_bytes``, ``spill_dir`` and ``tiling``
+        (:meth:`decode_plan`)."""
+        return self._estimate(size_xyz, steps, volumes, measure, memory_limit_bytes=memory_limit_bytes,
+                              spill_dir=spill_dir, tiling=tiling)
 
     def _estimate(self, size_xyz: Sequence[int], steps: int, volumes: int, measure: bool,
                   extra_weight_bytes: float = 0.0, extra_bytes: float = 0.0, networks: float = 1.0,
-                  step_fn: Callable[[int], float] | None = None):
+                  step_fn: Callable[[int], float] | None = None, memory_limit_bytes: float | None = None,
+                  spill_dir: str | Path | None = None, tiling: str = "auto"):
         """:meth:`estimate` for this pipeline or one built on it (a ControlNet: its weights, the hint,
         ``networks`` noise networks per step, ``step_fn(max_forwards)`` timing its step)."""
         from dataclasses import replace
@@ -354,8 +425,12 @@ class GenerationPipeline(KernelModeMixin):
 
         weight_bytes = sum(p.numel() * p.element_size() for m in (self.ae, self.net) for p in m.parameters())
         weight_bytes += extra_weight_bytes
-        kw = dict(n_hiddens=self.ae.config["n_hiddens"], weight_bytes=weight_bytes, budget_bytes=self.memory_budget(),
-                  net_dim=getattr(self.net, "dim", None), latent_channels=self.net.channels, networks=networks)
+        x, y, z = (int(s) for s in size_xyz)
+        f = self.compression
+        plan = self.decode_plan((z // f, x // f, y // f), tiling, memory_limit_bytes, spill_dir)
+        kw = dict(n_hiddens=self.ae.config["n_hiddens"], weight_bytes=weight_bytes,
+                  budget_bytes=self.memory_budget(memory_limit_bytes), net_dim=getattr(self.net, "dim", None),
+                  latent_channels=self.net.channels, networks=networks, plan=plan)
         device = str(self.device)
         est = estimate_run(self.entry, self.compression, size_xyz, steps, device, self.mode, volumes, **kw)
         est = replace(est, peak_bytes=est.peak_bytes + extra_bytes)
@@ -455,18 +530,55 @@ class GenerationPipeline(KernelModeMixin):
         # larger maps run ~25 % slower per voxel than this small one (caches; measured 64^3 vs 128^3)
         return 1.25 * dt / (side * f) ** 3
 
-    def memory_budget(self) -> float | None:
+    def memory_budget(self, memory_limit_bytes: float | None = None) -> float | None:
         """Bytes a decode may plan for: 80 % of the free device memory / RAM, capped by
-        ``memory_limit_bytes``; ``None`` when neither is known."""
+        ``memory_limit_bytes`` (default: the pipeline's); ``None`` when neither is known."""
         from ..estimate import available_memory_bytes
 
+        cap = self.memory_limit_bytes if memory_limit_bytes is None else memory_limit_bytes
         avail = available_memory_bytes(str(self.device))
-        budgets = [b for b in (None if avail is None else 0.8 * avail, self.memory_limit_bytes) if b is not None]
+        budgets = [b for b in (None if avail is None else 0.8 * avail, cap) if b is not None]
         return min(budgets) if budgets else None
 
-    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str, cancel: CancelFn | None = None) -> torch.Tensor:
-        from ..models.streaming_decode import decode_exact_tiled
+    def _host_store_plan(self, dhw: Sequence[int], tile: int, spill_dir: str | Path | None) -> DecodePlan:
+        """The exact decode in ``tile``-cubes with its stage maps in RAM, or spilled to disk when
+        they do not fit 80 % of the free RAM (after a GPU out-of-memory error)."""
+        from ..estimate import available_memory_bytes, exact_decode_bytes
+        from ..models.streaming_decode import spill_directory
 
+        dev, maps = exact_decode_bytes(self.ae.config["n_hiddens"], self.compression, dhw, tile)
+        avail = available_memory_bytes("cpu")
+        if avail is None or maps <= 0.8 * avail:
+            return DecodePlan("exact", tile, dev, maps, "ram")
+        return DecodePlan("exact", tile, dev, maps, "disk", str(spill_directory(spill_dir)))
+
+    def _run_plan(self, indices: torch.Tensor, plan: DecodePlan, cancel: CancelFn | None,
+                  spill_dir: str | Path | None) -> torch.Tensor:
+        """Decode codebook ``indices`` as ``plan`` says."""
+        from ..models.streaming_decode import StreamingDecoder, check_spill_space, spill_directory
+
+        dhw, tile = tuple(indices.shape[1:]), plan.tile
+        if tile is None or plan.method == "whole":
+            return self.ae.decode(indices, quantize=False)
+        if plan.method == "exact":
+            if plan.store == "disk":
+                folder = plan.spill_dir or spill_directory(spill_dir)
+                check_spill_space(folder, plan.store_bytes)  # one clear refusal before the first pass
+                dec = StreamingDecoder(self.ae, tile, cancel=cancel, spill_dir=folder)
+            else:
+                dec = StreamingDecoder(self.ae, tile, cancel=cancel,
+                                       store_device=self.device if plan.store == "device" else "cpu")
+            return dec.decode_indices(indices)
+        if plan.method == "official" and all(s % tile == 0 for s in dhw):
+            return self.ae.decode_tiled_official(indices, tile, quantize=False, cancel=cancel)
+        if tile < max(dhw):
+            return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False, cancel=cancel)
+        return self.ae.decode(indices, quantize=False)
+
+    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str, cancel: CancelFn | None = None,
+                    memory_limit_bytes: float | None = None,
+                    spill_dir: str | Path | None = None) -> tuple[torch.Tensor, DecodePlan]:
+        """One volume: its image and the plan that made it (after any out-of-memory retry)."""
         indices = self.ae.quantize(z)  # codes are always chosen in fp32
         dhw = tuple(z.shape[2:])
         if mode == "whole":
@@ -474,41 +586,39 @@ class GenerationPipeline(KernelModeMixin):
         elif mode == "tiled":
             plan = DecodePlan(tiling, OFFICIAL_TILE, 0.0)
         else:
-            plan = self.decode_plan(dhw, tiling)
+            plan = self.decode_plan(dhw, tiling, memory_limit_bytes, spill_dir)
         while True:
             tile = plan.tile
             check_cancel(cancel, "decoding cancelled")
             try:
                 with self.autocast():
-                    if tile is None or plan.method == "whole":
-                        return self.ae.decode(indices, quantize=False)
-                    if plan.method == "exact":
-                        return decode_exact_tiled(self.ae, indices, tile, quantize=False, cancel=cancel)
-                    if plan.method == "official" and all(s % tile == 0 for s in dhw):
-                        return self.ae.decode_tiled_official(indices, tile, quantize=False, cancel=cancel)
-                    if tile < max(dhw):
-                        return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False,
-                                                    cancel=cancel)
-                    return self.ae.decode(indices, quantize=False)
+                    return self._run_plan(indices, plan, cancel, spill_dir), plan
             except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                if plan.method == "exact" and plan.store == "device":  # first move the maps off the GPU
+                    log.warning("decode ran out of GPU memory; retrying with the stage maps off the GPU")
+                    plan = self._host_store_plan(dhw, tile, spill_dir)
+                    continue
                 smaller = max(1 if plan.method == "exact" else 8, (tile or max(dhw)) * 3 // 4)
                 if plan.method == "official" or smaller == tile:
                     raise
                 log.warning("decode ran out of GPU memory; retrying with %d^3 latent tiles", smaller)
-                torch.cuda.empty_cache()
-                plan = DecodePlan("exact" if tiling == "exact" else "seamless", smaller, 0.0)
+                plan = self._host_store_plan(dhw, smaller, spill_dir) if tiling == "exact" else \
+                    DecodePlan("seamless", smaller, 0.0)
 
     # -- all together --------------------------------------------------------------------------------
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,
                  spacing_xyz: Sequence[float] | None = None, seed: int = 0, sampler: str | None = None,
                  steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, tiling: str = "auto",
-                 callback: StepCallback | None = None) -> list[GeneratedVolume]:
+                 callback: StepCallback | None = None, memory_limit_bytes: float | None = None,
+                 spill_dir: str | Path | None = None) -> list[GeneratedVolume]:
         """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
-        registry entry (default class, its first trained size and spacing, default sampler).
-        ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step."""
-        from ..jobs import generation_defaults
-
+        registry entry (default class, its first trained size and spacing, default sampler), through
+        the same resolver as every job (:func:`MedDiffusionLib.defaults.generation_defaults`).
+        ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step.
+        ``tiling``, ``memory_limit_bytes``, ``spill_dir``: this call's decode (:meth:`decode`); each
+        volume's ``meta["decode"]`` says how it was decoded (``exact`` false for blended tiles)."""
         check_cancel(cancel)
         entry = self.entry
         if self.net.cond_emb is None and class_index is None:
@@ -518,8 +628,10 @@ class GenerationPipeline(KernelModeMixin):
         self.check_class(class_index)
         lat = self.sample_latents(class_index, r["size"], seed, r["sampler"], r["steps"], num_volumes, progress, cancel,
                                   callback=callback)
-        images = self.decode(lat, tiling=tiling, cancel=cancel)
+        images, plans = self.decode_with_plans(lat, tiling=tiling, cancel=cancel, memory_limit_bytes=memory_limit_bytes,
+                                               spill_dir=spill_dir)
         meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
         spacing_xyz = r["spacing"]
-        return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed), dict(meta, index=i))
+        return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed),
+                                dict(meta, index=i, decode=plans[i].meta()))
                 for i, img in enumerate(images)]

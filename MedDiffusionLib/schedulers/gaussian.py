@@ -8,9 +8,9 @@ import math
 
 import torch
 
+from ..defaults import NUM_TRAIN_TIMESTEPS
 from ..errors import UserError
 
-NUM_TRAIN_TIMESTEPS = 1000  # the official schedule length (every released model)
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
     """Betas (float64) of the cosine schedule, clipped to [0, 0.9999]."""

@@ -20,11 +20,11 @@ which diffusers does not reproduce (``Testing/tests/test_samplers.py`` shows eac
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from ..errors import UserError
+from ..defaults import SAMPLERS, resolve_sampling
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, ddim_timesteps
 
 
@@ -36,16 +36,19 @@ class SchedulerOutput(NamedTuple):
 
 
 class Scheduler:
-    """Base: holds the schedule (:class:`GaussianDiffusion`) and the timestep list of one run."""
+    """Base: holds the schedule (:class:`GaussianDiffusion`) and the timestep list of one run.
+
+    The number of steps is always a resolved one (:func:`MedDiffusionLib.defaults.resolve_sampling`
+    picks the defaults); call :meth:`set_timesteps` before stepping, or build with
+    :func:`make_scheduler` / :func:`scheduler_for`."""
 
     name = ""
-    default_steps: int | None = None  # None: always num_train_timesteps
     stochastic = False  # True: step() draws noise (pass the run's generator)
 
     def __init__(self, diffusion: GaussianDiffusion | None = None, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS):
         self.diffusion = diffusion if diffusion is not None else GaussianDiffusion(num_train_timesteps)
         self.timesteps = torch.empty(0, dtype=torch.long)
-        self.set_timesteps(None)
+        self._index = 0
 
     @property
     def num_train_timesteps(self) -> int:
@@ -55,19 +58,9 @@ class Scheduler:
     def num_inference_steps(self) -> int:
         return len(self.timesteps)
 
-    @classmethod
-    def steps_for(cls, steps: int | None, num_train_timesteps: int) -> int:
-        """The number of steps this sampler runs for a request (``None`` = its default)."""
-        n = cls.default_steps if steps is None else int(steps)
-        if n is None:
-            return num_train_timesteps
-        if not 1 <= n <= num_train_timesteps:
-            raise UserError(f"the {cls.name} sampler takes 1 to {num_train_timesteps} steps, got {n}")
-        return n
-
-    def set_timesteps(self, num_inference_steps: int | None = None) -> None:
-        n = self.steps_for(num_inference_steps, self.num_train_timesteps)
-        self.timesteps = ddim_timesteps(n, self.num_train_timesteps)
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """The timestep list of a run of ``num_inference_steps`` (resolved) steps."""
+        self.timesteps = ddim_timesteps(num_inference_steps, self.num_train_timesteps)
         self._index = 0
 
     def _begin(self, t: int | torch.Tensor, sample: torch.Tensor) -> tuple[int, int, torch.Tensor]:
@@ -95,14 +88,10 @@ class DDPMScheduler(Scheduler):
     name = "ddpm"
     stochastic = True
 
-    @classmethod
-    def steps_for(cls, steps: int | None, num_train_timesteps: int) -> int:
-        if steps not in (None, num_train_timesteps):
-            raise UserError(f"DDPM always runs {num_train_timesteps} steps; use the ddim or dpm++ sampler for fewer")
-        return num_train_timesteps
-
-    def set_timesteps(self, num_inference_steps: int | None = None) -> None:
-        self.steps_for(num_inference_steps, self.num_train_timesteps)
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        if num_inference_steps != self.num_train_timesteps:
+            raise ValueError(f"DDPM runs all {self.num_train_timesteps} timesteps, got {num_inference_steps} "
+                             "(resolve the steps with MedDiffusionLib.defaults.resolve_sampling)")
         self.timesteps = torch.arange(self.num_train_timesteps - 1, -1, -1, dtype=torch.long)
         self._index = 0
 
@@ -126,7 +115,6 @@ class DDIMScheduler(Scheduler):
     raw predicted noise, and the last step goes from t=0 to abar_0."""
 
     name = "ddim"
-    default_steps = 100
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
              generator: torch.Generator | None = None) -> SchedulerOutput:
@@ -145,9 +133,8 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
     final update is the official DDIM jump to abar_0 with the raw noise."""
 
     name = "dpm++"
-    default_steps = 20
 
-    def set_timesteps(self, num_inference_steps: int | None = None) -> None:
+    def set_timesteps(self, num_inference_steps: int) -> None:
         super().set_timesteps(num_inference_steps)
         ac = self.diffusion.alphas_cumprod.double().cpu()
         self._alpha, self._sigma = ac.sqrt(), (1 - ac).sqrt()
@@ -177,37 +164,27 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {c.name: c for c in (DDPMScheduler, DDIMScheduler, DPMSolverPlusPlus2MScheduler)}
+assert tuple(SCHEDULERS) == SAMPLERS
 
 
-def make_scheduler(name: str, diffusion: GaussianDiffusion | None = None, steps: int | None = None) -> Scheduler:
-    """Scheduler ``name`` (ddpm, ddim, dpm++) on ``diffusion``'s schedule, timesteps set for ``steps``."""
-    if name not in SCHEDULERS:
-        raise UserError(f"unknown sampler {name!r}; use {', '.join(SCHEDULERS)}")
-    sch = SCHEDULERS[name](diffusion)
+def scheduler_for(sampler: str, diffusion: GaussianDiffusion | None, steps: int) -> Scheduler:
+    """The scheduler of a resolved (sampler, steps) pair (:func:`MedDiffusionLib.defaults.resolve_sampling`)
+    on ``diffusion``'s schedule; nothing is defaulted here."""
+    if sampler not in SCHEDULERS or isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"scheduler_for takes a resolved sampler and number of steps, got {sampler!r} and {steps!r} "
+                        "(see MedDiffusionLib.defaults.resolve_sampling)")
+    sch = SCHEDULERS[sampler](diffusion)
     sch.set_timesteps(steps)
     return sch
 
 
-def resolve_sampling(sampler: str | None, steps: int | None, defaults: Mapping[str, Any] | None = None,
-                     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> tuple[str, int]:
-    """The sampler and the number of steps a run really uses.
-
-    ``sampler=None`` takes ``defaults["sampler"]`` (a model's registry defaults; ``ddpm`` without).
-    ``steps=None`` takes ``defaults["steps"]`` when the sampler is the default one, else the
-    sampler's own default (DDPM: always ``num_train_timesteps``; DDIM 100; DPM++ 20). Bad values
-    raise :class:`UserError`."""
-    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
-        raise UserError(f"the number of sampler steps must be positive, got {steps}")
-    defaults = defaults or {}
-    default_sampler = defaults.get("sampler") or "ddpm"
-    sampler = sampler or default_sampler
-    if sampler not in SCHEDULERS:
-        raise UserError(f"unknown sampler {sampler!r}; use {', '.join(SCHEDULERS)}")
-    cls = SCHEDULERS[sampler]
-    if steps is None and sampler == default_sampler and cls.default_steps is not None:
-        steps = defaults.get("steps") or None
-    return sampler, cls.steps_for(steps, num_train_timesteps)
+def make_scheduler(name: str, diffusion: GaussianDiffusion | None = None, steps: int | None = None) -> Scheduler:
+    """Scheduler ``name`` (ddpm, ddim, dpm++) on ``diffusion``'s schedule, timesteps set for ``steps``
+    (``None``: the sampler's default), both resolved by :func:`MedDiffusionLib.defaults.resolve_sampling`."""
+    diffusion = diffusion if diffusion is not None else GaussianDiffusion()
+    name, steps = resolve_sampling(name, steps, None, diffusion.num_timesteps)
+    return scheduler_for(name, diffusion, steps)
 
 
 __all__ = ["Scheduler", "SchedulerOutput", "DDPMScheduler", "DDIMScheduler", "DPMSolverPlusPlus2MScheduler",
-           "SCHEDULERS", "make_scheduler", "resolve_sampling"]
+           "SCHEDULERS", "scheduler_for", "make_scheduler"]

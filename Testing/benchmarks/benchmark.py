@@ -148,8 +148,9 @@ def _maxerr(a, b) -> float:
 
 
 class Table:
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
         self.rows: list[dict] = []
+        self.echo = echo
 
     def add(self, case: str, ref_s: float, fast_s: float | None, err: float | None, ref_mb: float | None = None,
             fast_mb: float | None = None, note: str = "") -> None:
@@ -157,6 +158,8 @@ class Table:
         self.rows.append(dict(case=case, reference_s=ref_s, fast_s=fast_s,
                               speedup=ref_s / fast_s if fast_s else None, max_abs_err=err,
                               reference_peak_mb=ref_mb, fast_peak_mb=fast_mb, note=note))
+        if self.echo:  # long GPU runs: each row as soon as it exists, so a run stopped midway keeps them
+            print("row", json.dumps(self.rows[-1]), flush=True)
 
     def print(self) -> None:
         print(f"{'case':<50} {'reference':>10} {'fast':>10} {'speed-up':>9} {'max err':>9} {'ref MB':>8} "
@@ -327,6 +330,60 @@ def _released_child(args) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def gemm_peak_flops(dev: str, n: int = 2048, repeat: int = 5) -> float:
+    """FLOP/s of an ``n``-cube float32 matrix product on ``dev`` (best of ``repeat``): the ceiling
+    the efficiency rows divide by (CPU: at the process's thread count)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    torch.mm(a, b)
+    best = min(_timeit(lambda: torch.mm(a, b), dev, 1) for _ in range(repeat))
+    return 2.0 * n ** 3 / best
+
+
+def counted_flops(fn) -> float:
+    """FLOPs of one call of ``fn`` as ``torch.utils.flop_counter`` counts them (convolutions,
+    matmuls, attention). Run it on the reference module: the fast kernels call oneDNN directly,
+    which the counter does not see."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        fn()
+    return float(counter.get_total_flops())
+
+
+def flop_efficiency_rows(dev: str, net, ae, latent: tuple[int, int, int], table: Table, repeat: int = 5) -> list[dict]:
+    """Fast eager BiFlowNet forward at ``latent`` and fast whole decode of the same latent, as a share
+    of the fp32 GEMM peak: FLOPs counted on the reference modules, time taken on their
+    :func:`~MedDiffusionLib.models.kernels.accelerate` forms (the references stay untouched)."""
+    import torch
+
+    from MedDiffusionLib.models.kernels import accelerate
+    peak = gemm_peak_flops(dev)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, *latent, generator=g).to(dev)
+    t, y = torch.tensor([500], device=dev), torch.tensor([0], device=dev)
+    res = torch.tensor(latent, dtype=torch.float32, device=dev) / 64
+    idx = torch.randint(0, ae.config["n_codes"], (1, *latent), generator=g).to(dev)
+    rows = []
+    for what, module, call in (("BiFlowNet forward", net, lambda m: m(x, t, y, res)),
+                               ("decode", ae, lambda m: m.decode(idx, quantize=False))):
+        flops = counted_flops(lambda: call(module))
+        fast = accelerate(module).module
+        with torch.inference_mode():
+            call(fast)
+            secs = _timeit(lambda: call(fast), dev, repeat)
+        share = flops / secs / peak
+        rows.append(dict(case=f"{what} {'x'.join(map(str, latent))} latent", flops=flops, seconds=secs,
+                         gemm_peak_gflops=peak / 1e9, share_of_peak=share))
+        # reference column: the time at the GEMM peak; "speed-up" then reads as the share of the peak
+        table.add(f"FLOP efficiency: {what}, latent {'x'.join(map(str, latent))}", flops / peak, secs, None,
+                  note=f"{flops / 1e9:.1f} GFLOP in {secs:.3f} s = {share:.0%} of the fp32 GEMM peak "
+                       f"({peak / 1e9:.0f} GFLOP/s)")
+    return rows
+
+
 def released_main(args) -> None:
     """Released 8x configuration, random weights (weights do not change the cost), float32 CPU:
     BiFlowNet forward at latents 8x16x16 and 16^3 (reference vs fast vs fast bf16 autocast); decoder
@@ -347,6 +404,7 @@ def released_main(args) -> None:
     net = BiFlowNet(**cfg["biflownet"]).eval().to(dev)
     fast_net = apply_kernel_mode(copy.deepcopy(net), "fast")
     table = Table()
+    flop_efficiency_rows(dev, net, PatchVolumeAE(**cfg["autoencoder"]).eval().to(dev), (16, 16, 16), table)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for lat in ((8, 16, 16), (16, 16, 16)):
@@ -404,6 +462,19 @@ def released_main(args) -> None:
                           m_ref, m_ex, note=f"time {t_ex / t_fast:.2f}x fast whole; est. device {dev_b / 2 ** 20:.0f} MB"
                           f" + maps {store_b / 2 ** 20:.0f} MB; device {dev_b / 2 ** 20 / whole_est:.0%} of whole")
                 del ex
+            if s_lat == 16:  # the issue's target: exact at 128^3 under a 1 GB cap (stage maps spilled to disk)
+                import tempfile
+
+                from MedDiffusionLib.estimate import plan_decode
+                plan = plan_decode(nh, 8, (s_lat,) * 3, 1e9, 1e9, "fast", dev)
+                with tempfile.TemporaryDirectory() as spill:
+                    ex, t_ex, m_ex = run(lambda: decode_exact_tiled(fast_ae, idx, plan.tile, quantize=False,
+                                                                    spill_dir=spill if plan.store == "disk" else None))
+                table.add(f"  1 GB cap: {plan.method} {plan.tile}^3 cubes, maps in {plan.store}", t_ref, t_ex,
+                          _maxerr(ex, ref_img), m_ref, m_ex,
+                          note=f"planned device {plan.device_bytes / 2 ** 20:.0f} MB, maps {plan.store_bytes / 2 ** 20:.0f}"
+                               f" MB ({plan.store})")
+                del ex
             if s_lat == 8:
                 with torch.autocast(dev, dtype=torch.bfloat16):
                     bf, t_bf, m_bf = run(lambda: fast_ae.decode(idx, quantize=False))
@@ -416,7 +487,8 @@ def released_main(args) -> None:
     print(json.dumps(table.rows))
 
 
-def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512)) -> None:
+def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512),
+               comps: tuple[str, ...] = ("8x", "4x")) -> None:
     """Released 8x/4x shapes with random weights (timing only; weights do not change the cost).
     ``dev``/``sides`` let the same code be smoke-tested on a CPU at a small size."""
     import torch
@@ -426,7 +498,7 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
     from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     released = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())
-    for comp in ("8x", "4x"):
+    for comp in comps:
         cfg = released[comp]
         ae = PatchVolumeAE(**cfg["autoencoder"])
         net = BiFlowNet(**cfg["biflownet"])
@@ -486,8 +558,8 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                         dict(case=label, method=plan.method, tile=plan.tile, seconds=t_dec, peak_mb=peak,
                              estimate_mb=plan.device_bytes / 2 ** 20, host_estimate_mb=plan.store_bytes / 2 ** 20,
                              budget_mb=(budget or 0) / 2 ** 20))
-                    runs = {("8x", 0): (("dpm++", 20), ("ddpm", None)), ("8x", 1): (("dpm++", 20),),
-                            ("4x", 0): (("dpm++", 20),)}.get((comp, sides.index(side_img)), ())
+                    runs = {("8x", 256): (("dpm++", 20), ("ddpm", None)), ("8x", 512): (("dpm++", 20),),
+                            ("4x", 256): (("dpm++", 20),)}.get((comp, side_img), ())
                     if dev == "cpu":  # smoke run of the GPU rows: two sampler steps
                         runs = (("dpm++", 2),) if side_img == sides[0] else ()
                     for sampler, steps in runs:
@@ -499,8 +571,53 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                         report.setdefault("cuda_generation", []).append(
                             dict(case=label, sampler=sampler, steps=steps or 1000, seconds=time.perf_counter() - t0,
                                  peak_mb=_peak_mb(dev)))
+                        print("cuda_generation", report["cuda_generation"][-1], flush=True)
+                    _capped_exact_decode(pipe, ae, idx, s, label, dev, report)
             except Exception as exc:  # report and go on: one failing size must not hide the others
                 report.setdefault("cuda_errors", []).append(f"{label}: {type(exc).__name__}: {exc}"[:300])
+
+
+CAP_GB = 24  # the issue's target for the 512^3 8x exact decode: 24 GB of device memory
+
+
+def _capped_exact_decode(pipe, ae, idx, s: int, label: str, dev: str, report: dict) -> None:
+    """The exact (stage-streamed) decode with the device budget capped at :data:`CAP_GB`: its
+    device peak against the plan, host RSS growth, time; the store goes to the CPU unless it would
+    not fit in 60 % of the available RAM (then on the device, and said so)."""
+    if dev != "cuda" or s < 32:
+        return
+    try:
+        _capped_exact_decode_row(pipe, ae, idx, s, label, dev, report)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        report.setdefault("cuda_errors", []).append(f"{label} capped exact decode: {type(exc).__name__}: {exc}"[:300])
+
+
+def _capped_exact_decode_row(pipe, ae, idx, s: int, label: str, dev: str, report: dict) -> None:
+    import torch
+
+    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
+    plan = pipe.decode_plan((s, s, s), memory_limit_bytes=CAP_GB * 1e9)
+    avail = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
+    spill = None
+    if plan.store == "disk":
+        import tempfile
+        spill = tempfile.mkdtemp(prefix="meddiffusion-bench-spill-")
+    store = dev if plan.store == "device" else "cpu"
+    _reset_peak(dev)
+    t0 = time.perf_counter()
+    with PeakRSS() as rss, torch.inference_mode():
+        if plan.method == "whole":
+            out = ae.decode(idx, quantize=False)
+        else:
+            out = decode_exact_tiled(ae, idx, plan.tile, quantize=False, store_device=store, spill_dir=spill)
+        _sync(dev)
+    row = dict(case=f"{label} exact decode, {CAP_GB} GB cap", method=plan.method, tile=plan.tile,
+               seconds=time.perf_counter() - t0, peak_mb=_peak_mb(dev), estimate_mb=plan.device_bytes / 2 ** 20,
+               host_estimate_mb=plan.store_bytes / 2 ** 20, host_rss_growth_mb=rss.peak - rss.start, store=plan.store,
+               ram_available_mb=avail / 2 ** 20)
+    del out
+    report.setdefault("cuda_decode", []).append(row)
+    print("cuda_decode", row, flush=True)
 
 
 def graph_and_sdpa_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple[int, ...] = (256, 512),
@@ -551,6 +668,11 @@ def main() -> int:
                                                     "3 with --gpu-rows-on-cpu)")
     ap.add_argument("--no-service", action="store_true", help="skip the job-service rows (local server overhead, "
                                                                 "loopback throughput of a 256^3 volume)")
+    ap.add_argument("--gpu-only", action="store_true", help="only the CUDA rows (a short device run: no CPU, "
+                                                              "released-CPU or service rows)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the sampler-graph and SDPA rows (CUDA)")
+    ap.add_argument("--gpu-sides", default="256,512", help="volume sides of the released-shape CUDA rows")
+    ap.add_argument("--gpu-comps", default="8x,4x", help="released configurations of the CUDA rows")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-released", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -563,13 +685,18 @@ def main() -> int:
     import torch
     report: dict = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
-    table = Table()
-    cpu_cases(args, table, report)
+    table = Table(echo=args.gpu_only)
+    if args.gpu_only:
+        args.no_released = args.no_service = True
+    else:
+        cpu_cases(args, table, report)
     if not args.no_released:
         table.rows.extend(_released_child(args))
-    if args.device == "cuda":
-        cuda_cases(args, table, report)
-        graph_and_sdpa_cases(args, table, report, steps=args.graph_steps or 1000)
+    if args.device == "cuda":  # the sampler-graph and SDPA rows first: they are the short ones
+        if not args.no_graph:
+            graph_and_sdpa_cases(args, table, report, steps=args.graph_steps or 1000)
+        cuda_cases(args, table, report, sides=tuple(int(v) for v in args.gpu_sides.split(",")),
+                   comps=tuple(args.gpu_comps.split(",")))
     elif args.gpu_rows_on_cpu:
         cuda_cases(args, table, report, dev="cpu", sides=(64,))
         graph_and_sdpa_cases(args, table, report, dev="cpu", sides=(64,), steps=args.graph_steps or 3)
@@ -580,20 +707,21 @@ def main() -> int:
     table.print()
     print("\ndecode peak memory (MB; CPU: RSS growth of a fresh process) vs the estimator (target within +-25 %)")
     print(f"{'mode':<10} {'latent':>6} {'tile':>5} {'peak MB':>9} {'estimate':>9} {'est/meas':>8}")
-    for m in report["decode_memory"]:
+    for m in report.get("decode_memory", []):
         ratio = m["estimate_mb"] / max(m["peak_mb"], 1e-9)
         print(f"{m['mode']:<10} {m['side']:>6} {m['tile'] or '-':>5} {m['peak_mb']:>9.1f} {m['estimate_mb']:>9.1f} "
               f"{ratio:>8.2f} {'ok' if 0.75 <= ratio <= 1.25 else 'OFF'}")
     print("\nsamplers vs 1000-step DDIM from the same noise on the exact Gaussian ODE "
           "(latent |error| mean / max; time = steps x one fast bundled-model forward)")
-    for k, v in report["samplers_vs_ddim1000"].items():
+    for k, v in report.get("samplers_vs_ddim1000", {}).items():
         print(f"{k:<10} {v['model_seconds_at_16^3']:>7.2f}s  {v['mean_abs_err_latent']:.5f} / {v['max_abs_err_latent']:.5f}")
-    te = report["tile_error_vs_whole_64"]
-    print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
-          f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")
+    te = report.get("tile_error_vs_whole_64")
+    if te:
+        print(f"\ntiling error vs whole decode at 64^3 (8^3 latent tiles): official max {te['official_tiles_max']:.4f} "
+              f"mean {te['official_tiles_mean']:.4f}; seamless max {te['seamless_max']:.4f} mean {te['seamless_mean']:.4f}")
     for key in ("cuda_decode", "cuda_generation", "sampler_graph", "cuda_errors"):
         for item in report.get(key, []):
-            print(key, item)
+            print(key, item, flush=True)
     if not args.no_service:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import service_benchmark

@@ -77,15 +77,15 @@ def test_planners_return_at_once_for_absurd_sizes():
         assert choose_exact_tile(8, 4, shape, 8e9, None, True) is None  # the stage maps never fit
         assert choose_decode_tile(8, 4, shape, 8e9) == 8  # nothing fits: the smallest tile
         assert choose_decode_tile(8, 4, shape, 8e9, "reference") == 8
-        plan = plan_decode(8, 4, shape, 8e9)
-        assert plan.method == "seamless" and plan.tile == 8 and plan.device_bytes > 8e9
+        plan = plan_decode(8, 4, shape, 8e9)  # nothing fits: exact in the smallest cubes, maps on disk
+        assert plan.method == "exact" and plan.store == "disk" and plan.tile == 1 and plan.device_bytes > 8e9
     # sizes beyond a float: infinite, never an OverflowError
     est = estimate_run(None, 4, (10 ** 200, 10 ** 200, 64), 1000, "cpu", n_hiddens=8, budget_bytes=8e9, net_dim=12)
     assert est.peak_bytes == float("inf") and est.seconds == float("inf")
     assert "unbounded" in est.text("cpu") and "forever" in est.text("cpu")
     est = estimate_run(None, 4, (HUGE * 32, 64, 64), 1000, "cpu", n_hiddens=8, budget_bytes=8e9, net_dim=12,
                        step_seconds=0.01)
-    assert est.peak_bytes > 1e30 and est.method == "seamless"
+    assert est.peak_bytes > 1e30 and est.method == "exact" and est.disk_bytes > 1e30
     # one sampler step of a huge batch is never timed
     assert estimate_run(None, 4, (64, 64, 64), 1000, "cpu", volumes=HUGE, n_hiddens=8).peak_bytes > 1e30
 

@@ -213,7 +213,7 @@ def test_ct_wider_than_the_fan_beam_circle_is_a_user_error():
     with pytest.raises(UserError, match="source circle"):
         check_input(spec, wide)
     with pytest.raises(UserError, match="source circle"):  # run_job refuses it before the operator runs
-        jobs.run_job(spec, {"input": wide}, resolved=True)
+        jobs.run_job(spec, {"input": wide})
     fits = Volume(np.full((128, 128, 1), -1000, np.int16), np.diag([2.5, 2.5, 2.5, 1.0]))
     check_input(spec, fits)
 
@@ -264,7 +264,7 @@ def test_memory_check_counts_inputs_outputs_and_every_task(monkeypatch):
         def working_spacing(self):
             return (4.8, 4.8, 4.3)
 
-        def estimate(self, size, steps, volumes):
+        def estimate(self, size, steps, volumes, **decode):  # decode: the job's memory cap, spill folder, tiling
             self.seen = (list(size), steps, volumes)
             return Estimate(self.peak)
 

@@ -10,6 +10,7 @@ from conftest import DATA
 from MedDiffusionLib.client import Client, JobCancelled, LocalServer, ServiceError, ServiceUnavailable
 from MedDiffusionLib.cli import main
 from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
+from MedDiffusionLib.errors import Cancelled
 from MedDiffusionLib.jobs import ModelCache, resolve, run_job
 from MedDiffusionLib.pipelines.conditioned import ct_labels_from_hu
 
@@ -61,7 +62,7 @@ def run_remote(client, spec, files=None, dest=None):
 
 
 def test_generate_matches_in_process(client, tmp_path):
-    spec = {"task": "generate", "params": {**QUICK, "seed": 3, "num_volumes": 2}}
+    spec = {"task": "generate", "params": {**QUICK, "seed": 3, "num_volumes": 2, "hu": False}}
     st, seen, paths = run_remote(client, spec, dest=tmp_path)
     assert st["state"] == "done" and len(paths) == 2
     assert st["spec"]["params"]["size"] == [64, 64, 64] and st["spec"]["params"]["steps"] == 2
@@ -316,11 +317,47 @@ def test_in_process_resolver_is_the_one_source_of_defaults():
     assert gen[0].meta["steps"] == 20 and gen[0].meta["sampler"] == "dpm++"
 
 
+def test_every_front_end_gets_the_same_resolved_request(client, tmp_path, monkeypatch, capsys):
+    """The Python API (resolve), the CLI and the service turn the same request into the same
+    resolved, read-only parameters (the service fills in the device it runs on)."""
+    from MedDiffusionLib import jobs
+
+    params = {"seed": 3, "sampler": "ddim", "steps": 2, "class": 1}
+    api = resolve({"task": "generate", "params": params})
+    assert api.resolved
+    with pytest.raises(TypeError, match="read-only"):
+        api.params["steps"] = 5
+
+    seen = []
+
+    def capture(spec, *args, **kwargs):
+        seen.append(spec)
+        raise Cancelled("captured")
+
+    monkeypatch.setattr(jobs, "run_job", capture)
+    main(["generate", "--seed", "3", "--sampler", "ddim", "--steps", "2", "--class", "1", "--quiet",
+          "--out", str(tmp_path / "cli.nii.gz")])
+    capsys.readouterr()
+    assert len(seen) == 1 and seen[0].resolved
+    monkeypatch.undo()
+
+    st = client.wait(client.submit({"task": "generate", "params": params})["id"])
+    served = st["spec"]["params"]
+
+    def comparable(p):
+        return {k: v for k, v in dict(p).items() if k != "device"}
+
+    assert comparable(seen[0].params) == comparable(api.params) == comparable(served)
+    assert served["steps"] == 2 and served["hu"] is True and served["size"] == [64, 64, 64]
+
+
 def test_size_beyond_memory_is_refused_before_starting(client, tmp_path, capsys):
     out = tmp_path / "big.nii.gz"
     assert main(["generate", "--size", "4096", "4096", "4096", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "needs about" in err and "force" in err and "Traceback" not in err and not out.exists()
+    # refused before anything runs: RAM (with the force advice) or, as the decode spills, the disk
+    assert ("needs about" in err and "force" in err or "of disk" in err) and "Traceback" not in err
+    assert not out.exists()
     with pytest.raises(ServiceError) as exc:  # over the server's default voxel cap: refused at the door
         client.submit({"task": "generate", "params": {"size": [4096, 4096, 4096]}})
     assert exc.value.status == 400 and "allows" in exc.value.message
@@ -437,7 +474,8 @@ def test_live_preview_every_n_steps(client, tmp_path):
     assert prev.shape == final.shape and np.allclose(prev.affine, final.affine)
     # the last preview decodes the last step's predicted clean latent, which the sampler's final
     # update (to alpha-bar at t=0, the authors' DDIM) moves only slightly
-    assert np.abs(prev.array - final.array).mean() < 0.02
+    window = done["spec"]["params"]["hu_window"]  # the preview comes in the result's units (HU here)
+    assert window and np.abs(prev.array - final.array).mean() < 0.02 * (window[1] - window[0]) / 2
     assert np.abs(prev.array - final.array).mean() < 0.2 * np.abs(final.array - final.array.mean()).mean()
 
 

@@ -374,8 +374,10 @@ def test_missing_dependencies_are_found_without_importing(tmp_path):
 
 def test_service_errors_use_the_panels_words():
     from MedDiffusionGlue.service import panel_message
-    msg = panel_message("this model has no suggested HU window for that class; give one with --hu-window LO HI")
-    assert "--" not in msg and "Map CT to HU" in msg
+    msg = panel_message("hu_window: this model has no suggested HU window for that class; give one")
+    assert msg == "Map CT to HU: this model has no suggested HU window for that class; give one"
+    assert panel_message("steps: the number of sampler steps must be positive, got 0").startswith("Steps: the number")
+    assert panel_message("unknown: x") == "unknown: x"  # not a field of the panel: left as it is
     assert "--weights" not in panel_message("size and spacing are required with --weights FOLDER")
     assert panel_message(None) == "unknown error"
 

@@ -25,9 +25,10 @@ def job_memory_limit(p: dict[str, Any]) -> float | None:
 
 
 def check_memory(spec: JobSpec, device: str, pipe: Any, inputs: dict[str, Any] | None = None,
-                 spill_dir: str | Path | None = None) -> Any:
+                 spill_dir: str | Path | None = None, max_spill_bytes: float | None = None) -> Any:
     """Refuse a run whose estimated peak memory exceeds what is available (unless ``force``), or
-    whose exact decode spills more stage maps to disk (``spill_dir``) than the disk has free.
+    whose exact decode spills more stage maps to disk (``spill_dir``) than the disk has free or
+    than ``max_spill_bytes`` (a server's limit per job).
 
     Counts the pipeline's estimate (``pipe.estimate(size, steps, volumes)``: weights, sampler and
     decode) plus the arrays held in RAM: the input volume(s) as read and their working copies, and
@@ -72,7 +73,12 @@ def check_memory(spec: JobSpec, device: str, pipe: Any, inputs: dict[str, Any] |
         if not p["force"] and plan is not None and getattr(plan, "store", None) == "disk":
             from .models.streaming_decode import check_spill_space
 
-            check_spill_space(plan.spill_dir, float(getattr(est, "disk_bytes", 0.0)))
+            disk = float(getattr(est, "disk_bytes", 0.0))
+            if max_spill_bytes is not None and disk > max_spill_bytes:
+                raise ResourceError(f"the exact decode would spill {disk / 1e9:.1f} GB of stage maps to disk, more than "
+                                    f"the {max_spill_bytes / 1e9:.0f} GB this server allows a job; allow more memory "
+                                    "(max_memory_gb) or choose a smaller size")
+            check_spill_space(plan.spill_dir, disk)
     checks = [(dev, device), (host, "cpu")] if cuda else [(dev + host, "cpu")]
     for need, where in checks:
         avail = available_memory_bytes(where)

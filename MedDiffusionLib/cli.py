@@ -323,6 +323,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
           Limits(int(args.max_upload_mb * 2 ** 20), args.max_queue, args.result_ttl, caps,
                  header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
                  auth_failures=args.auth_failures, spill_dir=args.spill_dir,
+                 max_spill_bytes=args.max_spill_gb * 1e9 if args.max_spill_gb > 0 else None,
                  controlnet_dirs=tuple(str(Path(d).resolve()) for d in args.controlnet_dir)),
           args.exit_with_parent, tokens_file=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key)
     return 0
@@ -499,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate synthetic volumes", epilog=EXAMPLES_GENERATE,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Generate class-conditional volumes. CT classes are written in HU with the model's "
-                                   "window for the class (our convention, recorded in the output), other classes and "
+                                   "window for the class (our convention, recorded in the job metadata), other classes and "
                                    "--model-units in model units [-1, 1] (per-volume normalised intensities, as the "
                                    "authors' model produces); --hu-window LO HI sets the window. Geometry: array axes i, j, k = X, Y, Z with a "
                                    "diagonal affine of the spacing (RAS), like the official writer.")
@@ -701,6 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spill-dir", metavar="FOLDER",
                    help="where exact decodes keep their stage maps when they do not fit in memory (memory-mapped "
                         "files, removed as they are made; default: MEDDIFFUSION_CACHE/spill); clients cannot choose it")
+    p.add_argument("--max-spill-gb", type=float, default=64,
+                   help="stage maps one job may spill to disk (default 64; 0 = as much as the disk has free)")
     p.add_argument("--max-upload-mb", type=float, default=2048, help="largest upload accepted (default 2048)")
     p.add_argument("--max-queue", type=int, default=16, help="most jobs waiting (default 16)")
     p.add_argument("--result-ttl", type=float, default=3600, help="seconds finished jobs and results are kept")
@@ -789,7 +792,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from .errors import message_field
 
-        field = getattr(exc, "field", None) or message_field(str(exc))[0]  # a service relays "field: ..."
+        field = getattr(exc, "field", None)
+        if field is None and isinstance(exc, ServiceError):  # a service relays "field: ..."
+            from .jobspec import PARAM_DEFAULTS
+
+            field = message_field(str(exc))[0]
+            field = field if field in PARAM_DEFAULTS else None
         print(f"error: {exc}" + (f" ({_flag(field)})" if field else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:

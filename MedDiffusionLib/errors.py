@@ -21,14 +21,13 @@ FIELD_PREFIX = re.compile(r"^([a-z][a-z_]*): ")
 class UserError(MedDiffusionError, ValueError):
     """Bad input or a request that cannot be served; the message is written for the user.
 
-    A message about one request field starts with the field's name (``"steps: ..."``) and sets
-    ``field``; each front end words the field its own way (the CLI as its flag, the Slicer panel as
-    its control), see :func:`message_field`."""
+    ``field`` names the request field an error is about (``"steps"``; set by the raiser or by
+    :func:`about`); each front end words it its own way (the CLI as its flag, the job service as a
+    leading ``"steps: "``, the Slicer panel as its control)."""
 
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
-        m = FIELD_PREFIX.match(message)
-        self.field = field or (m.group(1) if m else None)
+        self.field = field
 
 
 @contextmanager

@@ -282,13 +282,12 @@ class DecodePlan:
 
     def describe(self) -> str:
         """One line for a person, e.g. "exact decode in 6^3-latent tiles, 2.1 GB of stage maps
-        spilled to /tmp/spill (disk)"; approximate decodes say so."""
+        spilled to disk"; approximate decodes say so. No paths: it may go to a client."""
         if self.tile is None or self.method == "whole":
             return "whole-volume decode"
         if self.method == "exact":
             where = {"ram": "in RAM", "device": "in GPU memory"}.get(self.store)
-            spilled = f"spilled to {self.spill_dir} (disk)" if self.spill_dir else "spilled to disk"
-            maps = f"{_size(self.store_bytes)} of stage maps {where or spilled}"
+            maps = f"{_size(self.store_bytes)} of stage maps {where or 'spilled to disk'}"
             return f"exact decode in {self.tile}^3-latent tiles, {maps}"
         if self.method == "official":
             return f"approximate decode in the authors' {self.tile}^3-latent tiles (official tiling: seams)"

@@ -41,7 +41,7 @@ from .results import JobResult, ResultVolume, result_names, write_all, write_res
 def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache: ModelCache | None = None,
             progress: Callable[[ProgressEvent], None] | None = None, cancel: Callable[[], bool] | None = None,
             preview: Callable[[int, Any], None] | None = None,
-            caps: Caps | None = None, spill_dir: str | Path | None = None,
+            caps: Caps | None = None, spill_dir: str | Path | None = None, max_spill_bytes: float | None = None,
             controlnet_dirs: Sequence[str | Path] | None = None) -> JobResult:
     """Run one job in this process. ``inputs`` maps input names to :class:`Volume` s (or paths,
     read here). Returns the result volumes; nothing is written. Raises ``UserError`` for bad
@@ -107,7 +107,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if spec.task == "generate":
             pipe = cache.generation(spec, device)
             check_size(p["size"], pipe.compression)
-            est = check_memory(spec, device, pipe, vols, spill_dir)
+            est = check_memory(spec, device, pipe, vols, spill_dir, max_spill_bytes)
             where = "warning: running on the CPU; expected " if device == "cpu" else "expected "
             prog.emit("sampling", 0, p["steps"], "sampling", notice=where + est.text(device))
             if pipe.precompiled_network(p["size"], p["num_volumes"]) is not None:
@@ -116,7 +116,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             gen = pipe.generate(p["class"], p["size"], p["spacing"], p["seed"], p["sampler"], p["steps"],
                                 p["num_volumes"], prog.step, cancel, tiling=p["tiling"],
                                 memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir,
-                                **_preview_kw(pipe, p, preview))
+                                **_preview_kw(pipe, p, preview, spill_dir))
             approximate = {_decode_text(g.meta.get("decode")) for g in gen
                            if not (g.meta.get("decode") or {}).get("exact", True)}
             for text in sorted(approximate):
@@ -132,9 +132,9 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             return JobResult(spec, results, time.monotonic() - t0, warnings)
 
         pipe = cache.controlled(spec, device, controlnet_dirs)
-        check_memory(spec, device, pipe, vols, spill_dir)
+        check_memory(spec, device, pipe, vols, spill_dir, max_spill_bytes)
         prog.emit("sampling", 0, p["steps"], "sampling")
-        kw = _preview_kw(pipe, p, preview)
+        kw = _preview_kw(pipe, p, preview, spill_dir)
         out = pipe.run(vols["input"], seed=p["seed"], sampler=p["sampler"], steps=p["steps"], progress=prog.step,
                        cancel=cancel, memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir, **kw)
         prog.emit("writing", p["steps"], p["steps"], "writing")
@@ -170,10 +170,11 @@ def _controlled_output_in_hu(pipe: Any) -> bool:
     return pipe.meta.get("output") == "hu" or pipe.meta["hint"].get("normalize") == "hu_window"
 
 
-def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None] | None) -> dict[str, Any]:
+def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None] | None,
+                spill_dir: str | Path | None = None) -> dict[str, Any]:
     """``callback=`` for the pipeline when a live preview is wanted: every ``preview_every`` steps
     the predicted clean latent is decoded (whole, cheap at demo sizes) and handed to ``preview``,
-    in the units of the result (HU or model units)."""
+    in the units of the result (HU or model units), under the job's memory cap and spill folder."""
     from .data.volumes import model_to_hu
 
     every = int(p.get("preview_every") or 0)
@@ -188,7 +189,7 @@ def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None
     def callback(i: int, t: Any, latents: Any, pred_x0: Any) -> None:
         if (i + 1) % every:
             return
-        img = base.decode(pred_x0[:1])[0, 0].numpy()
+        img = base.decode(pred_x0[:1], memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir)[0, 0].numpy()
         if window is not None:
             img = model_to_hu(img, float(window[0]), float(window[1]))
         from .data.volumes import Volume

@@ -363,19 +363,23 @@ def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = Non
     # model units [-1, 1]; an explicit window always applies
     window = p["hu_window"]
     ct = class_names()[p["class"]].startswith("CT")
+    if p["hu"] and not ct:
+        raise UserError(f"hu: HU applies to CT classes only; class {p['class']} is {class_names()[p['class']]}",
+                        field="hu")
     if window is None and p["hu"] is not False:
         info = entry.class_info(p["class"]) if entry else {}
         if info.get("hu_window") and ct:
             window = info["hu_window"]
         elif p["hu"]:
-            raise UserError("hu_window: this model has no suggested HU window for that class; give one")
+            raise UserError("hu_window: this model has no suggested HU window for that class; give one",
+                            field="hu_window")
     if window is not None:
         window = _pair(window, "the HU window")
         if not ct:
             raise UserError(f"hu_window: an HU window applies to CT classes only; class {p['class']} is "
-                            f"{class_names()[p['class']]}")
+                            f"{class_names()[p['class']]}", field="hu_window")
         if window[1] <= window[0]:
-            raise UserError(f"hu_window: the HU window needs LO < HI, got {window}")
+            raise UserError(f"hu_window: the HU window needs LO < HI, got {window}", field="hu_window")
     p["hu"] = window is not None
     p["hu_window"] = window
     return _final(spec, model, p, caps)

@@ -97,6 +97,7 @@ class Limits:
     auth_failures: int = 10  # per address within auth_window_s, then locked out for the rest of it
     auth_window_s: float = 60.0
     spill_dir: str | None = None  # where exact decodes spill stage maps (the admin's; default <cache root>/spill)
+    max_spill_bytes: float | None = 64e9  # stage maps one job may spill to disk (a tiny max_memory_gb must not fill it)
     controlnet_dirs: tuple[str, ...] = ()  # folders of the admin's named ControlNets, after the bundled ones
 
 
@@ -145,10 +146,15 @@ def _user_message(exc: BaseException) -> str | None:
     return None
 
 
-def _short(text: str, work: Path | None = None) -> str:
-    """One client-facing line: server paths removed, cut at :data:`MAX_DETAIL` characters."""
+def _short(text: str, work: Path | None = None, spill: str | None = None) -> str:
+    """One client-facing line: server paths removed (the work folder, the spill folder), cut at
+    :data:`MAX_DETAIL` characters."""
     if work is not None:
         text = text.replace(str(work), "<work>")
+    if spill is not None:
+        from .models.streaming_decode import spill_directory
+
+        text = text.replace(str(spill_directory(spill or None)), "<spill folder>")
     return one_line(text, MAX_DETAIL)
 
 
@@ -345,8 +351,9 @@ class JobService:
 
         def progress(ev: ProgressEvent) -> None:
             job.phase, job.step, job.total, job.eta_s, job.message = ev.phase, ev.step, ev.total, ev.eta_s, ev.message
-            if ev.notice and ev.notice not in job.warnings:
-                job.warnings.append(ev.notice)
+            notice = _short(ev.notice, self.work_dir, self.limits.spill_dir or "") if ev.notice else None
+            if notice and notice not in job.warnings:
+                job.warnings.append(notice)
 
         def preview(step: int, vol: Any) -> None:
             path = job.folder / "preview.nrrd"
@@ -359,7 +366,8 @@ class JobService:
                 job.started = time.monotonic()
             inputs = self._load_inputs(job)
             res = run_job(job.spec, inputs, cache=cache, progress=progress, cancel=cancelled, preview=preview,
-                          spill_dir=self.limits.spill_dir, controlnet_dirs=self.controlnet_dirs)
+                          spill_dir=self.limits.spill_dir, max_spill_bytes=self.limits.max_spill_bytes,
+                          controlnet_dirs=self.controlnet_dirs)
             if cancelled():
                 raise Cancelled("cancelled")
             job.phase, job.message = "writing", "writing results"
@@ -395,7 +403,7 @@ class JobService:
                 job.error = oom_advice(job.spec.params)
             else:
                 msg = _user_message(exc)
-                job.error = None if msg is None else _short(msg, self.work_dir)
+                job.error = None if msg is None else _short(msg, self.work_dir, self.limits.spill_dir or "")
             if job.error is None:
                 eid = uuid.uuid4().hex[:12]
                 job.error = f"internal error (id {eid}); the server log has the details"

@@ -74,8 +74,8 @@ def check_spill_space(folder: str | os.PathLike, need_bytes: float) -> None:
     if need_bytes > free:
         raise ResourceError(f"the exact decode needs {_size_text(need_bytes)} of disk for its stage maps in {folder} "
                             f"(they do not fit in memory) but only {_size_text(free)} is free there; free some "
-                            "space, choose another folder (--spill-dir), allow more memory (--max-memory-gb) or "
-                            "choose a smaller size")
+                            "space, choose another spill folder, allow more memory (max_memory_gb) or choose a "
+                            "smaller size")
 
 
 def spilled_tensor(shape: tuple[int, ...], folder: str | os.PathLike) -> tuple[torch.Tensor, str | None]:

@@ -25,7 +25,7 @@ from ..errors import UserError
 from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_model_config
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
-from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel
+from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel, tf32_allowed
 from .loop import CancelFn, ProgressFn, StepCallback
 
 TASKS = ("sparse-view", "labels", "mri")
@@ -141,8 +141,10 @@ class ControlledPipeline(KernelModeMixin):
         return tuple(float(v) for v in window)
 
     def make_hint(self, work: torch.Tensor) -> torch.Tensor:
-        """Working-grid input ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` per the task recipe."""
-        return make_hint(self.ae, self.meta["hint"], work, self.device)
+        """Working-grid input ``(D, H, W)`` -> hint ``(1, K, d, h, w)`` per the task recipe, in float32
+        (with the base's precision fp32, TF32 stays off on CUDA)."""
+        with tf32_allowed(self.device, self.base.precision != "fp32"):
+            return make_hint(self.ae, self.meta["hint"], work, self.device)
 
     def check_hint(self, hint: torch.Tensor) -> None:
         if hint.shape[1] != self.controlnet.hint_channel:

@@ -6,6 +6,7 @@ Sizes are given as image voxels ``(X, Y, Z)`` = NIfTI ``(i, j, k)``; the network
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -58,20 +59,39 @@ def resolve_device(requested: str | None = None, warn: bool = True) -> torch.dev
     raise UserError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
 
 
+_TF32_LOCK = threading.Lock()
+_TF32_BLOCKS = {"exact": 0, "tf32": 0, "saved": None}  # open blocks, and the flags before the first one
+
+
+def _set_tf32(on: bool) -> None:
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = on
+
+
 @contextmanager
 def tf32_allowed(device: torch.device, allowed: bool) -> Iterator[None]:
-    """TF32 in CUDA convolutions and matmuls on (``allowed``) or off while the block runs, restored
-    after. These are process-wide torch flags: the job service runs one job at a time, and the
-    block is one forward or decode."""
+    """TF32 in CUDA convolutions and matmuls on (``allowed``) or off while the block runs; the
+    flags the process had come back when the last open block ends. They are process-wide torch
+    flags, and the job service runs one worker thread per GPU: while any block that needs float32
+    (``allowed=False``) is open, TF32 stays off for every block, so an exact run is never made
+    inexact by a ``tf32`` run on another GPU (the ``tf32`` run is then merely slower)."""
     if device.type != "cuda":
         yield
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    kind = "tf32" if allowed else "exact"
+    with _TF32_LOCK:
+        if _TF32_BLOCKS["exact"] + _TF32_BLOCKS["tf32"] == 0:
+            _TF32_BLOCKS["saved"] = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        _TF32_BLOCKS[kind] += 1
+        _set_tf32(_TF32_BLOCKS["exact"] == 0)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        with _TF32_LOCK:
+            _TF32_BLOCKS[kind] -= 1
+            if _TF32_BLOCKS["exact"] + _TF32_BLOCKS["tf32"] == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _TF32_BLOCKS["saved"]
+            else:
+                _set_tf32(_TF32_BLOCKS["exact"] == 0)
 
 
 def _check_limit(memory_limit_bytes: float | None) -> None:

@@ -58,7 +58,7 @@ def test_spilled_exact_decode_equals_whole_and_leaves_no_file(pipe, tmp_path):
     plan = pipe.decode_plan(DHW, "auto", memory_limit_bytes=cap, spill_dir=folder)
     assert plan.method == "exact" and plan.exact and plan.store == "disk" and plan.spill_dir == str(folder)
     assert 1 < plan.tile < max(DHW)  # several cubes, each within the cap
-    assert "spilled to" in plan.describe() and str(folder) in plan.describe()
+    assert "spilled to disk" in plan.describe() and str(folder) not in plan.describe()  # no paths: clients see it
     linux = sys.platform.startswith("linux")
     mapped, listed = [], []
 
@@ -126,7 +126,7 @@ def test_seamless_only_when_asked_and_labelled_approximate(pipe, tmp_path, capsy
     assert "approximate decode (seamless tiles)" in out  # the line naming the written file
     assert main(common + ["--out", str(tmp_path / "exact.nrrd")]) == 0  # default tiling at the same cap
     out, err = capsys.readouterr()
-    assert "exact decode in" in err and f"spilled to {tmp_path / 'spill'} (disk)" in err
+    assert "exact decode in" in err and "spilled to disk" in err
     assert "approximate" not in out + err
     assert not os.listdir(tmp_path / "spill")
 
@@ -206,7 +206,7 @@ def test_gpu_plan_prefers_device_then_ram_then_disk():
                        host_budget_bytes=0.8 * 32 * gb, spill_dir="/s")
     assert est.method == "exact" and est.decode.store == "disk" and est.disk_bytes > 90 * gb
     assert est.peak_bytes <= 0.8 * 24 * gb and est.host_bytes < 2 * gb
-    assert "GB of stage maps spilled to /s (disk)" in est.text("cuda")
+    assert "GB of stage maps spilled to disk" in est.text("cuda") and "/s" not in est.text("cuda")
 
 
 def test_gpu_out_of_memory_moves_the_maps_off_the_gpu(pipe, monkeypatch):
@@ -229,3 +229,21 @@ def test_gpu_out_of_memory_moves_the_maps_off_the_gpu(pipe, monkeypatch):
     assert tried == [(4, "device"), (4, "ram")] and plans[0].store == "ram" and plans[0].exact
     monkeypatch.undo()
     assert (out - pipe.decode(_latent(), mode="whole")).abs().max().item() <= EXACT
+
+
+def test_a_server_caps_what_one_job_spills_and_shows_no_server_path(tmp_path):
+    """A tiny max_memory_gb forces spilling; a server's max_spill_bytes refuses the job before it
+    runs, and the client-facing lines of a server never carry its spill folder."""
+    from MedDiffusionLib.errors import ResourceError
+    from MedDiffusionLib.jobs import ModelCache, run_job
+    from MedDiffusionLib.server import _short
+    from MedDiffusionLib.models.streaming_decode import spill_directory
+
+    spec = {"task": "generate", "params": {"sampler": "ddim", "steps": 1, "device": "cpu", "max_memory_gb": 0.03}}
+    with pytest.raises(ResourceError, match="this server allows a job"):
+        run_job(spec, cache=ModelCache(), spill_dir=tmp_path / "spill", max_spill_bytes=1e3)
+    assert not (tmp_path / "spill").exists() or not os.listdir(tmp_path / "spill")
+    folder = str(tmp_path / "spill")
+    assert folder not in _short(f"needs 2 GB of disk for its stage maps in {folder} but", None, folder)
+    default = str(spill_directory(None))
+    assert default not in _short(f"stage maps in {default}", None, "")

@@ -44,3 +44,19 @@ def test_tf32_precision_is_accepted_and_float32_on_the_cpu():
             a = pipe.net(x, t, y, res)
         b = pipe.net(x, t, y, res)
     assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_an_exact_block_keeps_tf32_off_for_an_overlapping_tf32_block(flags):
+    """Two GPU workers: a tf32 job's block opened inside an fp32 job's block runs without TF32, and
+    the process's flags come back when both end (in either order)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    dev = torch.device("cuda")
+    exact = tf32_allowed(dev, False)
+    loose = tf32_allowed(dev, True)
+    exact.__enter__()
+    loose.__enter__()
+    assert torch.backends.cudnn.allow_tf32 is False
+    exact.__exit__(None, None, None)
+    assert torch.backends.cudnn.allow_tf32 is True  # only the tf32 block is left
+    loose.__exit__(None, None, None)
+    assert torch.backends.cudnn.allow_tf32 is True and torch.backends.cuda.matmul.allow_tf32 is True

@@ -439,47 +439,70 @@ def apply_kernel_mode(module: nn.Module, mode: str) -> nn.Module:
 
 @dataclass(frozen=True)
 class AccelerationPlan:
-    """What :func:`accelerate` may apply: ``kernels`` (the fast convolution / GroupNorm / attention
-    subclasses), ``channels_last_decoder`` (a ``decoder`` sub-module in channels-last weights) and
-    ``compile`` (``torch.compile`` through :class:`CompiledOrEager`)."""
+    """The form :func:`accelerate` makes: ``kernels`` (the fast convolution / GroupNorm / attention
+    subclasses; False: the plain reference classes), ``channels_last_decoder`` (a ``decoder``
+    sub-module in channels-last weights; False: contiguous) and ``compile`` (``torch.compile``
+    through :class:`CompiledOrEager`)."""
 
     kernels: bool = True
     channels_last_decoder: bool = True
     compile: bool = False
 
 
+def mode_plan(mode: str) -> AccelerationPlan:
+    """The plan of a kernel mode: ``"fast"`` (the pipelines' default) or ``"reference"``."""
+    if mode not in KERNEL_MODES:
+        raise UserError(f"unknown mode {mode!r}; use fast or reference")
+    return AccelerationPlan() if mode == "fast" else AccelerationPlan(kernels=False, channels_last_decoder=False)
+
+
 @dataclass
 class Accelerated:
-    """The fast form of a module and what was applied to it (in order)."""
+    """A module in the form a plan asked for, and what was applied to make it (in order)."""
 
     module: Any
     applied: tuple[str, ...]
 
 
+def _channels_last(module: nn.Module) -> bool:
+    w = next((p for p in module.parameters() if p.dim() == 5), None)
+    return w is not None and w.is_contiguous(memory_format=torch.channels_last_3d) and not w.is_contiguous()
+
+
 def accelerate(module: nn.Module, plan: AccelerationPlan = AccelerationPlan()) -> Accelerated:
-    """The fast form of ``module`` as a new module; ``module`` itself is never changed (its classes,
-    weights and weight layouts stay as they are). The new module shares the parameter tensors,
-    except where a layout changes (the channels-last decoder gets its own copies). ``applied``
-    names what was applied: ``"kernels"``, ``"channels_last_decoder"``, ``"compile"``."""
+    """``module`` in the form ``plan`` asks for, as a new module; ``module`` itself is never changed
+    (its classes, weights and weight layouts stay as they are). The new module shares the parameter
+    tensors, except where a layout changes (a decoder switched to or from channels-last gets its own
+    copies). ``applied`` names what changed: ``"kernels"`` / ``"reference_kernels"``,
+    ``"channels_last_decoder"`` / ``"contiguous_decoder"``, ``"compile"``."""
     import copy
 
-    decoder = getattr(module, "decoder", None) if plan.channels_last_decoder else None
-    own = set()
-    if isinstance(decoder, nn.Module):
-        own = {id(t) for t in (*decoder.parameters(), *decoder.buffers())}
+    decoder = getattr(module, "decoder", None)
+    relayout = isinstance(decoder, nn.Module) and _channels_last(decoder) != plan.channels_last_decoder
+    own = {id(t) for t in (*decoder.parameters(), *decoder.buffers())} if relayout else set()
     shared = {id(t): t for t in (*module.parameters(), *module.buffers()) if id(t) not in own}
-    fast = copy.deepcopy(module, memo=dict(shared))
+    form = copy.deepcopy(module, memo=dict(shared))
     applied: list[str] = []
-    if plan.kernels:
-        use_fast_kernels(fast, True)
-        applied.append("kernels")
-    fast_decoder = getattr(fast, "decoder", None) if plan.channels_last_decoder else None
-    if isinstance(fast_decoder, nn.Module):
-        fast_decoder.to(memory_format=torch.channels_last_3d)
-        applied.append("channels_last_decoder")
+    if plan.kernels or uses_fast_kernels(form):
+        use_fast_kernels(form, plan.kernels)
+        applied.append("kernels" if plan.kernels else "reference_kernels")
+    if relayout:
+        form.decoder.to(memory_format=torch.channels_last_3d if plan.channels_last_decoder else torch.contiguous_format)
+        applied.append("channels_last_decoder" if plan.channels_last_decoder else "contiguous_decoder")
     if plan.compile:
-        return Accelerated(CompiledOrEager(fast), (*applied, "compile"))
-    return Accelerated(fast, tuple(applied))
+        return Accelerated(CompiledOrEager(form), (*applied, "compile"))
+    return Accelerated(form, tuple(applied))
+
+
+def form_for(module: nn.Module, mode: str) -> nn.Module:
+    """``module`` in kernel mode ``mode``: itself when it already is, else its :func:`accelerate`
+    form (the module passed in is never switched in place)."""
+    plan = mode_plan(mode)
+    decoder = getattr(module, "decoder", None)
+    layout_ok = not isinstance(decoder, nn.Module) or _channels_last(decoder) == plan.channels_last_decoder
+    if kernel_mode(module) == mode and layout_ok:
+        return module
+    return accelerate(module, plan).module
 
 
 def kernel_mode(module: nn.Module) -> str:

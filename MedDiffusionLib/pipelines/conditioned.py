@@ -39,7 +39,9 @@ class ControlledPipeline(KernelModeMixin):
 
     def __init__(self, base: GenerationPipeline, controlnet: ControlNet, meta: dict[str, Any], mode: str | None = None):
         self.base = base
-        self.controlnet = controlnet.eval().to(base.device)
+        self._controlnet_given = controlnet.eval().to(base.device)
+        self._forms = {}
+        self._noise: dict[str, ControlledNoise] = {}
         self.meta = meta
         self.task = meta.get("task")
         if self.task not in TASKS:
@@ -55,14 +57,33 @@ class ControlledPipeline(KernelModeMixin):
             if base_fp != own:
                 raise CheckpointError(f"this ControlNet was trained for another base model (fingerprint {base_fp}, "
                                       f"this base {own}; trained on {meta.get('base_model')!r})")
-        self.noise_net = ControlledNoise(base.net, self.controlnet, meta.get("control_scale", 1.0))
-        self._compiled = CompiledNoise(self.noise_net, base.compile)
+        self._scale = meta.get("control_scale", 1.0)
+        self._compiled = CompiledNoise(self._noise_for, base.compile)
         self.set_mode(mode or base.mode)
 
-    # -- the base's settings and modules ----------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """The base's kernel mode: a controlled pipeline runs its base (which it owns) in one mode."""
+        return self.base.mode
+
+    def set_mode(self, mode: str) -> None:
+        """Run ``"fast"`` or ``"reference"`` kernels from now on, here and in the base this
+        pipeline is composed of (the modules given to either are never changed)."""
+        self.base.set_mode(mode)
+
+    def _noise_for(self, mode: str) -> ControlledNoise:
+        """The base's network and the ControlNet in kernel mode ``mode``, as one noise model."""
+        if mode not in self._noise:
+            self._noise[mode] = ControlledNoise(self.base._form("net", self.base._net_given, mode),
+                                                self._form("controlnet", self._controlnet_given, mode), self._scale)
+        return self._noise[mode]
+
+    # -- the base's settings and modules (in this pipeline's kernel mode) --------------------------------
+    noise_net = property(lambda self: self._noise_for(self.mode))
+    controlnet = property(lambda self: self._form("controlnet", self._controlnet_given))
+    ae = property(lambda self: self.base._form("ae", self.base._ae_given, self.mode))
+    net = property(lambda self: self.base._form("net", self.base._net_given, self.mode))
     device = property(lambda self: self.base.device)
-    ae = property(lambda self: self.base.ae)
-    net = property(lambda self: self.base.net)
     entry = property(lambda self: self.base.entry)
     compression = property(lambda self: self.base.compression)
     precision = property(lambda self: self.base.precision)
@@ -74,8 +95,9 @@ class ControlledPipeline(KernelModeMixin):
         return self.noise_net.control_scales
 
     def networks(self) -> list[torch.nn.Module]:
-        """The base's networks and the ControlNet: ``set_mode`` switches the base too (it sees that)."""
-        return [*self.base.networks(), self.controlnet]
+        """The networks this pipeline runs now: the base's and the ControlNet, in this pipeline's
+        kernel mode (the base's own mode is its own)."""
+        return [self.net, self.ae, self.controlnet]
 
     def latent_shape(self, size_xyz: Sequence[int]) -> tuple[int, int, int]:
         return self.base.latent_shape(size_xyz)

@@ -24,7 +24,7 @@ from ..errors import Cancelled, ResourceError, UserError
 from ..estimate import OFFICIAL_TILE, DecodePlan
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
-from ..models.kernels import KERNEL_MODES, CompiledOrEager, apply_kernel_mode, kernel_mode, param_tag
+from ..models.kernels import KERNEL_MODES, CompiledOrEager, form_for, mode_plan, param_tag
 from ..models.precompiled import PrecompiledNoise, find_or_build, package_path, weights_digest
 from ..registry import ModelEntry
 from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, scheduler_for
@@ -106,26 +106,22 @@ def check_cancel(cancel: CancelFn | None, what: str = "cancelled") -> None:
         raise Cancelled(what)
 
 
-def networks_mode(networks: Sequence[torch.nn.Module]) -> str:
-    """The kernel mode the networks share, ``"mixed"`` if they differ."""
-    modes = {kernel_mode(m) for m in networks}
-    return modes.pop() if len(modes) == 1 else "mixed"
-
-
 class CompiledNoise:
-    """A network and, when ``compile`` is on, its ``torch.compile`` wrapper for each kernel mode
-    (built lazily, so a mode switch never runs a graph traced for the other kernels)."""
+    """The noise network of each kernel mode (``net_for(mode)``) and, when ``compile`` is on, its
+    ``torch.compile`` wrapper (built lazily, so a mode switch never runs a graph traced for the
+    other kernels)."""
 
-    def __init__(self, net: torch.nn.Module, compile: bool):
-        self.net, self.compile = net, bool(compile)
+    def __init__(self, net_for: Callable[[str], torch.nn.Module], compile: bool):
+        self.net_for, self.compile = net_for, bool(compile)
         self._by_mode: dict[str, CompiledOrEager] = {}
 
     def get(self, mode: str) -> Callable[..., torch.Tensor]:
+        net = self.net_for(mode)
         if not self.compile:
-            return self.net
+            return net
         if mode not in self._by_mode:
-            log.info("compiling %s with torch.compile (one-time; about 1-2 min on a small CPU)", type(self.net).__name__)
-            self._by_mode[mode] = CompiledOrEager(self.net)
+            log.info("compiling %s with torch.compile (one-time; about 1-2 min on a small CPU)", type(net).__name__)
+            self._by_mode[mode] = CompiledOrEager(net)
         return self._by_mode[mode]
 
 
@@ -145,25 +141,35 @@ class GeneratedVolume:
 
 
 class KernelModeMixin:
-    """Kernel mode of a pipeline, read from the modules its ``networks()`` returns, never stored;
+    """The kernel mode of one pipeline (``"fast"`` or ``"reference"``), its own setting: the
+    networks it was given stay as they are, and each mode runs their
+    :func:`~MedDiffusionLib.models.kernels.form_for` form (built once, sharing the weights).
     ``noise_model()`` is its noise network, compiled per mode when asked (``self._compiled``)."""
 
     _compiled: CompiledNoise
+    _mode: str
+    _forms: dict[tuple[str, str], torch.nn.Module]
 
     def networks(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
     @property
     def mode(self) -> str:
-        """``"fast"`` or ``"reference"``, read from the networks (``"mixed"`` if someone switched
-        only some of them)."""
-        return networks_mode(self.networks())
+        return self._mode
 
     def set_mode(self, mode: str) -> None:
-        """Switch the networks between ``"fast"`` and ``"reference"`` kernels, in place (weights
-        untouched): every pipeline built on the same module objects runs the new kernels."""
-        for module in self.networks():
-            apply_kernel_mode(module, mode)
+        """Run ``"fast"`` or ``"reference"`` kernels from now on (this pipeline only; no module changes)."""
+        mode_plan(mode)  # refuses an unknown mode
+        self._mode = mode
+
+    def _form(self, name: str, module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+        """``module`` (this pipeline's network ``name``) in kernel mode ``mode`` (default: the
+        pipeline's), built on first use."""
+        mode = mode or self.mode
+        form = self._forms.get((name, mode))
+        if form is None:
+            form = self._forms[(name, mode)] = form_for(module, mode)
+        return form
 
     def noise_model(self) -> Callable[..., torch.Tensor]:
         """The noise network, compiled when ``compile=True`` (once per kernel mode, lazily)."""
@@ -186,9 +192,9 @@ class GenerationPipeline(KernelModeMixin):
     what is free); a call's own ``memory_limit_bytes`` (:meth:`decode`) replaces it. Nothing a job
     asks for is stored on the pipeline: the job service shares one between jobs.
 
-    The kernel mode is read from the networks (:attr:`mode`), never stored: building a pipeline
-    with ``mode=`` or calling :meth:`set_mode` switches the network modules in place, which every
-    pipeline sharing them sees.
+    The kernel mode (:attr:`mode`) is this pipeline's own setting: the modules it is given are never
+    switched in place; each mode runs their :func:`~MedDiffusionLib.models.kernels.form_for` form
+    (built once, sharing the weights), so pipelines sharing modules never change each other.
     """
 
     PRECISIONS = {"fp32": None, "tf32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -199,8 +205,9 @@ class GenerationPipeline(KernelModeMixin):
                  mode: str = "fast", compile: bool = False, memory_limit_bytes: float | None = None,
                  precompiled: bool = True):
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.ae = autoencoder.eval().to(self.device)
-        self.net = biflownet.eval().to(self.device)
+        self._ae_given = autoencoder.eval().to(self.device)
+        self._net_given = biflownet.eval().to(self.device)
+        self._forms = {}
         self.entry = entry
         self.diffusion = GaussianDiffusion(timesteps, device=self.device)
         if precision not in self.PRECISIONS:
@@ -209,15 +216,26 @@ class GenerationPipeline(KernelModeMixin):
         self.compile, self.precompiled = bool(compile), bool(precompiled)
         _check_limit(memory_limit_bytes)
         self.memory_limit_bytes = memory_limit_bytes  # default cap on what a decode may plan to use; never set per job
-        self._compiled = CompiledNoise(self.net, False)  # ahead-of-time packages replace torch.compile here
+        # ahead-of-time packages replace torch.compile here
+        self._compiled = CompiledNoise(lambda mode: self._form("net", self._net_given, mode), False)
         self._packages: dict[Path, PrecompiledNoise] = {}
         self._digest: tuple[list, str] | None = None
         self._warm: set[tuple] = set()  # shapes whose warm-up forward :meth:`time_forward` already ran
         self._decode_warm: set[tuple] = set()  # (mode, precision, device) whose decoder ran a warm-up
         self.set_mode(mode)
 
+    @property
+    def ae(self) -> PatchVolumeAE:
+        """The autoencoder in this pipeline's kernel mode."""
+        return self._form("ae", self._ae_given)
+
+    @property
+    def net(self) -> BiFlowNet:
+        """The noise network in this pipeline's kernel mode."""
+        return self._form("net", self._net_given)
+
     def networks(self) -> list[torch.nn.Module]:
-        """The modules whose kernels :meth:`set_mode` switches."""
+        """The networks this pipeline runs now (its kernel mode's forms)."""
         return [self.net, self.ae]
 
     @contextmanager

@@ -90,3 +90,18 @@ def test_flop_efficiency_rows_count_the_reference_and_time_the_fast_form(models)
         assert r["flops"] > 1e6 and r["seconds"] > 0 and 0 < r["share_of_peak"] < 2
     assert kernel_mode(net) == "reference" and kernel_mode(ae) == "reference"
     assert [round(r["speedup"], 6) for r in table.rows] == [round(r["share_of_peak"], 6) for r in rows]
+
+
+def test_pipelines_on_the_same_modules_keep_their_own_modes(models):
+    """The kernel mode is a pipeline's own setting: two pipelines built on the same modules run
+    different kernels, and neither changes the modules it was given."""
+    net, ae = models
+    fast = GenerationPipeline(ae, net, None, "cpu", mode="fast")
+    ref = GenerationPipeline(ae, net, None, "cpu", mode="reference")
+    assert (fast.mode, ref.mode) == ("fast", "reference")
+    assert kernel_mode(fast.net) == kernel_mode(fast.ae) == "fast" and ref.net is net and ref.ae is ae
+    fast.set_mode("reference")
+    ref.set_mode("fast")
+    assert fast.net is net and kernel_mode(ref.net) == "fast" and kernel_mode(net) == kernel_mode(ae) == "reference"
+    with pytest.raises(Exception, match="unknown mode"):
+        fast.set_mode("turbo")

@@ -67,26 +67,28 @@ def test_controlnet_for_another_base_is_refused(labels_controlnet, base_dir, par
 
 
 def test_controlled_pipeline_composes_its_base(labels_controlnet, base_dir):  # noqa: F811
-    """Settings pass through, the kernel mode is read from the shared modules (two pipelines cannot
-    disagree), and the noise model is one module over the base's own network."""
+    """Settings pass through, the controlled pipeline runs in its base's kernel mode (switching it
+    switches the base it is composed of), the modules given are never changed, and the noise model
+    is one module over the base's own network."""
     from MedDiffusionLib.io.checkpoints import read_model_config
     from MedDiffusionLib.models.controlnet import ControlLDM
-    from MedDiffusionLib.models.kernels import CompiledOrEager
+    from MedDiffusionLib.models.kernels import CompiledOrEager, kernel_mode
     base = GenerationPipeline.from_pretrained(weights=base_dir, device="cpu", mode="fast", compile=True,
                                               memory_limit_bytes=123e6)
     meta = read_model_config(labels_controlnet)["meta"]
     cp = ControlledPipeline(base, load_model(labels_controlnet), meta)
     assert cp.memory_limit_bytes == 123e6 and cp.compile and cp.mode == base.mode == "fast"
     assert cp.net is base.net and cp.noise_net.base is base.net
-    assert "mode" not in vars(cp) and "mode" not in vars(base)  # derived, never stored
+    assert "mode" not in vars(cp)  # the base's, never a copy
     compiled = cp.noise_model()  # the controlled network is what gets compiled (lazily: no compile here)
     assert isinstance(compiled, CompiledOrEager) and compiled.module is cp.noise_net
-    cp.set_mode("reference")  # explicit switch of the shared modules: the base sees it
-    assert base.mode == cp.mode == "reference"
-    base.set_mode("fast")  # switches only the base's networks: the controlled pipeline says so
-    assert cp.mode == "mixed"
-    cp.set_mode("fast")
-    assert cp.mode == base.mode == "fast"
+    given = [base._net_given, base._ae_given, cp._controlnet_given]
+    kinds = [[type(m) for m in g.modules()] for g in given]
+    cp.set_mode("reference")  # the composed base runs reference kernels too
+    assert base.mode == cp.mode == "reference" and kernel_mode(cp.net) == kernel_mode(cp.controlnet) == "reference"
+    base.set_mode("fast")
+    assert cp.mode == "fast" and kernel_mode(cp.net) == kernel_mode(cp.noise_net.controlnet) == "fast"
+    assert kinds == [[type(m) for m in g.modules()] for g in given]  # no module was switched in place
     # the pipeline's noise equals the official ControlLDM forward on the same weights
     ldm = ControlLDM(**{**base.net.config, "hint_channel": cp.controlnet.hint_channel,
                         "dit_branch": cp.controlnet.dit_branch, "control_scales": meta.get("control_scale", 1.0)})

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from MedDiffusionLib.models.autoencoder import PatchVolumeAE  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlLDM  # noqa: E402
-from MedDiffusionLib.models.kernels import apply_kernel_mode  # noqa: E402
+from MedDiffusionLib.models.kernels import form_for  # noqa: E402
 from MedDiffusionLib.pipelines.loop import denoise  # noqa: E402
 from MedDiffusionLib.schedulers import GaussianDiffusion, ddim_timesteps, make_scheduler  # noqa: E402
 
@@ -46,8 +46,9 @@ CPU_RNG_KEYS = ("sampler/ddpm_first_step_x998", "sampler/ddpm_1000_steps")
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
-    """Put ``model`` (in place) in eval mode on the selected device and kernels (the pipelines' recipe)."""
-    return apply_kernel_mode(model.eval().to(MODE["device"]), MODE["name"])
+    """``model`` in eval mode on the selected device, in the selected kernels' form (the pipelines'
+    recipe: :func:`~MedDiffusionLib.models.kernels.form_for`; the weights are shared)."""
+    return form_for(model.eval().to(MODE["device"]), MODE["name"])
 
 
 def on_device(tree: Any) -> Any:
@@ -144,7 +145,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
     cfg = case["config"]
     ae = PatchVolumeAE(**{k: cfg[k] for k in AE_ARGS if k in cfg}).eval()
     ae.load_state_dict(case["state_dict"], strict=True)
-    prepare(ae)
+    ae = prepare(ae)
     out = case["outputs"]
     rep = Report(label, out)
     x = on_device(case["inputs"]["x"])
@@ -220,7 +221,7 @@ def _forward_with_hooks(model: torch.nn.Module, rep: Report, out: dict[str, Any]
 def run_biflownet(case: dict[str, Any], label: str) -> int:
     net = BiFlowNet(**case["config"]).eval()
     net.load_state_dict(case["state_dict"], strict=True)
-    prepare(net)
+    net = prepare(net)
     inp = on_device(case["inputs"])
     expected = dict(case["outputs"])
     if "diffusion_buffers" in case:
@@ -284,7 +285,7 @@ def run_controlnet(case: dict[str, Any], label: str, init_ref: dict[str, Any] | 
         for k in init_ref:
             rep.check(f"init_from_base/{k}", sorted(got.get(k, [])), {}, "")
     model.load_state_dict(case["state_dict"], strict=True)
-    prepare(model)
+    model = prepare(model)
     inp = on_device(case["inputs"])
     out = case["outputs"]
     with torch.no_grad():

@@ -10,9 +10,10 @@ stay accurate over millions of voxels (PyTorch's channels-last kernel does not).
 state-dict keys and results (to float32 rounding, ~1e-6) stay the same; switching back restores
 the reference modules.
 
-The fast-mode recipe (oneDNN convolutions plus a channels-last decoder) is
-:func:`apply_kernel_mode`; which mode a module runs is read back from the module itself with
-:func:`kernel_mode`, so two pipelines sharing a network cannot disagree about it.
+The fast-mode recipe (oneDNN convolutions plus a channels-last decoder) is :func:`accelerate`,
+which makes a new module in that form and never changes the one it is given; :func:`form_for`
+gives a module's form for a kernel mode, and :func:`kernel_mode` reads back which mode a module
+runs.
 """
 from __future__ import annotations
 
@@ -420,21 +421,6 @@ def use_fast_kernels(module: nn.Module, enabled: bool = True) -> nn.Module:
 
 def uses_fast_kernels(module: nn.Module) -> bool:
     return any(type(m) is FastConv3d for m in module.modules())
-
-
-def apply_kernel_mode(module: nn.Module, mode: str) -> nn.Module:
-    """The fast-mode recipe, in place: ``"fast"`` = :class:`FastConv3d` for every spatial 3-D
-    convolution plus channels-last weights for a ``decoder`` sub-module (oneDNN/cuDNN prefer it at
-    the decoder's full-resolution levels; BiFlowNet's small maps run faster contiguous);
-    ``"reference"`` undoes both. Every pipeline and caller sharing ``module`` sees the switch."""
-    if mode not in KERNEL_MODES:
-        raise UserError(f"unknown mode {mode!r}; use fast or reference")
-    fast = mode == "fast"
-    use_fast_kernels(module, fast)
-    decoder = getattr(module, "decoder", None)
-    if isinstance(decoder, nn.Module):
-        decoder.to(memory_format=torch.channels_last_3d if fast else torch.contiguous_format)
-    return module
 
 
 @dataclass(frozen=True)

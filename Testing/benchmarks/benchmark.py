@@ -389,20 +389,18 @@ def released_main(args) -> None:
     BiFlowNet forward at latents 8x16x16 and 16^3 (reference vs fast vs fast bf16 autocast); decoder
     at 64^3 and 128^3 output: reference whole vs fast whole vs fast exact tiles (time, peak RSS
     growth, max error against the reference whole decode); bf16 decoded-volume error."""
-    import copy
-
     import torch
 
     from MedDiffusionLib.estimate import decode_peak_bytes, exact_decode_bytes
     from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
     from MedDiffusionLib.models import precompiled
-    from MedDiffusionLib.models.kernels import apply_kernel_mode, use_fast_kernels
+    from MedDiffusionLib.models.kernels import accelerate
     from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     dev = args.device
     cfg = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())["8x"]
     torch.manual_seed(0)
     net = BiFlowNet(**cfg["biflownet"]).eval().to(dev)
-    fast_net = apply_kernel_mode(copy.deepcopy(net), "fast")
+    fast_net = accelerate(net).module
     table = Table()
     flop_efficiency_rows(dev, net, PatchVolumeAE(**cfg["autoencoder"]).eval().to(dev), (16, 16, 16), table)
     g = torch.Generator().manual_seed(0)
@@ -433,8 +431,7 @@ def released_main(args) -> None:
             table.add(f"  same, fast + bf16 autocast", t_ref, t_bf, _maxerr(e_bf, e_ref), note="eps error")
     del net, fast_net
     ae = PatchVolumeAE(**cfg["autoencoder"]).eval().to(dev)
-    fast_ae = use_fast_kernels(copy.deepcopy(ae))
-    fast_ae.decoder.to(memory_format=torch.channels_last_3d)
+    fast_ae = accelerate(ae).module  # fast kernels, channels-last decoder; ae stays the reference
     nh = ae.config["n_hiddens"]
     plans = {8: (2, 3, 4), 16: (8, 5, 4)} if not args.quick else {8: (2, 3, 4)}
     with torch.inference_mode():

@@ -404,6 +404,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._job = None
         self._pip = None
+        self._shownSampler = None  # the sampler whose default steps the panel last applied
         self._import = None  # an Add weights... child process (meddiffusion models import) in progress
         self._pending = None  # action to run once the service answers
         self._models: list = []
@@ -1027,9 +1028,16 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         combo.currentIndex = indices.index(want) if want in indices else 0
         combo.blockSignals(wasBlocked)
         if p is not None and p.modelId != model["id"]:
+            # the service resolves a model's defaults (MedDiffusionLib.defaults); the panel only shows them
+            defaults = model["defaults"]
             p.modelId = model["id"]
-            p.sampler = model["defaults"]["sampler"] if model["defaults"]["sampler"] in ("ddpm", "ddim", "dpm++") \
+            self._shownSampler = p.sampler = defaults["sampler"] if defaults["sampler"] in ("ddpm", "ddim", "dpm++") \
                 else p.sampler
+            if isinstance(defaults.get("steps"), int) and 1 <= defaults["steps"] <= 1000:
+                p.steps = defaults["steps"]
+            controlled = defaults.get("controlled") or {}
+            if isinstance(controlled.get("steps"), int) and 1 <= controlled["steps"] <= 1000:
+                p.controlSteps = controlled["steps"]
         self._onClassChanged()
 
     def _class(self):
@@ -1186,6 +1194,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for w in self._connectionWidgets():
             w.enabled = not working
         self._updateAddWeights()
+        if p is not None and p.sampler != self._shownSampler:
+            # another sampler chosen: its default number of steps, as the service resolves it
+            first = self._shownSampler is None
+            self._shownSampler = p.sampler
+            steps = ((self._model() or {}).get("defaults") or {}).get("sampler_steps", {}).get(p.sampler)
+            if not first and isinstance(steps, int) and 1 <= steps <= 1000:
+                p.steps = steps
         if p is not None:
             self.ui.stepsSpinBox.enabled = p.sampler != "ddpm"
             self.ui.stepsSpinBox.toolTip = (_("DDPM always runs the model's full schedule (1000 steps)")

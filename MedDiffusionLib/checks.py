@@ -37,7 +37,7 @@ def check_memory(spec: JobSpec, device: str, pipe: Any, inputs: dict[str, Any] |
     simulate-sparse-view (``pipe=None``) the fan-beam operator's own peak. On a GPU the device part
     is checked against GPU memory and the arrays against RAM. Returns the pipeline's estimate (on
     the CPU with the arrays added to ``peak_bytes``), ``None`` for simulate-sparse-view."""
-    from .estimate import available_memory_bytes
+    from .memory import available_memory_bytes
 
     p = spec.params
     vols = [v for v in (inputs or {}).values() if hasattr(v, "array")]

@@ -420,7 +420,8 @@ def _cmd_models_verify(args: argparse.Namespace) -> int:
 def _cmd_compile(args: argparse.Namespace) -> int:
     """Build (or find) the ahead-of-time compiled BiFlowNet for one generation size."""
     from .jobspec import resolve
-    from .pipelines.generation import GenerationPipeline, resolve_device
+    from .devices import resolve_device
+    from .pipelines.generation import GenerationPipeline
 
     spec = resolve(_spec(args, "generate", _params(args, "size", "num_volumes", "device"), "x.nii.gz"))
     p = spec.params

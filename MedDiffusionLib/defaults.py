@@ -200,3 +200,14 @@ def generation_defaults(entry: Any, class_: int | str | None, size: Sequence[int
 __all__ = ["NUM_TRAIN_TIMESTEPS", "SAMPLERS", "SAMPLER_STEPS", "DEFAULT_SAMPLER", "CONTROLLED_DEFAULTS", "MAX_STEPS",
            "MAX_SIDE", "SPACING_RANGE_MM", "MAX_CLASS_CHARS", "SHOW_CHARS", "show", "check_size", "resolve_sampling",
            "generation_defaults"]
+
+
+def sampling_defaults_for(entry: Any) -> dict[str, Any]:
+    """What a front end shows before a request is made, resolved here like every request: a
+    registry model's class, sampler and steps, the steps each sampler runs by default, and the
+    ControlNet tasks' sampler and steps (the service's status answer; the Slicer panel fills its
+    controls from it)."""
+    sampler, steps = resolve_sampling(None, None, entry.sampling_defaults)
+    return {"class": entry.default_class, "sampler": sampler, "steps": steps,
+            "sampler_steps": {s: resolve_sampling(s, None)[1] for s in SAMPLERS},
+            "controlled": dict(zip(("sampler", "steps"), resolve_sampling(None, None, CONTROLLED_DEFAULTS)))}

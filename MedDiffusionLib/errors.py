@@ -12,22 +12,22 @@ from typing import Iterator
 
 
 class MedDiffusionError(Exception):
-    """Base class of every error the library raises on purpose."""
+    """Base class of every error the library raises on purpose. ``field`` names the request field
+    it is about when there is one (``"steps"``, ``"device"``); each front end words it its own way
+    (the CLI as its flag, the job service as a leading ``"steps: "``, the Slicer panel as its
+    control)."""
+
+    def __init__(self, message: str = "", field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 FIELD_PREFIX = re.compile(r"^([a-z][a-z_]*): ")
 
 
 class UserError(MedDiffusionError, ValueError):
-    """Bad input or a request that cannot be served; the message is written for the user.
-
-    ``field`` names the request field an error is about (``"steps"``; set by the raiser or by
-    :func:`about`); each front end words it its own way (the CLI as its flag, the job service as a
-    leading ``"steps: "``, the Slicer panel as its control)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.field = field
+    """Bad input or a request that cannot be served; the message is written for the user, its
+    ``field`` set by the raiser or by :func:`about`."""
 
 
 @contextmanager
@@ -57,7 +57,8 @@ def message_field(message: str) -> tuple[str | None, str]:
 
 
 class ResourceError(MedDiffusionError, RuntimeError):
-    """The machine cannot do what was asked (out of memory, disk full, no CUDA); message for the user."""
+    """The machine cannot do what was asked (out of memory, disk full, no CUDA); message for the
+    user, with the ``field`` that would change it when there is one (``"device"``)."""
 
 
 class Cancelled(MedDiffusionError, RuntimeError):

@@ -72,12 +72,16 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
     cache = cache or ModelCache()
     p = spec.params
     try:
-        from .pipelines.generation import resolve_device
+        from .devices import resolve_device
 
+        # the device, resolved once where the job runs; from here on the request carries it
+        device = str(resolve_device(p["device"], warn=False))
+        if p["device"] != device:
+            spec = spec.with_params(device=device)
+            p = spec.params
         if spec.task == "simulate-sparse-view":
             from .pipelines.conditioned import simulate_sparse_view
 
-            device = "cpu" if p["device"] == "cpu" else str(resolve_device(p["device"], warn=False))
             check_memory(spec, device, None, vols)
             prog.emit("sampling", 0, 0, f"simulating {p['views']} fan-beam views")
             started: list[float] = []
@@ -95,7 +99,6 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             meta = {"task": spec.task, "views": p["views"], "units": "HU"}
             return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
 
-        device = str(resolve_device(p["device"], warn=False))
         prog.emit("loading", 0, p["steps"], "loading weights")
         if device == "cpu" and p["mode"] == "fast":
             from .models.kernels import kernel_choices_recorded
@@ -153,7 +156,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
 
 def _decode_text(meta: dict[str, Any] | None) -> str:
     """A person's words for a result's ``meta["decode"]``."""
-    from .estimate import DecodePlan
+    from .decoding import DecodePlan
 
     meta = meta or {}
     return DecodePlan(meta.get("method", "whole"), meta.get("tile"), 0.0, store=meta.get("store", "ram")).describe()

@@ -6,7 +6,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .controlnets import find_controlnet
+from .controlnets import find_controlnet, resolve_controlnet
+from .defaults import show
+from .errors import UserError
 
 if TYPE_CHECKING:
     from .jobspec import JobSpec
@@ -16,12 +18,14 @@ class ModelCache:
     """Pipelines kept between jobs, keyed by what they were built from, at most ``max_pipelines``
     of them: using a key makes it the most recently used; loading one more than that drops the
     least recently used first (and gives its memory back, as :meth:`clear` does), so no more than
-    ``max_pipelines`` are ever held. ``loads`` counts weight loads."""
+    ``max_pipelines`` are ever held. ``loads`` counts weight loads. ``local_paths=False`` (the job
+    service) opens ControlNets by name only, never a path a request names."""
 
-    def __init__(self, max_pipelines: int = 2) -> None:
+    def __init__(self, max_pipelines: int = 2, local_paths: bool = True) -> None:
         if int(max_pipelines) < 1:
             raise ValueError(f"max_pipelines must be at least 1, got {max_pipelines}")
         self.max_pipelines = int(max_pipelines)
+        self.local_paths = bool(local_paths)
         self._pipes: OrderedDict[tuple, Any] = OrderedDict()
         self.loads = 0
 
@@ -55,14 +59,21 @@ class ModelCache:
     def controlled(self, spec: JobSpec, device: str,
                    controlnet_dirs: Sequence[str | Path] | None = None) -> Any:
         """The pipeline of ``spec``'s ControlNet: a name found in ``controlnet_dirs`` (default: the
-        bundled ones), else a file path."""
+        bundled ones), else (``local_paths`` only) a file or run folder. A name that was there when
+        the request was resolved but is gone now is a :class:`UserError` about ``controlnet``."""
         from .pipelines.conditioned import ControlledPipeline
 
         p = spec.params
+        path = find_controlnet(spec.controlnet, controlnet_dirs)
+        if path is None and not self.local_paths:
+            raise UserError(f"the ControlNet {show(spec.controlnet)} is not installed here any more",
+                            field="controlnet")
+        if path is None:
+            path = resolve_controlnet(spec.controlnet, controlnet_dirs)
         key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"], p["compile"])
         pipe = self._get(key, lambda: ControlledPipeline.from_files(
-            find_controlnet(spec.controlnet, controlnet_dirs) or spec.controlnet, spec.model, spec.weights,
-            device=device, mode=p["mode"], precision=p["precision"], compile=p["compile"]))
+            path, spec.model, spec.weights, device=device, mode=p["mode"], precision=p["precision"],
+            compile=p["compile"]))
         return pipe
 
     def clear(self) -> list[str]:

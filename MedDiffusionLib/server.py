@@ -64,8 +64,9 @@ from . import __version__
 from .data.volumes import DETACHED_SUFFIXES
 from .data.volumes import SUFFIXES as UPLOAD_SUFFIXES  # single-file formats only
 from .auth import AuditLog, FailureLimiter, User, Users
-from .errors import Cancelled, MedDiffusionError, UserError, fielded
+from .errors import Cancelled, MedDiffusionError, ResourceError, UserError, fielded
 from .controlnets import controlnet_search_path, named_controlnets
+from .defaults import sampling_defaults_for
 from .jobs import oom_advice, run_job
 from .jobspec import JobSpec
 from .jobstore import JobStore
@@ -237,27 +238,16 @@ class JobService:
             return sum(1 for j in self.jobs.values() if j.state in ("queued", "receiving"))
 
     def device_for(self, spec: JobSpec) -> str:
-        """The device a job runs on: only devices this machine has (one worker thread each)."""
-        import torch
+        """The device a job runs on, resolved once here, where it runs (:func:`resolve_device`):
+        only devices this machine has, one worker thread each."""
+        from .devices import resolve_device
 
-        dev = str(spec.params.get("device", "auto"))
-        if dev == "auto":
-            return "cuda:0" if torch.cuda.is_available() else "cpu"
-        if dev == "cpu":
-            return "cpu"
-        index = 0 if dev == "cuda" else int(dev.split(":", 1)[1]) if re.fullmatch(r"cuda:\d{1,3}", dev) else None
-        if index is None:
-            raise UserError(f"unknown device {dev[:20]!r}; use auto, cpu or cuda[:N]")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise UserError(f"this server has {count} CUDA device(s); {dev} is not one of them"
-                            if count else "this server has no CUDA device; use device auto or cpu")
-        return f"cuda:{index}"
+        return str(resolve_device(str(spec.params.get("device", "auto")), warn=False))
 
     def _start_worker(self, device: str) -> None:
         if device not in self.queues:
             self.queues[device] = queue.Queue()
-            self.caches[device] = ModelCache()
+            self.caches[device] = ModelCache(local_paths=False)
             self.running[device] = None
             self.busy[device] = threading.Lock()
             threading.Thread(target=self._worker, args=(device,), name=f"meddiffusion-{device}", daemon=True).start()
@@ -552,7 +542,7 @@ def health_info(service: JobService, viewer: User | None = None) -> dict[str, An
             state = "unknown"
         out_models.append({"id": m.id, "title": m.title, "compression": m.compression, "bundled": m.bundled,
                            "state": state, "license": m.license, "classes": m.classes,
-                           "defaults": {"class": m.default_class, **m.sampling_defaults}})
+                           "defaults": sampling_defaults_for(m)})
     with service.lock:  # a snapshot: submits change the table from other threads
         jobs = dict(service.jobs)
         running = [j for j in service.running.values() if j]
@@ -1086,7 +1076,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
             raise HTTPException(400, f"unexpected upload field(s): {', '.join(extra)}")
         try:
             device = await run_in_threadpool(service.device_for, spec)
-        except UserError as exc:
+        except (UserError, ResourceError) as exc:  # a device this server does not have
             raise HTTPException(400, fielded(exc)) from exc
         spec = spec.with_params(device=device)  # what the worker runs on is what the spec says
         warnings = []

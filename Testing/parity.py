@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from MedDiffusionLib.decoding import decode_official  # noqa: E402
 from MedDiffusionLib.models.autoencoder import PatchVolumeAE  # noqa: E402
 from MedDiffusionLib.models.biflownet import BiFlowNet  # noqa: E402
 from MedDiffusionLib.models.controlnet import ControlLDM  # noqa: E402
@@ -200,7 +201,7 @@ def run_patchvolume(case: dict[str, Any], label: str) -> int:
         rep.check("decoded_from_indices", ae.decode(ae.quantize(ref_z), quantize=False), SINGLE)
         call = cfg.get("sliding_call") or {}
         tile = (int(call["patch_size"]) // int(call.get("compress_ratio", 8))) if call else int(cfg["sliding_latent_tile"])
-        rep.check("decoded_sliding", ae.decode_tiled_official(ref_z, tile), SINGLE)
+        rep.check("decoded_sliding", decode_official(ae, ae.quantize(ref_z), tile), SINGLE)
         recon = ae.decode(own_idx, quantize=False)
         rep.check("forward_val_recon", recon, SINGLE, note)
     return rep.finish()

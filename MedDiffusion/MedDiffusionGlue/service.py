@@ -633,7 +633,7 @@ class ServiceLogic:
             raise InputError("select a segmentation")
         check_scalar_volume(referenceVolumeNode, "reference volume")
         segmentLabels = self.segmentLabelValues(segmentationNode, segmentLabels, controlNet, allowUnmapped)
-        params = {"seed": int(seed), "sampler": "ddim", "steps": steps, "device": device, "mode": mode,
+        params = {"seed": int(seed), "sampler": None, "steps": steps, "device": device, "mode": mode,
                   "preview_every": int(previewEvery)}
         return self._submit({"task": "synthesize", "controlnet": controlNet, "params": params},
                             f"{segmentationNode.GetName()} synthetic CT seed{seed}", like=referenceVolumeNode,
@@ -645,7 +645,7 @@ class ServiceLogic:
                           previewEvery: int = 0) -> Job:
         """Reconstruct CT from a sparse-view FBP volume (HU); the result is on the FBP's grid."""
         check_scalar_volume(fbpVolumeNode, "sparse-view FBP volume")
-        params = {"seed": int(seed), "sampler": "ddim", "steps": steps, "device": device, "mode": mode,
+        params = {"seed": int(seed), "sampler": None, "steps": steps, "device": device, "mode": mode,
                   "preview_every": int(previewEvery)}
         return self._submit({"task": "reconstruct", "controlnet": controlNet, "params": params},
                             f"{fbpVolumeNode.GetName()} MedDiffusion recon", like=fbpVolumeNode,

@@ -5,22 +5,15 @@ Tensors are ``(B, C, D, H, W)``; D is the slice (NIfTI k) axis. Images are in [-
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import Cancelled
 from .config import register_to_config
 from .quantizer import lookup_codes, nearest_code_indices
 from .unet_blocks import voxel_attention
-
-
-def _check_cancel(cancel: Callable[[], bool] | None) -> None:
-    """Raise :class:`~MedDiffusionLib.errors.Cancelled` when ``cancel()`` is true (tiled decodes)."""
-    if cancel is not None and cancel():
-        raise Cancelled("decoding cancelled")
 
 
 def _norm(channels: int, num_groups: int, norm_type: str = "group") -> nn.Module:
@@ -171,8 +164,20 @@ class Encoder(nn.Module):
         return self.final_block(self.mid_block(h))
 
 
+class DecoderStage(NamedTuple):
+    """One step of the decoder, applied in order by :meth:`Decoder.stages`. ``kind`` is what a
+    decode that streams the stages in cubes must know about it: ``"latent"`` runs whole at latent
+    resolution (``conv_first``; the mid-block, whose attention sees every voxel), ``"res"`` is a
+    residual block of GroupNorm + SiLU + 3x3x3 convolutions (``ResBlockX`` / ``ResBlockXY``),
+    ``"up"`` the 2x transposed convolution, ``"out"`` the final GroupNorm + SiLU + convolution."""
+
+    kind: str
+    module: nn.Module
+
+
 class Decoder(nn.Module):
-    """Latent ``(B, embedding_dim, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)``."""
+    """Latent ``(B, embedding_dim, d, h, w)`` -> image ``(B, 1, f*d, f*h, f*w)``: the
+    :meth:`stages` in order."""
 
     def __init__(self, n_hiddens: int, upsample: Sequence[int], image_channel: int = 1, norm_type: str = "group",
                  num_groups: int = 32, embedding_dim: int = 8):
@@ -189,11 +194,25 @@ class Decoder(nn.Module):
         self.final_block = nn.Sequential(_norm(widths[-1], num_groups, norm_type), _SiLU(),
                                          nn.Conv3d(widths[-1], image_channel, 3, padding=1))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid_block(self.conv_first(z))
+    def stages(self) -> list[DecoderStage]:
+        """The decoder as one flat list: ``conv_first`` and the mid-block (latent resolution), then
+        per level its two residual blocks and the 2x up-sampling (none at the last level), then
+        ``final_block``. :meth:`forward` applies exactly this list; every decoding strategy
+        (:mod:`MedDiffusionLib.decoding`) runs it, whole, per cube, or streamed stage by stage."""
+        out = [DecoderStage("latent", self.conv_first), DecoderStage("latent", self.mid_block)]
         for block in self.conv_blocks:
-            h = block(h)
-        return self.final_block(h)
+            out += [DecoderStage("res", block.res1), DecoderStage("res", block.res2)]
+            resample = getattr(block, block._resample_name)
+            if isinstance(resample, _Upsample):
+                out.append(DecoderStage("up", resample))
+        out.append(DecoderStage("out", self.final_block))
+        return out
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for stage in self.stages():
+            h = stage.module(h)
+        return h
 
 
 class Codebook(nn.Module):
@@ -281,9 +300,9 @@ class PatchVolumeAE(nn.Module):
         lo, hi = self.codebook_range()
         return (z + 1.0) / 2.0 * (hi - lo) + lo
 
-    # -- decoding -------------------------------------------------------------------------
+    # -- decoding (tiled and streamed ways, planning: MedDiffusionLib.decoding) -------------
     def decode(self, latent: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """Volume-wise decode. ``latent`` is a float latent ``(B, 8, d, h, w)`` that is
+        """Volume-wise (whole) decode. ``latent`` is a float latent ``(B, 8, d, h, w)`` that is
         re-quantised (``quantize=True``) or integer code indices ``(B, d, h, w)``."""
         if quantize:
             if latent.is_floating_point() is False:
@@ -294,83 +313,6 @@ class PatchVolumeAE(nn.Module):
                 raise TypeError("decode(quantize=False) expects integer codebook indices")
             indices = latent
         return self.decoder(self.post_vq_conv(self.codes(indices)))
-
-    def decode_tiled_official(self, latent: torch.Tensor, latent_tile: int = 32, quantize: bool = True,
-                              cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-        """The official ``decode_sliding``: non-overlapping ``latent_tile`` cubes decoded
-        independently and pasted back (visible seams; kept as a reference mode). ``cancel()`` is
-        asked before every tile (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
-        t = int(latent_tile)
-        b, _, d, h, w = latent.shape if quantize else (latent.shape[0], None, *latent.shape[1:])
-        if d % t or h % t or w % t:
-            raise ValueError(f"tiled decoding needs latent sides divisible by {t}; got {d}x{h}x{w}")
-        f = self.compression
-        out = None
-        for i in range(0, d, t):
-            for j in range(0, h, t):
-                for k in range(0, w, t):
-                    _check_cancel(cancel)
-                    tile = latent[..., i:i + t, j:j + t, k:k + t]
-                    dec = self.decode(tile, quantize=quantize)
-                    if out is None:
-                        out = dec.new_empty(b, dec.shape[1], d * f, h * f, w * f)
-                    out[..., i * f:(i + t) * f, j * f:(j + t) * f, k * f:(k + t) * f] = dec
-        return out
-
-    def decode_tiled(self, latent: torch.Tensor, tile: int = 32, overlap: int = 8, quantize: bool = True,
-                     out_device: torch.device | str | None = None,
-                     cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-        """Seamless tiled decode: overlapping ``tile``-cubes of the latent (``overlap`` latent voxels
-        shared with each neighbour), blended with linear ramps, so no seams appear at tile borders.
-        Codes are chosen once for the whole latent. Peak memory is one tile's activations plus the
-        output (kept on ``out_device``, default the latent's device). ``cancel()`` is asked before
-        every tile (:class:`~MedDiffusionLib.errors.Cancelled` when true)."""
-        indices = self.quantize(latent) if quantize else latent
-        b, d, h, w = indices.shape
-        f = self.compression
-        tile = int(tile)
-        overlap = max(0, min(int(overlap), tile - 1))
-        dev = torch.device(out_device) if out_device is not None else latent.device
-
-        def starts(n: int) -> list[int]:
-            if n <= tile:
-                return [0]
-            step = tile - overlap
-            s = list(range(0, n - tile + 1, step))
-            if s[-1] != n - tile:
-                s.append(n - tile)
-            return s
-
-        def ramp(length: int, at_start: bool, at_end: bool, blend: int) -> torch.Tensor:
-            wgt = torch.ones(length)
-            if blend > 0:
-                up = (torch.arange(blend, dtype=torch.float32) + 0.5) / blend
-                if not at_start:
-                    wgt[:blend] = up
-                if not at_end:
-                    wgt[-blend:] = torch.minimum(wgt[-blend:], up.flip(0))
-            return wgt
-
-        out = wsum = None
-        for i in starts(d):
-            for j in starts(h):
-                for k in starts(w):
-                    _check_cancel(cancel)
-                    sl = indices[:, i:i + tile, j:j + tile, k:k + tile]
-                    dec = self.decoder(self.post_vq_conv(self.codes(sl))).to(dev, torch.float32)
-                    td, th, tw = sl.shape[1:]
-                    if out is None:  # blend in fp32 whatever the decoder's precision
-                        out = torch.zeros(b, dec.shape[1], d * f, h * f, w * f, device=dev)
-                        wsum = torch.zeros(1, 1, d * f, h * f, w * f, device=dev)
-                    blend = overlap * f
-                    wz = ramp(td * f, i == 0, i + td >= d, blend)
-                    wy = ramp(th * f, j == 0, j + th >= h, blend)
-                    wx = ramp(tw * f, k == 0, k + tw >= w, blend)
-                    wgt = (wz[:, None, None] * wy[None, :, None] * wx[None, None, :]).to(dev, dec.dtype)
-                    region = (..., slice(i * f, (i + td) * f), slice(j * f, (j + th) * f), slice(k * f, (k + tw) * f))
-                    out[region] += dec * wgt
-                    wsum[region] += wgt
-        return out / wsum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Stage-2 reconstruction: patch-wise encode, quantise, volume-wise decode."""

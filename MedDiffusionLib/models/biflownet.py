@@ -6,31 +6,23 @@ Input latent ``x`` is ``(B, C, D, H, W)`` with D, H, W multiples of the 8^3 sub-
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import register_to_config
-from .kernels import FastConv3d, param_tag
 from .dit import (DiTBlock, FinalLayer, PatchEmbedVoxel, merge_subvolumes, sincos_pos_embed_3d,
                   split_subvolumes, unpatchify)
 from .unet_blocks import ResnetBlock, SinusoidalPosEmb, attention_or_identity, downsample, upsample
+
+BlockConditioning = Callable[[nn.Module], Any]  # a block -> the conditioning input it reads
+
 
 def level_widths(dim: int, dim_mults: Sequence[int], init_dim: int | None) -> list[tuple[int, int]]:
     """(in, out) widths of the five U-Net levels."""
     dims = [init_dim or dim, *[dim * m for m in dim_mults]]
     return list(zip(dims[:-1], dims[1:]))
-
-
-def _projection_chunks(block: nn.Module) -> tuple[int, tuple[int, ...]]:
-    """How a block's conditioning projection splits: (chunks, indices of the scale chunks)."""
-    if isinstance(block, ResnetBlock):
-        return 2, (0,)  # scale, shift
-    if isinstance(block, DiTBlock):
-        return 6, (1, 4)  # shift, scale, gate for attention, then for the MLP
-    return 2, (1,)  # final layer: shift, scale
 
 
 class EncoderSideMixin:
@@ -73,50 +65,11 @@ class EncoderSideMixin:
             emb = torch.cat([emb, self.res_mlp(res)], dim=-1)
         return emb
 
-    def prepared_conditioning(self, emb: torch.Tensor) -> dict[nn.Module, Any]:
-        """Every block's conditioning projection (``SiLU -> Linear`` of ``emb``) in one matrix
-        product, for fast inference: ``{block: prepared}`` with ``(scale + 1, shift)`` views
-        ``(B, C, 1, 1, 1)`` for a :class:`ResnetBlock`, and ``(B, k, C)`` adaLN rows for a DiT
-        block or final layer (scales with the 1 already added). Empty (every block computes its
-        own, the reference arithmetic) in reference mode, when autograd is recording, and under
-        ``torch.compile`` / ``torch.export`` (the compiler fuses the projections itself)."""
-        if torch.is_grad_enabled() or not isinstance(self.init_conv, FastConv3d) or torch.compiler.is_compiling():
-            return {}
-        blocks, weight, bias, sizes = self._fused_projection()
-        out = torch.addmm(bias.to(emb.dtype), F.silu(emb), weight.to(emb.dtype).t())
-        b = emb.shape[0]
-        prepared: dict[nn.Module, Any] = {}
-        for block, part in zip(blocks, out.split(sizes, dim=1)):
-            if isinstance(block, ResnetBlock):
-                film = part.view(b, 2, -1, 1, 1, 1)
-                prepared[block] = (film[:, 0], film[:, 1])
-            else:
-                prepared[block] = part.view(b, _projection_chunks(block)[0], -1)
-        return prepared
-
-    def _fused_projection(self) -> tuple[list[nn.Module], torch.Tensor, torch.Tensor, list[int]]:
-        """The conditioning projections of every block stacked into one weight and bias, with 1 added
-        to the bias rows of each FiLM / adaLN scale; rebuilt when a parameter changes."""
-        cache = self.__dict__.setdefault("_fused_projection_cache", {})
-        if "blocks" not in cache:
-            cache["blocks"] = [m for m in self.modules() if (isinstance(m, ResnetBlock) and m.mlp is not None)
-                               or isinstance(m, (DiTBlock, FinalLayer))]
-            cache["linears"] = [b.mlp[1] if isinstance(b, ResnetBlock) else b.adaLN_modulation[1]
-                                for b in cache["blocks"]]
-        linears = cache["linears"]
-        tag = [param_tag(p) for lin in linears for p in (lin.weight, lin.bias)]
-        if cache.get("tag") != tag:
-            biases = []
-            for block, lin in zip(cache["blocks"], linears):
-                bias = lin.bias.detach().clone()
-                chunks, scale_chunks = _projection_chunks(block)
-                width = bias.numel() // chunks
-                for k in scale_chunks:
-                    bias[k * width:(k + 1) * width] += 1
-                biases.append(bias)
-            cache.update(tag=tag, weight=torch.cat([lin.weight.detach() for lin in linears]), bias=torch.cat(biases),
-                         sizes=[lin.out_features for lin in linears])
-        return cache["blocks"], cache["weight"], cache["bias"], cache["sizes"]
+    def block_conditioning(self, emb: torch.Tensor, subvolumes: int) -> BlockConditioning:
+        """The conditioning input each block reads: ``emb`` ``(B, E)`` for a U-Net block, ``emb``
+        repeated per sub-volume ``(B * subvolumes, E)`` for a DiT block or final layer."""
+        c_dit = emb.repeat_interleave(subvolumes, dim=0)
+        return lambda block: c_dit if isinstance(block, (DiTBlock, FinalLayer)) else emb
 
     def _dit_tokens(self, x_raw: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         sub = split_subvolumes(x_raw, self.sub_volume_size)
@@ -124,10 +77,9 @@ class EncoderSideMixin:
         grid = (d // self.sub_volume_size[0], h // self.sub_volume_size[1], w // self.sub_volume_size[2])
         return self.x_embedder(sub) + self.pos_embed, grid
 
-    def _dit_map(self, final: nn.Module, tokens: torch.Tensor, c_dit: torch.Tensor | None, batch: int,
-                 grid: tuple[int, int, int], pre: dict[nn.Module, Any]) -> torch.Tensor:
-        return merge_subvolumes(unpatchify(final(tokens, c_dit, adaln=pre.get(final)), self.patch_size, self.dim),
-                                batch, grid)
+    def _dit_map(self, final: nn.Module, tokens: torch.Tensor, cond: BlockConditioning, batch: int,
+                 grid: tuple[int, int, int]) -> torch.Tensor:
+        return merge_subvolumes(unpatchify(final(tokens, cond(final)), self.patch_size, self.dim), batch, grid)
 
 
 class BiFlowNet(EncoderSideMixin, nn.Module):
@@ -205,32 +157,29 @@ class BiFlowNet(EncoderSideMixin, nn.Module):
         tokens, grid = self._dit_tokens(x)
         x = self.init_conv(x)
         r = x.clone()
-        emb = self.conditioning(time, y, res)
-        pre = self.prepared_conditioning(emb)
-        c_dit = None if pre else emb.repeat_interleave(tokens.shape[0] // b, dim=0)
+        cond = self.block_conditioning(self.conditioning(time, y, res), tokens.shape[0] // b)
 
         dit_maps, stack = [], []
         for block, final in self.IntraPatchFlow_input:
-            tokens = block(tokens, c_dit, adaln=pre.get(block))
+            tokens = block(tokens, cond(block))
             stack.append(tokens)
-            dit_maps.append(self._dit_map(final, tokens, c_dit, b, grid, pre))
+            dit_maps.append(self._dit_map(final, tokens, cond, b, grid))
         for block in self.IntraPatchFlow_mid:
-            tokens = block(tokens, c_dit, adaln=pre.get(block))
+            tokens = block(tokens, cond(block))
         for block, final in self.IntraPatchFlow_output:
-            tokens = block(tokens, c_dit, skip=stack.pop(), adaln=pre.get(block))
-            dit_maps.append(self._dit_map(final, tokens, c_dit, b, grid, pre))
+            tokens = block(tokens, cond(block), skip=stack.pop())
+            dit_maps.append(self._dit_map(final, tokens, cond, b, grid))
 
         skips = []
         for i, (block1, attn1, block2, attn2, down) in enumerate(self.downs):
             if i < self.n_fusion:
                 x = x + dit_maps.pop(0)
-            x = attn1(block1(x, emb, pre.get(block1)))
+            x = attn1(block1(x, cond(block1)))
             skips.append(x)
-            x = attn2(block2(x, emb, pre.get(block2)))
+            x = attn2(block2(x, cond(block2)))
             skips.append(x)
             x = down(x)
-        x = self.mid_block2(self.mid_spatial_attn(self.mid_block1(x, emb, pre.get(self.mid_block1))), emb,
-                            pre.get(self.mid_block2))
+        x = self.mid_block2(self.mid_spatial_attn(self.mid_block1(x, cond(self.mid_block1))), cond(self.mid_block2))
 
         level_controls = None
         if controls is not None:
@@ -246,7 +195,7 @@ class BiFlowNet(EncoderSideMixin, nn.Module):
             skip = skips.pop()
             if level_controls is not None:
                 skip = skip + level_controls.pop()
-            x = attn1(block1(torch.cat((x, skip), dim=1), emb, pre.get(block1)))
-            x = attn2(block2(torch.cat((x, skips.pop()), dim=1), emb, pre.get(block2)))
+            x = attn1(block1(torch.cat((x, skip), dim=1), cond(block1)))
+            x = attn2(block2(torch.cat((x, skips.pop()), dim=1), cond(block2)))
             x = up(x)
         return self.final_conv(torch.cat((x, r), dim=1))

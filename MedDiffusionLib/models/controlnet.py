@@ -68,24 +68,24 @@ class ControlNet(EncoderSideMixin, nn.Module):
         b = x.shape[0]
         x = torch.cat([x, hint.to(x.dtype)], dim=1)
         emb = self.conditioning(time, y, res)
-        pre = self.prepared_conditioning(emb)
         dit_maps: list[torch.Tensor] = []
         if self.dit_branch:
             tokens, grid = self._dit_tokens(x)
-            c_dit = None if pre else emb.repeat_interleave(tokens.shape[0] // b, dim=0)
+            cond = self.block_conditioning(emb, tokens.shape[0] // b)
             for block, final in self.IntraPatchFlow_input:
-                tokens = block(tokens, c_dit, adaln=pre.get(block))
-                dit_maps.append(self._dit_map(final, tokens, c_dit, b, grid, pre))
+                tokens = block(tokens, cond(block))
+                dit_maps.append(self._dit_map(final, tokens, cond, b, grid))
+        else:
+            cond = self.block_conditioning(emb, 1)
         x = self.init_conv(x)
         outs = []
         for i, (block1, attn1, block2, attn2, down, zconv) in enumerate(self.downs):
             if dit_maps and i < self.n_fusion:
                 x = x + dit_maps.pop(0)
-            x = attn2(block2(attn1(block1(x, emb, pre.get(block1))), emb, pre.get(block2)))
+            x = attn2(block2(attn1(block1(x, cond(block1))), cond(block2)))
             outs.append(zconv(x))
             x = down(x)
-        x = self.mid_block2(self.mid_spatial_attn(self.mid_block1(x, emb, pre.get(self.mid_block1))), emb,
-                            pre.get(self.mid_block2))
+        x = self.mid_block2(self.mid_spatial_attn(self.mid_block1(x, cond(self.mid_block1))), cond(self.mid_block2))
         outs.append(self.mid_zero_conv(x))
         return outs
 

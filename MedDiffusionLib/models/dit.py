@@ -55,28 +55,13 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden, int(hidden * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, skip: torch.Tensor | None = None,
-                adaln: torch.Tensor | None = None) -> torch.Tensor:
-        """``adaln``: the adaLN output already computed per batch item, ``(B, 6, C)`` = shift, scale + 1,
-        gate for attention then MLP (fast inference); ``x`` is ``(B*S, T, C)``."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``(N, T, C)`` tokens, ``c`` ``(N, E)`` their conditioning vectors."""
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        if adaln is not None:
-            return self._fused(x, adaln)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-
-
-    def _fused(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        # every sub-volume of a batch item shares its condition: modulate (B, S*T, C) views by (B, 1, C)
-        n, t, c = x.shape
-        xb = x.reshape(mod.shape[0], -1, c)
-        m = mod.unsqueeze(2).unbind(1)  # six (B, 1, C)
-        h = torch.addcmul(m[0], F.layer_norm(xb, (c,), eps=self.norm1.eps), m[1])
-        xb = torch.addcmul(xb, m[2], self.attn(h.view(n, t, c)).view_as(xb))
-        h = torch.addcmul(m[3], F.layer_norm(xb, (c,), eps=self.norm2.eps), m[4])
-        return torch.addcmul(xb, m[5], self.mlp(h)).view(n, t, c)
 
 
 class FinalLayer(nn.Module):
@@ -88,13 +73,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch_size ** 3 * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None, adaln: torch.Tensor | None = None) -> torch.Tensor:
-        """``adaln``: ``(B, 2, C)`` = shift, scale + 1 already computed (fast inference)."""
-        if adaln is not None:
-            n, t, c = x.shape
-            xb = x.reshape(adaln.shape[0], -1, c)
-            h = torch.addcmul(adaln[:, 0, None], F.layer_norm(xb, (c,), eps=self.norm_final.eps), adaln[:, 1, None])
-            return self.linear(h).view(n, t, -1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 

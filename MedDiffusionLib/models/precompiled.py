@@ -50,8 +50,9 @@ def weights_digest(net: nn.Module) -> str:
 def _code_digest() -> str:
     """sha256 of this library's network code: a package traced from other code is never used."""
     h = hashlib.sha256()
-    for f in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(f.name.encode() + f.read_bytes())
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):  # the kernels package included
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
     return h.hexdigest()
 
 

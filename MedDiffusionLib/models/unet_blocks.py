@@ -40,13 +40,6 @@ class Block(nn.Module):
             x = x * (scale + 1) + shift
         return F.silu(x)
 
-    def fused(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Inference with a prepared FiLM ``(scale + 1, shift)``: one ``addcmul``, SiLU in place."""
-        x = self.norm(self.proj(x))
-        if film is not None:
-            x = torch.addcmul(film[1], x, film[0])
-        return F.silu(x, inplace=True)
-
 
 class ResnetBlock(nn.Module):
     """Two :class:`Block` s with FiLM from the conditioning vector and a residual path."""
@@ -58,12 +51,7 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(cout, cout, groups)
         self.res_conv = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
-                film: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``film``: this block's FiLM already computed as ``(scale + 1, shift)``, each
-        ``(B, C, 1, 1, 1)`` (fast inference, see ``EncoderSideMixin.prepared_conditioning``)."""
-        if film is not None:
-            return self.block2.fused(self.block1.fused(x, film)).add_(self.res_conv(x))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         scale_shift = None
         if self.mlp is not None and emb is not None:
             scale_shift = self.mlp(emb)[:, :, None, None, None].chunk(2, dim=1)

@@ -23,6 +23,7 @@ from ..data.volumes import Volume, check_finite, model_to_hu
 from ..defaults import CONTROLLED_DEFAULTS, resolve_sampling
 from ..errors import UserError
 from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_model_config
+from ..memory import ffloat, fprod
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
 from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel, tf32_allowed
@@ -108,9 +109,7 @@ class ControlledPipeline(KernelModeMixin):
         ControlNet's weights, its activations next to the base's (counted as a second network) and
         the hint; the measured step times the controlled network with a hint of the run's shape
         (without a measurement the ControlNet doubles the model's step time)."""
-        from ..estimate import _float, _fprod
-
-        hint = 4.0 * self.controlnet.hint_channel * _fprod(self.latent_shape(size_xyz)) * _float(volumes)
+        hint = 4.0 * self.controlnet.hint_channel * fprod(self.latent_shape(size_xyz)) * ffloat(volumes)
         weights = sum(p.numel() * p.element_size() for p in self.controlnet.parameters())
         return self.base._estimate(size_xyz, steps, volumes, measure, extra_weight_bytes=weights, extra_bytes=hint,
                                    networks=2.0, step_fn=lambda n: self.measure_step_seconds(size_xyz, volumes, n),

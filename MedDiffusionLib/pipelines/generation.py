@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,10 @@ import torch
 from ..data.grid import legal_size
 from ..data.volumes import Volume, model_to_hu
 from ..defaults import generation_defaults
-from ..errors import Cancelled, ResourceError, UserError
-from ..estimate import OFFICIAL_TILE, DecodePlan
+from ..devices import resolve_device
+from ..errors import Cancelled, UserError
+from ..memory import available_memory_bytes
+from ..decoding import DecodePlan, decode_retrying, plan_decode, resolve_tiling
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
 from ..models.kernels import KERNEL_MODES, CompiledOrEager, form_for, mode_plan, param_tag
@@ -33,30 +34,6 @@ from .loop import CancelFn, ProgressFn, StepCallback, denoise
 log = logging.getLogger("meddiffusion")
 # time a sampler step for the estimate only when the sampler's memory is below this and free memory is unknown
 MEASURE_UNKNOWN_MEMORY_BYTES = 2 * 2 ** 30
-
-
-def resolve_device(requested: str | None = None, warn: bool = True) -> torch.device:
-    """'auto'/None -> CUDA when available, else CPU (with a warning unless ``warn=False``: front ends
-    that print their own CPU notice pass False). Asking for CUDA without it fails."""
-    req = (requested or "auto").lower()
-    if req == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if warn:
-            warnings.warn("no CUDA GPU available: running on the CPU, which is slow for the released models",
-                          RuntimeWarning, stacklevel=2)
-        return torch.device("cpu")
-    if req.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ResourceError(f"CUDA was requested but torch {torch.__version__} sees no CUDA GPU "
-                               "(CPU-only build or no driver); use --device cpu or install a CUDA build of torch")
-        dev = torch.device(req)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ResourceError(f"{req} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return dev
-    if req == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"unknown device {requested!r}; use auto, cpu or cuda[:N]")
 
 
 _TF32_LOCK = threading.Lock()
@@ -340,94 +317,77 @@ class GenerationPipeline(KernelModeMixin):
         with torch.inference_mode():
             return denoise(scheduler, fn, z, gen if scheduler.stochastic else None, progress, cancel, callback)
 
-    def decode(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto",
-               cancel: CancelFn | None = None, memory_limit_bytes: float | None = None,
-               spill_dir: str | Path | None = None) -> torch.Tensor:
-        """Diffusion-space latents -> images ``(B, 1, D, H, W)`` in model units, one volume at a time
-        (:meth:`decode_with_plans` without the plans).
+    def decode(self, latents: torch.Tensor, tiling: str = "auto", cancel: CancelFn | None = None,
+               memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None) -> torch.Tensor:
+        """Diffusion-space latents ``(B, 8, d, h, w)`` -> images ``(B, 1, D, H, W)`` in model units,
+        one volume at a time (:meth:`decode_with_plans` without the plans).
 
-        ``tiling="exact"`` decodes the whole volume when it fits in free memory (device memory or
-        RAM, :mod:`MedDiffusionLib.estimate`), else streams the decoder stage by stage in cubes
-        (:mod:`MedDiffusionLib.models.streaming_decode`): equal to the whole decode to float
-        rounding, device memory bounded by the cube. Its stage maps stay in GPU memory when it holds
-        them next to a cube's working set, else in RAM, else (RAM short too) in memory-mapped files
-        in ``spill_dir`` (default ``<cache root>/spill``): exact at any memory cap, never a silent
-        fallback to blended tiles. ``"seamless"``, only when asked for: overlapping tiles blended
-        with linear ramps sized to the memory (approximate: every tile sees its own GroupNorm
-        statistics and attention). A CUDA out-of-memory error retries with the maps off the GPU,
-        then with smaller tiles. ``"official"`` follows the authors' rule: whole-volume decode up
-        to 32^3 (8x) / 64^3 (4x) latent voxels, else non-overlapping 32^3 tiles (seams every 256
-        voxels; approximate). ``"auto"`` = exact in fast mode, official in reference mode. ``mode``
-        ``"whole"`` / ``"tiled"`` force the whole decode / the tiled path of ``tiling`` (32^3 tiles).
+        Each volume is planned (:meth:`decode_plan`) and run by :mod:`MedDiffusionLib.decoding`
+        (:func:`~MedDiffusionLib.decoding.decode_retrying`). ``tiling="exact"`` decodes the whole
+        volume when it fits in free memory, else streams the decoder stage by stage in cubes, equal
+        to the whole decode to float rounding, with its stage maps in GPU memory, RAM or (RAM short
+        too) memory-mapped files in ``spill_dir`` (default ``<cache root>/spill``): exact at any
+        memory cap, never a silent fallback to blended tiles. ``"seamless"`` (blended tiles sized
+        to the memory) and ``"official"`` (the authors' 32^3 tiles) are approximate and run only
+        when asked for; ``"whole"`` decodes whole whatever the memory; ``"auto"`` = exact in fast
+        kernel mode, official in reference mode.
 
         ``memory_limit_bytes`` caps what this call plans for (default: the pipeline's
         ``memory_limit_bytes``, else 80 % of the free memory). ``cancel()`` is asked before every
-        volume and between the tiles / cubes of a tiled decode; when it turns true
+        volume and between the cubes of a tiled decode; when it turns true
         :class:`~MedDiffusionLib.errors.Cancelled` is raised. The outputs are written into one
         float32 CPU tensor as they are decoded (no second copy at the end)."""
-        return self.decode_with_plans(latents, mode, tiling, cancel, memory_limit_bytes, spill_dir)[0]
+        return self.decode_with_plans(latents, tiling, cancel, memory_limit_bytes, spill_dir)[0]
 
-    def decode_with_plans(self, latents: torch.Tensor, mode: str = "auto", tiling: str = "auto",
-                          cancel: CancelFn | None = None, memory_limit_bytes: float | None = None,
+    def decode_with_plans(self, latents: torch.Tensor, tiling: str = "auto", cancel: CancelFn | None = None,
+                          memory_limit_bytes: float | None = None,
                           spill_dir: str | Path | None = None) -> tuple[torch.Tensor, list[DecodePlan]]:
-        """:meth:`decode`, and how each volume was decoded (:class:`~MedDiffusionLib.estimate.DecodePlan`:
+        """:meth:`decode`, and how each volume was decoded (:class:`~MedDiffusionLib.decoding.DecodePlan`:
         ``exact`` false for blended or official tiles; ``describe()`` for a person; ``meta()`` for a
-        result's metadata)."""
+        result's metadata; after an out-of-memory retry, the plan that ran)."""
         tiling = self._tiling(tiling)
-        if mode not in ("auto", "whole", "tiled"):
-            raise UserError(f"unknown decode mode {mode!r}; use auto, whole or tiled")
         _check_limit(memory_limit_bytes)
         out: torch.Tensor | None = None
         plans: list[DecodePlan] = []
         with torch.inference_mode():
             for i, lat in enumerate(latents.split(1)):
                 check_cancel(cancel, "decoding cancelled")
-                z = self.ae.denormalize_latent(lat)
-                img, plan = self._decode_one(z, mode, tiling, cancel, memory_limit_bytes, spill_dir)
+                indices = self.ae.quantize(self.ae.denormalize_latent(lat))  # codes are always chosen in fp32
+                plan = self.decode_plan(tuple(indices.shape[1:]), tiling, memory_limit_bytes, spill_dir)
+                with self.autocast():
+                    img, plan = decode_retrying(self.ae, indices, plan, cancel, spill_dir)
                 plans.append(plan)
                 if out is None:
                     out = torch.empty((latents.shape[0], *img.shape[1:]), dtype=torch.float32)
                 out[i:i + 1] = img
-                del img, z
+                del img, indices
         if out is None:
             raise UserError("there are no latents to decode (an empty batch)")
         return out, plans
 
     def _tiling(self, tiling: str) -> str:
-        """``"auto"`` -> exact (fast mode) or official (reference mode); unknown names refused."""
-        if tiling == "auto":
-            tiling = "exact" if self.mode == "fast" else "official"
-        if tiling not in ("official", "seamless", "exact"):
-            raise UserError(f"unknown tiling {tiling!r}; use auto, exact, official or seamless")
-        return tiling
+        """:func:`~MedDiffusionLib.decoding.resolve_tiling` in this pipeline's kernel mode; unknown
+        names are a :class:`UserError` naming the field."""
+        try:
+            return resolve_tiling(tiling, self.mode)
+        except ValueError as exc:
+            raise UserError(str(exc), field="tiling") from None
 
     def decode_plan(self, latent_dhw: Sequence[int], tiling: str = "exact", memory_limit_bytes: float | None = None,
                     spill_dir: str | Path | None = None) -> DecodePlan:
         """How the decode of ``latent_dhw`` will run (method, tile side in latent voxels, peaks, and
         for the exact decode where its stage maps live: GPU memory, RAM or ``spill_dir`` on disk)
-        under ``memory_limit_bytes`` (default: the pipeline's) and the free memory."""
-        from ..estimate import available_memory_bytes, decode_peak_bytes, official_plan, plan_decode
+        under ``memory_limit_bytes`` (default: the pipeline's) and the free memory
+        (:func:`~MedDiffusionLib.decoding.plan_decode`)."""
         from ..models.streaming_decode import spill_directory
 
-        tiling = self._tiling(tiling)
-        nh = self.ae.config["n_hiddens"]
-        if tiling == "official":
-            return official_plan(nh, self.compression, latent_dhw, self.mode, self.device.type)
-        budget = self.memory_budget(memory_limit_bytes)
-        if tiling == "seamless":
-            from ..estimate import choose_decode_tile
-
-            tile = choose_decode_tile(nh, self.compression, latent_dhw, budget, self.mode, self.device.type)
-            if tile is not None and tile >= max(int(v) for v in latent_dhw):
-                tile = None  # one tile covers the latent: the whole decode runs (see _run_plan)
-            peak = decode_peak_bytes(nh, self.compression, latent_dhw, tile, self.mode, self.device.type)
-            return DecodePlan("whole" if tile is None else "seamless", tile, peak)
         host = None
         if self.device.type == "cuda":
             avail = available_memory_bytes("cpu")
             host = None if avail is None else 0.8 * avail
-        return plan_decode(nh, self.compression, latent_dhw, budget, host, self.mode, self.device.type,
-                           str(spill_directory(spill_dir)))
+        return plan_decode(self.ae.config["n_hiddens"], self.compression, latent_dhw,
+                           self.memory_budget(memory_limit_bytes), host, self.mode, self.device.type,
+                           str(spill_directory(spill_dir)), tiling=self._tiling(tiling))
 
     def estimate(self, size_xyz: Sequence[int], steps: int, volumes: int = 1, measure: bool = True,
                  memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None,
@@ -459,7 +419,7 @@ class GenerationPipeline(KernelModeMixin):
         ``networks`` noise networks per step, ``step_fn(max_forwards)`` timing its step)."""
         from dataclasses import replace
 
-        from ..estimate import available_memory_bytes, estimate_run
+        from ..estimate import estimate_run
 
         weight_bytes = sum(p.numel() * p.element_size() for m in (self.ae, self.net) for p in m.parameters())
         weight_bytes += extra_weight_bytes
@@ -571,78 +531,10 @@ class GenerationPipeline(KernelModeMixin):
     def memory_budget(self, memory_limit_bytes: float | None = None) -> float | None:
         """Bytes a decode may plan for: 80 % of the free device memory / RAM, capped by
         ``memory_limit_bytes`` (default: the pipeline's); ``None`` when neither is known."""
-        from ..estimate import available_memory_bytes
-
         cap = self.memory_limit_bytes if memory_limit_bytes is None else memory_limit_bytes
         avail = available_memory_bytes(str(self.device))
         budgets = [b for b in (None if avail is None else 0.8 * avail, cap) if b is not None]
         return min(budgets) if budgets else None
-
-    def _host_store_plan(self, dhw: Sequence[int], tile: int, spill_dir: str | Path | None) -> DecodePlan:
-        """The exact decode in ``tile``-cubes with its stage maps in RAM, or spilled to disk when
-        they do not fit 80 % of the free RAM (after a GPU out-of-memory error)."""
-        from ..estimate import available_memory_bytes, exact_decode_bytes
-        from ..models.streaming_decode import spill_directory
-
-        dev, maps = exact_decode_bytes(self.ae.config["n_hiddens"], self.compression, dhw, tile)
-        avail = available_memory_bytes("cpu")
-        if avail is None or maps <= 0.8 * avail:
-            return DecodePlan("exact", tile, dev, maps, "ram")
-        return DecodePlan("exact", tile, dev, maps, "disk", str(spill_directory(spill_dir)))
-
-    def _run_plan(self, indices: torch.Tensor, plan: DecodePlan, cancel: CancelFn | None,
-                  spill_dir: str | Path | None) -> torch.Tensor:
-        """Decode codebook ``indices`` as ``plan`` says."""
-        from ..models.streaming_decode import StreamingDecoder, check_spill_space, spill_directory
-
-        dhw, tile = tuple(indices.shape[1:]), plan.tile
-        if tile is None or plan.method == "whole":
-            return self.ae.decode(indices, quantize=False)
-        if plan.method == "exact":
-            if plan.store == "disk":
-                folder = plan.spill_dir or spill_directory(spill_dir)
-                check_spill_space(folder, plan.store_bytes)  # one clear refusal before the first pass
-                dec = StreamingDecoder(self.ae, tile, cancel=cancel, spill_dir=folder)
-            else:
-                dec = StreamingDecoder(self.ae, tile, cancel=cancel,
-                                       store_device=self.device if plan.store == "device" else "cpu")
-            return dec.decode_indices(indices)
-        if plan.method == "official" and all(s % tile == 0 for s in dhw):
-            return self.ae.decode_tiled_official(indices, tile, quantize=False, cancel=cancel)
-        if tile < max(dhw):
-            return self.ae.decode_tiled(indices, tile=tile, overlap=max(1, tile // 4), quantize=False, cancel=cancel)
-        return self.ae.decode(indices, quantize=False)
-
-    def _decode_one(self, z: torch.Tensor, mode: str, tiling: str, cancel: CancelFn | None = None,
-                    memory_limit_bytes: float | None = None,
-                    spill_dir: str | Path | None = None) -> tuple[torch.Tensor, DecodePlan]:
-        """One volume: its image and the plan that made it (after any out-of-memory retry)."""
-        indices = self.ae.quantize(z)  # codes are always chosen in fp32
-        dhw = tuple(z.shape[2:])
-        if mode == "whole":
-            plan = DecodePlan("whole", None, 0.0)
-        elif mode == "tiled":
-            plan = DecodePlan(tiling, OFFICIAL_TILE, 0.0)
-        else:
-            plan = self.decode_plan(dhw, tiling, memory_limit_bytes, spill_dir)
-        while True:
-            tile = plan.tile
-            check_cancel(cancel, "decoding cancelled")
-            try:
-                with self.autocast():
-                    return self._run_plan(indices, plan, cancel, spill_dir), plan
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                if plan.method == "exact" and plan.store == "device":  # first move the maps off the GPU
-                    log.warning("decode ran out of GPU memory; retrying with the stage maps off the GPU")
-                    plan = self._host_store_plan(dhw, tile, spill_dir)
-                    continue
-                smaller = max(1 if plan.method == "exact" else 8, (tile or max(dhw)) * 3 // 4)
-                if plan.method == "official" or smaller == tile:
-                    raise
-                log.warning("decode ran out of GPU memory; retrying with %d^3 latent tiles", smaller)
-                plan = self._host_store_plan(dhw, smaller, spill_dir) if tiling == "exact" else \
-                    DecodePlan("seamless", smaller, 0.0)
 
     # -- all together --------------------------------------------------------------------------------
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,

@@ -86,7 +86,7 @@ def _child(mode: str, side: int, tile: int | None, device: str) -> dict:
 def child_main(spec: str, device: str) -> None:
     import torch
 
-    from MedDiffusionLib.estimate import decode_peak_bytes
+    from MedDiffusionLib.decoding import DecodePlan, decode, decode_peak_bytes
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     mode, side, tile = spec.split(",")
     side, tile = int(side), int(tile) or None
@@ -100,10 +100,7 @@ def child_main(spec: str, device: str) -> None:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         with PeakRSS() as rss:
-            if tile is None:
-                ae.decode(idx, quantize=False)
-            else:
-                ae.decode_tiled(idx, tile=tile, overlap=max(1, tile // 4), quantize=False)
+            decode(ae, idx, DecodePlan("whole" if tile is None else "seamless", tile))
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device == "cuda" else rss.peak - rss.start
     est = decode_peak_bytes(ae.config["n_hiddens"], ae.compression, (side,) * 3, tile, mode, device) / 2 ** 20
     print(json.dumps({"mode": mode, "side": side, "tile": tile, "peak_mb": peak, "estimate_mb": est}))
@@ -175,6 +172,7 @@ class Table:
 def cpu_cases(args, table: Table, report: dict) -> None:
     import torch
 
+    from MedDiffusionLib.decoding import decode_official, decode_seamless
     from MedDiffusionLib.models.kernels import CompiledOrEager
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     from MedDiffusionLib.pipelines.loop import denoise
@@ -208,8 +206,8 @@ def cpu_cases(args, table: Table, report: dict) -> None:
         d_fast = fast.ae.decode(idx, quantize=False)
         t_dfast = _timeit(lambda: fast.ae.decode(idx, quantize=False), dev, 5)
         table.add("AE decode 64^3, whole", t_dref, t_dfast, _maxerr(d_fast, d_ref), note="oneDNN + channels-last")
-        seam = fast.ae.decode_tiled(idx, tile=8, overlap=2, quantize=False)
-        off = ref.ae.decode_tiled_official(idx, 8, quantize=False)
+        seam = decode_seamless(fast.ae, idx, 8, 2)
+        off = decode_official(ref.ae, idx, 8)
         report["tile_error_vs_whole_64"] = {"official_tiles_max": _maxerr(off, d_ref),
                                             "official_tiles_mean": float((off - d_ref).abs().mean()),
                                             "seamless_max": _maxerr(seam, d_ref),
@@ -220,7 +218,7 @@ def cpu_cases(args, table: Table, report: dict) -> None:
         w32 = ref.ae.decode(idx32, quantize=False)
         t_w32 = time.perf_counter() - t0
         t0 = time.perf_counter()
-        s32 = fast.ae.decode_tiled(idx32, tile=16, overlap=4, quantize=False)
+        s32 = decode_seamless(fast.ae, idx32, 16, 4)
         t_s32 = time.perf_counter() - t0
     with torch.inference_mode():  # compiled BiFlowNet (after the decode rows: compiling leaves worker processes)
         if not args.no_compile:
@@ -391,11 +389,10 @@ def released_main(args) -> None:
     growth, max error against the reference whole decode); bf16 decoded-volume error."""
     import torch
 
-    from MedDiffusionLib.estimate import decode_peak_bytes, exact_decode_bytes
+    from MedDiffusionLib.decoding import DecodePlan, decode, decode_peak_bytes, decode_seamless, exact_decode_bytes
     from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
     from MedDiffusionLib.models import precompiled
     from MedDiffusionLib.models.kernels import accelerate
-    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     dev = args.device
     cfg = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())["8x"]
     torch.manual_seed(0)
@@ -453,7 +450,7 @@ def released_main(args) -> None:
                       note=f"estimate {whole_est:.0f} MB")
             del fast_img
             for tile in tiles:
-                ex, t_ex, m_ex = run(lambda: decode_exact_tiled(fast_ae, idx, tile, quantize=False))
+                ex, t_ex, m_ex = run(lambda: decode(fast_ae, idx, DecodePlan("exact", tile)))
                 dev_b, store_b = exact_decode_bytes(nh, 8, (s_lat,) * 3, tile)
                 table.add(f"  exact tiles {tile}^3 latent: ref whole vs fast exact", t_ref, t_ex, _maxerr(ex, ref_img),
                           m_ref, m_ex, note=f"time {t_ex / t_fast:.2f}x fast whole; est. device {dev_b / 2 ** 20:.0f} MB"
@@ -462,11 +459,10 @@ def released_main(args) -> None:
             if s_lat == 16:  # the issue's target: exact at 128^3 under a 1 GB cap (stage maps spilled to disk)
                 import tempfile
 
-                from MedDiffusionLib.estimate import plan_decode
+                from MedDiffusionLib.decoding import plan_decode
                 plan = plan_decode(nh, 8, (s_lat,) * 3, 1e9, 1e9, "fast", dev)
                 with tempfile.TemporaryDirectory() as spill:
-                    ex, t_ex, m_ex = run(lambda: decode_exact_tiled(fast_ae, idx, plan.tile, quantize=False,
-                                                                    spill_dir=spill if plan.store == "disk" else None))
+                    ex, t_ex, m_ex = run(lambda: decode(fast_ae, idx, plan, spill_dir=spill))
                 table.add(f"  1 GB cap: {plan.method} {plan.tile}^3 cubes, maps in {plan.store}", t_ref, t_ex,
                           _maxerr(ex, ref_img), m_ref, m_ex,
                           note=f"planned device {plan.device_bytes / 2 ** 20:.0f} MB, maps {plan.store_bytes / 2 ** 20:.0f}"
@@ -478,7 +474,7 @@ def released_main(args) -> None:
                 table.add(f"  bf16 autocast decode {side}^3 (fast)", t_ref, t_bf, _maxerr(bf, ref_img), m_ref, m_bf,
                           note=f"mean err {float((bf.float() - ref_img).abs().mean()):.1e}, output std "
                                f"{float(ref_img.std()):.2f}")
-                seam = fast_ae.decode_tiled(idx, tile=4, overlap=1, quantize=False)
+                seam = decode_seamless(fast_ae, idx, 4, 1)
                 table.add("  seamless (blended) tiles 4^3 latent, overlap 1", t_ref, t_ref, _maxerr(seam, ref_img),
                           note=f"mean err {float((seam - ref_img).abs().mean()):.1e}; approximate, not exact")
     print(json.dumps(table.rows))
@@ -491,8 +487,8 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
     import torch
 
     from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
+    from MedDiffusionLib.decoding import decode
     from MedDiffusionLib.models.kernels import CompiledOrEager
-    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     released = json.loads((ROOT / "Testing" / "benchmarks" / "released_configs.json").read_text())
     for comp in comps:
@@ -532,12 +528,7 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                     _reset_peak(dev)
                     t0 = time.perf_counter()
                     with torch.inference_mode():
-                        if plan.method == "exact":
-                            decode_exact_tiled(ae, idx, plan.tile, quantize=False)
-                        elif plan.tile is None:
-                            ae.decode(idx, quantize=False)
-                        else:
-                            ae.decode_tiled(idx, tile=plan.tile, overlap=max(1, plan.tile // 4), quantize=False)
+                        decode(ae, idx, plan)
                     _sync(dev)
                     t_dec = time.perf_counter() - t0
                     peak = _peak_mb(dev)
@@ -552,9 +543,10 @@ def cuda_cases(args, table: Table, report: dict, dev: str = "cuda", sides: tuple
                                   note=f"mean err {float((d16.float() - d32).abs().mean()):.1e}")
                         del d32, d16
                     report.setdefault("cuda_decode", []).append(
-                        dict(case=label, method=plan.method, tile=plan.tile, seconds=t_dec, peak_mb=peak,
-                             estimate_mb=plan.device_bytes / 2 ** 20, host_estimate_mb=plan.store_bytes / 2 ** 20,
-                             budget_mb=(budget or 0) / 2 ** 20))
+                        dict(case=label, method=plan.method, tile=plan.tile, store=plan.store, seconds=t_dec,
+                             peak_mb=peak, estimate_mb=plan.device_bytes / 2 ** 20,
+                             store_estimate_mb=plan.store_bytes / 2 ** 20, budget_mb=(budget or 0) / 2 ** 20))
+                    print("cuda_decode", report["cuda_decode"][-1], flush=True)
                     runs = {("8x", 256): (("dpm++", 20), ("ddpm", None)), ("8x", 512): (("dpm++", 20),),
                             ("4x", 256): (("dpm++", 20),)}.get((comp, side_img), ())
                     if dev == "cpu":  # smoke run of the GPU rows: two sampler steps
@@ -592,21 +584,17 @@ def _capped_exact_decode(pipe, ae, idx, s: int, label: str, dev: str, report: di
 def _capped_exact_decode_row(pipe, ae, idx, s: int, label: str, dev: str, report: dict) -> None:
     import torch
 
-    from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
+    from MedDiffusionLib.decoding import decode
     plan = pipe.decode_plan((s, s, s), memory_limit_bytes=CAP_GB * 1e9)
     avail = int(open("/proc/meminfo").read().split("MemAvailable:")[1].split()[0]) * 1024
     spill = None
     if plan.store == "disk":
         import tempfile
         spill = tempfile.mkdtemp(prefix="meddiffusion-bench-spill-")
-    store = dev if plan.store == "device" else "cpu"
     _reset_peak(dev)
     t0 = time.perf_counter()
     with PeakRSS() as rss, torch.inference_mode():
-        if plan.method == "whole":
-            out = ae.decode(idx, quantize=False)
-        else:
-            out = decode_exact_tiled(ae, idx, plan.tile, quantize=False, store_device=store, spill_dir=spill)
+        out = decode(ae, idx, plan, spill_dir=spill)
         _sync(dev)
     row = dict(case=f"{label} exact decode, {CAP_GB} GB cap", method=plan.method, tile=plan.tile,
                seconds=time.perf_counter() - t0, peak_mb=_peak_mb(dev), estimate_mb=plan.device_bytes / 2 ** 20,

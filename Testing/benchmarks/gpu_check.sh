@@ -3,6 +3,7 @@
 # with TF32 off, both kernel modes; fast with TF32 on, to show what TF32 costs), and the
 # benchmark's GPU rows. Every part has its own time limit and writes to $OUT as it goes.
 #   OUT=/tmp/gpu bash Testing/benchmarks/gpu_check.sh
+# BENCH_ARGS adds benchmark options, e.g. BENCH_ARGS='--gpu-sides 512 --gpu-comps 8x --no-graph'.
 set -u
 OUT=${OUT:-/tmp/meddiffusion-gpu}
 mkdir -p "$OUT"
@@ -16,4 +17,4 @@ for args in "--mode reference" "--mode fast" "--mode fast --tf32"; do
 done > "$OUT/parity.txt" 2>&1
 grep -v '^ok' "$OUT/parity.txt"
 timeout ${BENCH_S:-300} $PY Testing/benchmarks/benchmark.py --device cuda --gpu-only --no-compile \
-  --graph-steps ${GRAPH_STEPS:-200} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
+  --graph-steps ${GRAPH_STEPS:-200} ${BENCH_ARGS:-} --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

@@ -4,10 +4,10 @@ from MedDiffusionLib.jobs import ModelCache, run_job
 
 
 def test_first_run_announces_the_kernel_timing(tmp_path, monkeypatch):
-    from MedDiffusionLib.models import kernels
+    from MedDiffusionLib.models.kernels import choices  # the module whose globals the choices live in
 
     monkeypatch.setenv("MEDDIFFUSION_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_CHOICES", {})  # as in a fresh process
+    monkeypatch.setattr(choices, "_CHOICES", {})  # as in a fresh process
     spec = {"task": "generate", "params": {"sampler": "ddim", "steps": 1, "device": "cpu"}}
     notices = []
     for _ in range(2):

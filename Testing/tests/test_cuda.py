@@ -8,7 +8,7 @@ itself, so that float32 on the GPU stays within the parity tolerance of the CPU.
 import pytest
 import torch
 
-from MedDiffusionLib.models.streaming_decode import decode_exact_tiled
+from MedDiffusionLib.decoding import DecodePlan, decode
 from MedDiffusionLib.pipelines.generation import GenerationPipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -42,7 +42,7 @@ def test_decode_whole_and_exact_tiles_match_cpu(pipes):
     with torch.inference_mode(), gpu.autocast():
         ref = cpu.ae.decode(idx, quantize=False)
         whole = gpu.ae.decode(idx.cuda(), quantize=False).cpu()
-        tiled = decode_exact_tiled(gpu.ae, idx.cuda(), 8, quantize=False, store_device="cpu")
+        tiled = decode(gpu.ae, idx.cuda(), DecodePlan("exact", 8, store="ram"))
     assert tiled.device.type == "cpu"
     torch.testing.assert_close(whole, ref, **SINGLE)
     torch.testing.assert_close(tiled, whole, atol=1e-5, rtol=1e-5)

@@ -10,9 +10,10 @@ from torch import nn
 
 from conftest import ROOT
 from MedDiffusionLib import estimate
-from MedDiffusionLib.errors import Cancelled
-from MedDiffusionLib.estimate import (choose_decode_tile, choose_exact_tile, decode_peak_bytes, estimate_run,
+from MedDiffusionLib.decoding import (choose_decode_tile, choose_exact_tile, decode_official, decode_peak_bytes,
                                       exact_decode_bytes, plan_decode)
+from MedDiffusionLib.errors import Cancelled
+from MedDiffusionLib.estimate import estimate_run
 from MedDiffusionLib.pipelines.generation import GenerationPipeline
 
 HUGE = 10 ** 29
@@ -149,7 +150,7 @@ def test_cancel_between_seamless_and_official_tiles(bundled):
     assert cancel.calls == 4
     cancel = CancelAfter(2)
     with pytest.raises(Cancelled):
-        bundled.ae.decode_tiled_official(_latent(8), 4, cancel=cancel)
+        decode_official(bundled.ae, bundled.ae.quantize(_latent(8)), 4, cancel=cancel)
     assert cancel.calls == 2
 
 

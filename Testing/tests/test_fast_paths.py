@@ -19,13 +19,15 @@ def ae(parity_ae):
 
 
 def test_seamless_tiles_beat_official_tiles(ae):
+    from MedDiffusionLib.decoding import decode_official, decode_seamless
     g = torch.Generator().manual_seed(0)
     lat = torch.randn(1, 8, 8, 12, 16, generator=g) * 0.5
     with torch.no_grad():
         whole = ae.decode(lat)
-        official = ae.decode_tiled_official(lat, 4)
-        seamless = ae.decode_tiled(lat, tile=6, overlap=3)
-        one_tile = ae.decode_tiled(lat, tile=16, overlap=4)
+        idx = ae.quantize(lat)
+        official = decode_official(ae, idx, 4)
+        seamless = decode_seamless(ae, idx, tile=6, overlap=3)
+        one_tile = decode_seamless(ae, idx, tile=16, overlap=4)
     torch.testing.assert_close(one_tile, whole, atol=1e-5, rtol=1e-5)  # one tile = whole-volume decode
     err_official = (official - whole).abs().mean().item()
     err_seamless = (seamless - whole).abs().mean().item()
@@ -242,7 +244,7 @@ def test_compiled_biflownet_matches_eager_or_falls_back(parity_bf):
 
 # -- memory-aware seamless decoding and the estimator ----------------------------------------------------
 def test_decode_plan_follows_memory_and_blended_tiles_stay_close_to_whole(fresh_models):
-    from MedDiffusionLib.estimate import choose_decode_tile, decode_peak_bytes
+    from MedDiffusionLib.decoding import choose_decode_tile, decode_official, decode_peak_bytes
     from MedDiffusionLib.pipelines.generation import GenerationPipeline
     ae, net = fresh_models
     lat = torch.rand(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
@@ -259,18 +261,19 @@ def test_decode_plan_follows_memory_and_blended_tiles_stay_close_to_whole(fresh_
     assert choose_decode_tile(nh, f, (16, 16, 16), None) is None  # unknown budget: whole
     whole = roomy.decode(lat)
     tiled = tight.decode(lat, tiling="seamless")
-    official = reference.decode(lat, mode="tiled")  # authors' 32^3 tiles cover 16^3 whole
+    official = reference.decode(lat, tiling="official")  # authors' 32^3 tiles cover 16^3 whole
     torch.testing.assert_close(official, whole, atol=1e-4, rtol=1e-4)
     err = (tiled - whole).abs().mean().item()
     assert 0 < err < 0.05, err
-    official8 = reference.ae.decode_tiled_official(lat, 8)
+    official8 = decode_official(reference.ae, reference.ae.quantize(lat), 8)
     assert err < (official8 - whole).abs().mean().item()  # blended tiles beat the official seams
     with pytest.raises(ValueError, match="memory limit"):
         GenerationPipeline(ae, net, device="cpu", memory_limit_bytes=0)
 
 
 def test_decode_estimator_shape():
-    from MedDiffusionLib.estimate import decode_peak_bytes, estimate_run
+    from MedDiffusionLib.decoding import decode_peak_bytes
+    from MedDiffusionLib.estimate import estimate_run
     # the reference path adds slow_conv3d's im2col buffers on small maps; tiles cost less than whole
     assert decode_peak_bytes(8, 4, (16,) * 3, mode="reference") > decode_peak_bytes(8, 4, (16,) * 3, mode="fast")
     assert decode_peak_bytes(48, 8, (64,) * 3, 32) < 0.2 * decode_peak_bytes(48, 8, (64,) * 3)
@@ -327,15 +330,15 @@ def test_kernel_choices_are_recorded_so_every_process_runs_the_same(monkeypatch,
     by clearing this one's memory) adopts it instead of measuring again, whatever its timings say."""
     import time as _time
 
-    from MedDiffusionLib.models import kernels
+    from MedDiffusionLib.models.kernels import choices  # the module whose globals measured_choice reads
     monkeypatch.setenv("MEDDIFFUSION_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(choices, "_CHOICES", {})
     key = ("test-op", (1, 2, 3))
-    first = kernels.measured_choice(key, {"slow": lambda: _time.sleep(0.003), "quick": lambda: None})
+    first = choices.measured_choice(key, {"slow": lambda: _time.sleep(0.003), "quick": lambda: None})
     assert first == "quick"
-    assert kernels._choices_file().is_file() and tmp_path in kernels._choices_file().parents
-    monkeypatch.setattr(kernels, "_CHOICES", {})
-    kernels._stored_choices_at.cache_clear()
+    assert choices._choices_file().is_file() and tmp_path in choices._choices_file().parents
+    monkeypatch.setattr(choices, "_CHOICES", {})
+    choices._stored_choices_at.cache_clear()
     calls = []
-    again = kernels.measured_choice(key, {"slow": lambda: calls.append(1), "quick": lambda: _time.sleep(0.003)})
+    again = choices.measured_choice(key, {"slow": lambda: calls.append(1), "quick": lambda: _time.sleep(0.003)})
     assert again == "quick" and not calls  # recorded choice, nothing timed

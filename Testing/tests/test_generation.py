@@ -10,7 +10,9 @@ from MedDiffusionLib.cli import main
 from MedDiffusionLib.data.volumes import read_volume
 from MedDiffusionLib.io.checkpoints import save_model
 from MedDiffusionLib.models import BiFlowNet, PatchVolumeAE
-from MedDiffusionLib.pipelines.generation import GenerationPipeline, legal_size, resolve_device
+from MedDiffusionLib.devices import resolve_device
+from MedDiffusionLib.errors import ResourceError, UserError
+from MedDiffusionLib.pipelines.generation import GenerationPipeline, legal_size
 
 AE_ARGS = ("n_hiddens", "downsample", "image_channels", "norm_type", "num_groups", "embedding_dim", "n_codes", "patch_size")
 
@@ -68,8 +70,12 @@ def test_legal_sizes():
 def test_cuda_requested_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error path needs a machine without it")
-    with pytest.raises(RuntimeError, match="CUDA was requested"):
-        resolve_device("cuda")
+    with pytest.raises(ResourceError, match="sees no CUDA GPU") as info:
+        resolve_device("cuda:1")
+    assert info.value.field == "device"  # each front end names it its own way (--device, the panel's control)
+    with pytest.raises(UserError, match="unknown device") as info:
+        resolve_device("tpu")
+    assert info.value.field == "device"
     with pytest.warns(RuntimeWarning, match="CPU"):
         assert resolve_device("auto").type == "cpu"
 
@@ -204,7 +210,6 @@ def test_generate_records_the_steps_it_runs_and_feeds_the_callback(tiny_models):
 
 
 def test_unconditional_model_gives_a_user_error(tiny_models, parity_bf):
-    from MedDiffusionLib.errors import UserError
     net = BiFlowNet(**{**parity_bf["config"], "cond_classes": None}).eval()
     pipe = GenerationPipeline(tiny_models[0], net, device="cpu")
     with pytest.raises(UserError, match="unconditional"):

@@ -232,14 +232,14 @@ def test_input_with_broken_geometry_is_refused():
 
 # -- memory: inputs, outputs, controlled tasks and simulate are checked before they run -------------------------
 def test_memory_check_counts_inputs_outputs_and_every_task(monkeypatch):
-    import MedDiffusionLib.estimate as estimate
+    import MedDiffusionLib.memory as memory
 
     ct = read_volume(DATA / "lung2_crop.nii.gz")
     gen_spec = resolve(JobSpec("generate", params={"sampler": "ddim", "steps": 2, "num_volumes": 4}))
     assert jobs.array_bytes(gen_spec) == 2 * 4 * 64 ** 3 * 4
     sim = resolve(JobSpec("simulate-sparse-view", params={"views": 3600, "bins": 8192}, inputs={"input": "ct"}))
     assert jobs.array_bytes(sim, [ct]) > ct.array.nbytes
-    monkeypatch.setattr(estimate, "available_memory_bytes", lambda device="cpu": 2.0 ** 30)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device="cpu": 2.0 ** 30)
     with pytest.raises(ResourceError, match="needs about .* force"):  # the fan-beam grids of 3600 x 8192 rays
         check_memory(sim, "cpu", None, {"input": ct})
     small = resolve(JobSpec("simulate-sparse-view", params={"views": 8, "bins": 64}, inputs={"input": "ct"}))
@@ -297,3 +297,16 @@ def test_json_schema_lists_every_parameter_and_validates_specs():
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
     assert parse_spec(json.dumps(good)).params["class"] == 1
+
+
+def test_a_service_cache_never_opens_a_vanished_controlnet_name_as_a_path(tmp_path, monkeypatch):
+    """A ControlNet name resolved at the door but gone when the job runs is an error about the
+    field in a service's cache, never a path looked up relative to the server's working folder."""
+    from MedDiffusionLib.model_cache import ModelCache
+
+    spec = resolve(JobSpec("reconstruct", controlnet="chest-ct-mini-sparse-view", inputs={"input": "x"}))
+    (tmp_path / "chest-ct-mini-sparse-view").write_bytes(b"not a checkpoint")  # what a path lookup would open
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="not installed here any more") as info:
+        ModelCache(local_paths=False).controlled(spec, "cpu", controlnet_dirs=[tmp_path / "empty"])
+    assert info.value.field == "controlnet"

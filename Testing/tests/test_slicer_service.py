@@ -273,3 +273,23 @@ def test_connect_over_https_trusts_the_ca_file_given(tmp_path, monkeypatch):
         lg.useRemoteServer(url, "secret", caFile=str(tmp_path / "cert.pem"))
         assert connect(lg) == {"version": "tls-test", "auth": "Bearer secret"}
         assert lg.cachedHealth() == {"version": "tls-test", "auth": "Bearer secret"}
+
+
+def test_slicer_gets_the_same_resolved_request_and_shows_the_services_defaults(logic):
+    """Through the service, the Slicer logic's job resolves to what the Python API (and with it the
+    CLI, test_job_service) resolves for the same values; the panel's model defaults are the ones
+    the library resolves (MedDiffusionLib.defaults), not its own."""
+    from MedDiffusionLib.defaults import sampling_defaults_for
+    from MedDiffusionLib.jobspec import model_entry, resolve
+
+    model = logic.modelInfo(None)
+    assert model["defaults"] == sampling_defaults_for(model_entry(model["id"]))
+    job = logic.submitGenerate(classIndex=1, seed=3, sampler="dpm++", steps=2, device="cpu")
+    nodes = logic.finishJob(job)
+    served = dict(job.status["spec"]["params"])
+    api = dict(resolve({"task": "generate", "model": model["id"],
+                        "params": {"seed": 3, "sampler": "dpm++", "steps": 2, "class": 1}}).params)
+    assert served.pop("device") == "cpu" and api.pop("device") == "auto"  # resolved where the job runs
+    assert served == api
+    for node in nodes:
+        logic.scene.RemoveNode(node)

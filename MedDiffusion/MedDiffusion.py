@@ -160,6 +160,11 @@ def serviceProblem(health, url: str) -> str | None:
     return None
 
 
+def _validSteps(value) -> int | None:
+    """A number of sampler steps from the service's status answer, or None when it is not one."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1000 else None
+
+
 def rotateLog(path: str, maxBytes: int = LOG_MAX_BYTES) -> str:
     """Before a server starts writing to ``path``: when the file is over ``maxBytes``, keep it as
     ``path.1`` (replacing an older one) so the log starts afresh. A file still held open (Windows) stays."""
@@ -405,6 +410,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job = None
         self._pip = None
         self._shownSampler = None  # the sampler whose default steps the panel last applied
+        self._shownControlSteps = None  # the ControlNet steps the panel last took from the service
         self._import = None  # an Add weights... child process (meddiffusion models import) in progress
         self._pending = None  # action to run once the service answers
         self._models: list = []
@@ -575,6 +581,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
         self._parameterNode = inputParameterNode
+        self._shownSampler = None  # a node's own sampler and steps (a loaded scene's) are kept as they are
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
@@ -1033,11 +1040,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.modelId = model["id"]
             self._shownSampler = p.sampler = defaults["sampler"] if defaults["sampler"] in ("ddpm", "ddim", "dpm++") \
                 else p.sampler
-            if isinstance(defaults.get("steps"), int) and 1 <= defaults["steps"] <= 1000:
-                p.steps = defaults["steps"]
-            controlled = defaults.get("controlled") or {}
-            if isinstance(controlled.get("steps"), int) and 1 <= controlled["steps"] <= 1000:
-                p.controlSteps = controlled["steps"]
+            steps = _validSteps(defaults.get("steps"))
+            if isinstance(defaults.get("sampler_steps"), dict) and steps:  # an older service sends no per-sampler steps
+                p.steps = steps
+            controlSteps = _validSteps((defaults.get("controlled") or {}).get("steps")
+                                       if isinstance(defaults.get("controlled"), dict) else None)
+            if controlSteps and controlSteps != self._shownControlSteps:  # a user's own value stays otherwise
+                self._shownControlSteps = p.controlSteps = controlSteps
         self._onClassChanged()
 
     def _class(self):
@@ -1198,8 +1207,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # another sampler chosen: its default number of steps, as the service resolves it
             first = self._shownSampler is None
             self._shownSampler = p.sampler
-            steps = ((self._model() or {}).get("defaults") or {}).get("sampler_steps", {}).get(p.sampler)
-            if not first and isinstance(steps, int) and 1 <= steps <= 1000:
+            perSampler = ((self._model() or {}).get("defaults") or {}).get("sampler_steps")
+            steps = _validSteps(perSampler.get(p.sampler)) if isinstance(perSampler, dict) else None
+            if not first and steps:
                 p.steps = steps
         if p is not None:
             self.ui.stepsSpinBox.enabled = p.sampler != "ddpm"

@@ -33,6 +33,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from .defaults import show
 from .errors import Cancelled
 from .memory import available_memory_bytes, fprod, size_text
 
@@ -246,8 +247,13 @@ class DecodePlan:
 
 def official_plan(n_hiddens: int, compression: int, latent_dhw: Sequence[int], mode: str = "reference",
                   device: str = "cpu") -> DecodePlan:
-    """The authors' rule: whole up to :data:`OFFICIAL_WHOLE_MAX` latent voxels, else 32^3 tiles."""
+    """The authors' rule: whole up to :data:`OFFICIAL_WHOLE_MAX` latent voxels, else 32^3 tiles.
+    Their tiles need every side divisible by 32; a larger latent that is not gets blended 32^3
+    tiles instead (bounded memory, approximate, and said so in the plan)."""
     big = math.prod(int(v) for v in latent_dhw) > OFFICIAL_WHOLE_MAX.get(compression, 32 ** 3)
+    if big and any(int(v) % OFFICIAL_TILE for v in latent_dhw):
+        return DecodePlan("seamless", OFFICIAL_TILE,
+                          decode_peak_bytes(n_hiddens, compression, latent_dhw, OFFICIAL_TILE, mode, device))
     block = [min(OFFICIAL_TILE, int(v)) for v in latent_dhw] if big else latent_dhw
     peak = decode_peak_bytes(n_hiddens, compression, block, None, mode, device)
     if big:
@@ -261,7 +267,7 @@ def resolve_tiling(tiling: str, mode: str = "fast") -> str:
     if tiling == "auto":
         return "exact" if mode == "fast" else "official"
     if tiling not in TILINGS:
-        raise ValueError(f"unknown tiling {tiling!r}; use {', '.join(TILINGS)}")
+        raise ValueError(f"unknown tiling {show(tiling)}; use {', '.join(TILINGS)}")
     return tiling
 
 
@@ -427,21 +433,22 @@ def decode(ae, indices: torch.Tensor, plan: DecodePlan, cancel: CancelFn | None 
                 store = next(ae.parameters()).device if plan.store == "device" else torch.device("cpu")
                 dec = StreamingDecoder(ae, tile, cancel=cancel, store_device=store)
             return dec.decode_indices(indices)
-        if plan.method == "official":
-            if all(s % tile == 0 for s in dhw):
-                return decode_official(ae, indices, tile, cancel)
-            return ae.decode(indices, quantize=False)  # the authors decode such a latent whole
+        if plan.method == "official":  # official_plan gives blended tiles where these do not divide
+            return decode_official(ae, indices, tile, cancel)
         if plan.method == "seamless":
             return decode_seamless(ae, indices, tile, max(1, tile // 4), cancel=cancel)
     raise ValueError(f"unknown decode method {plan.method!r}")
 
 
 def decode_retrying(ae, indices: torch.Tensor, plan: DecodePlan, cancel: CancelFn | None = None,
-                    spill_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, DecodePlan]:
-    """:func:`decode`, and on a CUDA out-of-memory error the retry: an exact decode first moves its
-    stage maps off the GPU (RAM, else disk), then, like a blended one, shrinks its cubes by a
-    quarter until it fits or cannot shrink; the authors' tiling is not changed. Returns the image
-    and the plan that made it."""
+                    spill_dir: str | os.PathLike | None = None,
+                    tiling: str = "exact") -> tuple[torch.Tensor, DecodePlan]:
+    """:func:`decode`, and on a CUDA out-of-memory error the retry, which keeps what ``tiling``
+    (the resolved request: exact, seamless, official or whole) promised: an exact decode, or a
+    whole one planned under ``"exact"``, goes on exactly, first moving GPU-held stage maps off the
+    GPU (RAM, else disk), then in cubes a quarter smaller each time; a blended one shrinks its
+    tiles; ``"whole"`` and the authors' tiling are not changed (the error is raised). Returns the
+    image and the plan that made it."""
     dhw = tuple(int(v) for v in indices.shape[1:])
     nh, f = ae.config["n_hiddens"], ae.compression
     spill = None if spill_dir is None else str(spill_dir)
@@ -452,13 +459,15 @@ def decode_retrying(ae, indices: torch.Tensor, plan: DecodePlan, cancel: CancelF
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             tile = plan.tile
+            exact = plan.method == "exact" or (plan.method == "whole" and tiling == "exact")
             if plan.method == "exact" and plan.store == "device":
                 log.warning("decode ran out of GPU memory; retrying with the stage maps off the GPU")
                 plan = host_store_plan(nh, f, dhw, tile, plan.spill_dir or spill)
                 continue
-            smaller = max(1 if plan.method == "exact" else 8, (tile or max(dhw)) * 3 // 4)
-            if plan.method == "official" or smaller == tile:
+            blended = plan.method == "seamless" or (plan.method == "whole" and tiling == "seamless")
+            smaller = max(1 if exact else 8, (tile or max(dhw)) * 3 // 4)
+            if not (exact or blended) or smaller == tile:
                 raise
             log.warning("decode ran out of GPU memory; retrying with %d^3 latent tiles", smaller)
-            plan = host_store_plan(nh, f, dhw, smaller, plan.spill_dir or spill) if plan.method == "exact" \
+            plan = host_store_plan(nh, f, dhw, smaller, plan.spill_dir or spill) if exact \
                 else DecodePlan("seamless", smaller, 0.0)

@@ -209,5 +209,5 @@ def sampling_defaults_for(entry: Any) -> dict[str, Any]:
     controls from it)."""
     sampler, steps = resolve_sampling(None, None, entry.sampling_defaults)
     return {"class": entry.default_class, "sampler": sampler, "steps": steps,
-            "sampler_steps": {s: resolve_sampling(s, None)[1] for s in SAMPLERS},
+            "sampler_steps": {s: resolve_sampling(s, None, entry.sampling_defaults)[1] for s in SAMPLERS},
             "controlled": dict(zip(("sampler", "steps"), resolve_sampling(None, None, CONTROLLED_DEFAULTS)))}

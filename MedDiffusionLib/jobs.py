@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from .checks import array_bytes, check_input, check_input_size, check_memory, job_memory_limit, working_size
 from .defaults import check_size
 from .errors import ResourceError
-from .jobspec import MAX_SEED, PARAM_DEFAULTS, SPEC_FIELDS, TASKS, Caps, JobSpec, resolve
+from .jobspec import MAX_SEED, PARAM_DEFAULTS, SPEC_FIELDS, TASK_PARAMS, TASKS, Caps, JobSpec, resolve
 from .model_cache import ModelCache
 from .progress import ProgressEvent, ProgressReporter
 from .results import JobResult, ResultVolume, result_names, write_all, write_results
@@ -206,6 +206,6 @@ def _preview_kw(pipe: Any, p: dict[str, Any], preview: Callable[[int, Any], None
 
 
 # the job API: what front ends and scripts import from here (each name lives in its module above)
-__all__ = ["JobSpec", "Caps", "resolve", "TASKS", "PARAM_DEFAULTS", "SPEC_FIELDS", "MAX_SEED", "run_job", "oom_advice",
+__all__ = ["JobSpec", "Caps", "resolve", "TASKS", "PARAM_DEFAULTS", "SPEC_FIELDS", "TASK_PARAMS", "MAX_SEED", "run_job", "oom_advice",
            "check_input", "check_input_size", "check_memory", "array_bytes", "working_size", "ModelCache",
            "ProgressEvent", "JobResult", "ResultVolume", "result_names", "write_results", "write_all"]

@@ -35,6 +35,21 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "hu": None, "hu_window": None, "device": "auto", "mode": "fast", "precision": "fp32", "tiling": "auto",
     "max_memory_gb": None, "compile": False, "views": 40, "bins": 512, "preview_every": 0, "force": False,
 }
+# the parameters each task takes (one pydantic model per task at the service's door, MedDiffusionLib.schema)
+_SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
+                    "preview_every", "force")
+TASK_PARAMS: dict[str, tuple[str, ...]] = {
+    "generate": ("class", "size", "spacing", "num_volumes", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
+    "synthesize": _SAMPLING_PARAMS,
+    "reconstruct": _SAMPLING_PARAMS,
+    "simulate-sparse-view": ("views", "bins", "device", "force"),
+}
+# why a parameter is not one of a task's, where a plain "not a parameter" would not say enough
+_NOT_A_PARAMETER = {
+    "compile": "compile builds the generation network's ahead-of-time package; it applies to generate only",
+    **{k: f"{k} is not a parameter of {{task}}: the result comes back on the input's grid"
+       for k in ("size", "spacing", "hu_window")},
+}
 INPUT_TASKS = {"synthesize": "a label map", "reconstruct": "an FBP (HU) or zero-filled MRI volume",
                "simulate-sparse-view": "a CT volume in HU"}
 
@@ -303,6 +318,15 @@ def _check_caps(spec: JobSpec, caps: "Caps | None") -> None:
                         "ask for fewer volumes or a smaller size")
 
 
+def _check_task_params(spec: JobSpec) -> None:
+    """Every parameter given (not ``null``) is one the task takes (:data:`TASK_PARAMS`)."""
+    allowed = TASK_PARAMS.get(spec.task, ())
+    for key, value in spec.params.items():
+        if value is not None and key in PARAM_DEFAULTS and key not in allowed:
+            why = _NOT_A_PARAMETER.get(key, "{key} is not a parameter of {task}; it takes {allowed}")
+            raise UserError(why.format(key=key, task=spec.task, allowed=", ".join(allowed)), field=key)
+
+
 def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = None,
             controlnet_dirs: Sequence[str | Path] | None = None) -> JobSpec:
     """Fill every unset parameter and validate the request; return a new, fully resolved spec.
@@ -319,6 +343,7 @@ def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = Non
 
     spec = spec if isinstance(spec, JobSpec) else JobSpec.from_dict(spec)
     _check_spec_strings(spec)
+    _check_task_params(spec)
     p = dict(PARAM_DEFAULTS)
     p.update({k: v for k, v in spec.params.items() if v is not None or k in ("class", "size", "spacing")})
     _check_params(p)
@@ -350,9 +375,6 @@ def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = Non
             model_entry(model)
         p["sampler"], p["steps"] = resolve_sampling(p["sampler"], p["steps"], CONTROLLED_DEFAULTS)
         p["class"] = int(meta.get("class", 1))
-        for key in ("size", "spacing", "hu_window"):
-            if spec.params.get(key) is not None:
-                raise UserError(f"{key} is not a parameter of {spec.task}: the result comes back on the input's grid")
         return _final(spec, model, p, caps)
 
     # generate

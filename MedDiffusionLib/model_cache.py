@@ -70,10 +70,9 @@ class ModelCache:
                             field="controlnet")
         if path is None:
             path = resolve_controlnet(spec.controlnet, controlnet_dirs)
-        key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"], p["compile"])
+        key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"])
         pipe = self._get(key, lambda: ControlledPipeline.from_files(
-            path, spec.model, spec.weights, device=device, mode=p["mode"], precision=p["precision"],
-            compile=p["compile"]))
+            path, spec.model, spec.weights, device=device, mode=p["mode"], precision=p["precision"]))
         return pipe
 
     def clear(self) -> list[str]:

@@ -2,7 +2,9 @@
 
 :class:`JobRequest` mirrors :class:`MedDiffusionLib.jobspec.JobSpec` field for field and
 :class:`JobParams` mirrors :data:`MedDiffusionLib.jobspec.PARAM_DEFAULTS` name for name (every
-parameter optional; ``null`` = the default). Unknown fields are refused, numbers must be finite,
+parameter optional; ``null`` = the default); each task has its own model with only its parameters
+(:data:`TASK_PARAM_MODELS`, :data:`TASK_REQUEST_MODELS`, from :data:`jobspec.TASK_PARAMS`), which
+the door checks and the OpenAPI page shows. Unknown fields are refused, numbers must be finite,
 integers whole (``3.0`` counts as 3, ``3.5`` and ``"3"`` do not), booleans are JSON ``true`` /
 ``false`` only, and every number, string and list is bounded by the absolute limits in
 :mod:`MedDiffusionLib.jobspec` (``MAX_*``). :func:`parse_spec` is the whole door: size and nesting
@@ -19,8 +21,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 from annotated_types import Ge, Gt, Le, Len, MaxLen
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints, ValidationError,
-                      WithJsonSchema)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StringConstraints, TypeAdapter,
+                      ValidationError, WithJsonSchema, create_model)
 
 from . import jobspec
 from .defaults import MAX_CLASS_CHARS, MAX_SIDE, MAX_STEPS, SPACING_RANGE_MM, show
@@ -119,7 +121,8 @@ class JobParams(BaseModel):
     precision: Optional[Literal["fp32", "tf32", "bf16", "fp16"]] = None
     tiling: Optional[Literal["auto", "exact", "official", "seamless"]] = None
     max_memory_gb: Optional[MemoryGB] = None
-    compile: Optional[StrictBool] = None
+    compile: Optional[StrictBool] = Field(
+        None, description="generate: build the ahead-of-time compiled BiFlowNet for this size first")
     views: Optional[Views] = Field(None, description="simulate-sparse-view: fan-beam views")
     bins: Optional[Bins] = Field(None, description="simulate-sparse-view: detector bins")
     preview_every: Optional[PreviewEvery] = Field(
@@ -150,6 +153,43 @@ class JobRequest(BaseModel):
         params = self.params.model_dump(by_alias=True, exclude_unset=True) if self.params is not None else {}
         return JobSpec(self.task, self.model, self.weights, self.controlnet, params, dict(self.inputs or {}),
                        self.output_format or ".nrrd")
+
+
+# -- one model per task: the parameters each task takes (jobspec.TASK_PARAMS), made from JobParams's fields --
+def _title(task: str) -> str:
+    return "".join(w.capitalize() for w in task.split("-"))
+
+
+def _params_model(task: str) -> type[BaseModel]:
+    names = jobspec.TASK_PARAMS[task]
+    fields: dict[str, Any] = {attr: (f.annotation, f) for attr, f in JobParams.model_fields.items()
+                              if (f.alias or attr) in names}
+    model = create_model(f"{_title(task)}Params", __config__=ConfigDict(extra="forbid", populate_by_name=True),
+                         **fields)
+    model.__doc__ = f"The parameters of a {task} job; unset or ``null`` = the default."
+    return model
+
+
+TASK_PARAM_MODELS: dict[str, type[BaseModel]] = {task: _params_model(task) for task in jobspec.TASK_PARAMS}
+TASK_REQUEST_MODELS: dict[str, type[BaseModel]] = {
+    task: create_model(f"{_title(task)}Request", __base__=JobRequest, task=(Literal[task], ...),  # type: ignore[valid-type]
+                       params=(Optional[model], None))
+    for task, model in TASK_PARAM_MODELS.items()}
+
+
+def _check_task(request: JobRequest) -> None:
+    """The parameters given (not ``null``) against the task's own model: a parameter of another
+    task is refused, naming it and the task's parameters."""
+    if request.params is None:
+        return
+    given = {k: v for k, v in request.params.model_dump(by_alias=True, exclude_unset=True).items() if v is not None}
+    try:
+        TASK_PARAM_MODELS[request.task].model_validate(given)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        name = str(err.get("loc", ("?",))[-1])
+        raise UserError(one_line(f"{name} is not a parameter of {request.task}; it takes "
+                                 f"{', '.join(jobspec.TASK_PARAMS[request.task])}"), field=name) from None
 
 
 # -- the door -------------------------------------------------------------------------------------------------
@@ -236,12 +276,14 @@ def load_json(raw: bytes | str) -> Any:
 def validate(doc: Any) -> JobRequest:
     """The :class:`JobRequest` of a decoded JSON document (a one-line :class:`UserError` if invalid)."""
     try:
-        return JobRequest.model_validate(doc)
+        request = JobRequest.model_validate(doc)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         loc = errors[0].get("loc", ()) if errors else ()
         field = str(loc[1]) if len(loc) >= 2 and loc[0] == "params" else None
         raise UserError(one_line(validation_message(exc)), field=field) from None
+    _check_task(request)
+    return request
 
 
 def parse_spec(raw: bytes | str, caps: Caps | None = None,
@@ -341,10 +383,13 @@ def validation_message(exc: ValidationError, count: int = 2) -> str:
     return text
 
 
-def request_schema() -> dict[str, Any]:
-    """The JSON schema of a job spec (for the OpenAPI request body)."""
-    return JobRequest.model_json_schema()
+def request_schema(ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """The JSON schema of a job spec (the OpenAPI request body): one request model per task
+    (``GenerateRequest``, ``SynthesizeRequest``, ...), each with its task's parameters only,
+    told apart by ``task``."""
+    union = Annotated[Union[tuple(TASK_REQUEST_MODELS.values())], Field(discriminator="task")]  # type: ignore[misc]
+    return TypeAdapter(union).json_schema(ref_template=ref_template)
 
 
-__all__ = ["JobRequest", "JobParams", "Caps", "parse_spec", "load_json", "validate", "check_depth", "request_schema",
+__all__ = ["JobRequest", "JobParams", "TASK_PARAM_MODELS", "TASK_REQUEST_MODELS", "Caps", "parse_spec", "load_json", "validate", "check_depth", "request_schema",
            "validation_message", "MAX_SPEC_BYTES", "MAX_SPEC_DEPTH"]

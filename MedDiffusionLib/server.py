@@ -72,7 +72,7 @@ from .jobspec import JobSpec
 from .jobstore import JobStore
 from .model_cache import ModelCache
 from .progress import ProgressEvent
-from .schema import MAX_MESSAGE_CHARS, Caps, JobRequest, one_line, parse_spec
+from .schema import MAX_MESSAGE_CHARS, Caps, one_line, parse_spec, request_schema
 
 log = logging.getLogger("meddiffusion.server")
 
@@ -899,7 +899,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
                       description="MedDiffusion job service. Every request needs a bearer token.")
-    schema = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema = request_schema(ref_template="#/components/schemas/{model}")  # one request model per task
     comps = doc.setdefault("components", {})
     schemas = comps.setdefault("schemas", {})
     schemas.update(schema.pop("$defs", {}))

@@ -4,8 +4,8 @@ The decoder's convolutions and up-sampling are local; its only global operations
 attention (at latent resolution, run whole here) and GroupNorm. This module streams the decoder
 one operation at a time above the mid-block:
 
-* every stage's activation map ``(B, C, D, H, W)`` but one (below) lives in *store* memory (host
-  RAM by default);
+* every stage's activation map ``(B, C, D, H, W)`` but the up-sampled ones (below) lives in
+  *store* memory (host RAM by default);
 * each pass cuts its output into cubes; a cube's input, with a halo of the operation's receptive
   field (1 voxel for 3x3x3 convolutions, 1 low-resolution voxel for the 4/2/1 transposed
   convolution), is moved to the compute device, normalised and convolved there, and written back;
@@ -352,8 +352,11 @@ class StreamingDecoder:
             del buf
             h_stats.add(h)
             centre = u[..., 1:-1, 1:-1, 1:-1]
-            res = block.resConv(centre.contiguous(memory_format=_memory_format(block.resConv))) \
-                if isinstance(block, ResBlockXY) else centre
+            if isinstance(block, ResBlockXY):
+                res = block.resConv(centre.contiguous(memory_format=_memory_format(block.resConv)))
+            else:
+                assert isinstance(block, ResBlockX)
+                res = centre
             cube = (slice(None), slice(None), *region)
             h_map[cube] = h
             res_map[cube] = res

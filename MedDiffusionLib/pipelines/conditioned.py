@@ -26,7 +26,7 @@ from ..io.checkpoints import CheckpointError, fingerprint, load_model, read_mode
 from ..memory import ffloat, fprod
 from ..models.controlnet import ControlledNoise, ControlNet
 from ..operators.fanbeam import FanBeamGeometry, simulate_sparse_view_slices
-from .generation import CompiledNoise, GenerationPipeline, KernelModeMixin, check_cancel, tf32_allowed
+from .generation import GenerationPipeline, KernelModeMixin, check_cancel, tf32_allowed
 from .loop import CancelFn, ProgressFn, StepCallback
 
 TASKS = ("sparse-view", "labels", "mri")
@@ -35,8 +35,9 @@ TASKS = ("sparse-view", "labels", "mri")
 class ControlledPipeline(KernelModeMixin):
     """A base :class:`GenerationPipeline` (composed, not subclassed) plus one ControlNet for the
     task recorded in the ControlNet's ``meta``. Every setting of the base (device, precision,
-    compile, memory limit, kernel mode) applies; the noise model is :class:`ControlledNoise`
-    ``(x, t, y, res, hint) -> eps`` over the base's own network."""
+    memory limit, kernel mode) applies; the noise model is :class:`ControlledNoise`
+    ``(x, t, y, res, hint) -> eps`` over the base's own network, run eager (``compile`` means the
+    generation network's ahead-of-time package, which a ControlNet run has none of)."""
 
     def __init__(self, base: GenerationPipeline, controlnet: ControlNet, meta: dict[str, Any], mode: str | None = None):
         self.base = base
@@ -59,7 +60,6 @@ class ControlledPipeline(KernelModeMixin):
                 raise CheckpointError(f"this ControlNet was trained for another base model (fingerprint {base_fp}, "
                                       f"this base {own}; trained on {meta.get('base_model')!r})")
         self._scale = meta.get("control_scale", 1.0)
-        self._compiled = CompiledNoise(self._noise_for, base.compile)
         self.set_mode(mode or base.mode)
 
     @property
@@ -88,7 +88,6 @@ class ControlledPipeline(KernelModeMixin):
     entry = property(lambda self: self.base.entry)
     compression = property(lambda self: self.base.compression)
     precision = property(lambda self: self.base.precision)
-    compile = property(lambda self: self.base.compile)
     memory_limit_bytes = property(lambda self: self.base.memory_limit_bytes)
 
     @property
@@ -127,8 +126,7 @@ class ControlledPipeline(KernelModeMixin):
     @classmethod
     def from_files(cls, controlnet_path: str | Path, model: str | None = None, weights: str | Path | None = None,
                    device: str | None = None, mode: str = "fast", local_files_only: bool | None = None,
-                   precision: str = "fp32", compile: bool = False,
-                   memory_limit_bytes: float | None = None) -> "ControlledPipeline":
+                   precision: str = "fp32", memory_limit_bytes: float | None = None) -> "ControlledPipeline":
         from ..controlnets import resolve_controlnet
 
         controlnet_path = resolve_controlnet(controlnet_path)
@@ -136,7 +134,7 @@ class ControlledPipeline(KernelModeMixin):
         meta = doc.get("meta", {})
         base = GenerationPipeline.from_pretrained(model or (None if weights else meta.get("base_model")), weights, device,
                                                   local_files_only=local_files_only, precision=precision, mode=mode,
-                                                  compile=compile, memory_limit_bytes=memory_limit_bytes)
+                                                  memory_limit_bytes=memory_limit_bytes)
         return cls(base, load_model(controlnet_path, expect="controlnet"), meta)
 
     # -- hints ------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..memory import available_memory_bytes
 from ..decoding import DecodePlan, decode_retrying, plan_decode, resolve_tiling
 from ..models.autoencoder import PatchVolumeAE
 from ..models.biflownet import BiFlowNet
-from ..models.kernels import KERNEL_MODES, CompiledOrEager, form_for, mode_plan, param_tag
+from ..models.kernels import KERNEL_MODES, form_for, mode_plan, param_tag
 from ..models.precompiled import PrecompiledNoise, find_or_build, package_path, weights_digest
 from ..registry import ModelEntry
 from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, scheduler_for
@@ -83,25 +83,6 @@ def check_cancel(cancel: CancelFn | None, what: str = "cancelled") -> None:
         raise Cancelled(what)
 
 
-class CompiledNoise:
-    """The noise network of each kernel mode (``net_for(mode)``) and, when ``compile`` is on, its
-    ``torch.compile`` wrapper (built lazily, so a mode switch never runs a graph traced for the
-    other kernels)."""
-
-    def __init__(self, net_for: Callable[[str], torch.nn.Module], compile: bool):
-        self.net_for, self.compile = net_for, bool(compile)
-        self._by_mode: dict[str, CompiledOrEager] = {}
-
-    def get(self, mode: str) -> Callable[..., torch.Tensor]:
-        net = self.net_for(mode)
-        if not self.compile:
-            return net
-        if mode not in self._by_mode:
-            log.info("compiling %s with torch.compile (one-time; about 1-2 min on a small CPU)", type(net).__name__)
-            self._by_mode[mode] = CompiledOrEager(net)
-        return self._by_mode[mode]
-
-
 @dataclass
 class GeneratedVolume:
     """One result: ``image`` in model units (float32, network order (D, H, W)) and its geometry."""
@@ -121,9 +102,8 @@ class KernelModeMixin:
     """The kernel mode of one pipeline (``"fast"`` or ``"reference"``), its own setting: the
     networks it was given stay as they are, and each mode runs their
     :func:`~MedDiffusionLib.models.kernels.form_for` form (built once, sharing the weights).
-    ``noise_model()`` is its noise network, compiled per mode when asked (``self._compiled``)."""
+    ``noise_model()`` is its noise network in that mode (``_noise_for(mode)``)."""
 
-    _compiled: CompiledNoise
     _mode: str
     _forms: dict[tuple[str, str], torch.nn.Module]
 
@@ -148,9 +128,13 @@ class KernelModeMixin:
             form = self._forms[(name, mode)] = form_for(module, mode)
         return form
 
+    def _noise_for(self, mode: str) -> torch.nn.Module:
+        raise NotImplementedError
+
     def noise_model(self) -> Callable[..., torch.Tensor]:
-        """The noise network, compiled when ``compile=True`` (once per kernel mode, lazily)."""
-        return self._compiled.get(self.mode)
+        """The noise network in this pipeline's kernel mode (eager; the ahead-of-time package of a
+        generation run is :meth:`GenerationPipeline.precompiled_network`)."""
+        return self._noise_for(self.mode)
 
 
 class GenerationPipeline(KernelModeMixin):
@@ -181,7 +165,7 @@ class GenerationPipeline(KernelModeMixin):
                  device: str | torch.device | None = "cpu", timesteps: int = NUM_TRAIN_TIMESTEPS, precision: str = "fp32",
                  mode: str = "fast", compile: bool = False, memory_limit_bytes: float | None = None,
                  precompiled: bool = True):
-        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.device = resolve_device(None if device is None else str(device))
         self._ae_given = autoencoder.eval().to(self.device)
         self._net_given = biflownet.eval().to(self.device)
         self._forms = {}
@@ -194,7 +178,6 @@ class GenerationPipeline(KernelModeMixin):
         _check_limit(memory_limit_bytes)
         self.memory_limit_bytes = memory_limit_bytes  # default cap on what a decode may plan to use; never set per job
         # ahead-of-time packages replace torch.compile here
-        self._compiled = CompiledNoise(lambda mode: self._form("net", self._net_given, mode), False)
         self._packages: dict[Path, PrecompiledNoise] = {}
         self._digest: tuple[list, str] | None = None
         self._warm: set[tuple] = set()  # shapes whose warm-up forward :meth:`time_forward` already ran
@@ -210,6 +193,10 @@ class GenerationPipeline(KernelModeMixin):
     def net(self) -> BiFlowNet:
         """The noise network in this pipeline's kernel mode."""
         return self._form("net", self._net_given)
+
+    def _noise_for(self, mode: str) -> torch.nn.Module:
+        """BiFlowNet in kernel mode ``mode``."""
+        return self._form("net", self._net_given, mode)
 
     def networks(self) -> list[torch.nn.Module]:
         """The networks this pipeline runs now (its kernel mode's forms)."""
@@ -355,7 +342,7 @@ class GenerationPipeline(KernelModeMixin):
                 indices = self.ae.quantize(self.ae.denormalize_latent(lat))  # codes are always chosen in fp32
                 plan = self.decode_plan(tuple(indices.shape[1:]), tiling, memory_limit_bytes, spill_dir)
                 with self.autocast():
-                    img, plan = decode_retrying(self.ae, indices, plan, cancel, spill_dir)
+                    img, plan = decode_retrying(self.ae, indices, plan, cancel, spill_dir, tiling)
                 plans.append(plan)
                 if out is None:
                     out = torch.empty((latents.shape[0], *img.shape[1:]), dtype=torch.float32)

@@ -249,3 +249,40 @@ def test_a_server_caps_what_one_job_spills_and_shows_no_server_path(tmp_path):
     assert folder not in _short(f"needs 2 GB of disk for its stage maps in {folder} but", None, folder)
     default = str(spill_directory(None))
     assert default not in _short(f"stage maps in {default}", None, "")
+
+
+@pytest.mark.parametrize("tiling, after", [("exact", "exact"), ("seamless", "seamless"), ("whole", None)])
+def test_out_of_memory_keeps_what_the_tiling_promised(pipe, monkeypatch, tiling, after):
+    """A whole decode that runs out of GPU memory goes on exactly when exact was asked for (never
+    blended tiles), blended when blended were, and is not changed when whole was asked for."""
+    from MedDiffusionLib import decoding
+
+    real = decoding.decode
+
+    def whole_fails(ae, indices, plan, cancel=None, spill_dir=None):
+        if plan.method == "whole":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(ae, indices, plan, cancel, spill_dir)
+
+    monkeypatch.setattr(decoding, "decode", whole_fails)
+    if after is None:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            pipe.decode_with_plans(_latent(), tiling=tiling)
+        return
+    out, plans = pipe.decode_with_plans(_latent(), tiling=tiling)
+    assert plans[0].method == after and plans[0].exact == (after == "exact")
+    if after == "exact":
+        monkeypatch.undo()
+        assert (out - pipe.decode(_latent(), tiling="whole")).abs().max().item() <= EXACT
+
+
+def test_the_authors_rule_on_sides_their_tiles_do_not_divide_is_planned_bounded():
+    """A 40^3 latent (320^3 on the 8x model) is over the authors' whole-decode limit, and 32^3
+    tiles do not divide it: the plan is blended 32^3 tiles with their bounded peak, said to be
+    approximate, never an unplanned whole decode."""
+    from MedDiffusionLib.decoding import decode_peak_bytes, official_plan
+
+    plan = official_plan(48, 8, (40, 40, 40), "reference", "cuda")
+    assert plan.method == "seamless" and plan.tile == 32 and not plan.exact
+    assert plan.device_bytes < decode_peak_bytes(48, 8, (40, 40, 40), None, "reference", "cuda")
+    assert official_plan(48, 8, (64, 64, 64)).method == "official"

@@ -96,7 +96,7 @@ def test_pipeline_picks_exact_tiles_when_whole_does_not_fit(parity_ae, parity_bf
     spilled = plan_decode(nh, f, dhw, 1e3)
     assert spilled.method == "exact" and spilled.store == "disk" and spilled.tile == 1 and spilled.exact
     tight.set_mode("reference")
-    assert tight.decode_plan((40, 40, 40), tiling="official").method == "official"
+    assert tight.decode_plan((64, 64, 64), tiling="official").method == "official"
 
 
 def test_exact_plan_for_512_cube_fits_24_gb_gpu():

@@ -310,3 +310,39 @@ def test_a_service_cache_never_opens_a_vanished_controlnet_name_as_a_path(tmp_pa
     with pytest.raises(UserError, match="not installed here any more") as info:
         ModelCache(local_paths=False).controlled(spec, "cpu", controlnet_dirs=[tmp_path / "empty"])
     assert info.value.field == "controlnet"
+
+
+def test_compile_is_the_generation_networks_package_only():
+    """``compile`` means one thing, the ahead-of-time package of the generation network: a
+    ControlNet or simulation job that asks for it is told so, naming the field."""
+    assert resolve(JobSpec("generate", params={"compile": True})).params["compile"] is True
+    for spec in (JobSpec("reconstruct", controlnet="chest-ct-mini-sparse-view", params={"compile": True},
+                         inputs={"input": "x"}),
+                 JobSpec("simulate-sparse-view", params={"compile": True}, inputs={"input": "x"})):
+        with pytest.raises(UserError, match="applies to generate only") as info:
+            resolve(spec)
+        assert info.value.field == "compile"
+
+
+def test_one_model_per_task_at_the_door_and_in_the_resolver():
+    """Each task's own pydantic model (its parameters only) is what the OpenAPI schema shows and
+    the door checks; the in-process resolver refuses the same, naming the field."""
+    import jsonschema
+
+    from MedDiffusionLib.schema import TASK_PARAM_MODELS, request_schema
+
+    assert {t: set(m.model_json_schema(by_alias=True)["properties"]) for t, m in TASK_PARAM_MODELS.items()} == \
+        {t: set(names) for t, names in jobs.TASK_PARAMS.items()}
+    schema = request_schema()
+    jsonschema.validate({"task": "simulate-sparse-view", "params": {"views": 60}, "inputs": {"input": "ct.nrrd"}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"task": "generate", "params": {"views": 60}}, schema)
+    for spec, field in (({"task": "generate", "params": {"views": 60}}, "views"),
+                        ({"task": "simulate-sparse-view", "params": {"steps": 5}, "inputs": {"input": "x"}}, "steps")):
+        with pytest.raises(UserError, match=f"{field} is not a parameter of {spec['task']}") as door:
+            parse_spec(json.dumps(spec))
+        with pytest.raises(UserError, match=f"{field} is not a parameter of {spec['task']}") as api:
+            resolve(spec)
+        assert door.value.field == api.value.field == field
+    # null means "the default" for any task, as before
+    assert parse_spec(json.dumps({"task": "generate", "params": {"views": None}})).params["views"] == 40

@@ -494,7 +494,10 @@ def test_metrics_and_openapi_describe_the_service(lab):
     result = doc["paths"]["/v1/jobs/{job_id}/results/{name}"]["get"]["responses"]["200"]["content"]
     assert list(result) == ["application/octet-stream"]
     assert "403" in doc["paths"]["/v1/unload"]["post"]["responses"]
-    assert "params" in doc["components"]["schemas"]["JobRequest"]["properties"]
+    schemas = doc["components"]["schemas"]
+    assert len(schemas["JobRequest"]["oneOf"]) == 4  # one request model per task, told apart by "task"
+    assert "views" in schemas["SimulateSparseViewParams"]["properties"]
+    assert "views" not in schemas["GenerateParams"]["properties"] and "params" in schemas["GenerateRequest"]["properties"]
 
 
 def test_https_with_a_ca_file(tmp_path, capsys):

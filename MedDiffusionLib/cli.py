@@ -176,13 +176,29 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
                 raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
         from .results import write_all
 
-        write_all(outputs, [lambda r=r, o=o: client.download(job_id, r["name"], o) for r, o in zip(st["results"], outputs)])
+        write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o)
+                            for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
     except KeyboardInterrupt:
         client.cancel(job_id)
         raise
     finally:
         _delete_quietly(client, job_id)
+
+
+def _download_marked(client: "Client", job_id: str, result: dict, out: Path) -> None:
+    """Download one result; a NIfTI one gets its provenance sidecar here (the service's file
+    carries the ``SYNTHETIC`` descrip; NRRD and MHA carry every field in the file)."""
+    client.download(job_id, result["name"], out)
+    prov = (result.get("meta") or {}).get("provenance")
+    if prov and out.name.lower().endswith((".nii", ".nii.gz")):
+        from .provenance import write_sidecar
+
+        try:
+            write_sidecar(out, prov)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
 
 
 def _delete_quietly(client: "Client", job_id: str) -> None:
@@ -438,6 +454,19 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    if getattr(args, "file", None):
+        from .data.volumes import _suffix
+        from .provenance import describe, read_provenance
+
+        if not Path(args.file).is_file():
+            raise FileNotFoundError(f"{args.file}: no such file")
+        _suffix(Path(args.file))  # a volume format this library reads, else a UserError
+        prov = read_provenance(args.file)
+        if prov is None:
+            print(f"{args.file}: no MedDiffusion provenance (not marked synthetic by MedDiffusion)")
+            return 1
+        print(describe(prov))
+        return 0
     import torch
 
     from . import __version__
@@ -764,8 +793,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_compile)
 
-    p = sub.add_parser("info", help="versions, CUDA devices and free GPU memory",
-                       description="Print library/torch versions and the GPUs torch can use.")
+    p = sub.add_parser("info", help="a file's provenance; or versions, CUDA devices and free GPU memory",
+                       description="With FILE: print its provenance (whether it is a MedDiffusion synthetic volume, "
+                                   "and how it was made). Without: library/torch versions and the GPUs torch can use.")
+    p.add_argument("file", nargs="?", help="a NIfTI (with its .json sidecar), NRRD or MHA volume")
     p.set_defaults(func=_cmd_info)
     return parser
 

@@ -35,6 +35,7 @@ from .errors import ResourceError
 from .jobspec import MAX_SEED, PARAM_DEFAULTS, SPEC_FIELDS, TASK_PARAMS, TASKS, Caps, JobSpec, resolve
 from .model_cache import ModelCache
 from .progress import ProgressEvent, ProgressReporter
+from .provenance import job_provenance
 from .results import JobResult, ResultVolume, result_names, write_all, write_results
 
 
@@ -97,6 +98,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
                                        cancel=cancel, progress=slices_done)
             prog.emit("writing", 0, 0, "writing")
             meta = {"task": spec.task, "views": p["views"], "units": "HU"}
+            meta["provenance"] = job_provenance(spec, meta, device=device, inputs=vols)
             return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
 
         prog.emit("loading", 0, p["steps"], "loading weights")
@@ -131,6 +133,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
                 meta = dict(g.meta, task=spec.task, model=spec.model, class_index=g.class_index, seed=g.seed,
                             sampler=p["sampler"], steps=p["steps"], spacing=list(g.spacing_xyz),
                             units="HU" if p["hu_window"] else "model units [-1, 1]", hu_window=p["hu_window"])
+                meta["provenance"] = job_provenance(spec, meta, device=device, **_weights_of(pipe))
                 results.append(ResultVolume(name, g.volume(p["hu_window"]), meta))
             return JobResult(spec, results, time.monotonic() - t0, warnings)
 
@@ -143,7 +146,9 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         prog.emit("writing", p["steps"], p["steps"], "writing")
         hu = _controlled_output_in_hu(pipe)
         meta = {"task": spec.task, "controlnet_task": pipe.task, "model": spec.model, "seed": p["seed"],
-                "sampler": p["sampler"], "steps": p["steps"], "units": "HU" if hu else "model units [-1, 1]"}
+                "sampler": p["sampler"], "steps": p["steps"], "units": "HU" if hu else "model units [-1, 1]",
+                "class_index": pipe.class_index}
+        meta["provenance"] = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))
         return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
     except MemoryError as exc:
         raise ResourceError(f"out of memory: {exc or 'the run needs more RAM'}; try a smaller size or fewer volumes") \
@@ -152,6 +157,14 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError without importing torch here
             raise ResourceError(oom_advice(p)) from exc
         raise
+
+
+def _weights_of(pipe: Any) -> dict[str, Any]:
+    """The provenance of a generation pipeline's weights: the sha256 of the noise network's tensors
+    (computed once per pipeline) and the registry revision they came from."""
+    entry = pipe.entry
+    return {"weights_sha256": pipe._weights_digest(),
+            "revision": (entry.source.get("revision") if entry is not None else None)}
 
 
 def _decode_text(meta: dict[str, Any] | None) -> str:

@@ -45,8 +45,9 @@ def write_all(outputs: Sequence[str | Path], writers: Sequence[Callable[[], Any]
 
 
 def write_results(result: JobResult, outputs: Sequence[str | Path], overwrite: bool = False) -> list[Path]:
-    """Write each result volume to its output path, atomically and all or none."""
+    """Write each result volume to its output path, atomically and all or none, marked with its
+    provenance (:mod:`MedDiffusionLib.provenance`)."""
     from .data.volumes import write_volume
 
-    return write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, overwrite)
+    return write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, overwrite, r.meta.get("provenance"))
                                for r, o in zip(result.results, outputs)])

@@ -366,7 +366,7 @@ class JobService:
             for r in res.results:
                 if cancelled():  # cancelled while writing: nothing stays
                     raise Cancelled("cancelled")
-                write_volume(r.volume, results_dir / r.name)
+                write_volume(r.volume, results_dir / r.name, provenance=r.meta.get("provenance"))
                 os.chmod(results_dir / r.name, 0o600)
             if cancelled():
                 raise Cancelled("cancelled")

@@ -210,6 +210,19 @@ class EncodedUpload:
         return True
 
 
+PROVENANCE_ATTRIBUTE = "MedDiffusion.provenance."  # one node attribute per provenance field
+
+
+def markSynthetic(node, provenance) -> None:
+    """Mark a result node with the service's provenance (MedDiffusionLib.provenance): one node
+    attribute per field (``MedDiffusion.provenance.<field>``, JSON value; saved with the scene);
+    the node's name says "(synthetic)"."""
+    if not isinstance(provenance, dict):
+        return
+    for key, value in list(provenance.items())[:64]:
+        node.SetAttribute(PROVENANCE_ATTRIBUTE + str(key)[:64], json.dumps(value)[:4096])
+
+
 @dataclass
 class Job:
     """A submitted job as the module sees it: the service's status plus what is needed to turn
@@ -786,6 +799,9 @@ class ServiceLogic:
                 return False  # read: the node is made on the next poll
         job.transfer = None
         name = job.name if len(job.status.get("results") or []) == 1 else f"{job.name} #{job.downloaded}"
+        provenance = (res.get("meta") or {}).get("provenance")
+        if isinstance(provenance, dict) and provenance.get("synthetic"):
+            name += " (synthetic)"
         try:
             if loader.error is not None:
                 raise loader.error
@@ -794,6 +810,7 @@ class ServiceLogic:
                                          like=job.like, window=self._window(job, res))
             else:  # a file the stepwise reader does not take: Slicer's storage node, in one call
                 node = read_volume(self.scene, loader.path, name, like=job.like, window=self._window(job, res))
+            markSynthetic(node, provenance)
             job.nodes.append(node)
         except Exception as exc:
             self._removeNodes(job)

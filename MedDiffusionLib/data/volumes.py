@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -646,13 +646,36 @@ def check_writable(path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path:
+def write_volume(vol: Volume, path: str | Path, overwrite: bool = False,
+                 provenance: Mapping[str, Any] | None = None) -> Path:
     """Write atomically (:func:`MedDiffusionLib.io.atomic.atomic_path`): a temporary file in the
-    same folder, renamed when complete; a full disk raises ResourceError and leaves nothing."""
-    from ..io.atomic import atomic_path
+    same folder, renamed when complete; a full disk raises ResourceError and leaves nothing.
+
+    ``provenance`` (:mod:`MedDiffusionLib.provenance`) marks the file as synthetic: NIfTI gets a
+    ``descrip`` starting with ``SYNTHETIC`` and a JSON sidecar ``<name>.json`` with every field
+    (both or neither are left), NRRD / MHA one key/value field per provenance field."""
+    from .. import provenance as prov_mod
 
     path = check_writable(path, overwrite)
     suffix = _suffix(path)
+    nifti = suffix in (".nii.gz", ".nii")
+    side = prov_mod.sidecar_path(path) if (nifti and provenance is not None) else None
+    if side is not None and side.exists() and not overwrite:
+        raise FileExistsError(f"{side}: already exists (use --overwrite to replace it)")
+    try:
+        _write_marked(vol, path, suffix, provenance, side)
+    except BaseException:
+        if side is not None:  # the volume was not put in place: its sidecar goes too
+            side.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_marked(vol: Volume, path: Path, suffix: str, provenance: Mapping[str, Any] | None,
+                  side: Path | None) -> None:
+    from ..io.atomic import atomic_path
+    from .. import provenance as prov_mod
+
     with atomic_path(path) as tmp:
         if suffix in (".nii.gz", ".nii"):
             import nibabel as nib
@@ -661,6 +684,8 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.header.set_xyzt_units("mm")
             img.set_qform(vol.affine, code=1)
             img.set_sform(vol.affine, code=1)
+            if provenance is not None:
+                img.header["descrip"] = prov_mod.nifti_descrip(provenance)
             nib.save(img, str(tmp))
         else:
             import SimpleITK as sitk
@@ -671,8 +696,11 @@ def write_volume(vol: Volume, path: str | Path, overwrite: bool = False) -> Path
             img.SetSpacing([float(s) for s in spacing])
             img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
             img.SetOrigin([float(v) for v in lps[:3, 3]])
+            for key, value in prov_mod.metadata_fields(provenance or {}).items():
+                img.SetMetaData(key, value)
             sitk.WriteImage(img, str(tmp), useCompression=True)
-    return path
+        if side is not None:  # written before the volume is renamed into place: both or neither
+            prov_mod.write_sidecar(path, provenance or {})
 
 
 # -- intensities ------------------------------------------------------------------------------------

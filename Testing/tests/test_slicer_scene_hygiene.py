@@ -246,5 +246,5 @@ def test_closing_the_scene_during_a_job_cancels_it_and_adds_nothing(served, when
     # the logic goes on working in the new scene
     job = lg.submitSimulate(_load_ct(scene), views=8)
     (fbp,) = lg.finishJob(job)
-    assert scene.IsNodePresent(fbp) and fbp.GetName() == "lung2_crop FBP 8 views"
+    assert scene.IsNodePresent(fbp) and fbp.GetName() == "lung2_crop FBP 8 views (synthetic)"
     scene.Clear(0)

@@ -90,7 +90,7 @@ def test_simulate_then_reconstruct_keep_the_inputs_grid_transform_and_study(logi
         logic._idle(0.02)
     assert states[0] in ("uploading", "queued", "running") and states[-1] == "done"
     (fbp,) = logic.finishJob(job)
-    assert fbp.GetName() == "MedDiffusionChestCT FBP 24 views"
+    assert fbp.GetName() == "MedDiffusionChestCT FBP 24 views (synthetic)"  # every output is marked
     for out in (fbp, logic.reconstructSparseView(fbp, steps=2, device="cpu")):
         np.testing.assert_allclose(nodes.geometry(out)[0], nodes.geometry(ct)[0], atol=1e-5)
         assert nodes.geometry(out)[1] == nodes.geometry(ct)[1]
@@ -291,5 +291,11 @@ def test_slicer_gets_the_same_resolved_request_and_shows_the_services_defaults(l
                         "params": {"seed": 3, "sampler": "dpm++", "steps": 2, "class": 1}}).params)
     assert served.pop("device") == "cpu" and api.pop("device") == "auto"  # resolved where the job runs
     assert served == api
+    # the result is marked synthetic in the scene: its name and one node attribute per provenance field
+    node = nodes[0]
+    assert node.GetName().endswith("(synthetic)")
+    assert node.GetAttribute("MedDiffusion.provenance.synthetic") == "true"
+    assert node.GetAttribute("MedDiffusion.provenance.seed") == "3"
+    assert node.GetAttribute("MedDiffusion.provenance.generator") == '"MedDiffusion"'
     for node in nodes:
         logic.scene.RemoveNode(node)

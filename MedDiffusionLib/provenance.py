@@ -90,6 +90,7 @@ def sidecar_path(path: str | Path) -> Path:
     """The BIDS-style JSON sidecar of a volume file: ``a/b.nii.gz`` -> ``a/b.json``."""
     path = Path(path)
     name = path.name
+    # data.volumes.SUFFIXES + DETACHED_SUFFIXES, written out: that module imports this one
     for suffix in (".nii.gz", ".nii", ".nrrd", ".mha", ".nhdr", ".mhd"):
         if name.lower().endswith(suffix):
             return path.with_name(name[: -len(suffix)] + ".json")

@@ -3,8 +3,9 @@
 :class:`JobRequest` mirrors :class:`MedDiffusionLib.jobspec.JobSpec` field for field and
 :class:`JobParams` mirrors :data:`MedDiffusionLib.jobspec.PARAM_DEFAULTS` name for name (every
 parameter optional; ``null`` = the default); each task has its own model with only its parameters
-(:data:`TASK_PARAM_MODELS`, :data:`TASK_REQUEST_MODELS`, from :data:`jobspec.TASK_PARAMS`), which
-the door checks and the OpenAPI page shows. Unknown fields are refused, numbers must be finite,
+(:data:`TASK_PARAM_MODELS`, :data:`TASK_REQUEST_MODELS`), made from :data:`jobspec.TASK_PARAMS`,
+the one table the resolver checks every request against (:func:`parse_spec` runs it at the door),
+so the OpenAPI page shows exactly what is accepted. Unknown fields are refused, numbers must be finite,
 integers whole (``3.0`` counts as 3, ``3.5`` and ``"3"`` do not), booleans are JSON ``true`` /
 ``false`` only, and every number, string and list is bounded by the absolute limits in
 :mod:`MedDiffusionLib.jobspec` (``MAX_*``). :func:`parse_spec` is the whole door: size and nesting
@@ -177,21 +178,6 @@ TASK_REQUEST_MODELS: dict[str, type[BaseModel]] = {
     for task, model in TASK_PARAM_MODELS.items()}
 
 
-def _check_task(request: JobRequest) -> None:
-    """The parameters given (not ``null``) against the task's own model: a parameter of another
-    task is refused, naming it and the task's parameters."""
-    if request.params is None:
-        return
-    given = {k: v for k, v in request.params.model_dump(by_alias=True, exclude_unset=True).items() if v is not None}
-    try:
-        TASK_PARAM_MODELS[request.task].model_validate(given)
-    except ValidationError as exc:
-        err = exc.errors(include_url=False)[0]
-        name = str(err.get("loc", ("?",))[-1])
-        raise UserError(one_line(f"{name} is not a parameter of {request.task}; it takes "
-                                 f"{', '.join(jobspec.TASK_PARAMS[request.task])}"), field=name) from None
-
-
 # -- the door -------------------------------------------------------------------------------------------------
 _SCAN = re.compile(r'[\\"\[\]{}]')
 
@@ -282,7 +268,6 @@ def validate(doc: Any) -> JobRequest:
         loc = errors[0].get("loc", ()) if errors else ()
         field = str(loc[1]) if len(loc) >= 2 and loc[0] == "params" else None
         raise UserError(one_line(validation_message(exc)), field=field) from None
-    _check_task(request)
     return request
 
 

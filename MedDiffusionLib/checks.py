@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from .controlnets import controlnet_meta
 from .defaults import MAX_SIDE
 from .errors import ResourceError, UserError
-from .jobspec import CONTROLNET_TASKS, model_entry
+from .jobspec import CONTROLNET_TASKS, model_entry, sample_batch
 
 if TYPE_CHECKING:
     from .jobspec import Caps, JobSpec
@@ -59,7 +59,7 @@ def check_memory(spec: JobSpec, device: str, pipe: Any, inputs: dict[str, Any] |
         else:
             if not vols:
                 raise UserError(f"task {spec.task!r} needs its input volume to estimate its memory")
-            size, volumes = working_size(vols[0], pipe.working_spacing(), pipe.compression), 1
+            size, volumes = working_size(vols[0], pipe.working_spacing(), pipe.compression), sample_batch(p)
             advice = "crop or downsample the input"
         # the same cap, spill folder and tiling the decode will get
         kw: dict[str, Any] = {"memory_limit_bytes": job_memory_limit(p), "spill_dir": spill_dir}
@@ -111,7 +111,10 @@ def array_bytes(spec: JobSpec, vols: Sequence[Any] = ()) -> float:
             total += nbytes + 3 * 8 * n
         else:
             total += 3 * nbytes + 4 * n
-        total += 3 * 4 * n  # result (float32) and its copies on the way back to the input's grid
+        # results (float32): each sample plus two copies on the way back to the input's grid; an
+        # N-sample run keeps its N samples, the mean and std and two float64 accumulators
+        samples = int(p.get("num_samples") or 1)
+        total += 3 * 4 * n if samples == 1 else (2 * 4 + (samples + 2) * 4 + 2 * 8) * n
     return total
 
 

@@ -42,16 +42,39 @@ def _add_speed_args(p: argparse.ArgumentParser, compile_option: bool = True) -> 
                             "compile`; falls back to the uncompiled network if compiling fails)")
 
 
-def _outputs(out: str, n: int) -> list[Path]:
+def _outputs(out: str, names: list[str], fmt: str | None = None) -> list[Path]:
+    """Output paths of a job's results (:func:`~MedDiffusionLib.results.result_names`): ``out`` for
+    one result; else ``out`` numbered per result (``a_0.nii.gz`` ... for generated volumes,
+    ``a_sample_0.nii.gz`` ... ``a_mean.nii.gz``, ``a_std.nii.gz`` for N samples). DICOM
+    (``fmt="dicom"``): ``out`` is a folder; several results go into sub-folders of it named so."""
     from .data.volumes import SUFFIXES
 
     path = Path(out)
-    if n == 1:
+    if len(names) == 1:
         return [path]
+    tags = []
+    for name in names:
+        tag = name.split(".", 1)[0]
+        tags.append(tag[len("result_"):] if tag.startswith("result_") else tag)
+    if fmt == "dicom":
+        return [path / tag for tag in tags]
     name = path.name
     suffix = next((s for s in SUFFIXES if name.lower().endswith(s)), path.suffix)
     stem = name[: len(name) - len(suffix)]
-    return [path.with_name(f"{stem}_{i}{suffix}") for i in range(n)]
+    return [path.with_name(f"{stem}_{tag}{suffix}") for tag in tags]
+
+
+def _check_outputs(outs: list[Path], overwrite: bool, fmt: str | None) -> None:
+    """Refuse an existing output (or a DICOM folder that is not empty) unless ``overwrite``,
+    before any work starts."""
+    from .data.volumes import check_writable
+
+    for o in outs:
+        if fmt == "dicom":
+            if o.exists() and (not o.is_dir() or any(o.iterdir())) and not overwrite:
+                raise FileExistsError(f"{o}: already exists (use --overwrite to replace it)")
+        else:
+            check_writable(o, overwrite)
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -73,10 +96,21 @@ def _add_spill_arg(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     """--force, --out, --overwrite, --quiet and the server options of a ControlNet or simulation task."""
     p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
+    _add_format_arg(p)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     _add_server_args(p)
+
+
+OUT_HELP = ("output file (.nii.gz, .nii, .nrrd, .mha; NIfTI gets a .json provenance sidecar), or with --format "
+            "dicom a folder for the DICOM series")
+
+
+def _add_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", choices=["dicom"], help="dicom: write a DICOM series (ImageType DERIVED\\SECONDARY, "
+                                                       "new UIDs, marked synthetic, provenance in a private block) "
+                                                       "into the --out folder")
 
 
 FLAGS = {"class": "--class", "hu_window": "--hu-window LO HI", "hu": "--hu / --model-units",
@@ -105,7 +139,7 @@ def _spec(args: argparse.Namespace, task: str, params: dict, out: str) -> "JobSp
     if getattr(args, "reference", False):
         params["mode"] = "reference"
     name = out.lower()
-    fmt = next((s for s in SUFFIXES if name.endswith(s)), ".nrrd")
+    fmt = ".nrrd" if getattr(args, "format", None) == "dicom" else next((s for s in SUFFIXES if name.endswith(s)), ".nrrd")
     if getattr(args, "server", None) and getattr(args, "weights", None):
         raise UserError("--weights is a local folder: a server uses the models it has (choose one with --model)")
     if getattr(args, "server", None) and getattr(args, "spill_dir", None):
@@ -153,7 +187,7 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
         res = run_job(spec, progress=lambda ev: show(ev.step, ev.total, [ev.notice] if ev.notice else []),
                       spill_dir=getattr(args, "spill_dir", None))
         bar.close()
-        write_results(res, outputs, getattr(args, "overwrite", False))
+        write_results(res, outputs, getattr(args, "overwrite", False), getattr(args, "format", None))
         return [r.meta for r in res.results], spec.params
     finally:
         bar.close()
@@ -171,12 +205,10 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
         raise
     try:
         st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
-        for path in outputs:
-            if path.exists() and not getattr(args, "overwrite", False):
-                raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+        _check_outputs(outputs, getattr(args, "overwrite", False), getattr(args, "format", None))
         from .results import write_all
 
-        write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o)
+        write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o, args)
                             for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
     except KeyboardInterrupt:
@@ -186,11 +218,24 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
         _delete_quietly(client, job_id)
 
 
-def _download_marked(client: "Client", job_id: str, result: dict, out: Path) -> None:
+def _download_marked(client: "Client", job_id: str, result: dict, out: Path, args: argparse.Namespace) -> None:
     """Download one result; a NIfTI one gets its provenance sidecar here (the service's file
-    carries the ``SYNTHETIC`` descrip; NRRD and MHA carry every field in the file)."""
-    client.download(job_id, result["name"], out)
+    carries the ``SYNTHETIC`` descrip; NRRD and MHA carry every field in the file); ``--format
+    dicom``: the NRRD is converted here into a DICOM series with the result's provenance."""
     prov = (result.get("meta") or {}).get("provenance")
+    if getattr(args, "format", None) == "dicom":
+        import tempfile
+
+        from .data.volumes import read_volume
+        from .results import ResultVolume, write_result
+
+        with tempfile.TemporaryDirectory(prefix="meddiffusion-dl-") as tmp:
+            local = Path(tmp) / Path(result["name"]).name
+            client.download(job_id, result["name"], local)
+            vol = read_volume(local)
+        write_result(ResultVolume(result["name"], vol, {"provenance": prov}), out, args.overwrite, "dicom")
+        return
+    client.download(job_id, result["name"], out)
     if prov and out.name.lower().endswith((".nii", ".nii.gz")):
         from .provenance import write_sidecar
 
@@ -211,14 +256,13 @@ def _delete_quietly(client: "Client", job_id: str) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .data.volumes import check_writable
+    from .results import result_names
 
     params = _params(args, "class", "size", "spacing", "seed", "sampler", "steps", "num_volumes", "hu", "hu_window",
                      "device", "precision", "tiling", "max_memory_gb", "compile", "force")
     spec = _prepare(args, "generate", params, args.out)
-    outs = _outputs(args.out, max(1, spec.params.get("num_volumes", 1)))
-    for o in outs:
-        check_writable(o, args.overwrite)
+    outs = _outputs(args.out, result_names(spec), args.format)
+    _check_outputs(outs, args.overwrite, args.format)
     t0 = time.time()
     metas, p = _execute(args, spec, outs, f"sampling ({spec.params.get('sampler') or 'default sampler'})")
     units = "HU" if p["hu_window"] else "model units [-1, 1]"
@@ -232,12 +276,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _run_controlled(args: argparse.Namespace, kind: str) -> int:
-    from .data.volumes import check_writable
+    from .results import result_names
 
-    check_writable(args.out, args.overwrite)
-    spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device", "force"), args.out)
-    _execute(args, spec, [Path(args.out)], f"{kind} ({spec.params.get('sampler') or CONTROLLED_DEFAULTS['sampler']})")
-    print(f"wrote {args.out} (on the input's grid)")
+    spec = _prepare(args, kind, _params(args, "seed", "sampler", "steps", "device", "force", "num_samples"), args.out)
+    outs = _outputs(args.out, result_names(spec), args.format)
+    _check_outputs(outs, args.overwrite, args.format)
+    _execute(args, spec, outs, f"{kind} ({spec.params.get('sampler') or CONTROLLED_DEFAULTS['sampler']})")
+    if len(outs) == 1:
+        print(f"wrote {args.out} (on the input's grid)")
+    else:
+        print(f"wrote {len(outs) - 2} samples, their mean and standard deviation (on the input's grid): "
+              f"{outs[0]} ... {outs[-3]}, {outs[-2]}, {outs[-1]}")
     return 0
 
 
@@ -250,10 +299,8 @@ def _cmd_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from .data.volumes import check_writable
-
-    check_writable(args.out, args.overwrite)
     spec = _prepare(args, "simulate-sparse-view", _params(args, "views", "bins", "device", "force"), args.out)
+    _check_outputs([Path(args.out)], args.overwrite, args.format)
     _, p = _execute(args, spec, [Path(args.out)], "simulating")
     print(f"wrote {args.out}: FBP of {p['views']} fan-beam views (HU)")
     return 0
@@ -455,13 +502,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     if getattr(args, "file", None):
-        from .data.volumes import _suffix
-        from .provenance import describe, read_provenance
+        from .provenance import describe
+        from .reproduce import provenance_of
 
-        if not Path(args.file).is_file():
-            raise FileNotFoundError(f"{args.file}: no such file")
-        _suffix(Path(args.file))  # a volume format this library reads, else a UserError
-        prov = read_provenance(args.file)
+        prov = provenance_of(args.file)
         if prov is None:
             print(f"{args.file}: no MedDiffusion provenance (not marked synthetic by MedDiffusion)")
             return 1
@@ -481,6 +525,34 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("cuda         not available: generation runs on the CPU (fine for the bundled model, hours for the "
               "released 256^3 models)")
     return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .reproduce import reproduce
+
+    bars: list = []  # made at the first event: a refusal before the run prints one line only
+
+    def show(ev) -> None:
+        if not bars:
+            bars.append(tqdm(total=max(1, ev.total), unit="step", desc="re-running", disable=args.quiet))
+        bar = bars[0]
+        if ev.notice and not args.quiet:
+            bar.write(ev.notice, file=sys.stderr)
+        if ev.total and ev.total != bar.total:
+            bar.total = ev.total
+        if ev.step > bar.n:
+            bar.update(ev.step - bar.n)
+
+    try:
+        report = reproduce(args.file, {"input": args.input} if args.input else None, args.device, progress=show,
+                           keep=args.out)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(report.text())
+    return 0 if report.equal else 1
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -570,8 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "publishes one)")
     units.add_argument("--model-units", dest="hu", action="store_false",
                        help="write model units [-1, 1] instead of HU")
-    p.add_argument("--out", required=True, help="output file (.nii.gz, .nii, .nrrd, .mha); with --num-volumes N, "
-                                                "files are numbered _0 ... _N-1")
+    p.add_argument("--out", required=True, help=OUT_HELP + "; with --num-volumes N, files (DICOM: sub-folders) are "
+                                                         "numbered _0 ... _N-1")
+    _add_format_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true", help="run even when the estimated memory exceeds what is available")
@@ -658,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--sampler", choices=SAMPLERS, help=f"default {CONTROLLED_DEFAULTS['sampler']}")
         p.add_argument("--steps", type=int, help=f"ddim or dpm++ steps (default {CONTROLLED_DEFAULTS['steps']})")
+        p.add_argument("--num-samples", type=int, metavar="N",
+                       help="draw N samples (seeds from --seed on, in batches of up to 4) and also write their voxel-wise "
+                            "mean and standard deviation: OUT_sample_0 ... OUT_sample_N-1, OUT_mean, OUT_std")
         p.add_argument("--device", default="auto")
         _add_speed_args(p, compile_option=False)
         _add_spill_arg(p)
@@ -793,10 +869,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_compile)
 
+    p = sub.add_parser("reproduce", help="re-run the job a result's provenance records and compare",
+                       description="Re-run the job recorded in FILE's provenance (a MedDiffusion result: NIfTI with its "
+                                   ".json sidecar, NRRD, MHA or a DICOM series folder) in this process and report the "
+                                   "voxel-wise difference. Exit status 0 when equal within the parity tolerance (5e-3 "
+                                   "in model units, 5 HU for a 2000 HU window), 1 when not.",
+                       epilog="examples:\n  meddiffusion reproduce sample.nii.gz\n  meddiffusion reproduce recon.nrrd "
+                              "--input fbp40.nii.gz")
+    p.add_argument("file")
+    p.add_argument("--input", help="the condition volume the job read (synthesize, reconstruct, simulate-sparse-view); "
+                                   "checked against the recorded sha256")
+    p.add_argument("--device", help="run on this device instead of the recorded one (results may then differ)")
+    p.add_argument("--out", help="also write the re-run result here (same format)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_reproduce)
+
     p = sub.add_parser("info", help="a file's provenance; or versions, CUDA devices and free GPU memory",
                        description="With FILE: print its provenance (whether it is a MedDiffusion synthetic volume, "
                                    "and how it was made). Without: library/torch versions and the GPUs torch can use.")
-    p.add_argument("file", nargs="?", help="a NIfTI (with its .json sidecar), NRRD or MHA volume")
+    p.add_argument("file", nargs="?", help="a NIfTI (with its .json sidecar), NRRD or MHA volume, or a DICOM series folder")
     p.set_defaults(func=_cmd_info)
     return parser
 

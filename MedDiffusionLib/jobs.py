@@ -32,7 +32,8 @@ from typing import Any, Callable, Sequence
 from .checks import array_bytes, check_input, check_input_size, check_memory, job_memory_limit, working_size
 from .defaults import check_size
 from .errors import ResourceError
-from .jobspec import MAX_SEED, PARAM_DEFAULTS, SPEC_FIELDS, TASK_PARAMS, TASKS, Caps, JobSpec, resolve
+from .jobspec import (MAX_SEED, PARAM_DEFAULTS, SPEC_FIELDS, TASK_PARAMS, TASKS, Caps, JobSpec, resolve,
+                      sample_batch)
 from .model_cache import ModelCache
 from .progress import ProgressEvent, ProgressReporter
 from .provenance import job_provenance
@@ -99,7 +100,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             prog.emit("writing", 0, 0, "writing")
             meta = {"task": spec.task, "views": p["views"], "units": "HU"}
             meta["provenance"] = job_provenance(spec, meta, device=device, inputs=vols)
-            return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
+            return _named(JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings))
 
         prog.emit("loading", 0, p["steps"], "loading weights")
         if device == "cpu" and p["mode"] == "fast":
@@ -135,21 +136,38 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
                             units="HU" if p["hu_window"] else "model units [-1, 1]", hu_window=p["hu_window"])
                 meta["provenance"] = job_provenance(spec, meta, device=device, **_weights_of(pipe))
                 results.append(ResultVolume(name, g.volume(p["hu_window"]), meta))
-            return JobResult(spec, results, time.monotonic() - t0, warnings)
+            return _named(JobResult(spec, results, time.monotonic() - t0, warnings))
 
         pipe = cache.controlled(spec, device, controlnet_dirs)
         check_memory(spec, device, pipe, vols, spill_dir, max_spill_bytes)
         prog.emit("sampling", 0, p["steps"], "sampling")
         kw = _preview_kw(pipe, p, preview, spill_dir)
-        out = pipe.run(vols["input"], seed=p["seed"], sampler=p["sampler"], steps=p["steps"], progress=prog.step,
-                       cancel=cancel, memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir, **kw)
+        n = p["num_samples"]
+        outs = pipe.sample(vols["input"], n, seed=p["seed"], sampler=p["sampler"], steps=p["steps"],
+                           batch_size=sample_batch(p), progress=prog.step, cancel=cancel,
+                           memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir, **kw)
         prog.emit("writing", p["steps"], p["steps"], "writing")
         hu = _controlled_output_in_hu(pipe)
         meta = {"task": spec.task, "controlnet_task": pipe.task, "model": spec.model, "seed": p["seed"],
                 "sampler": p["sampler"], "steps": p["steps"], "units": "HU" if hu else "model units [-1, 1]",
                 "class_index": pipe.class_index}
-        meta["provenance"] = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))
-        return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
+        prov = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))
+        names = result_names(spec)
+        if n == 1:
+            return _named(JobResult(spec, [ResultVolume(names[0], outs[0], dict(meta, provenance=prov))],
+                             time.monotonic() - t0, warnings))
+        from .pipelines.conditioned import sample_statistics
+
+        results = [ResultVolume(names[i], vol, dict(meta, statistic="sample", sample_index=i,
+                                                    provenance=dict(prov, statistic="sample",
+                                                                    sample_index=i, sample_batch=sample_batch(p))))
+                   for i, vol in enumerate(outs)]
+        mean, std = sample_statistics([v.array for v in outs])
+        for name, stat, arr in ((names[-2], "mean", mean), (names[-1], "std", std)):
+            what = {"statistic": stat, "samples": n}
+            results.append(ResultVolume(name, outs[0].with_array(arr),
+                                        dict(meta, **what, provenance=dict(prov, **what))))
+        return _named(JobResult(spec, results, time.monotonic() - t0, warnings))
     except MemoryError as exc:
         raise ResourceError(f"out of memory: {exc or 'the run needs more RAM'}; try a smaller size or fewer volumes") \
             from exc
@@ -157,6 +175,15 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError without importing torch here
             raise ResourceError(oom_advice(p)) from exc
         raise
+
+
+def _named(result: JobResult) -> JobResult:
+    """Each result's provenance names the result it belongs to (``result``: ``meddiffusion
+    reproduce`` re-runs the recorded job and compares this one)."""
+    for r in result.results:
+        if isinstance(r.meta.get("provenance"), dict):
+            r.meta["provenance"] = dict(r.meta["provenance"], result=r.name)
+    return result
 
 
 def _weights_of(pipe: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .controlnets import controlnet_meta
 from .defaults import (CONTROLLED_DEFAULTS, MAX_STEPS, SAMPLERS, _class_value, _is_number, _triple, _whole,
@@ -33,15 +33,15 @@ SPEC_FIELDS = ("task", "model", "weights", "controlnet", "params", "inputs", "ou
 PARAM_DEFAULTS: dict[str, Any] = {
     "class": None, "size": None, "spacing": None, "seed": 0, "sampler": None, "steps": None, "num_volumes": 1,
     "hu": None, "hu_window": None, "device": "auto", "mode": "fast", "precision": "fp32", "tiling": "auto",
-    "max_memory_gb": None, "compile": False, "views": 40, "bins": 512, "preview_every": 0, "force": False,
+    "max_memory_gb": None, "compile": False, "views": 40, "bins": 512, "preview_every": 0, "force": False, "num_samples": 1,
 }
 # the parameters each task takes (one pydantic model per task at the service's door, MedDiffusionLib.schema)
 _SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
                     "preview_every", "force")
 TASK_PARAMS: dict[str, tuple[str, ...]] = {
     "generate": ("class", "size", "spacing", "num_volumes", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
-    "synthesize": _SAMPLING_PARAMS,
-    "reconstruct": _SAMPLING_PARAMS,
+    "synthesize": ("num_samples", *_SAMPLING_PARAMS),
+    "reconstruct": ("num_samples", *_SAMPLING_PARAMS),
     "simulate-sparse-view": ("views", "bins", "device", "force"),
 }
 # why a parameter is not one of a task's, where a plain "not a parameter" would not say enough
@@ -56,6 +56,8 @@ INPUT_TASKS = {"synthesize": "a label map", "reconstruct": "an FBP (HU) or zero-
 # -- absolute limits: every front end (CLI, Python API, job service); a service's Caps come on top ------------
 MAX_SEED = 2 ** 62            # seed + volume index must fit torch.manual_seed
 MAX_VOLUMES = 64              # volumes of one batch
+MAX_SAMPLES = 16              # samples of one synthesize / reconstruct job (num_samples)
+SAMPLE_BATCH = 4              # samples drawn per batch (the provenance records it; reproduce needs it)
 VIEWS_RANGE = (2, 3600)       # fan-beam views of simulate-sparse-view
 BINS_RANGE = (16, 8192)       # detector bins of simulate-sparse-view
 MAX_PREVIEW_EVERY = 1000
@@ -228,6 +230,7 @@ def _check_params(p: dict[str, Any]) -> None:
         ("seed", lambda: _whole(p["seed"], "the seed", -MAX_SEED, MAX_SEED)),
         ("preview_every", lambda: _whole(p["preview_every"], "preview_every", 0, MAX_PREVIEW_EVERY)),
         ("num_volumes", lambda: _whole(p["num_volumes"], "the number of volumes", 1, MAX_VOLUMES)),
+        ("num_samples", lambda: _whole(p["num_samples"], "the number of samples", 1, MAX_SAMPLES)),
         ("views", lambda: _whole(p["views"], "the number of views", *VIEWS_RANGE)),
         ("bins", lambda: _whole(p["bins"], "the number of detector bins", *BINS_RANGE)),
         ("steps", lambda: _whole(p["steps"], "the number of sampler steps", 1, MAX_STEPS)),
@@ -304,6 +307,9 @@ def _check_caps(spec: JobSpec, caps: "Caps | None") -> None:
             raise UserError(f"this server simulates at most {caps.max_views} views, got {p['views']}")
         if caps.max_bins is not None and p["bins"] > caps.max_bins:
             raise UserError(f"this server simulates at most {caps.max_bins} detector bins, got {p['bins']}")
+    if spec.task in CONTROLNET_TASKS and caps.max_volumes is not None and p["num_samples"] > caps.max_volumes:
+        raise UserError(f"this server draws at most {caps.max_volumes} samples per job, got {p['num_samples']}",
+                        field="num_samples")
     if spec.task != "generate":
         return
     voxels = math.prod(p["size"])
@@ -316,6 +322,12 @@ def _check_caps(spec: JobSpec, caps: "Caps | None") -> None:
         raise UserError(f"{p['num_volumes']} volumes of {'x'.join(map(str, p['size']))} ({voxels * p['num_volumes']} "
                         f"voxels) are more than this server allows in one job ({caps.max_batch_voxels} voxels); "
                         "ask for fewer volumes or a smaller size")
+
+
+def sample_batch(p: Mapping[str, Any]) -> int:
+    """Samples per batch of an N-sample run (:data:`SAMPLE_BATCH`, at most N): fixed, so a recorded
+    job draws the same noise again."""
+    return min(int(p.get("num_samples") or 1), SAMPLE_BATCH)
 
 
 def _check_task_params(spec: JobSpec) -> None:

@@ -72,10 +72,22 @@ def job_provenance(spec: Any, meta: Mapping[str, Any], *, device: str, weights_s
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "decode_exact": bool(decode["exact"]) if "exact" in decode else None,  # None: not recorded
         "decode_method": decode.get("method"),
+        # the resolved request, for `meddiffusion reproduce` (inputs by name: their sha256 is above)
+        "job": {"task": spec.task, "model": spec.model, "weights": spec.weights, "controlnet": spec.controlnet,
+                "params": _plain(spec.params), "output_format": spec.output_format},
     }
     if spec.task == "simulate-sparse-view":
         out.update(views=p.get("views"), bins=p.get("bins"), seed=None)
     return out
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy of nested mappings and sequences (the spec's read-only containers)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def nifti_descrip(prov: Mapping[str, Any]) -> bytes:

@@ -26,12 +26,19 @@ class JobResult:
 
 
 def result_names(spec: JobSpec) -> list[str]:
+    """The names of a job's results, in order: ``result_<i>`` (one per generated volume, or the one
+    result of a task); an N-sample run (``num_samples`` > 1): ``sample_<i>`` then ``mean`` and ``std``."""
+    fmt = spec.output_format
+    samples = spec.params.get("num_samples") or 1
+    if spec.task != "generate" and samples > 1:
+        return [f"sample_{i}{fmt}" for i in range(samples)] + [f"mean{fmt}", f"std{fmt}"]
     n = spec.params.get("num_volumes", 1) if spec.task == "generate" else 1
-    return [f"result_{i}{spec.output_format}" for i in range(n)]
+    return [f"result_{i}{fmt}" for i in range(n)]
 
 
 def write_all(outputs: Sequence[str | Path], writers: Sequence[Callable[[], Any]]) -> list[Path]:
-    """Run each writer (one per output); if one fails, remove what the earlier ones wrote: all or none."""
+    """Run each writer (one per output); if one fails, remove what the earlier ones wrote (the
+    output, a folder with everything in it, and a NIfTI's provenance sidecar): all or none."""
     done: list[Path] = []
     try:
         for out, write in zip(outputs, writers):
@@ -39,15 +46,39 @@ def write_all(outputs: Sequence[str | Path], writers: Sequence[Callable[[], Any]
             done.append(Path(out))
     except BaseException:
         for path in done:
-            path.unlink(missing_ok=True)
+            _remove_output(path)
         raise
     return done
 
 
-def write_results(result: JobResult, outputs: Sequence[str | Path], overwrite: bool = False) -> list[Path]:
-    """Write each result volume to its output path, atomically and all or none, marked with its
-    provenance (:mod:`MedDiffusionLib.provenance`)."""
+def _remove_output(path: Path) -> None:
+    import shutil
+
+    from .provenance import sidecar_path
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    path.unlink(missing_ok=True)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        sidecar_path(path).unlink(missing_ok=True)
+
+
+def write_result(r: ResultVolume, out: str | Path, overwrite: bool = False, fmt: str | None = None) -> Path:
+    """Write one result volume, marked with its provenance (:mod:`MedDiffusionLib.provenance`):
+    to a volume file (its suffix says the format), or with ``fmt="dicom"`` to a DICOM series in
+    the folder ``out`` (:func:`MedDiffusionLib.io.dicom.write_dicom_series`)."""
+    if fmt == "dicom":
+        from .io.dicom import write_dicom_series
+
+        return write_dicom_series(r.volume, out, r.meta.get("provenance") or {}, overwrite=overwrite)
     from .data.volumes import write_volume
 
-    return write_all(outputs, [lambda r=r, o=o: write_volume(r.volume, o, overwrite, r.meta.get("provenance"))
+    return write_volume(r.volume, out, overwrite, r.meta.get("provenance"))
+
+
+def write_results(result: JobResult, outputs: Sequence[str | Path], overwrite: bool = False,
+                  fmt: str | None = None) -> list[Path]:
+    """Write each result volume to its output (:func:`write_result`), atomically and all or none."""
+    return write_all(outputs, [lambda r=r, o=o: write_result(r, o, overwrite, fmt)
                                for r, o in zip(result.results, outputs)])

@@ -85,6 +85,7 @@ Side = _int(1, MAX_SIDE)
 Seed = _int(-jobspec.MAX_SEED, jobspec.MAX_SEED)
 Steps = _int(1, MAX_STEPS)
 Volumes = _int(1, jobspec.MAX_VOLUMES)
+Samples = _int(1, jobspec.MAX_SAMPLES)
 Views = _int(*jobspec.VIEWS_RANGE)
 Bins = _int(*jobspec.BINS_RANGE)
 PreviewEvery = _int(0, jobspec.MAX_PREVIEW_EVERY)
@@ -114,6 +115,9 @@ class JobParams(BaseModel):
     sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None
     steps: Optional[Steps] = Field(None, description="sampler steps (ddim, dpm++; DDPM runs its full schedule)")
     num_volumes: Optional[Volumes] = None
+    num_samples: Optional[Samples] = Field(
+        None, description="synthesize / reconstruct: draw N samples (seeds seed..seed+N-1 in batches) and return "
+                          "them with their voxel-wise mean and standard deviation")
     hu: Optional[StrictBool] = Field(None, description="generate: write HU with the model's suggested window")
     hu_window: Optional[Annotated[list[HU], Len(2, 2)]] = Field(
         None, description="generate: HU window LO HI that maps to model units [-1, 1]")

@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,evaluate]"
 # Compile the bundled model's noise network ahead of time for its default size (one-time, about a
 # minute; kept in ~/.cache/meddiffusion/compiled and reused). Generation works without it, only
 # slower, so a failure here (no C++ compiler, say) is a warning. MEDDIFFUSION_NO_COMPILE=1 skips it.

@@ -181,6 +181,22 @@ class ControlledPipeline(KernelModeMixin):
         latents, pred_x0)`` sees every sampler step.
         ``memory_limit_bytes`` / ``spill_dir`` are this run's decode cap and spill folder
         (:meth:`GenerationPipeline.decode`)."""
+        return self.sample(vol, 1, seed, sampler, steps, progress=progress, cancel=cancel, callback=callback,
+                           memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)[0]
+
+    def sample(self, vol: Volume, num_samples: int = 1, seed: int = 0, sampler: str | None = None,
+               steps: int | None = None, batch_size: int = 1, progress: ProgressFn | None = None,
+               cancel: CancelFn | None = None, callback: StepCallback | None = None,
+               memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None) -> list[Volume]:
+        """``num_samples`` outputs of this ControlNet's task on ``vol`` (see :meth:`run`), drawn in
+        batches of ``batch_size``: batch ``k`` starts at sample ``j = k * batch_size`` and is seeded
+        with ``seed + j`` (:func:`sample_seeds`), so a run is reproducible from ``seed``,
+        ``num_samples`` and ``batch_size`` (a batch's numerics may differ from single runs' in the
+        last bits, so record the batch size with the result).
+        The input is prepared (resampled, encoded into the hint) once. ``progress(step, total)``
+        counts the steps of all batches."""
+        if num_samples < 1 or batch_size < 1:
+            raise UserError(f"the number of samples must be at least 1, got {num_samples}")
         sampler, steps = resolve_sampling(sampler, steps, CONTROLLED_DEFAULTS, self.base.diffusion.num_timesteps)
         check_cancel(cancel)
         if self.hint_type == "labels":
@@ -199,16 +215,48 @@ class ControlledPipeline(KernelModeMixin):
         hint = self.make_hint(work)
         self.check_hint(hint)
         size_xyz = (grid.shape_dhw[1], grid.shape_dhw[2], grid.shape_dhw[0])
-        lat = self.base.sample_latents(self.class_index, size_xyz, seed, sampler, steps, 1, progress, cancel,
-                                       noise_net=functools.partial(self.noise_model(), hint=hint), callback=callback)
-        out = self.base.decode(lat, cancel=cancel, memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)[0, 0]
-        check_cancel(cancel)
-        out = resample(out, canon.to_network().shape, "image").numpy()
-        if self.meta.get("output") == "hu" or self.meta["hint"].get("normalize") == "hu_window":
-            lo, hi = self.hu_window()
-            out = model_to_hu(out, lo, hi)
-        arr = np.ascontiguousarray(np.transpose(out, (1, 2, 0)))  # network (k, i, j) -> (i, j, k)
-        return Volume.restore(arr.astype(np.float32), ornt, vol)
+        shape_dhw = canon.to_network().shape
+        batches = sample_seeds(seed, num_samples, batch_size)
+        outs: list[Volume] = []
+        for k, (batch_seed, n) in enumerate(batches):
+            def step(i: int, total: int, k: int = k) -> None:
+                if progress is not None:
+                    progress(k * total + i, len(batches) * total)
+
+            lat = self.base.sample_latents(self.class_index, size_xyz, batch_seed, sampler, steps, n, step, cancel,
+                                           noise_net=functools.partial(self.noise_model(), hint=hint.expand(n, *hint.shape[1:])),
+                                           callback=callback)
+            imgs = self.base.decode(lat, cancel=cancel, memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)
+            del lat
+            for b in range(n):
+                check_cancel(cancel)
+                out = resample(imgs[b, 0], shape_dhw, "image").numpy()
+                if self.meta.get("output") == "hu" or self.meta["hint"].get("normalize") == "hu_window":
+                    lo, hi = self.hu_window()
+                    out = model_to_hu(out, lo, hi)
+                arr = np.ascontiguousarray(np.transpose(out, (1, 2, 0)))  # network (k, i, j) -> (i, j, k)
+                outs.append(Volume.restore(arr.astype(np.float32), ornt, vol))
+        return outs
+
+
+def sample_seeds(seed: int, num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(seed, size)`` of each batch of an N-sample run: batch ``k`` holds samples ``j .. j+size-1``
+    (``j = k * batch_size``) and is seeded with ``seed + j``."""
+    return [(seed + j, min(batch_size, num_samples - j)) for j in range(0, num_samples, batch_size)]
+
+
+def sample_statistics(samples: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-wise mean and standard deviation (``ddof=1``, the sample estimate; 0 for one sample)
+    of N arrays of one shape, accumulated in float64 (Welford, one array in memory at a time);
+    returned as float32."""
+    mean = np.zeros(np.shape(samples[0]), np.float64)
+    m2 = np.zeros_like(mean)
+    for n, a in enumerate(samples, 1):
+        delta = np.asarray(a, np.float64) - mean
+        mean += delta / n
+        m2 += delta * (np.asarray(a, np.float64) - mean)
+    var = m2 / (len(samples) - 1) if len(samples) > 1 else m2
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
 # -- task front doors ------------------------------------------------------------------------------------

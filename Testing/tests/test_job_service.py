@@ -570,3 +570,26 @@ def test_every_result_is_marked_synthetic_here_and_through_the_service(server, t
     with pytest.raises(FileExistsError):
         write_volume(read_volume(CT), tmp_path / "x.nii.gz", provenance=prov)
     assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_n_samples_through_the_service_and_reproduced_here(server, tmp_path, capsys):
+    """num_samples through the service: the samples, their mean and std come back, each marked,
+    and the service's std re-runs here (same CPU, same kernels) to the same voxels."""
+    from MedDiffusionLib.provenance import read_provenance
+
+    fbp = tmp_path / "fbp.nrrd"
+    assert main(["simulate-sparse-view", str(CT), "--views", "8", "--bins", "64", "--quiet", "--out", str(fbp)]) == 0
+    out = tmp_path / "rec.nii.gz"
+    assert main(["reconstruct", str(fbp), "--controlnet", "chest-ct-mini-sparse-view", "--num-samples", "3",
+                 "--sampler", "ddim", "--steps", "2", "--device", "cpu", "--quiet", "--out", str(out),
+                 "--server", server.url, "--token", server.token]) == 0, capsys.readouterr().err
+    names = ["rec_sample_0", "rec_sample_1", "rec_sample_2", "rec_mean", "rec_std"]
+    for name in names:
+        prov = read_provenance(tmp_path / f"{name}.nii.gz")
+        assert prov["synthetic"] is True and prov["job"]["params"]["num_samples"] == 3
+        assert prov["result"].split(".")[0] == name[4:]
+    samples = np.stack([read_volume(tmp_path / f"{n}.nii.gz").array for n in names[:3]]).astype(np.float64)
+    np.testing.assert_allclose(read_volume(tmp_path / "rec_std.nii.gz").array, samples.std(0, ddof=1), atol=1e-3)
+    capsys.readouterr()
+    assert main(["reproduce", str(tmp_path / "rec_std.nii.gz"), "--input", str(fbp), "--quiet"]) == 0
+    assert "reproduced" in capsys.readouterr().out

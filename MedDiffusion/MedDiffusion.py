@@ -19,7 +19,7 @@ import qt
 import vtk
 
 import slicer
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLVolumeNode
 from slicer.i18n import tr as _
 from slicer.parameterNodeWrapper import Choice, Decimals, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
@@ -59,7 +59,10 @@ class MedDiffusion(ScriptedLoadableModule):
             "<b>Run on</b>: <i>This computer</i> starts a local MedDiffusion service (first use offers to install "
             "its Python packages); <i>Server</i> uses a service on a GPU machine (URL and token).<br>"
             "Try it: load <i>MedDiffusion chest CT + segmentation</i> in Sample Data, then Synthesize or Simulate "
-            "and Reconstruct. Everything is also available from the Python console "
+            "and Reconstruct. <b>Samples</b> &gt; 1 draws several samples: they come as one sequence (Sequences "
+            "toolbar), with their mean and, in colour over it, their standard deviation (the uncertainty). Every result "
+            "is marked as synthetic; <b>Export</b> keeps the mark in the file; <b>Evaluate</b> compares two volumes "
+            "(metrics as a table and a bar chart). Everything is also available from the Python console "
             "(<code>slicer.util.getModuleLogic(\"MedDiffusion\").generate()</code>).<br>"
             "Paper: <a href=\"{paper}\">Wang et al., 3D MedDiffusion, IEEE TMI (arXiv 2412.13059)</a>. "
             "Documentation: <a href=\"{readme}\">README</a>.").format(paper=PAPER_URL, readme=README_URL)
@@ -212,10 +215,17 @@ class MedDiffusionParameterNode:
     referenceVolume: vtkMRMLScalarVolumeNode
     # (the segment -> label choices live in the panel's table, rebuilt from the segmentation: not a parameter)
     controlSteps: Annotated[int, WithinRange(1, 1000)] = 50
+    numSamples: Annotated[int, WithinRange(1, 16)] = 1  # synthesize and reconstruct: N samples, mean and std
     # sparse-view CT
     fullCTVolume: vtkMRMLScalarVolumeNode
     views: Annotated[int, WithinRange(2, 3600)] = 40
     fbpVolume: vtkMRMLScalarVolumeNode
+    # export (keeps the synthetic mark) and evaluation (the service compares two volumes)
+    exportVolume: vtkMRMLScalarVolumeNode
+    predictionVolume: vtkMRMLVolumeNode  # any volume: label maps too (for label-map metrics)
+    evaluationReference: vtkMRMLVolumeNode
+    evaluateLabels: bool = False
+    evaluateResample: bool = False
     # device
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     referenceKernels: bool = False
@@ -234,6 +244,10 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         ct = logic.generate(seed=3, sampler="ddim", steps=50)
         fbp = logic.simulateSparseView(getNode("MedDiffusionChestCT"), views=40)
         recon = logic.reconstructSparseView(fbp, steps=50)
+        # 8 samples: the mean, the std (shown in colour over the mean), the samples as a sequence
+        mean, std, sample, sequence, browser = logic.reconstructSparseView(fbp, steps=50, numSamples=8)
+        logic.exportVolume(mean, "/tmp/mean.nii.gz")  # keeps the synthetic mark (descrip + JSON sidecar)
+        table = logic.evaluate(recon, getNode("MedDiffusionChestCT"))  # metrics table + bar chart
 
     Non-blocking (what the panel uses): ``job = logic.submitGenerate(...)``, then
     ``logic.poll(job)`` until ``job.done``, then ``logic.finishJob(job)`` -> nodes;
@@ -246,6 +260,10 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         ScriptedLoadableModuleLogic.__init__(self)  # also runs ServiceLogic.__init__ (cooperative)
         modules = getattr(slicer, "modules", None)
         self.segmentationsLogic = modules.segmentations.logic() if hasattr(modules, "segmentations") else None
+        # an N-sample job's Sequence browser updates its proxy node through the Sequences module's logic;
+        # a metrics chart is shown in the layout through the Plots module's logic
+        self.sequencesLogic = modules.sequences.logic() if hasattr(modules, "sequences") else None
+        self.plotsLogic = modules.plots.logic() if hasattr(modules, "plots") else None
 
     def getParameterNode(self):
         return MedDiffusionParameterNode(super().getParameterNode())
@@ -473,6 +491,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.segmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", guarded(self._onSegmentationChanged))
         ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
         ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
+        ui.exportButton.connect("clicked(bool)", guarded(self._onExport))
+        ui.evaluateButton.connect("clicked(bool)", guarded(self._onEvaluate))
         ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
         ui.showLogButton.connect("clicked(bool)", guarded(self._onShowLog))
         ui.addWeightsButton.connect("clicked(bool)", guarded(self._onAddWeights))
@@ -1181,15 +1201,22 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             + ([] if not (p and p.segmentation) or self._segmentRows else [_("a segmentation with segments")]),
             "simulateButton": [] if p and p.fullCTVolume else [_("a full CT volume")],
             "reconstructButton": [] if p and p.fbpVolume else [_("a sparse-view FBP volume")],
+            "evaluateButton": ([] if p and p.predictionVolume else [_("a prediction")])
+            + ([] if p and p.evaluationReference else [_("a reference")]),
+            "exportButton": [] if p and p.exportVolume else [_("a volume")],
         }
         tips = {"generateButton": _("Generate volumes from noise with the selected model"),
                 "synthesizeButton": _("Synthesize a CT on the reference grid from the mapped segments"),
                 "simulateButton": _("Simulate the FBP of a sparse fan-beam scan of the full CT (HU)"),
-                "reconstructButton": _("Reconstruct a CT from the sparse-view FBP with the ControlNet")}
+                "reconstructButton": _("Reconstruct a CT from the sparse-view FBP with the ControlNet"),
+                "evaluateButton": _("Compare the prediction with the reference on the service: the metrics as a "
+                                    "table and a bar chart"),
+                "exportButton": _("Save the volume to a file, keeping the synthetic mark of a MedDiffusion result")}
+        local = ("exportButton",)  # no service involved: usable while a job runs
         for name, missing in needs.items():
             button = getattr(self.ui, name)
-            button.enabled = not busy and p is not None and not missing
-            if busy:
+            button.enabled = (not busy or name in local) and p is not None and not missing
+            if busy and name not in local:
                 button.toolTip = _("A job is running: wait or Cancel")
             elif missing:
                 button.toolTip = _("Select {items} first").format(items=_(" and ").join(missing))
@@ -1257,7 +1284,7 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._withService(lambda: self._start(self.logic.submitSynthesize(
             p.segmentation, p.referenceVolume, mapping, controlNet=p.labelsControlNet, seed=p.seed,
             steps=p.controlSteps, device=p.device, mode=self._mode(), previewEvery=p.previewEvery,
-            allowUnmapped=bool(leftOut))))  # only reached with left-out segments once the user confirmed
+            allowUnmapped=bool(leftOut), numSamples=p.numSamples)))  # left-out segments only once confirmed
 
     def _onSimulate(self) -> None:
         p = self._parameterNode
@@ -1267,7 +1294,30 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         self._withService(lambda: self._start(self.logic.submitReconstruct(
             p.fbpVolume, controlNet=p.sparseViewControlNet, seed=p.seed, steps=p.controlSteps, device=p.device,
-            mode=self._mode(), previewEvery=p.previewEvery)))
+            mode=self._mode(), previewEvery=p.previewEvery, numSamples=p.numSamples)))
+
+    def _onExport(self) -> None:
+        """Save the selected volume to a file the user picks (.nrrd, .nii, .nii.gz); a result keeps its mark."""
+        node = self._parameterNode.exportVolume
+        if node is None:
+            raise InputError(_("select the volume to export"))
+        name = re.sub(r"[^\w.+-]+", "_", node.GetName() or "volume").strip("_") or "volume"
+        path = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), _("Export volume"), os.path.join(slicer.app.defaultScenePath, name + ".nrrd"),
+            _("NRRD (*.nrrd);;NIfTI (*.nii.gz *.nii)"))
+        if not path:
+            return
+        if not path.lower().endswith((".nrrd", ".nii", ".nii.gz")):
+            path += ".nrrd"
+        written = self.logic.exportVolume(node, path)
+        marked = self.logic.provenance(node)
+        self._status((_("exported {name} to {path} with its synthetic mark") if marked and marked.get("synthetic")
+                      else _("exported {name} to {path}")).format(name=node.GetName(), path=written))
+
+    def _onEvaluate(self) -> None:
+        p = self._parameterNode
+        self._withService(lambda: self._start(self.logic.submitEvaluate(
+            p.predictionVolume, p.evaluationReference, labels=p.evaluateLabels, resample=p.evaluateResample)))
 
     def _onCancel(self) -> None:
         if self._job is not None:
@@ -1423,12 +1473,27 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(
                 task=job.task, error=panel_message(exc.message)), windowTitle=_("MedDiffusion"))
             return
-        if nodes:
+        self._showResults(job, nodes)
+        self._status(_("{task} done in {seconds:.0f} s: {names}").format(
+            task=job.task, seconds=time.monotonic() - self._startedAt, names=", ".join(n.GetName() for n in nodes)))
+
+    def _showResults(self, job, nodes) -> None:
+        """Show a finished job's nodes: the volume in the slice views; an N-sample job's std in colour
+        over its mean, with the Sequences toolbar on its sample browser; an evaluation's chart."""
+        outputs = job.outputs
+        if "mean" in outputs and "std" in outputs:
+            self.logic.showUncertainty(outputs["mean"], outputs["std"])
+            slicer.util.setSliceViewerLayers(fit=True)
+            sequences = getattr(slicer.modules, "sequences", None)
+            if sequences is not None and outputs.get("browser") is not None:
+                sequences.setToolBarActiveBrowserNode(outputs["browser"])
+                sequences.setToolBarVisible(True)
+        elif outputs.get("chart") is not None:
+            self.logic.showChart(outputs["chart"])
+        elif nodes and nodes[0].IsA("vtkMRMLVolumeNode"):
             slicer.util.setSliceViewerLayers(background=nodes[0], fit=True)
             if job.task == "simulate-sparse-view":
                 self._parameterNode.fbpVolume = nodes[0]  # ready for Reconstruct
-        self._status(_("{task} done in {seconds:.0f} s: {names}").format(
-            task=job.task, seconds=time.monotonic() - self._startedAt, names=", ".join(n.GetName() for n in nodes)))
 
     def _endJob(self) -> None:
         self._job = None

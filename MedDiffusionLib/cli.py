@@ -206,10 +206,11 @@ def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Pat
     try:
         st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
         _check_outputs(outputs, getattr(args, "overwrite", False), getattr(args, "format", None))
-        from .results import write_all
+        from .results import output_folders, write_all
 
-        write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o, args)
-                            for r, o in zip(st["results"], outputs)])
+        with output_folders(outputs, getattr(args, "format", None)):
+            write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o, args)
+                                for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
     except KeyboardInterrupt:
         client.cancel(job_id)
@@ -889,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and how it was made). Without: library/torch versions and the GPUs torch can use.")
     p.add_argument("file", nargs="?", help="a NIfTI (with its .json sidecar), NRRD or MHA volume, or a DICOM series folder")
     p.set_defaults(func=_cmd_info)
+
+    from .evaluation_cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
     return parser
 
 

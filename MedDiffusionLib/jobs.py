@@ -22,6 +22,9 @@ Tasks:
 * ``reconstruct``: a sparse-view FBP volume (HU) or a zero-filled under-sampled MRI (input
   ``input``) with a ``sparse-view`` or ``mri`` ControlNet; the ControlNet's own metadata says which.
 * ``simulate-sparse-view``: full CT (HU) -> FBP of a sparse fan-beam scan.
+* ``evaluate``: a prediction vs a reference volume (inputs ``prediction`` and ``reference``):
+  PSNR / SSIM / MAE in HU windows, or Dice per label (``labels``); one ``metrics.json`` result
+  (:mod:`MedDiffusionLib.evaluation`).
 """
 from __future__ import annotations
 
@@ -81,6 +84,15 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if p["device"] != device:
             spec = spec.with_params(device=device)
             p = spec.params
+        if spec.task == "evaluate":
+            from .evaluation import paired_metrics
+
+            prog.emit("sampling", 0, 0, "computing the metrics")
+            report = paired_metrics(vols["prediction"], vols["reference"], labels=p["labels"], resample=p["resample"])
+            metrics = report.to_json_dict()  # strict JSON: a perfect PSNR is "inf"
+            prog.emit("writing", 0, 0, "writing")
+            return _named(JobResult(spec, [ResultVolume(result_names(spec)[0], None, {"task": spec.task, "metrics": metrics})],
+                                    time.monotonic() - t0, warnings))
         if spec.task == "simulate-sparse-view":
             from .pipelines.conditioned import simulate_sparse_view
 
@@ -143,14 +155,17 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         prog.emit("sampling", 0, p["steps"], "sampling")
         kw = _preview_kw(pipe, p, preview, spill_dir)
         n = p["num_samples"]
-        outs = pipe.sample(vols["input"], n, seed=p["seed"], sampler=p["sampler"], steps=p["steps"],
-                           batch_size=sample_batch(p), progress=prog.step, cancel=cancel,
-                           memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir, **kw)
+        outs, decoded = pipe.sample(vols["input"], n, seed=p["seed"], sampler=p["sampler"], steps=p["steps"],
+                                    batch_size=sample_batch(p), progress=prog.step, cancel=cancel,
+                                    memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir, with_decode=True,
+                                    tiling=p["tiling"], **kw)
         prog.emit("writing", p["steps"], p["steps"], "writing")
         hu = _controlled_output_in_hu(pipe)
         meta = {"task": spec.task, "controlnet_task": pipe.task, "model": spec.model, "seed": p["seed"],
                 "sampler": p["sampler"], "steps": p["steps"], "units": "HU" if hu else "model units [-1, 1]",
-                "class_index": pipe.class_index}
+                "class_index": pipe.class_index,
+                # exact when every sample's decode was (the statistics mix them all)
+                "decode": min(decoded, key=lambda d: bool(d.get("exact", True)))}
         prov = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))
         names = result_names(spec)
         if n == 1:

@@ -21,7 +21,7 @@ from .defaults import (CONTROLLED_DEFAULTS, MAX_STEPS, SAMPLERS, _class_value, _
                        generation_defaults, resolve_sampling, show)
 from .errors import UserError, about
 
-TASKS = ("generate", "synthesize", "reconstruct", "simulate-sparse-view")
+TASKS = ("generate", "synthesize", "reconstruct", "simulate-sparse-view", "evaluate")
 MODES = ("fast", "reference")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 TILINGS = ("auto", "exact", "official", "seamless")
@@ -34,6 +34,7 @@ PARAM_DEFAULTS: dict[str, Any] = {
     "class": None, "size": None, "spacing": None, "seed": 0, "sampler": None, "steps": None, "num_volumes": 1,
     "hu": None, "hu_window": None, "device": "auto", "mode": "fast", "precision": "fp32", "tiling": "auto",
     "max_memory_gb": None, "compile": False, "views": 40, "bins": 512, "preview_every": 0, "force": False, "num_samples": 1,
+    "labels": False, "resample": False,
 }
 # the parameters each task takes (one pydantic model per task at the service's door, MedDiffusionLib.schema)
 _SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
@@ -43,6 +44,7 @@ TASK_PARAMS: dict[str, tuple[str, ...]] = {
     "synthesize": ("num_samples", *_SAMPLING_PARAMS),
     "reconstruct": ("num_samples", *_SAMPLING_PARAMS),
     "simulate-sparse-view": ("views", "bins", "device", "force"),
+    "evaluate": ("labels", "resample"),
 }
 # why a parameter is not one of a task's, where a plain "not a parameter" would not say enough
 _NOT_A_PARAMETER = {
@@ -51,7 +53,12 @@ _NOT_A_PARAMETER = {
        for k in ("size", "spacing", "hu_window")},
 }
 INPUT_TASKS = {"synthesize": "a label map", "reconstruct": "an FBP (HU) or zero-filled MRI volume",
-               "simulate-sparse-view": "a CT volume in HU"}
+               "simulate-sparse-view": "a CT volume in HU",
+               "evaluate": "the prediction and the reference volume (label maps with labels=true)"}
+# the input volumes each task reads, by name (the service's upload fields)
+TASK_INPUTS: dict[str, tuple[str, ...]] = {"generate": (), "synthesize": ("input",), "reconstruct": ("input",),
+                                           "simulate-sparse-view": ("input",), "evaluate": ("prediction", "reference")}
+INPUT_NAMES = tuple(sorted({n for names in TASK_INPUTS.values() for n in names}))
 
 # -- absolute limits: every front end (CLI, Python API, job service); a service's Caps come on top ------------
 MAX_SEED = 2 ** 62            # seed + volume index must fit torch.manual_seed
@@ -223,7 +230,7 @@ def _finite(value: Any, what: str, lo: float | None = None, hi: float | None = N
 def _check_params(p: dict[str, Any]) -> None:
     """Types and absolute ranges of every parameter, whatever the task (in place: whole floats
     become ints). An error names its field (:attr:`UserError.field`)."""
-    for key in ("hu", "force", "compile"):
+    for key in ("hu", "force", "compile", "labels", "resample"):
         if not isinstance(p[key], bool) and not (key == "hu" and p[key] is None):
             raise UserError(f"{key} must be true or false, got {show(p[key])}", field=key)
     checks: list[tuple[str, Callable[[], Any]]] = [
@@ -362,14 +369,21 @@ def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = Non
     if service and spec.weights:
         raise UserError("the job service does not open local paths: choose a model by its registry id, not a "
                         "weights folder")
-    needed = INPUT_TASKS.get(spec.task)
-    if needed and "input" not in spec.inputs:
-        raise UserError(f"task {spec.task!r} needs an input volume ({needed}) named 'input'")
-    if not needed and spec.inputs:
+    wanted = TASK_INPUTS[spec.task]
+    missing = [n for n in wanted if n not in spec.inputs]
+    if missing:
+        names = " and ".join(repr(n) for n in wanted)
+        raise UserError(f"task {spec.task!r} needs {'an input volume' if len(wanted) == 1 else 'input volumes'} "
+                        f"({INPUT_TASKS[spec.task]}) named {names}")
+    if not wanted and spec.inputs:
         raise UserError(f"task {spec.task!r} takes no input volumes")
-    extra = sorted(set(spec.inputs) - {"input"})
+    extra = sorted(set(spec.inputs) - set(wanted))
     if extra:
-        raise UserError(f"unknown input name(s) {_names(extra)}; task {spec.task!r} takes one input named 'input'")
+        raise UserError(f"unknown input name(s) {_names(extra)}; task {spec.task!r} takes "
+                        f"{' and '.join(repr(n) for n in wanted)}")
+    if spec.task == "evaluate":  # no model: metrics on the CPU
+        p["device"] = "cpu"
+        return _final(spec, None, p, caps)
     model = spec.model
 
     if spec.task == "simulate-sparse-view":

@@ -1,7 +1,9 @@
-"""3-D image quality: PSNR and SSIM in a HU window (the paper uses [-1000, 1000] for CT), Dice."""
+"""3-D image quality: PSNR, SSIM and MAE in a HU window (the paper uses [-1000, 1000] for CT), Dice
+(per mask and per label value), and the linear-kernel MMD of two sets of volumes."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,3 +47,34 @@ def dice(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.bool(), b.bool()
     denom = a.sum() + b.sum()
     return 1.0 if denom == 0 else float(2 * (a & b).sum() / denom)
+
+
+def mae(pred: torch.Tensor, target: torch.Tensor, window: tuple[float, float] = (-1000.0, 1000.0)) -> float:
+    """Mean absolute error in the window's units (HU) after clipping both volumes to ``window``
+    (any shape, both the same)."""
+    lo, hi = window
+    return float((pred.double().clamp(lo, hi) - target.double().clamp(lo, hi)).abs().mean())
+
+
+def dice_per_label(pred: torch.Tensor, target: torch.Tensor, labels: Sequence[int]) -> dict[int, float]:
+    """Dice of ``pred == v`` against ``target == v`` for each label value ``v`` (integer maps of
+    the same shape); 1.0 for a label that neither map holds."""
+    return {int(v): dice(pred == v, target == v) for v in labels}
+
+
+def mmd_linear(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Unbiased squared MMD of two sets ``x`` ``(M, ...)`` and ``y`` ``(N, ...)`` (M, N >= 2) with the
+    linear kernel ``k(a, b) = mean(a * b)`` over the voxels: the estimator of
+    :class:`monai.metrics.MMDMetric` (Gretton et al. 2012, eq. 3) divided by the voxel count, for
+    sets of any sizes (MONAI's needs equal sizes). Can be slightly negative (unbiased)."""
+    m, n = x.shape[0], y.shape[0]
+    if m < 2 or n < 2:
+        raise ValueError(f"MMD needs at least two samples in each set, got {m} and {n}")
+    a = x.reshape(m, -1).double()
+    b = y.reshape(n, -1).double()
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"MMD needs samples of one size, got {tuple(x.shape[1:])} and {tuple(y.shape[1:])}")
+    xx, yy, xy = a @ a.T, b @ b.T, a @ b.T
+    term_x = (xx.sum() - xx.diagonal().sum()) / (m * (m - 1))
+    term_y = (yy.sum() - yy.diagonal().sum()) / (n * (n - 1))
+    return float((term_x + term_y - 2 * xy.sum() / (m * n)) / a.shape[1])

@@ -2,9 +2,10 @@
 results are written: atomically, all or none (:func:`write_results`, :func:`write_all`)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from .jobspec import JobSpec
@@ -12,8 +13,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class ResultVolume:
+    """One result: a volume (``data.volumes.Volume``) or, for ``evaluate``, ``None`` with the
+    numbers in ``meta["metrics"]`` (written as JSON)."""
+
     name: str
-    volume: Any  # data.volumes.Volume
+    volume: Any
     meta: dict[str, Any]
 
 
@@ -29,6 +33,8 @@ def result_names(spec: JobSpec) -> list[str]:
     """The names of a job's results, in order: ``result_<i>`` (one per generated volume, or the one
     result of a task); an N-sample run (``num_samples`` > 1): ``sample_<i>`` then ``mean`` and ``std``."""
     fmt = spec.output_format
+    if spec.task == "evaluate":
+        return ["metrics.json"]
     samples = spec.params.get("num_samples") or 1
     if spec.task != "generate" and samples > 1:
         return [f"sample_{i}{fmt}" for i in range(samples)] + [f"mean{fmt}", f"std{fmt}"]
@@ -68,6 +74,17 @@ def write_result(r: ResultVolume, out: str | Path, overwrite: bool = False, fmt:
     """Write one result volume, marked with its provenance (:mod:`MedDiffusionLib.provenance`):
     to a volume file (its suffix says the format), or with ``fmt="dicom"`` to a DICOM series in
     the folder ``out`` (:func:`MedDiffusionLib.io.dicom.write_dicom_series`)."""
+    if r.volume is None:  # evaluate: the metrics, as JSON
+        import json
+
+        from .io.atomic import atomic_path
+
+        path = Path(out)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(r.meta.get("metrics") or {}, indent=1), encoding="utf-8")
+        return path
     if fmt == "dicom":
         from .io.dicom import write_dicom_series
 
@@ -77,8 +94,29 @@ def write_result(r: ResultVolume, out: str | Path, overwrite: bool = False, fmt:
     return write_volume(r.volume, out, overwrite, r.meta.get("provenance"))
 
 
+@contextlib.contextmanager
+def output_folders(outputs: Sequence[str | Path], fmt: str | None) -> Iterator[None]:
+    """DICOM series of several results go into sub-folders of one folder: made here when missing
+    (its own parent must exist), removed again when the block fails and left it empty."""
+    made: list[Path] = []
+    if fmt == "dicom":
+        for parent in sorted({Path(o).parent for o in outputs}):
+            if not parent.exists() and parent.parent.is_dir():
+                parent.mkdir()
+                made.append(parent)
+    try:
+        yield
+    except BaseException:
+        for parent in made:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
 def write_results(result: JobResult, outputs: Sequence[str | Path], overwrite: bool = False,
                   fmt: str | None = None) -> list[Path]:
-    """Write each result volume to its output (:func:`write_result`), atomically and all or none."""
-    return write_all(outputs, [lambda r=r, o=o: write_result(r, o, overwrite, fmt)
-                               for r, o in zip(result.results, outputs)])
+    """Write each result volume to its output (:func:`write_result`), atomically and all or none
+    (:func:`output_folders` for DICOM)."""
+    with output_folders(outputs, fmt):
+        return write_all(outputs, [lambda r=r, o=o: write_result(r, o, overwrite, fmt)
+                                   for r, o in zip(result.results, outputs)])

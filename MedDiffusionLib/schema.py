@@ -133,6 +133,9 @@ class JobParams(BaseModel):
     preview_every: Optional[PreviewEvery] = Field(
         None, description="decode a preview every N sampler steps (0: never)")
     force: Optional[StrictBool] = Field(None, description="run even when the memory estimate says it does not fit")
+    labels: Optional[StrictBool] = Field(None, description="evaluate: the volumes are label maps (Dice per label)")
+    resample: Optional[StrictBool] = Field(
+        None, description="evaluate: resample the prediction onto the reference's grid when the grids differ")
 
 
 class JobRequest(BaseModel):
@@ -141,7 +144,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", title="JobSpec")
 
-    task: Literal["generate", "synthesize", "reconstruct", "simulate-sparse-view"]
+    task: Literal["generate", "synthesize", "reconstruct", "simulate-sparse-view", "evaluate"]
     model: Optional[Annotated[str, StringConstraints(max_length=jobspec.MAX_ID_CHARS)]] = Field(
         None, description="registry model id (default: the base model of the ControlNet, or the default model)")
     weights: Optional[Annotated[str, StringConstraints(max_length=jobspec.MAX_WEIGHTS_CHARS)]] = Field(
@@ -150,7 +153,7 @@ class JobRequest(BaseModel):
         None, description="named ControlNet (synthesize, reconstruct)")
     params: Optional[JobParams] = None
     inputs: Optional[Annotated[dict[Name, Name], MaxLen(jobspec.MAX_INPUTS)]] = Field(
-        None, description="input name ('input') -> uploaded file name")
+        None, description="input name ('input'; evaluate: 'prediction' and 'reference') -> uploaded file name")
     output_format: Optional[Literal[".nrrd", ".nii.gz", ".nii", ".mha"]] = None
 
     def to_spec(self) -> JobSpec:

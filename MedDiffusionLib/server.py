@@ -68,7 +68,7 @@ from .errors import Cancelled, MedDiffusionError, ResourceError, UserError, fiel
 from .controlnets import controlnet_search_path, named_controlnets
 from .defaults import sampling_defaults_for
 from .jobs import oom_advice, run_job
-from .jobspec import JobSpec
+from .jobspec import INPUT_NAMES, JobSpec
 from .jobstore import JobStore
 from .model_cache import ModelCache
 from .progress import ProgressEvent
@@ -335,6 +335,7 @@ class JobService:
 
     def _run(self, job: Job, cache: ModelCache) -> None:
         from .data.volumes import write_volume
+        from .results import write_result
 
         results_dir = job.folder / "results"
         cancelled = self._cancelled(job)
@@ -366,7 +367,7 @@ class JobService:
             for r in res.results:
                 if cancelled():  # cancelled while writing: nothing stays
                     raise Cancelled("cancelled")
-                write_volume(r.volume, results_dir / r.name, provenance=r.meta.get("provenance"))
+                write_result(r, results_dir / r.name)
                 os.chmod(results_dir / r.name, 0o600)
             if cancelled():
                 raise Cancelled("cancelled")
@@ -808,8 +809,9 @@ class _FormReader:
                 raise HTTPException(400, "the upload has two 'spec' parts")
             self.spec, self._name = bytearray(), "spec"
             return
-        if name != "input":
-            raise HTTPException(400, f"unexpected upload field {name[:40]!r}; send 'spec' and the file 'input'")
+        if name not in INPUT_NAMES:
+            raise HTTPException(400, f"unexpected upload field {name[:40]!r}; send 'spec' and the file 'input' "
+                                     "(evaluate: 'prediction' and 'reference')")
         if name in self.files:
             raise HTTPException(400, f"the upload has two {name!r} files")
         fname = (filename or b"").decode("utf-8", "replace")[:255]
@@ -913,7 +915,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     post["requestBody"] = {"required": True, "content": {
         "application/json": {"schema": ref},
         "multipart/form-data": {"schema": {"type": "object", "required": ["spec"], "properties": {
-            "spec": ref, "input": {"type": "string", "format": "binary"}}},
+            "spec": ref, **{name: {"type": "string", "format": "binary"} for name in INPUT_NAMES}}},
             "encoding": {"spec": {"contentType": "application/json"}}}}}
     post["parameters"] = [{"name": "X-Job-Id", "in": "header", "required": False,
                            "schema": {"type": "string", "pattern": f"^{JOB_ID_RE.pattern}$"}}]

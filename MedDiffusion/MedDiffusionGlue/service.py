@@ -38,6 +38,9 @@ from MedDiffusionLib.client import (Client, JobCancelled, JobFailed, LocalServer
 
 from .nodes import (InputError, NrrdEncoder, NrrdLoader, StepwiseFileWriter, check_scalar_volume, labels_encoder,
                     propose_segment_mapping, read_volume, remove_node, unmapped_segments, volume_from_array)
+from .outputs import (PROVENANCE_ATTRIBUTE, add_sample, browse_samples, export_volume, mark_synthetic, metrics_chart,
+                      metrics_table, new_sample_sequence, node_provenance, show_chart, show_uncertainty,
+                      standalone_volume, style_std)
 
 TERMINAL = ("done", "failed", "cancelled")
 PREVIEW_NAME = "MedDiffusion preview"
@@ -115,50 +118,58 @@ def controlnet_label_names(info: dict) -> dict:
 
 
 POLL_BUDGET_S = 0.05  # the longest one poll() moves a job on (the GUI stays responsive)
+MAX_SAMPLES = 16  # samples of one synthesize / reconstruct job (MedDiffusionLib.jobspec.MAX_SAMPLES)
 START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
 
 
 class EncodedUpload:
-    """A job submission whose input NRRD is encoded from the node's voxels in memory, in short steps
-    on the calling (main) thread, with the interface of the client's ``Transfer`` (``step``,
+    """A job submission whose input NRRDs are encoded from the nodes' voxels in memory, in short
+    steps on the calling (main) thread, with the interface of the client's ``Transfer`` (``step``,
     ``cancel``, ``done``, ``result``, ``error``, ``sent``, ``total``).
 
-    Uncompressed (a local server): the multipart body is produced piece by piece as the socket takes
-    it (its length is known from the header and the voxel count). Compressed (a remote server): the
-    length is known only once compressed, so the gzip NRRD is first written to the job's folder
-    piece by piece (``encoding``), then sent like any input file (``client.start_submit``)."""
+    ``inputs``: {upload field name: (encoder, path)}, e.g. ``{"input": (encoder, ".../input.nrrd")}``
+    (the evaluate task uploads ``prediction`` and ``reference``); the file name sent is the path's.
 
-    def __init__(self, client: Client, spec: dict, encoder: NrrdEncoder, path: str) -> None:
-        self.client, self.spec, self.encoder, self.path = client, spec, encoder, path
+    Uncompressed (a local server): the multipart body is produced piece by piece as the socket takes
+    it (its length is known from the headers and the voxel counts). Compressed (a remote server): the
+    length is known only once compressed, so each gzip NRRD is first written to the job's folder
+    piece by piece (``encoding``), then all are sent like any input files (``client.start_submit``)."""
+
+    def __init__(self, client: Client, spec: dict, inputs: dict) -> None:
+        self.client, self.spec, self.inputs = client, spec, dict(inputs)
+        self.paths = [path for _, path in self.inputs.values()]
         self.done = False
         self.result: Any = None
         self.error: ServiceError | None = None
         self.cancelled = False
-        self.writer: StepwiseFileWriter | None = None
+        self.writers: list[StepwiseFileWriter] = []
         self.transfer: Transfer | None = None
-        if encoder.compress:
-            self.writer = StepwiseFileWriter(encoder, path)
+        if any(encoder.compress for encoder, _ in self.inputs.values()):
+            self.writers = [StepwiseFileWriter(encoder, path) for encoder, path in self.inputs.values()]
         else:
-            headers, length, body = self._multipart(spec, os.path.basename(path), encoder)
+            headers, length, body = self._multipart(spec, self.inputs)
             self.transfer = Transfer(client, "POST", "/jobs", body=body, length=length, headers=headers)
 
     @staticmethod
-    def _multipart(spec: dict, filename: str, encoder: NrrdEncoder):
-        """The body ``client.start_submit(spec, {"input": file})`` sends, with the file's bytes
+    def _multipart(spec: dict, inputs: dict):
+        """The body ``client.start_submit(spec, {name: file, ...})`` sends, with each file's bytes
         from ``encoder.blocks()`` (the same parts, in the same form, as ``_multipart`` of the client)."""
         boundary = uuid.uuid4().hex
         spec_part = (f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n'
                      "Content-Type: application/json\r\n\r\n").encode() + json.dumps(spec).encode() + b"\r\n"
-        file_head = (f'--{boundary}\r\nContent-Disposition: form-data; name="input"; '
-                     f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+        heads = [(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                  f'filename="{os.path.basename(path)}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode()
+                 for name, (_, path) in inputs.items()]
         tail = f"--{boundary}--\r\n".encode()
-        length = len(spec_part) + len(file_head) + encoder.length + 2 + len(tail)
+        length = len(spec_part) + len(tail) + sum(len(head) + encoder.length + 2
+                                                  for head, (encoder, _) in zip(heads, inputs.values()))
 
         def body():
             yield spec_part
-            yield file_head
-            yield from encoder.blocks()
-            yield b"\r\n"
+            for head, (encoder, _) in zip(heads, inputs.values()):
+                yield head
+                yield from encoder.blocks()
+                yield b"\r\n"
             yield tail
 
         headers = {"Content-Type": f"multipart/form-data; boundary={boundary}", "Content-Length": str(length)}
@@ -176,7 +187,8 @@ class EncodedUpload:
     def total(self) -> int | None:
         if self.transfer is not None:
             return self.transfer.total
-        return len(self.encoder.header) + self.encoder.raw_bytes  # not sent yet: a cancel drops it
+        # not sent yet: a cancel drops it
+        return sum(len(encoder.header) + encoder.raw_bytes for encoder, _ in self.inputs.values())
 
     def step(self, budget_s: float = POLL_BUDGET_S) -> bool:
         deadline = time.monotonic() + max(0.0, budget_s)
@@ -184,9 +196,11 @@ class EncodedUpload:
             return True
         if self.transfer is None:
             try:
-                if not self.writer.step(budget_s):
-                    return False
-                self.transfer = self.client.start_submit(self.spec, {"input": self.path})
+                for writer in self.writers:
+                    if not writer.done and not writer.step(max(0.0, deadline - time.monotonic())):
+                        return False
+                self.transfer = self.client.start_submit(self.spec, {name: path for name, (_, path)
+                                                                     in self.inputs.items()})
             except ServiceError as exc:
                 return self._finish(error=exc)
             except OSError as exc:
@@ -205,22 +219,16 @@ class EncodedUpload:
 
     def _finish(self, result: Any = None, error: ServiceError | None = None) -> bool:
         self.done, self.result, self.error = True, result, error
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
         return True
-
-
-PROVENANCE_ATTRIBUTE = "MedDiffusion.provenance."  # one node attribute per provenance field
 
 
 def markSynthetic(node, provenance) -> None:
     """Mark a result node with the service's provenance (MedDiffusionLib.provenance): one node
     attribute per field (``MedDiffusion.provenance.<field>``, JSON value; saved with the scene);
-    the node's name says "(synthetic)"."""
-    if not isinstance(provenance, dict):
-        return
-    for key, value in list(provenance.items())[:64]:
-        node.SetAttribute(PROVENANCE_ATTRIBUTE + str(key)[:64], json.dumps(value)[:4096])
+    the node's name says "(synthetic)" (set where the node is made). See :func:`outputs.mark_synthetic`."""
+    mark_synthetic(node, provenance)
 
 
 @dataclass
@@ -250,6 +258,12 @@ class Job:
     downloaded: int = 0  # results loaded so far
     cancelRequested: bool = False
     sceneClosed: bool = False  # the scene was closed during the job: it adds nothing (ServiceLogic.onSceneClosing)
+    sequence: Any = None  # an N-sample job: the Sequence the samples go into as they arrive
+    sampleWindow: tuple[float, float] | None = None  # the samples' display range
+    metrics: dict | None = None  # an evaluate job's metrics ({"rows": [...], ...})
+    # an N-sample job once loaded: {"mean", "std", "proxy", "sequence", "browser"} (nodes; also in ``nodes``);
+    # an evaluate job: {"table", "chart", "series", "plotTable"}
+    outputs: dict = field(default_factory=dict)
 
     @property
     def state(self) -> str:
@@ -278,9 +292,11 @@ class ServiceLogic:
 
     REQUEST_TIMEOUT_S = 30.0  # a transfer that moves nothing for this long fails
 
-    def __init__(self, scene=None, segmentationsLogic=None) -> None:
+    def __init__(self, scene=None, segmentationsLogic=None, sequencesLogic=None, plotsLogic=None) -> None:
         self._scene = scene
         self.segmentationsLogic = segmentationsLogic
+        self.sequencesLogic = sequencesLogic  # Slicer's (updates a browser's proxy node); None: a private one
+        self.plotsLogic = plotsLogic  # Slicer's (shows a chart in the layout); None: MRML only
         self.server: LocalServer | None = None
         self.serverPython: str | None = None
         self.serverEnv: dict[str, str] | None = None
@@ -542,23 +558,28 @@ class ServiceLogic:
     def _newWorkDir(self) -> str:
         return tempfile.mkdtemp(prefix="meddiffusion-job-")
 
-    def _submit(self, spec: dict, name: str, like=None, window=None, inputNode=None, labels=None) -> Job:
-        """Start the upload of the input (a volume node, or ``labels`` = (segmentation, reference,
-        mapping)); returns the job in phase ``uploading`` (move it on with :meth:`poll`). The input's
-        NRRD is encoded from memory in short steps by :meth:`poll` (:class:`EncodedUpload`): here only
-        its header is made (and, for ``labels``, the segments are exported: one Slicer call)."""
+    def _submit(self, spec: dict, name: str, like=None, window=None, inputNode=None, labels=None,
+                inputNodes: dict | None = None) -> Job:
+        """Start the upload of the input (a volume node, ``labels`` = (segmentation, reference,
+        mapping), or ``inputNodes`` = {input name: volume node} for a task with several inputs);
+        returns the job in phase ``uploading`` (move it on with :meth:`poll`). Each input's NRRD is
+        encoded from memory in short steps by :meth:`poll` (:class:`EncodedUpload`): here only its
+        header is made (and, for ``labels``, the segments are exported: one Slicer call)."""
         work = self._newWorkDir()
         try:
-            encoder = None
+            encoders = {}
             if inputNode is not None:
-                encoder = NrrdEncoder(inputNode, work, compress=not self.isLocal)
+                encoders["input"] = NrrdEncoder(inputNode, work, compress=not self.isLocal)
             elif labels is not None:
                 seg, ref, mapping = labels
-                encoder = labels_encoder(self.scene, seg, ref, mapping, work, logic=self.segmentationsLogic,
-                                         compress=not self.isLocal)
-            if encoder is not None:
-                spec = dict(spec, inputs={"input": "input.nrrd"})
-                transfer = EncodedUpload(self.client(), spec, encoder, os.path.join(work, "input.nrrd"))
+                encoders["input"] = labels_encoder(self.scene, seg, ref, mapping, work, logic=self.segmentationsLogic,
+                                                   compress=not self.isLocal)
+            for inputName, node in (inputNodes or {}).items():
+                encoders[inputName] = NrrdEncoder(node, work, compress=not self.isLocal)
+            if encoders:
+                spec = dict(spec, inputs={n: f"{n}.nrrd" for n in encoders})
+                transfer = EncodedUpload(self.client(), spec, {n: (e, os.path.join(work, f"{n}.nrrd"))
+                                                               for n, e in encoders.items()})
             else:
                 transfer = self.client().start_submit(spec, {})
         except BaseException:
@@ -634,20 +655,33 @@ class ServiceLogic:
         return self._submit({"task": "generate", "model": model["id"], "params": params},
                             f"MedDiffusion {cls['name']} seed{seed}", window=window)
 
+    @staticmethod
+    def _samplesParam(params: dict, numSamples) -> dict:
+        """``num_samples`` into the job's parameters when more than one sample is asked for (a service
+        without the parameter still takes single-sample jobs)."""
+        if isinstance(numSamples, bool) or not isinstance(numSamples, int) or not 1 <= numSamples <= MAX_SAMPLES:
+            raise InputError(f"Samples: a whole number from 1 to {MAX_SAMPLES}, got {numSamples!r}")
+        if numSamples > 1:
+            params["num_samples"] = int(numSamples)
+        return params
+
     def submitSynthesize(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
                          controlNet: str = "chest-ct-mini-labels", seed: int = 0, steps: int | None = None,
                          device: str = "auto", mode: str = "fast", previewEvery: int = 0,
-                         allowUnmapped: bool = False) -> Job:
+                         allowUnmapped: bool = False, numSamples: int = 1) -> Job:
         """Synthesize CT from segments on the reference grid. ``segmentLabels``: {segment id: model
         label value (or label name)}. Every segment must have a label: the ones without raise
         :class:`UnmappedSegmentsError` (an ``InputError`` listing them) before anything starts,
-        unless ``allowUnmapped`` (then they become label 0, like the background)."""
+        unless ``allowUnmapped`` (then they become label 0, like the background). ``numSamples`` > 1
+        (at most 16): that many samples (the service draws them reproducibly from ``seed``) as one
+        Sequence with a browser, plus their voxel-wise mean and standard deviation (see
+        :meth:`finishJob`)."""
         if segmentationNode is None:
             raise InputError("select a segmentation")
         check_scalar_volume(referenceVolumeNode, "reference volume")
+        params = self._samplesParam({"seed": int(seed), "sampler": None, "steps": steps, "device": device,
+                                     "mode": mode, "preview_every": int(previewEvery)}, numSamples)
         segmentLabels = self.segmentLabelValues(segmentationNode, segmentLabels, controlNet, allowUnmapped)
-        params = {"seed": int(seed), "sampler": None, "steps": steps, "device": device, "mode": mode,
-                  "preview_every": int(previewEvery)}
         return self._submit({"task": "synthesize", "controlnet": controlNet, "params": params},
                             f"{segmentationNode.GetName()} synthetic CT seed{seed}", like=referenceVolumeNode,
                             window=self._controlNetWindow(controlNet),
@@ -655,11 +689,12 @@ class ServiceLogic:
 
     def submitReconstruct(self, fbpVolumeNode, controlNet: str = "chest-ct-mini-sparse-view", seed: int = 0,
                           steps: int | None = None, device: str = "auto", mode: str = "fast",
-                          previewEvery: int = 0) -> Job:
-        """Reconstruct CT from a sparse-view FBP volume (HU); the result is on the FBP's grid."""
+                          previewEvery: int = 0, numSamples: int = 1) -> Job:
+        """Reconstruct CT from a sparse-view FBP volume (HU); the result is on the FBP's grid.
+        ``numSamples`` > 1: samples, mean and std as for :meth:`submitSynthesize`."""
         check_scalar_volume(fbpVolumeNode, "sparse-view FBP volume")
-        params = {"seed": int(seed), "sampler": None, "steps": steps, "device": device, "mode": mode,
-                  "preview_every": int(previewEvery)}
+        params = self._samplesParam({"seed": int(seed), "sampler": None, "steps": steps, "device": device,
+                                     "mode": mode, "preview_every": int(previewEvery)}, numSamples)
         return self._submit({"task": "reconstruct", "controlnet": controlNet, "params": params},
                             f"{fbpVolumeNode.GetName()} MedDiffusion recon", like=fbpVolumeNode,
                             window=self._controlNetWindow(controlNet), inputNode=fbpVolumeNode)
@@ -674,6 +709,61 @@ class ServiceLogic:
         return self._submit({"task": "simulate-sparse-view", "params": params},
                             f"{ctVolumeNode.GetName()} FBP {views} views", like=ctVolumeNode, window=CT_WINDOW,
                             inputNode=ctVolumeNode)
+
+    def submitEvaluate(self, predictionNode, referenceNode, labels: bool = False, resample: bool = False) -> Job:
+        """Compare a prediction with a reference on the service (task ``evaluate``): both volumes are
+        uploaded; ``labels``: compare them as label maps (overlap per label), else as intensities;
+        ``resample``: put the prediction on the reference's grid first (else the grids must match).
+        The finished job adds no volume: its metrics become a Table node (metric, group, value) with
+        a bar chart (:meth:`metricsTable`), in ``job.outputs`` and ``finishJob``'s nodes."""
+        check_scalar_volume(predictionNode, "prediction volume")
+        check_scalar_volume(referenceNode, "reference volume")
+        params = {"labels": bool(labels), "resample": bool(resample)}
+        return self._submit({"task": "evaluate", "params": params},
+                            f"{predictionNode.GetName()} vs {referenceNode.GetName()}", like=predictionNode,
+                            inputNodes={"prediction": predictionNode, "reference": referenceNode})
+
+    # -- results as the user uses them (console and panel) ---------------------------------------------------
+    def showUncertainty(self, meanNode, stdNode, opacity: float = 0.5) -> list:
+        """Every slice view: the mean in the background, the std in a colour table in the foreground
+        at ``opacity`` (an N-sample job's ``job.outputs["mean"]``/``["std"]``). Returns the slice
+        composite nodes changed."""
+        if meanNode is None or stdNode is None:
+            raise InputError("select the mean and the std volume")
+        return show_uncertainty(self.scene, meanNode, stdNode, opacity)
+
+    @staticmethod
+    def exportVolume(node, path: str) -> str:
+        """Write a volume node to ``path`` (.nrrd, .nii or .nii.gz) keeping the synthetic mark of a
+        result: NRRD key/value fields ``meddiffusion_<field>``; NIfTI ``descrip`` "SYNTHETIC ..." and a
+        JSON sidecar ``<name>.json`` (what ``meddiffusion info FILE`` reads). A node without the mark
+        is written plainly. Returns the path written."""
+        if node is None:
+            raise InputError("select the volume to export")
+        return export_volume(node, path)
+
+    @staticmethod
+    def provenance(node) -> dict | None:
+        """The provenance a node is marked with ({field: value}); None for a node without the mark."""
+        return node_provenance(node)
+
+    def metricsTable(self, rows, name: str = "MedDiffusion metrics", metric: str | None = None,
+                     show: bool = True) -> tuple:
+        """Metrics rows ([{"metric", "group", "value"}], as the evaluate task returns them) as a Table
+        node plus a bar chart of one metric per group (``metric``; default PSNR, else Dice, SSIM,
+        MAE, else the first); ``show``: show the chart in the layout's plot view. Returns (table,
+        chart, series, plot table); chart, series and plot table are None when there are no rows."""
+        table = metrics_table(self.scene, rows, name)
+        if table.GetNumberOfRows() == 0:
+            return table, None, None, None
+        chart, series, plotTable = metrics_chart(self.scene, table, metric)
+        if show:
+            self.showChart(chart)
+        return table, chart, series, plotTable
+
+    def showChart(self, chartNode) -> None:
+        """Show a plot chart in the layout's plot view (switching to a layout with one if needed)."""
+        show_chart(self.scene, chartNode, self.plotsLogic)
 
     def _controlNetWindow(self, name: str) -> tuple[float, float]:
         try:
@@ -704,7 +794,7 @@ class ServiceLogic:
         if not job.transfer.step(budget):
             return
         transfer, job.transfer = job.transfer, None
-        for path in (os.path.join(job.workDir, "input.nrrd"),):  # the service keeps its own copy
+        for path in getattr(transfer, "paths", ()):  # the service keeps its own copy
             if os.path.exists(path):
                 os.remove(path)
         if transfer.error is not None:
@@ -762,9 +852,20 @@ class ServiceLogic:
         while job.phase == "downloading":
             if job.transfer is None:
                 if job.downloaded >= len(results):
+                    try:
+                        self._finishOutputs(job)
+                    except Exception as exc:  # nothing half-done stays in the scene
+                        self._removeNodes(job)
+                        self._end(job, ServiceError(f"showing the results failed: {exc}"))
+                        return
                     self._end(job)
                     return
                 res = results[job.downloaded]
+                metrics = (res.get("meta") or {}).get("metrics")
+                if isinstance(metrics, dict):  # an evaluate job's metrics: in its status, nothing to download
+                    job.metrics = metrics
+                    job.downloaded += 1
+                    continue
                 job.transfer = self.client(start=False).start_download(job.id, res["name"],
                                                                        os.path.join(job.workDir, res["name"]))
             if isinstance(job.transfer, NrrdLoader):
@@ -779,6 +880,17 @@ class ServiceLogic:
                 self._end(job, ServiceError(f"downloading the results failed: {panel_message(transfer.error.message)}",
                                             transfer.error.status))
                 return
+            if str(transfer.result).lower().endswith(".json"):  # metrics (small), not a volume
+                try:
+                    with open(transfer.result, encoding="utf-8") as fh:
+                        job.metrics = json.load(fh)
+                    os.remove(transfer.result)
+                except (OSError, ValueError) as exc:
+                    self._removeNodes(job)
+                    self._end(job, ServiceError(f"reading {results[job.downloaded]['name']} failed: {exc}"))
+                    return
+                job.downloaded += 1
+                continue
             try:  # read into memory in steps (NrrdLoader), then made a node at once (_stepLoad)
                 job.transfer = NrrdLoader(str(transfer.result))
             except OSError as exc:
@@ -798,20 +910,34 @@ class ServiceLogic:
             if loader.supported and loader.error is None:
                 return False  # read: the node is made on the next poll
         job.transfer = None
-        name = job.name if len(job.status.get("results") or []) == 1 else f"{job.name} #{job.downloaded}"
-        provenance = (res.get("meta") or {}).get("provenance")
+        meta = res.get("meta") or {}
+        statistic = meta.get("statistic")
+        if statistic in ("mean", "std"):
+            name = f"{job.name} {statistic}"
+        elif statistic == "sample":
+            name = f"{job.name} samples"
+        else:
+            name = job.name if len(job.status.get("results") or []) == 1 else f"{job.name} #{job.downloaded}"
+        provenance = meta.get("provenance")
         if isinstance(provenance, dict) and provenance.get("synthetic"):
             name += " (synthetic)"
         try:
             if loader.error is not None:
                 raise loader.error
-            if loader.supported:
-                node = volume_from_array(self.scene, loader.array, loader.dims, loader.ijk_to_ras, name,
-                                         like=job.like, window=self._window(job, res))
-            else:  # a file the stepwise reader does not take: Slicer's storage node, in one call
-                node = read_volume(self.scene, loader.path, name, like=job.like, window=self._window(job, res))
-            markSynthetic(node, provenance)
-            job.nodes.append(node)
+            if statistic == "sample":
+                self._addSample(job, loader, res, name, provenance)
+            else:
+                if loader.supported:
+                    node = volume_from_array(self.scene, loader.array, loader.dims, loader.ijk_to_ras, name,
+                                             like=job.like, window=self._window(job, res))
+                else:  # a file the stepwise reader does not take: Slicer's storage node, in one call
+                    node = read_volume(self.scene, loader.path, name, like=job.like, window=self._window(job, res))
+                markSynthetic(node, provenance)
+                job.nodes.append(node)
+                if statistic in ("mean", "std"):
+                    job.outputs[statistic] = node
+                    if statistic == "std":
+                        style_std(self.scene, node)
         except Exception as exc:
             self._removeNodes(job)
             self._end(job, ServiceError(f"loading {res['name']} failed: {exc}"))
@@ -821,6 +947,43 @@ class ServiceLogic:
                 os.remove(loader.path)
         job.downloaded += 1
         return left() > 0
+
+    def _addSample(self, job: Job, loader: NrrdLoader, res: dict, name: str, provenance) -> None:
+        """One sample of an N-sample job into the job's Sequence (made with the first): a copy inside
+        the sequence, so no sample node enters the main scene."""
+        index = (res.get("meta") or {}).get("sample_index")
+        if job.sequence is None:
+            job.sequence = new_sample_sequence(self.scene, name)
+            job.nodes.append(job.sequence)
+            job.sampleWindow = self._window(job, res)
+        index = job.sequence.GetNumberOfDataNodes() if index is None else int(index)
+        if loader.supported:
+            node = standalone_volume(loader.array, loader.dims, loader.ijk_to_ras, name)
+            mark_synthetic(node, provenance)
+            add_sample(job.sequence, node, index)
+        else:  # Slicer's storage node reads it into a node of the scene: copied, then removed
+            node = read_volume(self.scene, loader.path, name)
+            try:
+                mark_synthetic(node, provenance)
+                add_sample(job.sequence, node, index)
+            finally:
+                remove_node(self.scene, node)
+
+    def _finishOutputs(self, job: Job) -> None:
+        """Once every result is loaded: an N-sample job's Sequence gets its browser (the proxy node
+        shows the first sample); an evaluate job's metrics become a table with a bar chart."""
+        if job.sequence is not None and "browser" not in job.outputs:
+            browser, proxy = browse_samples(self.scene, job.sequence, self.sequencesLogic, like=job.like,
+                                            window=job.sampleWindow)
+            job.outputs.update(sequence=job.sequence, browser=browser, proxy=proxy)
+            others = [n for n in job.nodes if n is not job.sequence]
+            job.nodes = others + [proxy, job.sequence, browser]  # mean, std, proxy, sequence, browser
+        metrics = job.metrics if job.metrics is not None else job.status.get("metrics")
+        if isinstance(metrics, dict) and "table" not in job.outputs:
+            table, chart, series, plotTable = self.metricsTable(metrics.get("rows") or [], f"{job.name} metrics",
+                                                                show=False)
+            job.outputs.update(table=table, chart=chart, series=series, plotTable=plotTable)
+            job.nodes += [table, chart, series, plotTable]
 
     def cancel(self, job: Job) -> dict:
         """Stop the job: an upload or download stops at once (nothing is added to the scene); a job
@@ -867,9 +1030,11 @@ class ServiceLogic:
         return job.window
 
     def _removeNodes(self, job: Job) -> None:
-        for node in job.nodes:
+        for node in reversed(job.nodes):  # a sequence's browser before its proxy and the sequence
             remove_node(self.scene, node)
         job.nodes = []
+        job.sequence = None
+        job.outputs = {}
 
     def _end(self, job: Job, error: ServiceError | None = None) -> None:
         """The job is over: remove the preview node and the local files, delete it on the service."""
@@ -924,15 +1089,32 @@ class ServiceLogic:
         return self.waitJob(self.submitGenerate(**kwargs), progressCallback, timeout=timeout)
 
     def synthesizeFromSegmentation(self, segmentationNode, referenceVolumeNode, segmentLabels: dict,
-                                   progressCallback=None, timeout: float | None = None, **kwargs):
+                                   progressCallback=None, timeout: float | None = None, numSamples: int = 1,
+                                   **kwargs):
         """Blocking :meth:`submitSynthesize`: returns the synthetic CT node on the reference grid
-        (``allowUnmapped=True`` to leave segments without a label out on purpose)."""
-        job = self.submitSynthesize(segmentationNode, referenceVolumeNode, segmentLabels, **kwargs)
+        (``allowUnmapped=True`` to leave segments without a label out on purpose). With
+        ``numSamples`` > 1: [mean, std, sample proxy, sample sequence, sequence browser]."""
+        job = self.submitSynthesize(segmentationNode, referenceVolumeNode, segmentLabels, numSamples=numSamples,
+                                    **kwargs)
         return self.waitJob(job, progressCallback, timeout=timeout)
 
-    def reconstructSparseView(self, fbpVolumeNode, progressCallback=None, timeout: float | None = None, **kwargs):
-        """Blocking :meth:`submitReconstruct`: returns the reconstructed CT node."""
-        return self.waitJob(self.submitReconstruct(fbpVolumeNode, **kwargs), progressCallback, timeout=timeout)
+    def reconstructSparseView(self, fbpVolumeNode, progressCallback=None, timeout: float | None = None,
+                              numSamples: int = 1, **kwargs):
+        """Blocking :meth:`submitReconstruct`: returns the reconstructed CT node. With ``numSamples``
+        > 1: [mean, std, sample proxy, sample sequence, sequence browser]."""
+        return self.waitJob(self.submitReconstruct(fbpVolumeNode, numSamples=numSamples, **kwargs), progressCallback,
+                            timeout=timeout)
+
+    def evaluate(self, predictionNode, referenceNode, labels: bool = False, resample: bool = False,
+                 progressCallback=None, timeout: float | None = None, show: bool = True):
+        """Blocking :meth:`submitEvaluate`: returns the metrics Table node (its bar chart shown in the
+        layout's plot view unless ``show`` is False; all nodes in ``job.outputs``)."""
+        job = self.submitEvaluate(predictionNode, referenceNode, labels=labels, resample=resample)
+        self.waitJob(job, progressCallback, timeout=timeout)
+        chart = job.outputs.get("chart")
+        if show and chart is not None:
+            self.showChart(chart)
+        return job.outputs.get("table")
 
     def simulateSparseView(self, ctVolumeNode, views: int = 40, progressCallback=None, timeout: float | None = None):
         """Blocking :meth:`submitSimulate`: returns the FBP node on the CT's grid."""
@@ -967,4 +1149,4 @@ def segment_mapping(segmentationNode, text: str) -> dict:
 __all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError",
            "UnmappedSegmentsError", "controlnet_label_names", "DEFAULT_LABEL_NAMES",
            "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S",
-           "EncodedUpload"]
+           "EncodedUpload", "markSynthetic", "PROVENANCE_ATTRIBUTE", "MAX_SAMPLES"]

@@ -187,14 +187,17 @@ class ControlledPipeline(KernelModeMixin):
     def sample(self, vol: Volume, num_samples: int = 1, seed: int = 0, sampler: str | None = None,
                steps: int | None = None, batch_size: int = 1, progress: ProgressFn | None = None,
                cancel: CancelFn | None = None, callback: StepCallback | None = None,
-               memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None) -> list[Volume]:
+               memory_limit_bytes: float | None = None, spill_dir: str | Path | None = None,
+               with_decode: bool = False, tiling: str = "auto") -> list[Volume] | tuple[list[Volume], list[dict[str, Any]]]:
         """``num_samples`` outputs of this ControlNet's task on ``vol`` (see :meth:`run`), drawn in
         batches of ``batch_size``: batch ``k`` starts at sample ``j = k * batch_size`` and is seeded
         with ``seed + j`` (:func:`sample_seeds`), so a run is reproducible from ``seed``,
         ``num_samples`` and ``batch_size`` (a batch's numerics may differ from single runs' in the
         last bits, so record the batch size with the result).
         The input is prepared (resampled, encoded into the hint) once. ``progress(step, total)``
-        counts the steps of all batches."""
+        counts the steps of all batches. ``with_decode``: also return how each sample was decoded
+        (:meth:`~MedDiffusionLib.decoding.DecodePlan.meta`, for its provenance). ``tiling``: the
+        decode's (:meth:`GenerationPipeline.decode`)."""
         if num_samples < 1 or batch_size < 1:
             raise UserError(f"the number of samples must be at least 1, got {num_samples}")
         sampler, steps = resolve_sampling(sampler, steps, CONTROLLED_DEFAULTS, self.base.diffusion.num_timesteps)
@@ -218,6 +221,7 @@ class ControlledPipeline(KernelModeMixin):
         shape_dhw = canon.to_network().shape
         batches = sample_seeds(seed, num_samples, batch_size)
         outs: list[Volume] = []
+        decoded: list[dict[str, Any]] = []
         for k, (batch_seed, n) in enumerate(batches):
             def step(i: int, total: int, k: int = k) -> None:
                 if progress is not None:
@@ -226,7 +230,9 @@ class ControlledPipeline(KernelModeMixin):
             lat = self.base.sample_latents(self.class_index, size_xyz, batch_seed, sampler, steps, n, step, cancel,
                                            noise_net=functools.partial(self.noise_model(), hint=hint.expand(n, *hint.shape[1:])),
                                            callback=callback)
-            imgs = self.base.decode(lat, cancel=cancel, memory_limit_bytes=memory_limit_bytes, spill_dir=spill_dir)
+            imgs, plans = self.base.decode_with_plans(lat, tiling, cancel=cancel, memory_limit_bytes=memory_limit_bytes,
+                                                      spill_dir=spill_dir)
+            decoded += [plan.meta() for plan in plans]
             del lat
             for b in range(n):
                 check_cancel(cancel)
@@ -236,7 +242,7 @@ class ControlledPipeline(KernelModeMixin):
                     out = model_to_hu(out, lo, hi)
                 arr = np.ascontiguousarray(np.transpose(out, (1, 2, 0)))  # network (k, i, j) -> (i, j, k)
                 outs.append(Volume.restore(arr.astype(np.float32), ornt, vol))
-        return outs
+        return (outs, decoded) if with_decode else outs
 
 
 def sample_seeds(seed: int, num_samples: int, batch_size: int) -> list[tuple[int, int]]:

@@ -495,8 +495,12 @@ def test_metrics_and_openapi_describe_the_service(lab):
     assert list(result) == ["application/octet-stream"]
     assert "403" in doc["paths"]["/v1/unload"]["post"]["responses"]
     schemas = doc["components"]["schemas"]
-    assert len(schemas["JobRequest"]["oneOf"]) == 4  # one request model per task, told apart by "task"
+    assert len(schemas["JobRequest"]["oneOf"]) == 5  # one request model per task, told apart by "task"
     assert "views" in schemas["SimulateSparseViewParams"]["properties"]
+    assert set(schemas["EvaluateParams"]["properties"]) == {"labels", "resample"}
+    assert "num_samples" in schemas["ReconstructParams"]["properties"]
+    upload = post["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"spec", "input", "prediction", "reference"} <= set(upload)
     assert "views" not in schemas["GenerateParams"]["properties"] and "params" in schemas["GenerateRequest"]["properties"]
 
 

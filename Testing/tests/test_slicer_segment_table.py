@@ -157,6 +157,7 @@ class FakeLogic:
                          **kwargs):
         values = ServiceLogic.segmentLabelValues(self, seg, segmentLabels, controlNet, allowUnmapped)
         self.submitted.append((segmentLabels, values, allowUnmapped))
+        self.kwargs = kwargs
         return "job"
 
 
@@ -232,7 +233,8 @@ def _widget(mod, health=None, segmentation=None):
     w._parameterNode = types.SimpleNamespace(
         segmentation=segmentation, referenceVolume=object(), labelsControlNet="chest-ct-mini-labels", seed=0,
         controlSteps=5, device="cpu", previewEvery=0, sampler="ddim", useTrainedSize=True, fullCTVolume=None,
-        fbpVolume=None, referenceKernels=False, fromUI=True)
+        fbpVolume=None, referenceKernels=False, fromUI=True, numSamples=3, exportVolume=None, predictionVolume=None,
+        evaluationReference=None, evaluateLabels=False, evaluateResample=False)
     w.started = []
     w._withService = lambda action: action()
     w._start = w.started.append
@@ -309,6 +311,7 @@ def test_everything_mapped_submits_without_a_question(mod):
     w._onSynthesize()
     assert mod["asked"] == [] and w.started == ["job"]
     assert w.logic.submitted == [({"lung": "Lung", "bone": "Bone"}, {"lung": 1, "bone": 3}, False)]
+    assert w.logic.kwargs["numSamples"] == 3  # the panel's Samples
 
 
 @pytest.mark.parametrize("ok", [True, False], ids=["confirmed", "cancelled"])

@@ -44,7 +44,10 @@ def check_memory(spec: JobSpec, device: str, pipe: Any, inputs: dict[str, Any] |
     cuda = device.startswith("cuda")
     est = None
     host = array_bytes(spec, vols)
-    if spec.task == "simulate-sparse-view":
+    if spec.task == "evaluate":  # all on the CPU: the inputs above plus the metrics' working copies
+        dev = 0.0
+        advice = "crop or downsample the volumes"
+    elif spec.task == "simulate-sparse-view":
         from .operators.fanbeam import simulate_peak_bytes
 
         dev = 0.0
@@ -102,6 +105,11 @@ def array_bytes(spec: JobSpec, vols: Sequence[Any] = ()) -> float:
     p = spec.params
     if spec.task == "generate":
         return 2.0 * 4 * math.prod(p["size"]) * p["num_volumes"]
+    if spec.task == "evaluate":
+        # both inputs as read, then per volume float32 copies: the network-order array, the windowed
+        # one and SSIM's blurred maps (five at once, each the volume's size, for the larger volume)
+        n = max((float(v.array.size) for v in vols), default=0.0)
+        return sum(float(v.array.nbytes) for v in vols) + 4.0 * n * (2 * 2 + 5 + 2)
     total = 0.0
     for vol in vols:
         arr = vol.array
@@ -210,6 +218,13 @@ def check_input(spec: JobSpec, vol: Any, caps: Caps | None = None,
         if size is not None and caps is not None and caps.max_voxels is not None and math.prod(size) > caps.max_voxels:
             raise UserError(f"at the model's spacing the input needs a {'x'.join(map(str, size))} working grid; this "
                             f"server allows at most {caps.max_voxels} voxels; crop the input")
+        batch = sample_batch(spec.params)
+        if size is not None and caps is not None and caps.max_batch_voxels is not None and batch > 1 and \
+                math.prod(size) * batch > caps.max_batch_voxels:
+            raise UserError(f"{spec.params['num_samples']} samples run in batches of {batch} working grids of "
+                            f"{'x'.join(map(str, size))} voxels, more than this server allows in one job "
+                            f"({caps.max_batch_voxels} voxels); ask for fewer samples or crop the input",
+                            field="num_samples")
     if spec.task == "synthesize":
         if not np.any(np.rint(arr) != 0):
             raise UserError("the label map is empty (no non-zero label)")

@@ -71,8 +71,12 @@ def _check_outputs(outs: list[Path], overwrite: bool, fmt: str | None) -> None:
 
     for o in outs:
         if fmt == "dicom":
-            if o.exists() and (not o.is_dir() or any(o.iterdir())) and not overwrite:
-                raise FileExistsError(f"{o}: already exists (use --overwrite to replace it)")
+            from .io.dicom import check_series_folder
+
+            if o.parent.is_dir():
+                check_series_folder(o, overwrite)
+            elif o.parent.exists() or not o.parent.parent.is_dir():  # several series: OUT is made for them
+                raise FileNotFoundError(f"{o.parent}: not a folder, and it cannot be made here")
         else:
             check_writable(o, overwrite)
 
@@ -368,7 +372,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         Users(tokens_file=args.tokens)  # a bad tokens file stops here, with its line number
     try:
         caps = Caps(max_voxels=args.max_voxels, max_input_voxels=args.max_input_voxels,
-                    max_batch_voxels=args.max_batch_voxels, max_volumes=args.max_volumes, max_steps=args.max_steps,
+                    max_batch_voxels=args.max_batch_voxels, max_volumes=args.max_volumes,
+                    max_samples=args.max_samples, max_steps=args.max_steps,
                     max_views=args.max_views, max_bins=args.max_bins,
                     job_time_limit_s=args.job_time_limit if args.job_time_limit > 0 else None)
     except (TypeError, ValueError) as exc:
@@ -831,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-voxels", type=int, default=d.max_batch_voxels,
                    help=f"most output voxels of one job, all volumes together (default {d.max_batch_voxels})")
     p.add_argument("--max-volumes", type=int, default=d.max_volumes, help=f"most volumes per job (default {d.max_volumes})")
+    p.add_argument("--max-samples", type=int, default=d.max_samples,
+                   help=f"most samples of one synthesize / reconstruct job (num_samples; default {d.max_samples})")
     p.add_argument("--max-steps", type=int, default=d.max_steps, help=f"most sampler steps (default {d.max_steps})")
     p.add_argument("--max-views", type=int, default=d.max_views, help=f"most simulated views (default {d.max_views})")
     p.add_argument("--max-bins", type=int, default=d.max_bins, help=f"most detector bins (default {d.max_bins})")

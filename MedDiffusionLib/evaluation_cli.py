@@ -172,8 +172,12 @@ def run(args: argparse.Namespace) -> int:
     for line in _describe(report, args):
         print(line)
     print(report.table())
-    for path, kind in outputs:
-        (report.to_csv if kind == "csv" else report.to_json)(path)
+    from .results import write_all
+
+    # all or none: a failed second report takes the first one with it
+    write_all([p for p, _ in outputs], [lambda p=p, k=k: (report.to_csv if k == "csv" else report.to_json)(p)
+                                        for p, k in outputs])
+    for path, _ in outputs:
         print(f"wrote {path}")
     return 0
 

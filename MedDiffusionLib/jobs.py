@@ -87,8 +87,10 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if spec.task == "evaluate":
             from .evaluation import paired_metrics
 
+            check_memory(spec, device, None, vols)
             prog.emit("sampling", 0, 0, "computing the metrics")
-            report = paired_metrics(vols["prediction"], vols["reference"], labels=p["labels"], resample=p["resample"])
+            report = paired_metrics(vols["prediction"], vols["reference"], labels=p["labels"], resample=p["resample"],
+                                    cancel=cancel)
             metrics = report.to_json_dict()  # strict JSON: a perfect PSNR is "inf"
             prog.emit("writing", 0, 0, "writing")
             return _named(JobResult(spec, [ResultVolume(result_names(spec)[0], None, {"task": spec.task, "metrics": metrics})],
@@ -163,7 +165,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         hu = _controlled_output_in_hu(pipe)
         meta = {"task": spec.task, "controlnet_task": pipe.task, "model": spec.model, "seed": p["seed"],
                 "sampler": p["sampler"], "steps": p["steps"], "units": "HU" if hu else "model units [-1, 1]",
-                "class_index": pipe.class_index,
+                "class_index": pipe.class_index, "hu_window": list(pipe.hu_window()) if hu else None,
                 # exact when every sample's decode was (the statistics mix them all)
                 "decode": min(decoded, key=lambda d: bool(d.get("exact", True)))}
         prov = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))

@@ -88,7 +88,10 @@ class Caps:
     trained size of the released models fits, 512^3 included); ``max_batch_voxels`` 512**3 voxels
     per job (size voxels x num_volumes: one 512^3 volume or eight 256^3); ``max_input_voxels``
     512*512*1024 (268 M) voxels per input volume (1 GiB as float32: a thin-slice clinical CT);
-    ``max_volumes`` 8 per job; ``max_steps`` 1000 (the released models' DDPM default runs 1000);
+    ``max_volumes`` 8 per job; ``max_samples`` 16 samples of one synthesize / reconstruct job (they
+    run in batches of :data:`SAMPLE_BATCH`, and a batch's working grids together must fit
+    ``max_batch_voxels``: checked with the input, :func:`~MedDiffusionLib.checks.check_input`);
+    ``max_steps`` 1000 (the released models' DDPM default runs 1000);
     ``max_views`` 720 and ``max_bins`` 2048 for simulate-sparse-view; ``job_time_limit_s`` 6 h
     (enforced by the service, not by :func:`resolve`)."""
 
@@ -96,14 +99,15 @@ class Caps:
     max_batch_voxels: int | None = 512 ** 3
     max_input_voxels: int | None = 512 * 512 * 1024
     max_volumes: int | None = 8
+    max_samples: int | None = MAX_SAMPLES
     max_steps: int | None = 1000
     max_views: int | None = 720
     max_bins: int | None = 2048
     job_time_limit_s: float | None = 6 * 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("max_voxels", "max_batch_voxels", "max_input_voxels", "max_volumes", "max_steps", "max_views",
-                     "max_bins"):
+        for name in ("max_voxels", "max_batch_voxels", "max_input_voxels", "max_volumes", "max_samples", "max_steps",
+                     "max_views", "max_bins"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"Caps.{name} must be a positive integer or None, got {value!r}")
@@ -314,8 +318,8 @@ def _check_caps(spec: JobSpec, caps: "Caps | None") -> None:
             raise UserError(f"this server simulates at most {caps.max_views} views, got {p['views']}")
         if caps.max_bins is not None and p["bins"] > caps.max_bins:
             raise UserError(f"this server simulates at most {caps.max_bins} detector bins, got {p['bins']}")
-    if spec.task in CONTROLNET_TASKS and caps.max_volumes is not None and p["num_samples"] > caps.max_volumes:
-        raise UserError(f"this server draws at most {caps.max_volumes} samples per job, got {p['num_samples']}",
+    if spec.task in CONTROLNET_TASKS and caps.max_samples is not None and p["num_samples"] > caps.max_samples:
+        raise UserError(f"this server draws at most {caps.max_samples} samples per job, got {p['num_samples']}",
                         field="num_samples")
     if spec.task != "generate":
         return

@@ -134,6 +134,11 @@ def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, 
         raise UserError(f"{path}: no MedDiffusion provenance, nothing to reproduce (reproduce needs a result written by "
                         "MedDiffusion; a NIfTI needs its .json sidecar)")
     spec = recorded_spec(prov, device)
+    from .jobspec import sample_batch
+
+    if prov.get("sample_batch") is not None and prov["sample_batch"] != sample_batch(spec.params):
+        raise UserError(f"this sample was drawn in batches of {prov['sample_batch']}; this MedDiffusion draws "
+                        f"{sample_batch(spec.params)} at a time, so it cannot draw the same noise again")
     recorded = prov.get("conditions_sha256") or {}
     given = dict(inputs or {})
     vols: dict[str, Any] = {}

@@ -77,11 +77,9 @@ def write_result(r: ResultVolume, out: str | Path, overwrite: bool = False, fmt:
     if r.volume is None:  # evaluate: the metrics, as JSON
         import json
 
-        from .io.atomic import atomic_path
+        from .io.atomic import atomic_path, check_output_path
 
-        path = Path(out)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+        path = check_output_path(out, overwrite)
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(r.meta.get("metrics") or {}, indent=1), encoding="utf-8")
         return path

@@ -300,9 +300,10 @@ class JobService:
 
     @staticmethod
     def _drop_files(job: Job) -> None:
-        """Uploads (and the live preview of a job that did not finish) go when the job ends."""
-        for path in job.folder.glob("input*"):
-            path.unlink(missing_ok=True)
+        """Uploads (every input name: ``input``, ``prediction``, ``reference``) go when the job ends."""
+        for name in INPUT_NAMES:
+            for path in job.folder.glob(f"{name}.*"):
+                path.unlink(missing_ok=True)
 
     def _cancelled(self, job: Job) -> Callable[[], bool]:
         limit = self.limits.caps.job_time_limit_s
@@ -1083,6 +1084,7 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
         spec = spec.with_params(device=device)  # what the worker runs on is what the spec says
         warnings = []
         spec = spec.with_inputs({name: name for name in spec.inputs})  # the uploads, stored under their field names
+        pair: dict[str, Any] = {}
         for name, (fname, path) in files.items():
             vol = await run_in_threadpool(_read_upload, path, name)
             job.input_names[name] = fname or name
@@ -1091,7 +1093,18 @@ def create_app(token: str | None = None, work_dir: str | Path | None = None, lim
             except UserError as exc:
                 raise HTTPException(400, fielded(exc)) from exc
             warnings += [f"warning: {w}" for w in found]
+            if spec.task == "evaluate":  # the two are checked together below
+                pair[name] = vol
             del vol  # queued jobs keep their inputs on disk only; the worker reads them again
+        if pair:
+            from .evaluation.paired import check_pair
+
+            try:
+                await run_in_threadpool(check_pair, pair["prediction"], pair["reference"],
+                                        labels=bool(spec.params.get("labels")), resample=bool(spec.params.get("resample")))
+            except UserError as exc:
+                raise HTTPException(400, fielded(exc)) from exc
+            pair.clear()
         job.spec, job.device, job.warnings = spec, device, warnings
         job.created = time.time()
 

@@ -45,7 +45,8 @@ def check_scalar_volume(node, role: str = "input volume") -> None:
 
 
 def write_volume(node, path: str, compress: bool = False) -> str:
-    """Write a scalar volume node to ``path`` (NRRD) in its local (untransformed) geometry."""
+    """Write a scalar volume node to ``path`` (NRRD, or NIfTI by its suffix) in its local
+    (untransformed) geometry, with Slicer's writer (a storage node outside the scene)."""
     check_scalar_volume(node)
     slicer = _slicer()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: leaves no trace
@@ -633,20 +634,12 @@ class NrrdLoader:
         self.done = True
 
 
-def volume_from_array(scene, array, dims, ijk_to_ras, name: str, like=None, window: tuple[float, float] | None = None,
-                      node=None):
-    """:func:`read_volume` for voxels already in memory (``array``: flat, i fastest, as in NRRD;
-    ``ijk_to_ras``: 4x4): the image data wraps the array without a copy, and the display range is
-    set before the voxels arrive, so no automatic window is computed for a given ``window``."""
+def set_voxels(node, array, dims, ijk_to_ras) -> None:
+    """Give a volume node its geometry (``ijk_to_ras``: 4x4) and voxels (``array``: flat, i
+    fastest, ``dims`` i, j, k), wrapped without a copy."""
     import vtk
     from vtk.util import numpy_support
 
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
-    if node.GetDisplayNode() is None:
-        node.CreateDefaultDisplayNodes()
-    if window is not None:
-        set_window(node, *window)
     m = vtk.vtkMatrix4x4()
     for r in range(4):
         for c in range(4):
@@ -656,6 +649,20 @@ def volume_from_array(scene, array, dims, ijk_to_ras, name: str, like=None, wind
     image.SetDimensions(*dims)
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array, deep=False))
     node.SetAndObserveImageData(image)
+
+
+def volume_from_array(scene, array, dims, ijk_to_ras, name: str, like=None, window: tuple[float, float] | None = None,
+                      node=None):
+    """:func:`read_volume` for voxels already in memory (``array``: flat, i fastest, as in NRRD;
+    ``ijk_to_ras``: 4x4): the image data wraps the array without a copy, and the display range is
+    set before the voxels arrive, so no automatic window is computed for a given ``window``."""
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    if window is not None:
+        set_window(node, *window)
+    set_voxels(node, array, dims, ijk_to_ras)
     if like is not None:
         node.SetAndObserveTransformNodeID(parent_transform_id(like))
     place_in_hierarchy(scene, node, like)
@@ -665,4 +672,5 @@ def volume_from_array(scene, array, dims, ijk_to_ras, name: str, like=None, wind
 __all__ = ["InputError", "check_scalar_volume", "write_volume", "write_labels", "read_volume", "remove_node",
            "set_window", "place_in_hierarchy", "parent_transform_id", "geometry", "label_class", "propose_label",
            "propose_segment_mapping", "segment_terminology", "terminology_text", "unmapped_segments",
-           "nrrd_header", "NrrdEncoder", "StepwiseFileWriter", "NrrdLoader", "volume_from_array", "labels_encoder"]
+           "nrrd_header", "NrrdEncoder", "StepwiseFileWriter", "NrrdLoader", "volume_from_array", "labels_encoder",
+           "set_voxels"]

@@ -23,7 +23,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping
 
-from .nodes import InputError, NrrdEncoder, check_scalar_volume, place_in_hierarchy, remove_node, set_window
+from .nodes import (InputError, NrrdEncoder, check_scalar_volume, place_in_hierarchy, remove_node, set_voxels,
+                    set_window, write_volume)
 
 PROVENANCE_ATTRIBUTE = "MedDiffusion.provenance."  # one node attribute per provenance field
 MAX_MARK_FIELDS = 64
@@ -83,21 +84,9 @@ def standalone_volume(array, dims, ijk_to_ras, name: str = "sample"):
     """A scalar volume node in no scene whose image data wraps ``array`` (flat, i fastest, as
     :func:`nodes.volume_from_array` takes it): what :func:`add_sample` copies into a sequence
     without a node ever entering the main scene."""
-    import vtk
-    from vtk.util import numpy_support
-
-    slicer = _slicer()
-    node = slicer.vtkMRMLScalarVolumeNode()
+    node = _slicer().vtkMRMLScalarVolumeNode()
     node.SetName(name)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(ijk_to_ras[r][c]))
-    node.SetIJKToRASMatrix(m)
-    image = vtk.vtkImageData()
-    image.SetDimensions(*dims)
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array, deep=False))
-    node.SetAndObserveImageData(image)
+    set_voxels(node, array, dims, ijk_to_ras)
     return node
 
 
@@ -328,15 +317,6 @@ def _gzip_file(source: str, dest: str, level: int = 6) -> None:
         shutil.copyfileobj(src, out, 1 << 20)
 
 
-def _storage_write(node, path: str, compress: bool) -> None:
-    slicer = _slicer()
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()  # not added to the scene: leaves no trace
-    storage.SetFileName(str(path))
-    storage.SetUseCompression(1 if compress else 0)
-    if not storage.WriteData(node):
-        raise OSError(f"could not write {node.GetName()!r} to {path}")
-
-
 def _write_json_atomic(path: str, doc: Mapping[str, Any]) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".meddiffusion-", suffix=".json", dir=folder)
@@ -382,6 +362,9 @@ def export_volume(node, path: str) -> str:
         raise InputError(f"the folder {folder} does not exist")
     prov = node_provenance(node)
     marked = bool(prov and prov.get("synthetic"))
+    side = sidecar_path(path)
+    if suffix != ".nrrd" and os.path.exists(side) and not _is_our_sidecar(side):  # e.g. a real scan's BIDS sidecar
+        raise InputError(f"{side} exists and is not a MedDiffusion sidecar: not replaced; choose another name")
     work = tempfile.mkdtemp(prefix=".meddiffusion-export-", dir=folder)
     try:
         if suffix == ".nrrd":
@@ -391,22 +374,21 @@ def export_volume(node, path: str) -> str:
                 encoder.header = nrrd_with_fields(encoder.header, metadata_fields(prov))
                 encoder.write(tmp)
             else:
-                _storage_write(node, tmp, compress=True)
+                write_volume(node, tmp, compress=True)
             os.replace(tmp, path)
         else:
             tmp = os.path.join(work, "volume.nii")
-            _storage_write(node, tmp, compress=False)
+            write_volume(node, tmp, compress=False)
             if marked:
                 patch_nifti_descrip(tmp, nifti_descrip(prov))
             if suffix == ".nii.gz":
                 _gzip_file(tmp, tmp + ".gz")
                 tmp += ".gz"
-            side = sidecar_path(path)
+            os.replace(tmp, path)  # the volume first: a failure now leaves no sidecar marking another file
             if marked:
                 _write_json_atomic(side, prov)
-            os.replace(tmp, path)
-            if not marked and os.path.isfile(side) and _is_our_sidecar(side):
-                os.remove(side)  # it would mark this unmarked file as synthetic
+            elif os.path.isfile(side):
+                os.remove(side)  # ours, from an earlier export: it would mark this unmarked file as synthetic
     finally:
         import shutil
 

@@ -633,17 +633,12 @@ def _restore_nonfinite(path: Path, suffix: str, arr: np.ndarray, header: _Header
 
 
 def check_writable(path: str | Path, overwrite: bool = False) -> Path:
-    """Validate an output path before any long computation."""
+    """Validate an output volume path (a format this library writes) before any long computation."""
+    from ..io.atomic import check_output_path
+
     path = Path(path)
     _suffix(path, writing=True)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.exists():
-        raise FileNotFoundError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"{path}: folder {parent} is not writable")
-    return path
+    return check_output_path(path, overwrite)
 
 
 def write_volume(vol: Volume, path: str | Path, overwrite: bool = False,

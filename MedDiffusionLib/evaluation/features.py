@@ -61,12 +61,15 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- the registry -----------------------------------------------------------------------------------
-def register_feature_network(name: str, factory: FeatureFactory) -> None:
-    """Make ``factory(weights_path) -> module`` available as ``name`` (replaces an earlier one)."""
+def register_feature_network(name: str, factory: FeatureFactory, replace: bool = False) -> None:
+    """Make ``factory(weights_path) -> module`` available as ``name``. A name is registered once:
+    taking over a name other code relies on needs ``replace=True`` (said, never silent)."""
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"feature network name {name!r}: use letters, digits, '-' and '_'")
     if not callable(factory):
         raise TypeError("factory must be callable: factory(weights: Path) -> torch.nn.Module")
+    if name in _REGISTRY and _REGISTRY[name] is not factory and not replace:
+        raise ValueError(f"a feature network named {name!r} is registered already; pass replace=True to replace it")
     _REGISTRY[name] = factory
 
 

@@ -17,12 +17,12 @@ the prediction covered).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..data.volumes import LPS_TO_RAS, Volume, check_ct_intensities, check_finite
-from ..errors import UserError
+from ..errors import Cancelled, UserError
 from .report import EvaluationReport
 
 PAPER_WINDOW = (-1000.0, 1000.0)
@@ -158,8 +158,22 @@ def _percentiles(vol: Volume) -> str:
 
 
 # -- the evaluation ---------------------------------------------------------------------------------
+def check_pair(pred: Volume, ref: Volume, *, labels: bool = False, resample: bool = False) -> None:
+    """The refusals of :func:`paired_metrics` that need no metric computed (a job service runs
+    them when the two uploads arrive): different grids without ``resample``, and for images a
+    reference that does not look like CT in HU. One :class:`UserError` line each."""
+    if not same_grid(pred, ref) and not resample:
+        detail = pred.shape == ref.shape and np.allclose(pred.spacing, ref.spacing, rtol=1e-4)
+        raise UserError(f"the prediction and the reference are on different grids: prediction "
+                        f"{describe_grid(pred, detail)}; reference {describe_grid(ref, detail)}; pass "
+                        "resample=True (--resample) to resample the prediction onto the reference grid")
+    if not labels and check_ct_intensities(ref) is not None:
+        raise UserError(f"the reference does not look like CT in Hounsfield units ({_percentiles(ref)}; CT air is "
+                        "about -1000 HU): PSNR/SSIM/MAE in HU windows need CT (use labels=True / --labels for label maps)")
+
+
 def paired_metrics(pred: Volume, ref: Volume, *, windows: Mapping[str, Any] | None = None, labels: bool = False,
-                   resample: bool = False) -> EvaluationReport:
+                   resample: bool = False, cancel: Callable[[], bool] | None = None) -> EvaluationReport:
     """Compare ``pred`` with ``ref`` (both :class:`Volume`, arrays (i, j, k)).
 
     Images: rows ``psnr`` (dB), ``ssim`` and ``mae`` (HU) per window of ``windows`` (``{name:
@@ -167,7 +181,8 @@ def paired_metrics(pred: Volume, ref: Volume, *, windows: Mapping[str, Any] | No
     ``labels=True``: rows ``dice`` per label value (``"label 3"``) and ``"mean"``. Different grids
     raise a :class:`UserError` unless ``resample=True`` (the prediction is resampled onto the
     reference grid; the report's context records both grids and the coverage). Keys read as
-    ``report["psnr/paper"]``, ``report["dice/mean"]``."""
+    ``report["psnr/paper"]``, ``report["dice/mean"]``. ``cancel()`` is asked between windows
+    (:class:`~MedDiffusionLib.errors.Cancelled` when it turns true)."""
     import torch
 
     from .. import metrics
@@ -184,12 +199,13 @@ def paired_metrics(pred: Volume, ref: Volume, *, windows: Mapping[str, Any] | No
         if not labels:
             check_finite(vol, f"the {what}")
     context: dict[str, Any] = {"reference_grid": grid_of(ref), "resampled": False}
+    check_pair(pred, ref, labels=labels, resample=resample)
+
+    def check_cancel() -> None:
+        if cancel is not None and cancel():
+            raise Cancelled("evaluation cancelled")
+
     if not same_grid(pred, ref):
-        detail = pred.shape == ref.shape and np.allclose(pred.spacing, ref.spacing, rtol=1e-4)
-        if not resample:
-            raise UserError(f"the prediction and the reference are on different grids: prediction "
-                            f"{describe_grid(pred, detail)}; reference {describe_grid(ref, detail)}; pass "
-                            "resample=True (--resample) to resample the prediction onto the reference grid")
         pred_grid = pred
         context.update(prediction_grid=grid_of(pred), resampled=True,
                        interpolation="nearest" if labels else "linear")
@@ -209,21 +225,20 @@ def paired_metrics(pred: Volume, ref: Volume, *, windows: Mapping[str, Any] | No
         if not (r != 0).any():
             raise UserError("the reference label map holds no label other than 0 (background)")
         pt, rt = torch.from_numpy(p), torch.from_numpy(r)
+        check_cancel()
         scores = metrics.dice_per_label(pt, rt, values)
         for v, d in scores.items():
             report.add("dice", f"label {v}", d, reference_voxels=int((r == v).sum()),
                        prediction_voxels=int((p == v).sum()))
         report.add("dice", "mean", float(np.mean(list(scores.values()))), labels=values)
         return report
-    if check_ct_intensities(ref) is not None:
-        raise UserError(f"the reference does not look like CT in Hounsfield units ({_percentiles(ref)}; CT air is "
-                        "about -1000 HU): PSNR/SSIM/MAE in HU windows need CT (use labels=True / --labels for label maps)")
     if min(ref.shape) < SSIM_WINDOW:
         raise UserError(f"the volumes ({'x'.join(map(str, ref.shape))} voxels) are smaller than SSIM's "
                         f"{SSIM_WINDOW}-voxel window on some side")
     pt = torch.from_numpy(np.asarray(pred.to_network(), dtype=np.float32))
     rt = torch.from_numpy(np.asarray(ref.to_network(), dtype=np.float32))
     for name, win in wins.items():
+        check_cancel()
         ctx = {"window": list(win)}
         report.add("psnr", name, metrics.psnr(pt, rt, win), "dB", **ctx)
         report.add("ssim", name, metrics.ssim(pt, rt, win), "", **ctx)
@@ -231,5 +246,5 @@ def paired_metrics(pred: Volume, ref: Volume, *, windows: Mapping[str, Any] | No
     return report
 
 
-__all__ = ["PAPER_WINDOW", "STANDARD_WINDOWS", "GRID_TOLERANCE", "MAX_LABELS", "MAX_VOLUME_VOXELS", "paired_metrics", "same_grid",
+__all__ = ["PAPER_WINDOW", "STANDARD_WINDOWS", "GRID_TOLERANCE", "MAX_LABELS", "MAX_VOLUME_VOXELS", "paired_metrics", "check_pair", "same_grid",
            "describe_grid", "grid_of", "resample_onto", "check_windows", "to_sitk"]

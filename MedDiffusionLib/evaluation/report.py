@@ -131,18 +131,14 @@ class EvaluationReport(Mapping):
 
 
 def check_report_path(path: str | Path, overwrite: bool = False) -> Path:
-    """Validate an output path for a report before any computation: one line for each problem."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a file name for the report")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists (use --overwrite to replace it)")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{path}: folder {parent} is not writable")
-    return path
+    """Validate an output path for a report before any computation: one line for each problem
+    (a :class:`UserError`)."""
+    from ..io.atomic import check_output_path
+
+    try:
+        return check_output_path(path, overwrite)
+    except OSError as exc:
+        raise UserError(str(exc)) from None
 
 
 __all__ = ["Row", "EvaluationReport", "check_report_path"]

@@ -72,6 +72,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def check_output_path(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse, before any long computation, an output file that exists (unless ``overwrite``), a
+    folder in its place, or a missing or read-only parent folder: one line each."""
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: already exists (use --overwrite to replace it)")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{path}: folder {parent} is not writable")
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
     path = Path(path)

@@ -141,7 +141,7 @@ def _provenance_json(provenance: Mapping[str, Any]) -> str:
     return text
 
 
-def _check_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
+def check_series_folder(folder: str | os.PathLike, overwrite: bool) -> Path:
     """The absolute target folder; refuses a file or link there, a missing or read-only parent, an
     existing non-empty folder unless ``overwrite``, and (even then) one that holds anything but
     ``*.dcm`` files (a previous export), so that ``overwrite`` never deletes unrelated data."""
@@ -237,7 +237,7 @@ def write_dicom_series(vol: Volume, folder: str | os.PathLike, provenance: Mappi
     arr, lps = _check_volume(vol)
     prov_json = _provenance_json(provenance)
     kind = _resolve_modality(provenance, modality)
-    target = _check_folder(folder, overwrite)
+    target = check_series_folder(folder, overwrite)
     stored, slope, intercept = _encode(arr)
     datasets = _datasets(stored, slope, intercept, lps, provenance, prov_json, kind)
     tmp = target.with_name(f".{target.name[:100]}.{os.getpid()}-{threading.get_ident()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -589,5 +589,5 @@ def _dump(ds: Any, lines: list[str], indent: str, width: int, ours: Any) -> None
         lines.append(f"{label}: {text}")
 
 
-__all__ = ["write_dicom_series", "read_dicom_series", "dicom_provenance", "header_dump", "MAX_SLICES",
+__all__ = ["write_dicom_series", "read_dicom_series", "dicom_provenance", "header_dump", "check_series_folder", "MAX_SLICES",
            "PRIVATE_GROUP", "PRIVATE_CREATOR"]

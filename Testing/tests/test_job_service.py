@@ -627,7 +627,7 @@ def test_dicom_export_here_and_through_the_service(server, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_evaluate_job_through_the_service(client, tmp_path):
+def test_evaluate_job_through_the_service(client, work_dir, tmp_path):
     """evaluate as a job: two uploads, metrics in the result's meta (strict JSON: a perfect PSNR is
     "inf") and as a downloadable metrics.json; the same numbers as in this process; bad input 4xx."""
     import json
@@ -650,3 +650,13 @@ def test_evaluate_job_through_the_service(client, tmp_path):
     assert same["results"][0]["meta"]["metrics"]["rows"][0]["value"] == "inf"
     with pytest.raises(ServiceError, match="prediction"):  # an evaluate job needs both inputs
         client.submit({"task": "evaluate", "inputs": {"reference": "ct.nii.gz"}}, {"reference": CT})
+    # refused at the door, before queueing: different grids without resample, a reference that is not CT
+    small = read_volume(CT)
+    write_volume(Volume(np.ascontiguousarray(small.array[:64]), small.affine), tmp_path / "half.nrrd")
+    with pytest.raises(ServiceError, match="different grids"):
+        client.submit(spec, {"prediction": tmp_path / "half.nrrd", "reference": CT})
+    write_volume(small.with_array(np.full(small.shape, 7, np.int16)), tmp_path / "flat.nrrd")
+    with pytest.raises(ServiceError, match="does not look like CT"):
+        client.submit(spec, {"prediction": CT, "reference": tmp_path / "flat.nrrd"})
+    # the uploads (patient data, perhaps) do not outlive their jobs
+    assert not [p for n in ("prediction", "reference") for p in work_dir.glob(f"*/{n}.*")]

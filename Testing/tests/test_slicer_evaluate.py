@@ -24,6 +24,8 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from MedDiffusionGlue import outputs  # noqa: E402
+from test_slicer_samples import _Done  # noqa: E402
+from test_slicer_service import sample_ct, served_logic  # noqa: E402,F401 (a fixture)
 from MedDiffusionGlue.nodes import NrrdEncoder  # noqa: E402
 from MedDiffusionGlue.service import EncodedUpload, InputError, ServiceLogic  # noqa: E402
 
@@ -133,17 +135,6 @@ def test_two_inputs_go_in_one_multipart_body_as_the_client_sends_them(tmp_path):
         assert parts[name].get_payload(decode=True) == b"".join(encoder.blocks())  # the NRRD, byte for byte
 
 
-class _Done:
-    def __init__(self, result=None, error=None):
-        self.done, self.result, self.error, self.sent, self.total = True, result, error, 0, 0
-
-    def step(self, budget=0.0):
-        return True
-
-    def cancel(self):
-        pass
-
-
 class _EvaluateService:
     """A remote service as far as the job needs one: takes the upload, says done with metrics."""
 
@@ -235,22 +226,10 @@ def test_the_librarys_rows_where_and_unit_and_metrics_in_a_results_meta(tmp_path
     assert plot_table.GetNumberOfRows() == 2
 
 
-@pytest.fixture(scope="module")
-def served_logic():
-    from test_slicer_service import started_logic
-
-    lg = started_logic()
-    yield lg
-    lg.stopServer()
-
-
 def test_evaluate_through_the_local_service(served_logic):
     lg = served_logic
     scene = lg.scene
-    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(ROOT / "MedDiffusion" / "Resources" / "SampleData" / "MedDiffusionChestCT.nrrd"))
-    assert storage.ReadData(ct)
+    ct = sample_ct(scene)
     noisy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "noisy")
     noisy.CopyOrientation(ct)
     image = vtk.vtkImageData()

@@ -16,10 +16,9 @@ if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
     import slicer  # the test extra installs slicer-core here: a missing wheel must fail, not skip
 else:  # no slicer-core wheel exists for this platform/Python
     slicer = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
-import vtk  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
 
 from MedDiffusionGlue import nodes, outputs  # noqa: E402
+from test_slicer_glue import _volume as glue_volume  # noqa: E402
 from MedDiffusionGlue.service import InputError, ServiceLogic  # noqa: E402
 from MedDiffusionLib import provenance as libprov  # noqa: E402
 from MedDiffusionLib.data.volumes import read_volume  # noqa: E402
@@ -40,16 +39,7 @@ PROV = {"synthetic": True, "generator": "MedDiffusion", "generator_version": "0.
 
 
 def _volume(scene, kji, name="result (synthetic)", prov=PROV):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(kji.shape[2], kji.shape[1], kji.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(kji).reshape(-1), deep=True))
-    node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(OBLIQUE[r, c]))
-    node.SetIJKToRASMatrix(m)
+    node = glue_volume(scene, kji, OBLIQUE, name)
     if prov is not None:
         outputs.mark_synthetic(node, prov)
     return node
@@ -125,6 +115,12 @@ def test_the_export_refuses_what_it_cannot_write(tmp_path, marked):
     with pytest.raises(InputError, match="select the volume"):
         ServiceLogic.exportVolume(None, str(tmp_path / "none.nrrd"))
     assert list(tmp_path.iterdir()) == []
+    # a JSON sidecar that is not ours (a real scan's BIDS sidecar) is never replaced
+    (tmp_path / "scan.json").write_text('{"Modality": "CT"}')
+    with pytest.raises(InputError, match="not a MedDiffusion sidecar"):
+        outputs.export_volume(node, str(tmp_path / "scan.nii.gz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.json"]
+    assert (tmp_path / "scan.json").read_text() == '{"Modality": "CT"}'
 
 
 def test_the_mark_is_named_as_the_library_names_it():

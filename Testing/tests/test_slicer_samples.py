@@ -21,10 +21,11 @@ if sys.platform == "linux" and sys.version_info[:2] == (3, 11):
     import slicer  # the test extra installs slicer-core here: a missing wheel must fail, not skip
 else:  # no slicer-core wheel exists for this platform/Python
     slicer = pytest.importorskip("slicer", reason="slicer-core wheels exist for CPython 3.11 on Linux only")
-import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from MedDiffusionGlue import nodes, outputs  # noqa: E402
+from test_slicer_glue import _volume as glue_volume  # noqa: E402
+from test_slicer_service import sample_ct, served_logic  # noqa: E402,F401 (a fixture)
 from MedDiffusionGlue.service import Job, ServiceError, ServiceLogic  # noqa: E402
 
 SHAPE = (6, 7, 8)  # k, j, i
@@ -50,16 +51,7 @@ def _scene():
 
 
 def _volume(scene, kji, name):
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-    image = vtk.vtkImageData()
-    image.SetDimensions(kji.shape[2], kji.shape[1], kji.shape[0])
-    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(np.ascontiguousarray(kji).reshape(-1), deep=True))
-    node.SetAndObserveImageData(image)
-    m = vtk.vtkMatrix4x4()
-    for r in range(4):
-        for c in range(4):
-            m.SetElement(r, c, float(IJK_TO_RAS[r, c]))
-    node.SetIJKToRASMatrix(m)
+    node = glue_volume(scene, kji, IJK_TO_RAS, name)
     return node
 
 
@@ -333,22 +325,10 @@ def test_samples_are_asked_for_only_when_more_than_one_and_within_the_limit():
 
 
 # -- end to end, through a real local service ------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def served_logic():
-    from test_slicer_service import started_logic
-
-    lg = started_logic()
-    yield lg
-    lg.stopServer()
-
-
 def test_reconstruct_three_samples_through_the_local_service(served_logic):
     lg = served_logic
     scene = lg.scene
-    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    storage.SetFileName(str(ROOT / "MedDiffusion" / "Resources" / "SampleData" / "MedDiffusionChestCT.nrrd"))
-    assert storage.ReadData(ct)
+    ct = sample_ct(scene)
     fbp_ids = {n.GetID() for n in _nodes_of(scene, "vtkMRMLScalarVolumeNode")}
     mean, std, proxy, seq, browser = lg.reconstructSparseView(ct, steps=2, device="cpu", seed=5, numSamples=3)
     assert seq.GetNumberOfDataNodes() == 3

@@ -35,6 +35,14 @@ def started_logic() -> ServiceLogic:
 
 
 @pytest.fixture(scope="module")
+def served_logic():
+    """:func:`started_logic` for one test module (other modules import this fixture)."""
+    lg = started_logic()
+    yield lg
+    lg.stopServer()
+
+
+@pytest.fixture(scope="module")
 def logic(tmp_path_factory):
     lg = started_logic()
     yield lg
@@ -47,6 +55,13 @@ def _load(scene, name, cls="vtkMRMLScalarVolumeNode", storage="vtkMRMLVolumeArch
     st = getattr(slicer, storage)()
     st.SetFileName(str(SAMPLES / name))
     assert st.ReadData(node)
+    return node
+
+
+def sample_ct(scene, name="ct"):
+    """The module's sample chest CT as a volume node of ``scene``."""
+    node = _load(scene, "MedDiffusionChestCT.nrrd")
+    node.SetName(name)
     return node
 
 

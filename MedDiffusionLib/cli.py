@@ -552,13 +552,37 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
             bar.update(ev.step - bar.n)
 
     try:
+        client = None
+        if args.server:
+            from .client import Client
+
+            client = Client(args.server, args.token, ca_file=args.ca_file)
         report = reproduce(args.file, {"input": args.input} if args.input else None, args.device, progress=show,
-                           keep=args.out)
+                           keep=args.out, client=client)
     finally:
         for bar in bars:
             bar.close()
     print(report.text())
     return 0 if report.equal else 1
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """A marked MedDiffusion result file -> a marked DICOM series (its provenance carried over)."""
+    from .data.volumes import read_volume
+    from .reproduce import provenance_of
+    from .results import ResultVolume, write_result
+
+    if args.format != "dicom":
+        raise UserError("--format: export writes dicom")
+    prov = provenance_of(args.file)
+    if not prov or not prov.get("synthetic") or prov.get("generator") != "MedDiffusion":
+        raise UserError(f"{args.file}: no MedDiffusion provenance; export converts MedDiffusion results only (a NIfTI "
+                        "needs its .json sidecar)")
+    _check_outputs([Path(args.out)], args.overwrite, "dicom")
+    vol = read_volume(args.file)
+    out = write_result(ResultVolume(Path(args.file).name, vol, {"provenance": prov}), args.out, args.overwrite, "dicom")
+    print(f"wrote {out}: DICOM series of {vol.shape[2]} slices, marked synthetic")
+    return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -717,6 +741,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("id")
     q.add_argument("--files", action="store_true", help="also delete the model's imported / downloaded files")
     q.set_defaults(func=_cmd_models_remove)
+    from .feature_weights import add_parser as add_feature_weights_parser
+
+    add_feature_weights_parser(msub)  # models features add / list / verify / remove (evaluate's feature networks)
 
     for name, kind, helptext in (("synthesize", "labels", "synthesize CT from a label map (ControlNet)"),
                                  ("reconstruct", "sparse-view", "reconstruct a sparse-view FBP volume or an under-sampled MRI (ControlNet; the "
@@ -877,6 +904,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.set_defaults(func=_cmd_compile)
 
+    p = sub.add_parser("export", help="a MedDiffusion result file -> a marked DICOM series",
+                       description="Convert a MedDiffusion result (NRRD/MHA with its provenance fields, or NIfTI with "
+                                   "its .json sidecar) into a DICOM series in the --out folder: ImageType "
+                                   "DERIVED\\SECONDARY, new UIDs, marked synthetic, the provenance in a private block.",
+                       epilog="example:\n  meddiffusion export recon_mean.nii.gz --format dicom --out recon_mean_dicom/")
+    p.add_argument("file")
+    p.add_argument("--format", choices=["dicom"], required=True)
+    p.add_argument("--out", required=True, help="the folder for the series")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing series in --out")
+    p.set_defaults(func=_cmd_export)
+
     p = sub.add_parser("reproduce", help="re-run the job a result's provenance records and compare",
                        description="Re-run the job recorded in FILE's provenance (a MedDiffusion result: NIfTI with its "
                                    ".json sidecar, NRRD, MHA or a DICOM series folder) in this process and report the "
@@ -890,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="run on this device instead of the recorded one (results may then differ)")
     p.add_argument("--out", help="also write the re-run result here (same format)")
     p.add_argument("--quiet", action="store_true")
+    _add_server_args(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("info", help="a file's provenance; or versions, CUDA devices and free GPU memory",
@@ -900,7 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evaluation_cli import add_parser as add_evaluate_parser
 
-    add_evaluate_parser(sub)
+    add_evaluate_parser(sub, _add_server_args)
     return parser
 
 

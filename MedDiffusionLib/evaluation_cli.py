@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -19,6 +19,8 @@ EXAMPLES = """examples:
   meddiffusion evaluate seg_pred.nrrd seg_ref.nrrd --labels --resample  # Dice per label
   meddiffusion evaluate generated/ real/ --json sets.json                # FRD, MMD, MS-SSIM diversity
   meddiffusion evaluate generated/ real/ --no-frd --feature-network resnet10 --feature-weights r10.safetensors
+  meddiffusion models features add medicalnet-r10 --network resnet10 --weights resnet_10.pth   # once
+  meddiffusion evaluate generated/ real/ --feature-weights medicalnet-r10   # sha256-checked, network recorded
 
 paired (two files): PSNR (dB), SSIM and MAE (HU) with both volumes clipped to each HU window
   (default: paper -1000..1000, soft_tissue -160..240, lung -1350..150, bone -500..1300; --window
@@ -28,12 +30,16 @@ sets (two folders, generated then real; at most 64 volumes each, in name order):
   frd      Frechet Radiomics Distance (frd_score v1, log d^2; whole-volume masks); lower is closer
   mmd      MONAI's unbiased MMD^2 with a linear kernel, per voxel; about 0 when alike, lower is closer
   ms_ssim  mean pairwise MS-SSIM within each set: diversity; lower is more diverse (compare the two)
-  fd_NAME  Frechet distance on a 3-D feature network (--feature-network, weights from safetensors only)
+  fd_NAME  Frechet distance on a 3-D feature network (--feature-weights: weights added with `meddiffusion
+           models features add`, or a .safetensors file with --feature-network)
   MMD, MS-SSIM and the feature network see each volume resampled to --grid (default 64^3)."""
 
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``evaluate`` to the ``meddiffusion`` sub-commands; its handler is ``args.func``."""
+def add_parser(sub: argparse._SubParsersAction,
+               server_args: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to the ``meddiffusion`` sub-commands; its handler is ``args.func``.
+    ``server_args(parser)`` adds the front end's ``--server`` / ``--token`` / ``--ca-file``
+    options (paired evaluation as a job on a service)."""
     p = sub.add_parser("evaluate", help="metrics of a prediction against its reference, or of a generated set "
                                         "against a real one",
                        description="Evaluate offline. Two files: paired metrics of PRED against REF.\nTwo folders: "
@@ -55,12 +61,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--grid", type=int, nargs=3, metavar=("X", "Y", "Z"),
                    help="sets: evaluation grid for MMD, MS-SSIM and the feature network (default 64 64 64)")
     p.add_argument("--feature-network", metavar="NAME", help="sets: Frechet distance on this feature network "
-                                                             "(built in: resnet10, MedicalNet-style)")
-    p.add_argument("--feature-weights", metavar="FILE", help="sets: the feature network's weights (.safetensors)")
+                                                             "(built in: resnet10, MedicalNet-style; not needed with "
+                                                             "added --feature-weights, which record theirs)")
+    p.add_argument("--feature-weights", metavar="NAME|FILE",
+                   help="sets: the feature network's weights: a NAME added with `meddiffusion models features add` "
+                        "(checked against its recorded sha256) or a .safetensors file")
     p.add_argument("--max-files", type=int, metavar="N", help="sets: volumes read per folder (default and limit 64)")
     p.add_argument("--csv", metavar="FILE", help="also write the rows as CSV")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace existing --csv / --json files")
+    if server_args is not None:
+        server_args(p)
     p.set_defaults(func=run)
     return p
 
@@ -102,11 +113,17 @@ def _refuse_options(args: argparse.Namespace, mode: str) -> None:
             raise UserError(f"{given[0]} applies to two folders (set evaluation); PRED and REF are files")
         if args.labels and args.window:
             raise UserError("--window applies to images; --labels compares label maps with Dice")
+        if getattr(args, "server", None) and args.window:
+            raise UserError("--window: a service evaluates in the standard windows (paper, soft_tissue, lung, bone); "
+                            "run without --server for your own")
     else:
         given = [flag for flag, on in (("--labels", args.labels), ("--resample", args.resample),
                                        ("--window", bool(args.window))) if on]
         if given:
             raise UserError(f"{given[0]} applies to two files (paired evaluation); PRED and REF are folders")
+        if getattr(args, "server", None):
+            raise UserError("--server: a service evaluates pairs of volumes (two files); set metrics of two folders run "
+                            "here")
 
 
 def _describe(report: Any, args: argparse.Namespace) -> list[str]:
@@ -131,6 +148,26 @@ def _describe(report: Any, args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def _paired_on_service(args: argparse.Namespace) -> Any:
+    """Paired evaluation as an ``evaluate`` job on ``--server`` (the two files uploaded; the job is
+    deleted there afterwards, also on Ctrl-C)."""
+    from .client import Client
+    from .evaluation.report import EvaluationReport
+
+    client = Client(args.server, args.token, ca_file=getattr(args, "ca_file", None))
+    spec = {"task": "evaluate", "params": {"labels": bool(args.labels), "resample": bool(args.resample)},
+            "inputs": {"prediction": Path(args.pred).name, "reference": Path(args.ref).name}}
+    st = client.submit(spec, {"prediction": args.pred, "reference": args.ref})
+    try:
+        st = client.wait(st["id"])
+        return EvaluationReport.from_dict(st["results"][0]["meta"]["metrics"])
+    finally:
+        try:
+            client.delete(st["id"], timeout=10)
+        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
+            pass
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``evaluate`` handler: paired or set evaluation, a table on stdout, optional CSV / JSON."""
     from .evaluation.report import check_report_path
@@ -145,7 +182,9 @@ def run(args: argparse.Namespace) -> int:
                if path]
     if len({p.resolve() for p, _ in outputs}) < len(outputs):
         raise UserError("--csv and --json name the same file")
-    if mode == "paired":
+    if mode == "paired" and getattr(args, "server", None):
+        report = _paired_on_service(args)
+    elif mode == "paired":
         from .data.volumes import read_volume
         from .evaluation.paired import MAX_VOLUME_VOXELS, paired_metrics
 
@@ -157,12 +196,12 @@ def run(args: argparse.Namespace) -> int:
         from .evaluation.sets import MAX_SET_FILES, set_metrics
 
         metrics = [m for m, on in (("frd", args.frd), ("mmd", args.mmd), ("ms_ssim", args.ms_ssim)) if on]
-        if not metrics and not args.feature_network:
-            raise UserError("every set metric is off (--no-frd --no-mmd --no-ms-ssim) and no --feature-network given")
-        if args.feature_weights and not args.feature_network:
-            raise UserError("--feature-weights needs --feature-network NAME")
+        if not metrics and not (args.feature_network or args.feature_weights):
+            raise UserError("every set metric is off (--no-frd --no-mmd --no-ms-ssim) and no --feature-weights given")
+        # --feature-weights without --feature-network: set_metrics takes an added NAME's network, refuses a file
         if args.feature_network and not args.feature_weights:
-            raise UserError(f"--feature-network {args.feature_network} needs --feature-weights FILE (.safetensors)")
+            raise UserError(f"--feature-network {args.feature_network} needs --feature-weights NAME (added with "
+                            "`meddiffusion models features add`) or FILE (.safetensors)")
         max_files = MAX_SET_FILES if args.max_files is None else args.max_files
         if not 2 <= max_files <= MAX_SET_FILES:
             raise UserError(f"--max-files must be between 2 and {MAX_SET_FILES}")

@@ -111,14 +111,40 @@ def recorded_spec(prov: Mapping[str, Any], device: str | None = None) -> Any:
     return JobSpec.from_dict(dict(doc, params=params))
 
 
+def _run_on_service(client: Any, spec: Any, inputs: Mapping[str, str | Path], wanted: str | None) -> Any:
+    """Run ``spec`` as a job on a service (``client``: :class:`~MedDiffusionLib.client.Client`) and
+    return the wanted result as a :class:`~MedDiffusionLib.results.ResultVolume` (the job is
+    deleted there afterwards)."""
+    from .data.volumes import read_volume
+    from .results import ResultVolume
+
+    doc = spec.to_dict()
+    doc["inputs"] = {name: Path(path).name for name, path in inputs.items()}
+    st = client.submit(doc, dict(inputs))
+    try:
+        st = client.wait(st["id"])
+        match = [r for r in st["results"] if r["name"] == wanted] if wanted else st["results"][:1]
+        if not match:
+            raise UserError(f"the re-run job made {', '.join(r['name'] for r in st['results'])}, not {wanted!r}")
+        with tempfile.TemporaryDirectory(prefix="meddiffusion-reproduce-") as tmp:
+            local = client.download(st["id"], match[0]["name"], Path(tmp) / Path(match[0]["name"]).name)
+            return ResultVolume(match[0]["name"], read_volume(local), dict(match[0].get("meta") or {}))
+    finally:
+        try:
+            client.delete(st["id"], timeout=10)
+        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
+            pass
+
+
 def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, device: str | None = None,
               progress: Callable[[Any], None] | None = None, cancel: Callable[[], bool] | None = None,
-              keep: str | Path | None = None) -> ReproduceReport:
+              keep: str | Path | None = None, client: Any = None) -> ReproduceReport:
     """Re-run the job recorded in ``path``'s provenance and compare the new result with the file.
     ``inputs`` maps input names (``input``) to the condition volumes the job read; each must have
     the recorded sha256. ``device`` overrides the recorded device. ``keep``: also write the new
-    result there (same format). Raises ``UserError`` for a file without provenance, a missing or
-    different input, a result the job does not make."""
+    result there (same format). ``client``: run it on that job service instead of here. Raises
+    ``UserError`` for a file without provenance, a missing or different input, a result the job
+    does not make."""
     import time
 
     import numpy as np
@@ -155,12 +181,15 @@ def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, 
     if extra:
         raise UserError(f"this {spec.task} result was made from no input named {', '.join(extra)}")
     spec = spec.with_inputs({name: name for name in vols})
-    res = run_job(spec, vols, progress=progress, cancel=cancel)
     wanted = prov.get("result")
-    match = [r for r in res.results if r.name == wanted] if wanted else res.results[:1]
-    if not match:
-        raise UserError(f"the re-run job made {', '.join(r.name for r in res.results)}, not {wanted!r}")
-    new = match[0]
+    if client is not None:
+        new = _run_on_service(client, spec, {name: given[name] for name in vols}, wanted)
+    else:
+        res = run_job(spec, vols, progress=progress, cancel=cancel)
+        match = [r for r in res.results if r.name == wanted] if wanted else res.results[:1]
+        if not match:
+            raise UserError(f"the re-run job made {', '.join(r.name for r in res.results)}, not {wanted!r}")
+        new = match[0]
     notes = []
     for key in ("weights_sha256", "device", "torch_version", "generator_version"):
         was, now = prov.get(key), (new.meta.get("provenance") or {}).get(key)

@@ -13,17 +13,46 @@ layout (``conv1``, ``bn1``, ``layerN.0.conv1``, ``layerN.0.downsample.0``), so c
 MedicalNet ``resnet_10`` weights load (a ``module.`` prefix is dropped, the ``conv_seg``
 segmentation head ignored); the stage widths are read from the weights. Each volume is z-scored
 before the stem (MedicalNet's normalisation, over all voxels).
+
+Weights kept by the weights manager (``meddiffusion models features add NAME --network resnet10
+--weights FILE``, :func:`add_feature_weights`): the file is copied into
+``MEDDIFFUSION_CACHE/features/NAME/weights.safetensors`` beside a ``FEATURES.json`` record (network
+name, sha256, source file and its sha256), after a trial load into the network. Wherever weights
+are asked for (:func:`load_feature_network`, ``set_metrics(feature_weights=...)``, ``meddiffusion
+evaluate --feature-weights``) such a NAME may replace the file: its record supplies the network
+and its sha256 is checked before every load (:func:`resolve_feature_weights`); a changed file or
+an unknown name is one :class:`~MedDiffusionLib.weights.WeightsError` line. A value that is not a
+registered name is a path (``./NAME`` forces a path).
+
+MedicalNet's released ``resnet_10.pth`` (``{"state_dict": {"module.conv1.weight": ...}}``, plain
+tensors) can be given to ``add`` as it is: it is read once with ``torch.load(weights_only=True)``
+(:func:`MedDiffusionLib.io.safe_pickle.safe_load`, no code runs) and stored as safetensors. By hand::
+
+    from safetensors.torch import save_file
+    from MedDiffusionLib.io.safe_pickle import safe_load   # torch.load(..., weights_only=True)
+
+    ckpt = safe_load("resnet_10.pth")
+    state = ckpt.get("state_dict", ckpt)
+    save_file({k: v.contiguous() for k, v in state.items()}, "resnet_10.safetensors")
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import time
+import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UserError
+from ..paths import cache_root
+from ..weights import WeightsError, sha256_file
 
 FeatureFactory = Callable[[Path], nn.Module]
 _REGISTRY: dict[str, FeatureFactory] = {}
@@ -78,12 +107,24 @@ def feature_networks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def load_feature_network(name: str, weights: str | Path) -> nn.Module:
-    """The network ``name`` with ``weights`` (a .safetensors file), in eval mode."""
+def load_feature_network(name: str | None, weights: str | Path) -> nn.Module:
+    """The network ``name`` with ``weights``, in eval mode. ``weights``: a .safetensors file, or the
+    NAME of weights added with :func:`add_feature_weights` (sha256-checked first; ``name=None``
+    takes the network recorded with them)."""
+    if weights is not None:
+        name, weights, _ = resolve_feature_weights(weights, name)
+    if name is None:
+        raise UserError("feature weights were given without a feature network (--feature-network NAME)")
+    return _build(name, weights)
+
+
+def _build(name: str, weights: str | Path | None) -> nn.Module:
+    """The network ``name`` from a .safetensors file (no name resolution)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown feature network {name!r}; registered: {', '.join(feature_networks()) or 'none'}")
     if weights is None:
-        raise UserError(f"feature network {name}: give its weights (a .safetensors file)")
+        raise UserError(f"feature network {name}: give its weights (a .safetensors file, or a name added with "
+                        "`meddiffusion models features add`)")
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"{path}: feature network weights not found")
@@ -188,6 +229,7 @@ def resnet10_from_safetensors(path: Path) -> ResNet10Features:
     except RuntimeError as err:  # a tensor of another shape
         raise UserError(f"{path}: these weights do not fit the ResNet-10 feature network "
                         f"({' '.join(str(err).split())[:300]})") from None
+    missing = [k for k in missing if not k.endswith(".num_batches_tracked")]  # unused in eval mode; older files lack it
     if missing or unexpected:
         what = "; ".join(t for t in (f"missing {', '.join(missing[:4])}" if missing else "",
                                      f"unexpected {', '.join(unexpected[:4])}" if unexpected else "") if t)
@@ -197,6 +239,190 @@ def resnet10_from_safetensors(path: Path) -> ResNet10Features:
 
 register_feature_network("resnet10", resnet10_from_safetensors)
 
+
+# -- feature weights kept by the weights manager (``meddiffusion models features``) ----------------------
+RECORD = "FEATURES.json"
+WEIGHTS_FILE = "weights.safetensors"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+_PICKLE_SUFFIXES = (".pth", ".pt")
+
+
+def feature_weights_root() -> Path:
+    """Where added feature weights live: ``MEDDIFFUSION_CACHE/features/<name>/``."""
+    return cache_root() / "features"
+
+
+def _is_name(value: Any) -> bool:
+    """A string that can be a registered name (not a path, not a weights file name)."""
+    return isinstance(value, str) and re.match(NAME_PATTERN, value) is not None \
+        and not value.lower().endswith(_FILE_SUFFIXES)
+
+
+def feature_weights_records() -> list[dict[str, Any]]:
+    """The added feature weights, by name: each record (``name``, ``network``, ``sha256``, ``size``,
+    ``source``, ``source_sha256``, ``added_at``, ...) with its ``path``."""
+    out = []
+    root = feature_weights_root()
+    for rec in sorted(root.glob(f"*/{RECORD}")) if root.is_dir() else []:
+        try:
+            doc = json.loads(rec.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("name") == rec.parent.name and not rec.parent.name.startswith("."):
+            out.append({**doc, "path": str(rec.parent / WEIGHTS_FILE)})
+    return out
+
+
+def feature_weights_record(name: str) -> dict[str, Any] | None:
+    """The record of the feature weights added as ``name``, ``None`` when there are none."""
+    if not _is_name(name):
+        return None
+    return next((r for r in feature_weights_records() if r["name"] == name), None)
+
+
+def _registered_names() -> str:
+    return ", ".join(r["name"] for r in feature_weights_records()) or "none"
+
+
+def verify_feature_weights(name: str) -> tuple[str, str]:
+    """``(state, detail)`` of the feature weights added as ``name``: ``"ok"``, ``"CORRUPT"`` (the
+    stored file changed since it was added) or ``"missing"``. Unknown names raise :class:`WeightsError`."""
+    rec = feature_weights_record(name)
+    if rec is None:
+        raise WeightsError(f"no feature weights named {name!r} (added: {_registered_names()})")
+    path = Path(rec["path"])
+    if not path.is_file():
+        return "missing", f"{path} is gone: add the weights again"
+    digest = sha256_file(path)
+    if digest != rec.get("sha256"):
+        return "CORRUPT", f"{path} changed since it was added (sha256 {digest[:16]}..., recorded " \
+                          f"{str(rec.get('sha256'))[:16]}...)"
+    return "ok", f"sha256 {digest}"
+
+
+def resolve_feature_weights(weights: str | Path, network: str | None = None) -> tuple[str | None, Path, dict | None]:
+    """``(network, file, record)`` for ``weights``: the NAME of added feature weights (their network,
+    their file after a sha256 check, their record) or a path (``network`` as given, ``record`` None).
+
+    A name recorded for another network than ``network``, a changed file and a name that is neither
+    added nor an existing file raise :class:`WeightsError` (one line)."""
+    rec = feature_weights_record(weights) if isinstance(weights, str) else None
+    if rec is None:
+        path = Path(weights).expanduser()
+        if _is_name(weights) and not path.exists():
+            raise WeightsError(f"no feature weights named {weights!r} and no such file (added: {_registered_names()}; "
+                               "add them with `meddiffusion models features add NAME --network resnet10 "
+                               "--weights FILE`)")
+        return network, path, None
+    if network is not None and network != rec["network"]:
+        raise WeightsError(f"feature weights {rec['name']!r} were added for the network {rec['network']!r}, not "
+                           f"{network!r}")
+    state, detail = verify_feature_weights(rec["name"])
+    if state != "ok":
+        raise WeightsError(f"feature weights {rec['name']!r}: {detail}; remove them (`meddiffusion models features "
+                           f"remove {rec['name']}`) and add them again")
+    return rec["network"], Path(rec["path"]), rec
+
+
+def state_dict_from_pickle(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``.pth``/``.pt`` file such as MedicalNet's ``resnet_10.pth``
+    (``{"state_dict": {...}}`` or a bare state dict), read with ``torch.load(weights_only=True)``
+    (:func:`~MedDiffusionLib.io.safe_pickle.safe_load`): tensors and plain containers only, no code runs."""
+    from ..io.safe_pickle import safe_load
+
+    try:
+        ckpt = safe_load(path)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad or unsafe file
+        raise WeightsError(f"{path}: not a PyTorch weights file that loads with weights_only=True "
+                           f"({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: holds no state dict of tensors (expected {{'state_dict': {{name: tensor}}}} "
+                           "or {name: tensor})")
+    return {str(k): v.detach().contiguous() for k, v in state.items()}
+
+
+def add_feature_weights(name: str, weights: str | Path, network: str = "resnet10",
+                        description: str | None = None) -> dict[str, Any]:
+    """Add a feature network's weights to the weights manager as ``name`` and return the record.
+
+    ``weights``: a .safetensors file (copied) or a PyTorch ``.pth``/``.pt`` (converted, see
+    :func:`state_dict_from_pickle`). The copy is loaded into ``network`` once before it is kept, so
+    weights that do not fit are refused; nothing is left behind on an error. Names: lower-case
+    letters, digits, '.', '_' and '-' (not ending in a file suffix); a name in use is refused."""
+    from filelock import FileLock
+    from safetensors.torch import save_file
+
+    from ..io.atomic import atomic_write_text
+
+    if not _is_name(name):
+        raise WeightsError(f"feature weights name {name!r} is not allowed: use lower-case letters, digits, '.', '_' "
+                           f"and '-', starting with a letter or digit, not ending in a file suffix ({NAME_PATTERN})")
+    if network not in _REGISTRY:
+        raise UserError(f"unknown feature network {network!r}; registered: {', '.join(feature_networks()) or 'none'}")
+    src = Path(weights).expanduser()
+    if not src.is_file():
+        raise WeightsError(f"{src}: feature network weights not found")
+    kind = "safetensors" if src.name.lower().endswith(".safetensors") else \
+        "pytorch" if src.suffix.lower() in _PICKLE_SUFFIXES else None
+    if kind is None:
+        raise WeightsError(f"{src}: give a .safetensors file or a PyTorch .pth/.pt state dict")
+    root = feature_weights_root()
+    target = root / name
+    if (target / RECORD).exists():
+        raise WeightsError(f"feature weights {name!r} are added already; remove them first "
+                           f"(`meddiffusion models features remove {name}`)")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(".add-*"):  # left by a killed add
+        if time.time() - old.stat().st_mtime > 24 * 3600:
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = root / f".add-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        dst = tmp / WEIGHTS_FILE
+        source_sha256 = sha256_file(src)
+        if kind == "safetensors":
+            shutil.copyfile(src, dst)
+        else:
+            save_file(state_dict_from_pickle(src), str(dst))
+        digest = sha256_file(dst)
+        if kind == "safetensors" and digest != source_sha256:
+            raise WeightsError(f"{src} changed while it was copied; try again")
+        try:
+            _build(network, dst)  # refuses weights that do not fit the network
+        except UserError as err:
+            raise WeightsError(str(err).replace(str(dst), str(src))) from None
+        record = {"name": name, "network": network, "sha256": digest, "size": dst.stat().st_size,
+                  "source": str(src.resolve()), "source_format": kind, "source_sha256": source_sha256,
+                  "description": description or f"{network} weights from {src.name}",
+                  "added_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_text(tmp / RECORD, json.dumps(record, indent=2) + "\n")
+        with FileLock(str(root / f".{name}.lock")):
+            if (target / RECORD).exists():
+                raise WeightsError(f"feature weights {name!r} were added meanwhile by another process")
+            if target.exists():
+                shutil.rmtree(target)  # a folder without a record: not added
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {**record, "path": str(target / WEIGHTS_FILE)}
+
+
+def remove_feature_weights(name: str) -> Path:
+    """Delete the feature weights added as ``name``; the folder removed."""
+    from filelock import FileLock
+
+    if feature_weights_record(name) is None:
+        raise WeightsError(f"no feature weights named {name!r} (added: {_registered_names()})")
+    root = feature_weights_root()
+    with FileLock(str(root / f".{name}.lock")):
+        shutil.rmtree(root / name)
+    return root / name
+
+
 __all__ = ["frechet_distance", "feature_statistics", "register_feature_network", "feature_networks",
            "load_feature_network", "load_safetensors", "extract_features", "ResNet10Features",
-           "resnet10_from_safetensors"]
+           "resnet10_from_safetensors", "feature_weights_root", "feature_weights_records", "feature_weights_record",
+           "resolve_feature_weights", "verify_feature_weights", "add_feature_weights", "remove_feature_weights",
+           "state_dict_from_pickle"]

@@ -93,6 +93,17 @@ class EvaluationReport(Mapping):
         (non-finite values kept as floats; :meth:`to_json` writes them as strings)."""
         return {"kind": self.kind, "context": dict(self.context), "rows": [r.to_dict() for r in self.rows]}
 
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> "EvaluationReport":
+        """The inverse of :meth:`to_dict` / :meth:`to_json_dict` (``"inf"``/``"nan"`` strings are
+        numbers again): a report a job service returned."""
+        def number(v: Any) -> float:
+            return float(v) if isinstance(v, (int, float, str)) else float("nan")
+
+        rows = [Row(str(r["metric"]), str(r["where"]), number(r["value"]), str(r.get("unit", "")),
+                    dict(r.get("context") or {})) for r in doc.get("rows", [])]
+        return cls(str(doc.get("kind", "paired")), rows, doc.get("context") or {})
+
     def to_json_dict(self) -> dict[str, Any]:
         """:meth:`to_dict` as strict JSON values (non-finite numbers as the strings ``"inf"``,
         ``"-inf"``, ``"nan"``): what the job service returns."""

@@ -15,8 +15,10 @@ Metrics (rows of the report):
   64^3, 3 at 32^3, with MONAI's first weights renormalised to sum 1). At most
   :data:`MAX_MS_SSIM_PAIRS` pairs per set, drawn with a fixed seed. Lower means more diverse;
   compare the generated set's value with the real set's.
-* ``fd_<network>`` ``"generated vs real"`` (only with ``feature_network``): squared Fréchet
-  distance of a user-supplied 3-D feature network's features (:mod:`.features`).
+* ``fd_<network>`` ``"generated vs real"`` (only with feature weights): squared Fréchet
+  distance of a user-supplied 3-D feature network's features (:mod:`.features`); the weights are a
+  .safetensors file or the name of weights added to the weights manager (``meddiffusion models
+  features add``), checked against their recorded sha256.
 
 The evaluation grid: each volume is put in the closest canonical orientation (i -> R, j -> A,
 k -> S) and resampled over its own field of view to ``grid`` voxels (X, Y, Z), default
@@ -217,22 +219,31 @@ def set_metrics(generated: Any, real: Any, *, metrics: Sequence[str] = SET_METRI
                 frd_features: str = "paper", max_files: int = MAX_SET_FILES) -> EvaluationReport:
     """Compare a set of ``generated`` volumes with a set of ``real`` ones (each a folder or a
     sequence of :class:`Volume`): ``metrics`` of :data:`SET_METRICS`, plus ``fd_<feature_network>``
-    when a registered network and its ``feature_weights`` (.safetensors) are given. ``grid``:
+    when a registered network and its ``feature_weights`` are given: a .safetensors file, or the
+    name of weights added with :func:`~.features.add_feature_weights` (``meddiffusion models
+    features add``; their network is recorded, so ``feature_network`` may then be left out, and
+    their sha256 is checked before they are loaded). ``grid``:
     evaluation grid (X, Y, Z) for MMD, MS-SSIM and the feature network; ``frd_features``:
     ``"paper"`` or ``"original"`` (:mod:`.radiomics`). Keys read as ``report["frd/generated vs real"]``,
     ``report["ms_ssim/generated"]``."""
-    from .features import extract_features, feature_statistics, frechet_distance, load_feature_network
+    from ..weights import sha256_file
+    from .features import (extract_features, feature_statistics, frechet_distance, load_feature_network,
+                           resolve_feature_weights)
 
     chosen = list(dict.fromkeys(metrics))
     bad = [m for m in chosen if m not in SET_METRICS]
     if bad:
         raise UserError(f"unknown set metric(s) {', '.join(map(str, bad))}; use {', '.join(SET_METRICS)}")
+    weights_record = None
+    if feature_weights is not None:  # a name added to the weights manager: its network, file and sha256 check
+        feature_network, feature_weights, weights_record = resolve_feature_weights(feature_weights, feature_network)
     if not chosen and feature_network is None:
         raise UserError("no set metric chosen")
     if not (isinstance(max_files, int) and 2 <= max_files <= MAX_SET_FILES):
         raise UserError(f"max_files must be between 2 and {MAX_SET_FILES}, got {max_files!r}")
     if feature_weights is not None and feature_network is None:
-        raise UserError("feature weights were given without a feature network (--feature-network NAME)")
+        raise UserError(f"feature weights {feature_weights} were given without a feature network (--feature-network "
+                        "NAME); only weights added with `meddiffusion models features add` know theirs")
     g = check_grid(grid)
     scales = ms_ssim_scales(g) if "ms_ssim" in chosen else 0
     real_items, real_set = _items(real, "real", max_files)
@@ -291,7 +302,10 @@ def set_metrics(generated: Any, real: Any, *, metrics: Sequence[str] = SET_METRI
     if net is not None:
         fr_, fg_ = extract_features(net, real_t), extract_features(net, gen_t)
         d = frechet_distance(*feature_statistics(fr_), *feature_statistics(fg_))
-        report.add(f"fd_{feature_network}", vs, d, "", features=int(fr_.shape[1]), weights=str(feature_weights))
+        named = {"weights_name": weights_record["name"]} if weights_record else {}
+        report.add(f"fd_{feature_network}", vs, d, "", features=int(fr_.shape[1]), weights=str(feature_weights),
+                   weights_sha256=weights_record["sha256"] if weights_record else sha256_file(Path(feature_weights)),
+                   **named)
     return report
 
 

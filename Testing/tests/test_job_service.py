@@ -593,6 +593,10 @@ def test_n_samples_through_the_service_and_reproduced_here(server, tmp_path, cap
     capsys.readouterr()
     assert main(["reproduce", str(tmp_path / "rec_std.nii.gz"), "--input", str(fbp), "--quiet"]) == 0
     assert "reproduced" in capsys.readouterr().out
+    # ... and on the service again (the recorded job submitted there, the result compared here)
+    assert main(["reproduce", str(tmp_path / "rec_sample_1.nii.gz"), "--input", str(fbp), "--quiet",
+                 "--server", server.url, "--token", server.token]) == 0, capsys.readouterr().err
+    assert "max |difference| 0 HU" in capsys.readouterr().out
 
 
 def test_dicom_export_here_and_through_the_service(server, tmp_path, capsys):
@@ -627,7 +631,7 @@ def test_dicom_export_here_and_through_the_service(server, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_evaluate_job_through_the_service(client, work_dir, tmp_path):
+def test_evaluate_job_through_the_service(client, work_dir, tmp_path, capsys):
     """evaluate as a job: two uploads, metrics in the result's meta (strict JSON: a perfect PSNR is
     "inf") and as a downloadable metrics.json; the same numbers as in this process; bad input 4xx."""
     import json
@@ -658,5 +662,14 @@ def test_evaluate_job_through_the_service(client, work_dir, tmp_path):
     write_volume(small.with_array(np.full(small.shape, 7, np.int16)), tmp_path / "flat.nrrd")
     with pytest.raises(ServiceError, match="does not look like CT"):
         client.submit(spec, {"prediction": CT, "reference": tmp_path / "flat.nrrd"})
+    # the CLI: the same table here and with --server; --window is the local run's only
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "noisy.nrrd"), str(CT)]) == 0
+    here_text = capsys.readouterr().out.splitlines()[1:]
+    assert main(["evaluate", str(tmp_path / "noisy.nrrd"), str(CT), "--server", client.url, "--token", client.token]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == here_text and len(here_text) == 14
+    assert main(["evaluate", str(tmp_path / "noisy.nrrd"), str(CT), "--window", "w", "0", "100",
+                 "--server", client.url, "--token", client.token]) == 2
+    assert "--window" in capsys.readouterr().err
     # the uploads (patient data, perhaps) do not outlive their jobs
     assert not [p for n in ("prediction", "reference") for p in work_dir.glob(f"*/{n}.*")]

@@ -137,6 +137,19 @@ def test_reproduce_generation_and_files_without_provenance(tmp_path, capsys):
     assert "reproduced" in capsys.readouterr().out
     np.testing.assert_array_equal(read_volume(kept).array, read_volume(out).array)
     assert read_provenance(kept)["seed"] == 3
+    # a result file -> a marked DICOM series, which reproduces too; an unmarked file is not exported
+    from MedDiffusionLib.io.dicom import dicom_provenance, read_dicom_series
+
+    assert main(["export", str(out), "--format", "dicom", "--out", str(tmp_path / "dcm")]) == 0
+    series = read_dicom_series(tmp_path / "dcm")
+    np.testing.assert_allclose(series.array, read_volume(out).array, atol=0.05)  # the int16 rescale's step
+    np.testing.assert_allclose(series.affine, read_volume(out).affine, atol=1e-4)
+    assert dicom_provenance(tmp_path / "dcm")["job"] == read_provenance(out)["job"]
+    capsys.readouterr()
+    assert main(["reproduce", str(tmp_path / "dcm"), "--quiet"]) == 0
+    assert "max |difference| 0 HU" in capsys.readouterr().out
+    assert main(["export", str(CT), "--format", "dicom", "--out", str(tmp_path / "real")]) == 2
+    assert "no MedDiffusion provenance" in capsys.readouterr().err and not (tmp_path / "real").exists()
     # no provenance at all, and a NIfTI whose sidecar is gone (the descrip alone records no job)
     assert main(["reproduce", str(CT)]) == 2
     assert "no MedDiffusion provenance" in capsys.readouterr().err

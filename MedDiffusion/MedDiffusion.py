@@ -61,9 +61,10 @@ class MedDiffusion(ScriptedLoadableModule):
             "Try it: load <i>MedDiffusion chest CT + segmentation</i> in Sample Data, then Synthesize or Simulate "
             "and Reconstruct. <b>Samples</b> &gt; 1 draws several samples: they come as one sequence (Sequences "
             "toolbar), with their mean and, in colour over it, their standard deviation (the uncertainty). Every result "
-            "is marked as synthetic; <b>Export</b> keeps the mark in the file; <b>Evaluate</b> compares two volumes "
-            "(metrics as a table and a bar chart). Everything is also available from the Python console "
-            "(<code>slicer.util.getModuleLogic(\"MedDiffusion\").generate()</code>).<br>"
+            "is marked as synthetic; <b>Export</b> keeps the mark in the file (<b>Export DICOM</b>: a marked DICOM "
+            "series); <b>Reproduce</b> re-runs the job a result's mark records and compares; <b>Evaluate</b> "
+            "compares two volumes (metrics as a table and a bar chart). Everything is also available from the "
+            "Python console (<code>slicer.util.getModuleLogic(\"MedDiffusion\").generate()</code>).<br>"
             "Paper: <a href=\"{paper}\">Wang et al., 3D MedDiffusion, IEEE TMI (arXiv 2412.13059)</a>. "
             "Documentation: <a href=\"{readme}\">README</a>.").format(paper=PAPER_URL, readme=README_URL)
         self.parent.acknowledgementText = _(
@@ -221,7 +222,8 @@ class MedDiffusionParameterNode:
     views: Annotated[int, WithinRange(2, 3600)] = 40
     fbpVolume: vtkMRMLScalarVolumeNode
     # export (keeps the synthetic mark) and evaluation (the service compares two volumes)
-    exportVolume: vtkMRMLScalarVolumeNode
+    exportVolume: vtkMRMLScalarVolumeNode  # also the result that Reproduce re-runs
+    reproduceInput: vtkMRMLVolumeNode  # the input a synthesize / reconstruct / simulate result was made from
     predictionVolume: vtkMRMLVolumeNode  # any volume: label maps too (for label-map metrics)
     evaluationReference: vtkMRMLVolumeNode
     evaluateLabels: bool = False
@@ -247,6 +249,8 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         # 8 samples: the mean, the std (shown in colour over the mean), the samples as a sequence
         mean, std, sample, sequence, browser = logic.reconstructSparseView(fbp, steps=50, numSamples=8)
         logic.exportVolume(mean, "/tmp/mean.nii.gz")  # keeps the synthetic mark (descrip + JSON sidecar)
+        logic.exportVolume(mean, "/tmp/mean_dicom", format="dicom")  # a marked DICOM series (a new folder)
+        logic.reproduce(recon, fbp)  # re-run the recorded job: {"equal": True, "max_abs": 0.0, ...}, no new node
         table = logic.evaluate(recon, getNode("MedDiffusionChestCT"))  # metrics table + bar chart
 
     Non-blocking (what the panel uses): ``job = logic.submitGenerate(...)``, then
@@ -279,6 +283,10 @@ class MedDiffusionLogic(ScriptedLoadableModuleLogic, ServiceLogic):
         if python and env is None and os.path.realpath(python) != os.path.realpath(default_python()):
             env = externalPythonEnvironment()
         ServiceLogic.useLocalServer(self, python, env)
+
+    def _childEnvironment(self, python: str) -> dict | None:
+        """A child on ``python`` (e.g. the DICOM export) runs in the environment the local server gets."""
+        return self._dependencyEnvironment(python)
 
     # -- dependencies of the local service's Python ------------------------------------------------------
     def _dependencyEnvironment(self, python: str) -> dict | None:
@@ -430,6 +438,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shownSampler = None  # the sampler whose default steps the panel last applied
         self._shownControlSteps = None  # the ControlNet steps the panel last took from the service
         self._import = None  # an Add weights... child process (meddiffusion models import) in progress
+        self._dicom = None  # an Export DICOM... (service.DicomExport: NRRD written in steps, then a child) in progress
+        self._dicomName = ""
         self._pending = None  # action to run once the service answers
         self._models: list = []
         self._labelsNets: list = []
@@ -492,6 +502,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.simulateButton.connect("clicked(bool)", guarded(self._onSimulate))
         ui.reconstructButton.connect("clicked(bool)", guarded(self._onReconstruct))
         ui.exportButton.connect("clicked(bool)", guarded(self._onExport))
+        ui.exportDicomButton.connect("clicked(bool)", guarded(self._onExportDicom))
+        ui.reproduceButton.connect("clicked(bool)", guarded(self._onReproduce))
         ui.evaluateButton.connect("clicked(bool)", guarded(self._onEvaluate))
         ui.cancelButton.connect("clicked(bool)", guarded(self._onCancel))
         ui.showLogButton.connect("clicked(bool)", guarded(self._onShowLog))
@@ -542,6 +554,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pip.kill()
         if self._import is not None:
             self._import.kill()
+        if self._dicom is not None:
+            self._dicom.cancel()
         if self._depCheck is not None:
             self._depCheck.kill()
         if self._job is not None and not self._job.done:  # quitting or reloading: the job goes too
@@ -1204,6 +1218,8 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "evaluateButton": ([] if p and p.predictionVolume else [_("a prediction")])
             + ([] if p and p.evaluationReference else [_("a reference")]),
             "exportButton": [] if p and p.exportVolume else [_("a volume")],
+            "exportDicomButton": [] if p and self._isResult(p.exportVolume) else [_("a MedDiffusion result")],
+            "reproduceButton": [] if p and self._isResult(p.exportVolume, job=True) else [_("a MedDiffusion result")],
         }
         tips = {"generateButton": _("Generate volumes from noise with the selected model"),
                 "synthesizeButton": _("Synthesize a CT on the reference grid from the mapped segments"),
@@ -1211,8 +1227,13 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 "reconstructButton": _("Reconstruct a CT from the sparse-view FBP with the ControlNet"),
                 "evaluateButton": _("Compare the prediction with the reference on the service: the metrics as a "
                                     "table and a bar chart"),
-                "exportButton": _("Save the volume to a file, keeping the synthetic mark of a MedDiffusion result")}
-        local = ("exportButton",)  # no service involved: usable while a job runs
+                "exportButton": _("Save the volume to a file, keeping the synthetic mark of a MedDiffusion result"),
+                "exportDicomButton": _("Save the MedDiffusion result as a DICOM series in a new folder (marked "
+                                       "synthetic: DERIVED\\SECONDARY, new UIDs, the provenance in a private block)"),
+                "reproduceButton": _("Re-run the job recorded in the result's mark on the service and compare the "
+                                     "re-run with the result voxel by voxel (nothing is added to the scene); a "
+                                     "synthesize, reconstruct or simulate result needs its input below")}
+        local = ("exportButton", "exportDicomButton")  # no service involved: usable while a job runs
         for name, missing in needs.items():
             button = getattr(self.ui, name)
             button.enabled = (not busy or name in local) and p is not None and not missing
@@ -1222,8 +1243,12 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.toolTip = _("Select {items} first").format(items=_(" and ").join(missing))
             else:
                 button.toolTip = tips[name]
+        if self._dicom is not None:  # one DICOM export at a time
+            self.ui.exportDicomButton.enabled = False
+            self.ui.exportDicomButton.toolTip = _("A DICOM export is running: wait or Cancel")
         # Cancel: a job, or the server starting / the connection being made (and the package check before it)
-        self.ui.cancelButton.enabled = self._job is not None or self._pending is not None or self._import is not None
+        self.ui.cancelButton.enabled = (self._job is not None or self._pending is not None or self._import is not None
+                                        or self._dicom is not None)
         self.ui.connectButton.enabled = not busy
         # where jobs run cannot change under a running job or installation (re-enabled when it ends, however)
         working = self._job is not None or self._pip is not None or self._import is not None
@@ -1314,6 +1339,63 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._status((_("exported {name} to {path} with its synthetic mark") if marked and marked.get("synthetic")
                       else _("exported {name} to {path}")).format(name=node.GetName(), path=written))
 
+    def _isResult(self, node, job: bool = False) -> bool:
+        """A MedDiffusion result (synthetic mark); ``job``: one whose mark records the job (reproducible)."""
+        prov = self.logic.provenance(node) if node is not None else None
+        return bool(prov and prov.get("synthetic") and (not job or isinstance(prov.get("job"), dict)))
+
+    def _onExportDicom(self) -> None:
+        """Save the selected result as a DICOM series in a new folder the user names (a child process
+        converts it, polled from the timer; Cancel stops it)."""
+        node = self._parameterNode.exportVolume
+        if not self._isResult(node):
+            raise InputError(_("DICOM export is for MedDiffusion results: select a volume made by MedDiffusion"))
+        name = re.sub(r"[^\w.+-]+", "_", node.GetName() or "volume").strip("_") or "volume"
+        folder = qt.QFileDialog.getSaveFileName(
+            slicer.util.mainWindow(), _("Export DICOM series (a new folder)"),
+            os.path.join(slicer.app.defaultScenePath, name + "_dicom"), _("DICOM series folder (*)"))
+        if folder:
+            self._startDicomExport(node, folder)
+
+    def _startDicomExport(self, node, folder: str) -> None:
+        if self._dicom is not None:
+            raise InputError(_("a DICOM export is running: wait for it (or Cancel it) first"))
+        self._dicom = self.logic.startExportDicom(node, folder, python=self._python() if self._isLocal() else None)
+        self._dicomName = node.GetName()
+        self._status(_("exporting {name} as a DICOM series to {folder} ...").format(name=node.GetName(), folder=folder))
+        self._updateButtons()
+        self._timer.start()
+
+    def _dicomTick(self) -> None:
+        export = self._dicom
+        if export.poll() is None:
+            return
+        self._dicom = None
+        self._updateButtons()
+        if export.rc == 0:
+            self._status(_("exported {name} to {folder} as a DICOM series marked synthetic").format(
+                name=self._dicomName, folder=export.folder))
+            return
+        self._status(_("DICOM export failed: {error}").format(error=export.error))
+        slicer.util.errorDisplay(_("DICOM export failed: {error}").format(error=export.error),
+                                 detailedText=_("{command}\n(exit code {rc})\n\n{output}").format(
+                                     command=" ".join(export.command), rc=export.rc, output=export.output),
+                                 windowTitle=_("MedDiffusion"))
+
+    def _onReproduce(self) -> None:
+        """Re-run the selected result's recorded job on the service and show the verdict in the status line.
+        The input: the "Result's input" volume; for a synthesize result without one, the segmentation,
+        reference and segment labels of "From segmentation"."""
+        p = self._parameterNode
+        node = p.exportVolume
+        task = ((self.logic.provenance(node) or {}).get("job") or {}).get("task") if node is not None else None
+        kwargs = {"inputNode": p.reproduceInput}
+        if p.reproduceInput is None and task == "synthesize" and p.segmentation is not None:
+            kwargs = {"inputNode": p.segmentation, "segmentLabels": self._segmentLabels(),
+                      "referenceNode": p.referenceVolume}
+        self.logic._reproducible(node)  # a node without the mark or its job: one line, before connecting
+        self._withService(lambda: self._start(self.logic.submitReproduce(node, **kwargs)))
+
     def _onEvaluate(self) -> None:
         p = self._parameterNode
         self._withService(lambda: self._start(self.logic.submitEvaluate(
@@ -1329,6 +1411,11 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             process.kill()
             self._setBusy(False)
             self._status(_("adding the weights was cancelled"))
+        elif self._dicom is not None:  # the library writes the series into a temporary folder renamed when complete
+            export, self._dicom = self._dicom, None
+            export.cancel()
+            self._updateButtons()
+            self._status(_("the DICOM export was cancelled"))
         elif self._pending is not None:  # starting the server / connecting (or checking packages first)
             connecting = self._depCheck is None
             self._pending = None
@@ -1388,12 +1475,16 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._unload is not None:
                 stage = "unload"
                 self._unloadTick()
+            if self._dicom is not None:  # runs beside a job (no service involved)
+                stage = "dicom"
+                self._dicomTick()
         except Exception as exc:  # noqa: BLE001 - shown once below; the timer must not repeat it
             self._timer.stop()
             self._tickFailed(stage, exc)
         finally:
             self._ticking = False
-            if not (self._pip or self._import or self._depCheck or self._job or self._pending or self._unload):
+            if not (self._pip or self._import or self._depCheck or self._job or self._pending or self._unload
+                    or self._dicom):
                 self._timer.stop()
 
     def _tickFailed(self, stage, exc: Exception) -> None:
@@ -1422,6 +1513,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     pass
             elif stage == "unload":
                 self._unload = None
+            elif stage == "dicom" and self._dicom is not None:
+                export, self._dicom = self._dicom, None
+                export.cancel()
         finally:
             self.ui.progressBar.setRange(0, 1)
             self._setBusy(False)
@@ -1446,7 +1540,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          detailedText=detail, windowTitle=_("MedDiffusion"))
             return
         self._misses = 0
-        if job.state == "uploading":
+        if job.state == "uploading" and getattr(job.transfer, "phase", "") == "checking":
+            self._status(_("{task}: checking that the input is the one the result was made from").format(task=job.task))
+        elif job.state == "uploading":
             t = job.transfer
             self._status(_("{task}: uploading the input ({done:.0f} of {total:.0f} MiB)").format(
                 task=job.task, done=(t.sent if t else 0) / 2 ** 20, total=((t.total or 0) if t else 0) / 2 ** 20))
@@ -1472,6 +1568,9 @@ class MedDiffusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._status(_("failed: {error}").format(error=panel_message(exc.message)) + self._logHint())
             slicer.util.errorDisplay(_("MedDiffusion {task} failed: {error}").format(
                 task=job.task, error=panel_message(exc.message)), windowTitle=_("MedDiffusion"))
+            return
+        if getattr(job, "report", None) is not None:  # a reproduce job: its verdict, no nodes
+            self._status(job.report["text"])
             return
         self._showResults(job, nodes)
         self._status(_("{task} done in {seconds:.0f} s: {names}").format(

@@ -23,8 +23,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping
 
-from .nodes import (InputError, NrrdEncoder, check_scalar_volume, place_in_hierarchy, remove_node, set_voxels,
-                    set_window, write_volume)
+from .nodes import (PIECE_BYTES, InputError, NrrdEncoder, check_scalar_volume, place_in_hierarchy, remove_node,
+                    set_voxels, set_window, write_volume)
 
 PROVENANCE_ATTRIBUTE = "MedDiffusion.provenance."  # one node attribute per provenance field
 MAX_MARK_FIELDS = 64
@@ -396,6 +396,117 @@ def export_volume(node, path: str) -> str:
     return path
 
 
+# -- reproduce: the input's fingerprint, the voxel-wise comparison, a result read outside the scene ------------------
+# Both run in short steps on the main thread (about PIECE_BYTES of voxels a step): the panel's timer moves them on.
+def _image_voxels(image):
+    from vtk.util import numpy_support
+
+    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(-1)
+
+
+class VoxelSha256:
+    """The sha256 ``MedDiffusionLib.provenance.sha256_of`` gives the voxels the service reads from
+    the NRRD :class:`~nodes.NrrdEncoder` uploads for ``image``: the ``(i, j, k)`` array in C order
+    (``k`` fastest) of the voxels' own type (``lut``: a label map's look-up table, applied as the
+    encoder applies it; the type is then the table's), hashed after ``"<shape>:<dtype>;"``.
+    ``image`` holds the voxels with ``i`` fastest, so the array is hashed one slab of ``i`` at a
+    time, transposed on the way. :meth:`step` moves on for about ``budget`` seconds; ``hexdigest``
+    is set once ``done``."""
+
+    def __init__(self, image, lut=None) -> None:
+        import hashlib
+
+        import numpy as np
+
+        dims = tuple(int(d) for d in image.GetDimensions())
+        flat = _image_voxels(image)
+        self._kji = flat.reshape(dims[2], dims[1], dims[0])
+        self._lut = lut
+        dtype = np.dtype(flat.dtype if lut is None else lut.dtype)
+        self._hash = hashlib.sha256(f"{dims}:{dtype};".encode())
+        self._slab = max(1, PIECE_BYTES // max(1, dims[1] * dims[2] * dtype.itemsize))
+        self._next, self._count = 0, dims[0]
+        self.done = False
+        self.hexdigest: str | None = None
+
+    def step(self, budget: float) -> bool:
+        import time
+
+        import numpy as np
+
+        deadline = time.monotonic() + max(0.0, budget)
+        while not self.done:
+            i = self._next
+            block = np.ascontiguousarray(self._kji[:, :, i:i + self._slab].transpose(2, 1, 0))
+            if self._lut is not None:
+                block = np.take(self._lut, block, mode="clip")
+            self._hash.update(block)
+            self._next = i + self._slab
+            if self._next >= self._count:
+                self.hexdigest, self.done = self._hash.hexdigest(), True
+            elif time.monotonic() >= deadline:
+                break
+        return self.done
+
+
+class VoxelDifference:
+    """max and mean of ``|old - new|`` (as float64) over two flat voxel arrays of the same size, a
+    piece at a time (:meth:`step`); a NaN anywhere makes both NaN (never equal)."""
+
+    def __init__(self, old, new) -> None:
+        if old.size != new.size:
+            raise ValueError("the arrays differ in size")
+        self.old, self.new = old.reshape(-1), new.reshape(-1)
+        self._next = 0
+        self._sum = 0.0
+        self.max_abs = 0.0
+        self.mean_abs = 0.0
+        self.done = self.old.size == 0
+
+    def step(self, budget: float) -> bool:
+        import time
+
+        import numpy as np
+
+        deadline = time.monotonic() + max(0.0, budget)
+        count = max(1, PIECE_BYTES // 8)
+        while not self.done:
+            s = self._next
+            diff = np.abs(self.old[s:s + count].astype(np.float64) - self.new[s:s + count].astype(np.float64))
+            top = float(diff.max())
+            if top > self.max_abs or top != top:  # once NaN, it stays NaN (nothing compares greater)
+                self.max_abs = top
+            self._sum += float(diff.sum())
+            self._next = s + count
+            if self._next >= self.old.size:
+                self.mean_abs, self.done = self._sum / self.old.size, True
+            elif time.monotonic() >= deadline:
+                break
+        return self.done
+
+    def cancel(self) -> None:
+        self.done = True
+
+
+def read_standalone(path: str):
+    """A volume file read by Slicer's storage node into a scalar volume node of no scene (nothing
+    enters the scene): returns (flat voxels, dimensions, IJK->RAS 4x4 as nested lists)."""
+    import vtk
+
+    slicer = _slicer()
+    node = slicer.vtkMRMLScalarVolumeNode()
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetSingleFile(1)
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise OSError(f"could not read {os.path.basename(str(path))}")
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    image = node.GetImageData()
+    return (_image_voxels(image).copy(), tuple(image.GetDimensions()),
+            [[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
 # -- evaluation metrics: a table and a bar chart ----------------------------------------------------------------
 METRIC_COLUMNS = ("metric", "group", "value")
 PREFERRED_CHART_METRICS = ("psnr", "dice", "ssim", "mae")
@@ -520,4 +631,4 @@ __all__ = ["PROVENANCE_ATTRIBUTE", "mark_synthetic", "node_provenance", "is_synt
            "new_sample_sequence", "add_sample", "browse_samples", "sample_sequence", "std_color_node_id",
            "std_window", "style_std", "show_uncertainty", "export_format", "sidecar_path", "metadata_fields",
            "nifti_descrip", "nrrd_with_fields", "patch_nifti_descrip", "export_volume", "metrics_table",
-           "chart_metric", "metrics_chart", "show_chart"]
+           "chart_metric", "metrics_chart", "show_chart", "VoxelSha256", "VoxelDifference", "read_standalone"]

@@ -19,9 +19,13 @@ Console use (the blocking forms step until the job ends and return the new nodes
     ct = logic.generate(seed=3, sampler="ddim", steps=50)
     job = logic.submitGenerate(seed=4)        # non-blocking; then logic.poll(job) until job.done
     nodes = logic.finishJob(job)              # the nodes (or raises JobFailed / JobCancelled)
+    logic.reproduce(ct)                       # re-run the job ct's mark records: {"equal": True, "max_abs": 0.0, ...}
+    logic.reproduce(recon, fbp)               # a conditioned result: with its input (sha256 checked)
+    logic.exportVolume(ct, "/tmp/ct_dicom", format="dicom")  # a marked DICOM series (meddiffusion export, a child)
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -38,8 +42,9 @@ from MedDiffusionLib.client import (Client, JobCancelled, JobFailed, LocalServer
 
 from .nodes import (InputError, NrrdEncoder, NrrdLoader, StepwiseFileWriter, check_scalar_volume, labels_encoder,
                     propose_segment_mapping, read_volume, remove_node, unmapped_segments, volume_from_array)
-from .outputs import (PROVENANCE_ATTRIBUTE, add_sample, browse_samples, export_volume, mark_synthetic, metrics_chart,
-                      metrics_table, new_sample_sequence, node_provenance, show_chart, show_uncertainty,
+from .outputs import (PROVENANCE_ATTRIBUTE, VoxelDifference, VoxelSha256, add_sample, browse_samples, export_volume,
+                      mark_synthetic, metadata_fields, metrics_chart, metrics_table, new_sample_sequence,
+                      node_provenance, nrrd_with_fields, read_standalone, show_chart, show_uncertainty,
                       standalone_volume, style_std)
 
 TERMINAL = ("done", "failed", "cancelled")
@@ -120,6 +125,254 @@ def controlnet_label_names(info: dict) -> dict:
 POLL_BUDGET_S = 0.05  # the longest one poll() moves a job on (the GUI stays responsive)
 MAX_SAMPLES = 16  # samples of one synthesize / reconstruct job (MedDiffusionLib.jobspec.MAX_SAMPLES)
 START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
+
+# -- reproduce: what MedDiffusionLib.jobspec and MedDiffusionLib.reproduce say, written out (Slicer's process
+# imports only the library's client); Testing/tests/test_slicer_reproduce.py checks that both say the same
+_SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
+                    "preview_every", "force")
+TASK_PARAMS = {  # the parameters each task takes (jobspec.TASK_PARAMS; evaluate makes no volume to reproduce)
+    "generate": ("class", "size", "spacing", "num_volumes", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
+    "synthesize": ("num_samples", *_SAMPLING_PARAMS),
+    "reconstruct": ("num_samples", *_SAMPLING_PARAMS),
+    "simulate-sparse-view": ("views", "bins", "device", "force"),
+}
+MODEL_UNITS_TOLERANCE = 5e-3  # reproduce.MODEL_UNITS_TOLERANCE: the parity tolerance of the DDIM loop, model units
+DEFAULT_HU_WINDOW = (-1000.0, 1000.0)  # reproduce.DEFAULT_HU_WINDOW: when a result records no window
+SIMULATION_TOLERANCE_HU = 1e-2  # reproduce.SIMULATION_TOLERANCE_HU: a deterministic FBP, float rounding only
+
+
+def reproduce_tolerance(prov: dict) -> float:
+    """How far a re-run may be from the result and still be the same (``MedDiffusionLib.reproduce``'s
+    rule): 1e-2 HU for simulate-sparse-view; 5e-3 model units, scaled to HU by the result's HU window
+    (default 2000 HU wide: 5 HU), for a result in HU; else 5e-3."""
+    task = prov.get("task") or (prov.get("job") or {}).get("task")
+    if task == "simulate-sparse-view":
+        return SIMULATION_TOLERANCE_HU
+    if prov.get("units") == "HU":
+        lo, hi = prov.get("hu_window") or DEFAULT_HU_WINDOW
+        return MODEL_UNITS_TOLERANCE * (float(hi) - float(lo)) / 2.0
+    return MODEL_UNITS_TOLERANCE
+
+
+def recorded_request(prov: dict, device: str | None = None) -> dict:
+    """The job request a result's provenance records (``job``: task, model, weights, ControlNet,
+    output format, the resolved parameters), as the service takes it: only the task's own
+    parameters (:data:`TASK_PARAMS`; resolution filled in the others), no live preview, ``device``
+    in place of the recorded one when given. Raises ``InputError`` when it records no job."""
+    job = prov.get("job") if isinstance(prov, dict) else None
+    if not isinstance(job, dict) or not isinstance(job.get("params"), dict) or job.get("task") not in TASK_PARAMS:
+        raise InputError("the result's provenance records no job to re-run (made by an older MedDiffusion or "
+                         "another tool)")
+    params = {k: v for k, v in job["params"].items() if k in TASK_PARAMS[job["task"]]}
+    if "preview_every" in params:
+        params["preview_every"] = 0  # previews change nothing in the result, and a reproduce adds no node
+    if device:
+        params["device"] = device
+    spec = {k: job.get(k) for k in ("task", "model", "weights", "controlnet", "output_format")
+            if job.get(k) is not None}
+    spec["params"] = params
+    return spec
+
+
+class WrongInput(ServiceError, InputError):
+    """The input given to reproduce a result is not the volume the result was made from."""
+
+
+class CheckedUpload:
+    """An :class:`EncodedUpload` that first checks, in short steps, that the input's voxels have the
+    sha256 the result's provenance records (:class:`~outputs.VoxelSha256`): a different input ends
+    it with :class:`WrongInput` before anything is sent. Same interface as the upload."""
+
+    def __init__(self, upload: EncodedUpload, hasher: VoxelSha256, expected: str, what: str) -> None:
+        self.upload, self.hasher, self.expected, self.what = upload, hasher, str(expected), what
+        self.paths = upload.paths
+        self._error: ServiceError | None = None
+
+    @property
+    def phase(self) -> str:
+        return "checking" if not self.hasher.done else self.upload.phase
+
+    @property
+    def done(self) -> bool:
+        return self._error is not None or self.upload.done
+
+    @property
+    def result(self) -> Any:
+        return None if self._error is not None else self.upload.result
+
+    @property
+    def error(self) -> ServiceError | None:
+        return self._error or self.upload.error
+
+    @property
+    def sent(self) -> int:
+        return self.upload.sent
+
+    @property
+    def total(self) -> int | None:
+        return self.upload.total
+
+    def step(self, budget_s: float = POLL_BUDGET_S) -> bool:
+        deadline = time.monotonic() + max(0.0, budget_s)
+        if self.done:
+            return True
+        if not self.hasher.done:
+            if not self.hasher.step(budget_s):
+                return False
+            if self.hasher.hexdigest != self.expected:
+                self.upload.cancel()
+                self._error = WrongInput(
+                    f"{self.what} is not the volume this result was made from (its voxels' sha256 is "
+                    f"{self.hasher.hexdigest[:12]}..., the result records {self.expected[:12]}...)")
+                return True
+        return self.upload.step(max(0.0, deadline - time.monotonic()))
+
+    def cancel(self) -> None:
+        self.upload.cancel()
+
+
+def reproduce_text(name: str, report: dict) -> str:
+    """A reproduce verdict in one line (the panel's status line)."""
+    units = report.get("units")
+    unit = " HU" if units == "HU" else " (model units)" if units else ""
+    if report["equal"]:
+        text = (f"reproduced {name}: the re-run equals it within {report['tolerance']:.4g}{unit} "
+                f"(max |difference| {report['max_abs']:.4g}, mean {report['mean_abs']:.4g})")
+    else:
+        text = (f"DIFFERENT: {name} and its re-run differ by up to {report['max_abs']:.4g}{unit} (mean "
+                f"{report['mean_abs']:.4g}), over the tolerance of {report['tolerance']:.4g}")
+    return "; ".join([text] + list(report.get("notes") or []))
+
+
+def library_parent() -> str:
+    """The folder holding MedDiffusionLib (what ``LocalServer`` puts first on the server's PYTHONPATH)."""
+    import MedDiffusionLib.client
+
+    return os.path.dirname(os.path.dirname(os.path.realpath(MedDiffusionLib.client.__file__)))
+
+
+class DicomExport:
+    """A marked volume node written as a marked DICOM series, without blocking the calling thread:
+    the node's NRRD with its mark (:func:`~outputs.export_volume`'s fields, uncompressed) is written
+    to a temporary folder in short steps, then ``<python> -m MedDiffusionLib.cli export TMP --format
+    dicom --out FOLDER`` runs as a child process (its own process group, like the server) on the
+    service's Python, which writes the series (``MedDiffusionLib.io.dicom``: DERIVED\\SECONDARY, new
+    UIDs, the provenance in a private block). :meth:`poll` moves it on and returns the exit code once
+    it is over (0: written; else ``error`` is the child's one-line message); :meth:`cancel` stops it.
+    The temporary folder is removed at the end either way."""
+
+    def __init__(self, node, folder: str, python: str, env: dict | None = None, overwrite: bool = False) -> None:
+        check_scalar_volume(node, "volume to export")
+        prov = node_provenance(node)
+        if not (prov and prov.get("synthetic")):
+            raise InputError(f"DICOM export is for MedDiffusion results: {node.GetName()!r} has no synthetic mark")
+        folder = os.path.abspath(str(folder))
+        if not os.path.basename(folder):
+            raise InputError(f"{folder}: give the name of a folder for the DICOM series")
+        if not os.path.isdir(os.path.dirname(folder)):
+            raise InputError(f"the folder {os.path.dirname(folder)} does not exist")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise InputError(f"{folder} is a file; the DICOM series needs a folder there")
+        if os.path.isdir(folder) and os.listdir(folder) and not overwrite:
+            raise InputError(f"{folder} already exists and is not empty: choose another folder for the DICOM series")
+        self.node, self.folder, self.python, self.overwrite = node, folder, str(python), bool(overwrite)
+        env = dict(env or {})
+        inherited = env["PYTHONPATH"] if "PYTHONPATH" in env else os.environ.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (library_parent(), inherited or "") if p)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.env = env
+        self.work = tempfile.mkdtemp(prefix="meddiffusion-dicom-")
+        try:
+            self.source = os.path.join(self.work, "volume.nrrd")
+            encoder = NrrdEncoder(node, self.work, compress=False)
+            encoder.header = nrrd_with_fields(encoder.header, metadata_fields(prov))
+            self._writer: StepwiseFileWriter | None = StepwiseFileWriter(encoder, self.source)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
+        self.command = [self.python, "-m", "MedDiffusionLib.cli", "export", self.source, "--format", "dicom",
+                        "--out", self.folder] + (["--overwrite"] if self.overwrite else [])
+        self.log_file = os.path.join(self.work, "export.log")
+        self.process = None  # the child (dependencies.InstallProcess) once the NRRD is written
+        self.rc: int | None = None
+        self.error: str | None = None
+        self.output = ""  # the child's last lines
+
+    @property
+    def phase(self) -> str:
+        return "writing" if self.process is None and self.rc is None else "converting" if self.rc is None else "done"
+
+    def poll(self, budget: float = POLL_BUDGET_S) -> int | None:
+        """One non-blocking step; the exit code once the export is over (0: the series is written)."""
+        if self.rc is not None:
+            return self.rc
+        if self.process is None:
+            try:
+                if not self._writer.step(budget):
+                    return None
+                self._writer.close()
+                from .dependencies import InstallProcess
+
+                self.process = InstallProcess([self.command], self.log_file, env=self.env)
+            except OSError as exc:
+                return self._finish(1, f"could not write the volume for the export: {exc}")
+        rc = self.process.poll()
+        if rc is None:
+            return None
+        lines = [ln for ln in self.process.tail(20).splitlines() if ln.strip() and not ln.startswith("$ ")]
+        self.output = "\n".join(lines)
+        if rc == 0:
+            return self._finish(0, None)
+        error = next((ln for ln in reversed(lines) if ln.startswith("error: ")), None)
+        error = error[len("error: "):] if error else (lines[-1] if lines else f"exit code {rc}")
+        return self._finish(rc, error.replace("--overwrite", "overwrite=True"))
+
+    def _finish(self, rc: int, error: str | None) -> int:
+        self.rc, self.error = rc, error
+        if self._writer is not None:
+            self._writer.close()
+        shutil.rmtree(self.work, ignore_errors=True)
+        return rc
+
+    @property
+    def done(self) -> bool:
+        return self.rc is not None
+
+    def cancel(self) -> None:
+        """Stop the export (the child and what it started); the library writes the series into a
+        temporary folder renamed only when complete, so nothing half-written is left."""
+        if self.rc is not None:
+            return
+        if self.process is not None:
+            self.process.kill()
+        self._finish(-1, "the export was cancelled")
+
+    def wait(self, timeout: float | None = None, idle: Callable[[float], None] | None = None) -> str:
+        """Block until done (console use); returns the folder, raises ``InputError`` with the child's message."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if end is not None and time.monotonic() > end:
+                self.cancel()
+                raise InputError(f"the DICOM export did not finish within {timeout} s (stopped)")
+            (idle or time.sleep)(0.05)
+        if self.rc != 0:
+            raise InputError(f"the DICOM export failed: {self.error}")
+        return self.folder
+
+
+def _logic_or_class(func):
+    """A ServiceLogic method that may also be called on the class (``ServiceLogic.exportVolume(node,
+    path)``): there ``self`` is None."""
+
+    class Method:
+        __doc__ = func.__doc__
+
+        def __get__(self, obj, objtype=None):
+            bound = functools.partial(func, obj)
+            bound.__doc__ = func.__doc__
+            return bound
+
+    return Method()
 
 
 class EncodedUpload:
@@ -264,6 +517,10 @@ class Job:
     # an N-sample job once loaded: {"mean", "std", "proxy", "sequence", "browser"} (nodes; also in ``nodes``);
     # an evaluate job: {"table", "chart", "series", "plotTable"}
     outputs: dict = field(default_factory=dict)
+    # a reproduce job (ServiceLogic.submitReproduce): what it compares ({"node", "provenance", "result", ...}), and
+    # once done its verdict ({"equal", "max_abs", "mean_abs", "tolerance", "result", ...}); it adds no node
+    reproduce: dict | None = None
+    report: dict | None = None
 
     @property
     def state(self) -> str:
@@ -559,17 +816,21 @@ class ServiceLogic:
         return tempfile.mkdtemp(prefix="meddiffusion-job-")
 
     def _submit(self, spec: dict, name: str, like=None, window=None, inputNode=None, labels=None,
-                inputNodes: dict | None = None) -> Job:
+                inputNodes: dict | None = None, inputLut=None, inputSha256: str | None = None,
+                inputRole: str = "the input", reproduce: dict | None = None) -> Job:
         """Start the upload of the input (a volume node, ``labels`` = (segmentation, reference,
         mapping), or ``inputNodes`` = {input name: volume node} for a task with several inputs);
         returns the job in phase ``uploading`` (move it on with :meth:`poll`). Each input's NRRD is
         encoded from memory in short steps by :meth:`poll` (:class:`EncodedUpload`): here only its
-        header is made (and, for ``labels``, the segments are exported: one Slicer call)."""
+        header is made (and, for ``labels``, the segments are exported: one Slicer call).
+        ``inputLut``: a label map's values through this table (int16, as ``labels`` are uploaded);
+        ``inputSha256``: the input's voxels must have this sha256 (:class:`CheckedUpload`, checked
+        first, in steps; ``inputRole`` names the input in the message)."""
         work = self._newWorkDir()
         try:
             encoders = {}
             if inputNode is not None:
-                encoders["input"] = NrrdEncoder(inputNode, work, compress=not self.isLocal)
+                encoders["input"] = NrrdEncoder(inputNode, work, compress=not self.isLocal, lut=inputLut)
             elif labels is not None:
                 seg, ref, mapping = labels
                 encoders["input"] = labels_encoder(self.scene, seg, ref, mapping, work, logic=self.segmentationsLogic,
@@ -580,12 +841,16 @@ class ServiceLogic:
                 spec = dict(spec, inputs={n: f"{n}.nrrd" for n in encoders})
                 transfer = EncodedUpload(self.client(), spec, {n: (e, os.path.join(work, f"{n}.nrrd"))
                                                                for n, e in encoders.items()})
+                if inputSha256 is not None:
+                    encoder = encoders["input"]
+                    transfer = CheckedUpload(transfer, VoxelSha256(encoder.image, encoder.lut), inputSha256, inputRole)
             else:
                 transfer = self.client().start_submit(spec, {})
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-        job = Job("", spec["task"], name, like, window, {"state": "uploading"}, work, transfer=transfer)
+        job = Job("", spec["task"], name, like, window, {"state": "uploading"}, work, transfer=transfer,
+                  reproduce=reproduce)
         self._trackJob(job)
         self.poll(job)
         return job
@@ -732,15 +997,255 @@ class ServiceLogic:
             raise InputError("select the mean and the std volume")
         return show_uncertainty(self.scene, meanNode, stdNode, opacity)
 
-    @staticmethod
-    def exportVolume(node, path: str) -> str:
-        """Write a volume node to ``path`` (.nrrd, .nii or .nii.gz) keeping the synthetic mark of a
-        result: NRRD key/value fields ``meddiffusion_<field>``; NIfTI ``descrip`` "SYNTHETIC ..." and a
-        JSON sidecar ``<name>.json`` (what ``meddiffusion info FILE`` reads). A node without the mark
-        is written plainly. Returns the path written."""
+    @_logic_or_class
+    def exportVolume(self, node, path: str, format: str | None = None, overwrite: bool = False,
+                     timeout: float | None = None) -> str:
+        """Write a volume node keeping the synthetic mark of a result; returns the path written.
+
+        * ``format`` None: the file ``path`` (.nrrd, .nii or .nii.gz, by its name): NRRD key/value
+          fields ``meddiffusion_<field>``; NIfTI ``descrip`` "SYNTHETIC ..." and a JSON sidecar
+          ``<name>.json`` (what ``meddiffusion info FILE`` reads). A node without the mark is written
+          plainly.
+        * ``format="dicom"``: ``path`` is the folder of a DICOM series (made; an existing folder must
+          be empty, or hold an earlier series and ``overwrite``), for MedDiffusion results only:
+          ``meddiffusion export --format dicom`` on the service's Python writes it (marked synthetic,
+          DERIVED\\SECONDARY, new UIDs, the provenance in a private block); this waits for it (the
+          panel uses :meth:`startExportDicom`). Called on the class (``ServiceLogic.exportVolume``),
+          Slicer's own Python runs it."""
         if node is None:
             raise InputError("select the volume to export")
-        return export_volume(node, path)
+        if format is None:
+            return export_volume(node, path)
+        if str(format).lower() != "dicom":
+            raise InputError(f"format: {format!r} is not one export writes (dicom; or none for a .nrrd, .nii or "
+                             ".nii.gz file)")
+        if self is None:
+            return DicomExport(node, path, default_python(), None, overwrite).wait(timeout)
+        return self.startExportDicom(node, path, overwrite).wait(timeout, self._idle)
+
+    def startExportDicom(self, node, folder: str, overwrite: bool = False, python: str | None = None) -> DicomExport:
+        """:meth:`exportVolume` to a DICOM series without waiting: a :class:`DicomExport` to ``poll()``
+        (from a timer) until it returns the exit code, or ``cancel()``. ``python``: the interpreter
+        that runs ``meddiffusion export`` (default: the local service's). Refuses at once (``InputError``)
+        a node without the synthetic mark, a missing parent folder or a non-empty folder."""
+        if node is None:
+            raise InputError("select the volume to export")
+        python = python or self.serverPython or default_python()
+        return DicomExport(node, folder, python, self._childEnvironment(python), overwrite)
+
+    def _childEnvironment(self, python: str) -> dict | None:
+        """The environment a child process on ``python`` runs with (laid over this process's): the
+        local server's when it runs that Python."""
+        if self.serverEnv is not None and os.path.realpath(python) == os.path.realpath(self.serverPython or ""):
+            return self.serverEnv
+        return None
+
+    # -- reproduce a marked result ------------------------------------------------------------------------------
+    @staticmethod
+    def _reproducible(node) -> dict:
+        """The provenance of a result node that records its job; else one line of ``InputError``."""
+        if node is None:
+            raise InputError("select the result to reproduce")
+        if not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"{node.GetName()!r} is not a volume; reproduce re-makes a result volume")
+        prov = node_provenance(node)
+        if not prov:
+            raise InputError(f"{node.GetName()!r} has no MedDiffusion provenance: only a result made by MedDiffusion "
+                             "can be reproduced")
+        if not isinstance(prov.get("job"), dict):
+            raise InputError(f"{node.GetName()!r}: its provenance records no job to re-run (made by an older "
+                             "MedDiffusion or another tool)")
+        check_scalar_volume(node, "result to reproduce")
+        return prov
+
+    @staticmethod
+    def _labelLut(node):
+        """The identity table that uploads a label map volume's values as int16, as a segmentation's
+        labels are uploaded (``labels_encoder``): whole numbers 0..32767 only."""
+        import numpy as np
+        from vtk.util import numpy_support
+
+        values = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars())
+        if not np.issubdtype(values.dtype, np.integer):
+            raise InputError(f"{node.GetName()!r} holds {values.dtype} values; the input of a synthesize result is a "
+                             "label map of whole numbers")
+        lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if lo < 0 or hi > 32767:
+            raise InputError(f"{node.GetName()!r} holds labels from {lo} to {hi}; a label map's labels are 0 to 32767")
+        return np.arange(hi + 1, dtype=np.int16)
+
+    def submitReproduce(self, node, inputNode=None, segmentLabels: dict | None = None, referenceNode=None,
+                        device: str | None = None) -> Job:
+        """Re-run the job a result node's mark records (``MedDiffusion.provenance.job``: the resolved
+        request; only the task's own parameters are sent, without a live preview) on the service
+        this logic uses, download the one result the node is (``result``, e.g. ``sample_2.nrrd``) and
+        compare it voxel by voxel with the node's voxels, in short steps (:meth:`poll`); nothing is
+        added to the scene. Once ``job.done``, ``job.report`` holds the verdict (see :meth:`reproduce`).
+
+        ``inputNode``: the input of a synthesize, reconstruct or simulate-sparse-view result, uploaded
+        as those jobs upload theirs; its voxels must have the sha256 the mark records (checked here
+        first, in steps, exactly as the service hashes the uploaded NRRD, and again from the re-run's
+        own record): a different volume ends the job with :class:`WrongInput` before the upload.
+        For synthesize: a label map volume with the model's label values (uploaded as int16, as the
+        labels were), or the segmentation node with ``segmentLabels`` ({segment id: label value or
+        name}, the mapping used then) and ``referenceNode`` (the grid; default: the result node,
+        which is on it). ``device``: run on this device instead of the recorded one. Raises
+        ``InputError`` (one line) for a node without provenance or without a recorded job, a missing
+        or superfluous input."""
+        prov = self._reproducible(node)
+        spec = recorded_request(prov, device)
+        task = spec["task"]
+        recorded = prov.get("conditions_sha256") if isinstance(prov.get("conditions_sha256"), dict) else {}
+        other = sorted(set(recorded) - {"input"})
+        if other:
+            raise InputError(f"this {task} result was made from inputs this module cannot give ({', '.join(other)})")
+        digest = recorded.get("input")
+        if task != "generate" and digest is None:
+            raise InputError(f"{node.GetName()!r}: its provenance records no sha256 of the input it was made from")
+        if digest is not None and inputNode is None:
+            raise InputError(f"this {task} result was made from an input volume (sha256 {str(digest)[:12]}...): give "
+                             "it as the input (inputNode)")
+        if digest is None and inputNode is not None:
+            raise InputError(f"this {task} result was made from no input volume: reproduce it without one")
+        kwargs: dict = {}
+        role = "the input"
+        if inputNode is not None and inputNode.IsA("vtkMRMLSegmentationNode"):
+            if task != "synthesize":
+                raise InputError(f"a {task} result was made from a volume, not from a segmentation")
+            controlNet = spec.get("controlnet") or "chest-ct-mini-labels"
+            mapping = self.segmentLabelValues(inputNode, segmentLabels, controlNet, allowUnmapped=True)
+            kwargs["labels"] = (inputNode, referenceNode or node, mapping)
+            role = f"the label map of {inputNode.GetName()!r}"
+        elif inputNode is not None:
+            check_scalar_volume(inputNode, "input volume")
+            kwargs["inputNode"] = inputNode
+            if task == "synthesize":
+                kwargs["inputLut"] = self._labelLut(inputNode)
+            role = repr(inputNode.GetName())
+        reproduce = {"node": node, "provenance": prov, "result": prov.get("result"), "started": time.monotonic(),
+                     "inputChecked": digest is not None, "stage": "pick"}
+        return self._submit(spec, f"{node.GetName()} re-run", inputSha256=digest, inputRole=role,
+                            reproduce=reproduce, **kwargs)
+
+    def reproduce(self, node, inputNode=None, progressCallback=None, timeout: float | None = None, **kwargs) -> dict:
+        """Blocking :meth:`submitReproduce`: re-run the job recorded in ``node``'s mark and return
+        ``{"equal", "max_abs", "mean_abs", "tolerance", "result", "task", "units", "input_checked",
+        "notes", "seconds", "text"}``: ``equal`` when the largest voxel difference is within the
+        tolerance of ``meddiffusion reproduce`` (5e-3 model units, scaled by the HU window for HU
+        results: 5 HU for 2000 HU; 1e-2 HU for simulate-sparse-view); ``text`` says it in one line.
+        Adds no node to the scene."""
+        job = self.submitReproduce(node, inputNode, **kwargs)
+        self.waitJob(job, progressCallback, timeout=timeout)
+        return job.report
+
+    def _reproducedResult(self, job: Job) -> dict:
+        """The re-run job's result the node is, checked against the node's record (same input, same
+        sample batches)."""
+        r = job.reproduce
+        results = job.status.get("results") or []
+        wanted = r["result"]
+        match = [x for x in results if x.get("name") == wanted] if wanted else results[:1]
+        if not match:
+            made = ", ".join(str(x.get("name")) for x in results) or "nothing"
+            raise ServiceError(f"the re-run job made {made}, not {wanted!r}")
+        res = match[0]
+        prov, new = r["provenance"], (res.get("meta") or {}).get("provenance") or {}
+        was, now = prov.get("sample_batch"), new.get("sample_batch")
+        if was is not None and now is not None and was != now:
+            raise ServiceError(f"this sample was drawn in batches of {was}; the service draws {now} at a time, so it "
+                               "cannot draw the same noise again")
+        recorded, read = prov.get("conditions_sha256") or {}, new.get("conditions_sha256") or {}
+        if isinstance(recorded, dict) and isinstance(read, dict):
+            for key, digest in recorded.items():
+                if key in read and read[key] != digest:
+                    raise WrongInput(f"the service read an input other than the one this result was made from (sha256 "
+                                     f"{str(read[key])[:12]}..., the result records {str(digest)[:12]}...)")
+        return res
+
+    def _stepReproduce(self, job: Job, left: Callable[[], float]) -> None:
+        """A reproduce job's download: the one result, read into memory (no node), compared in steps."""
+        r = job.reproduce
+        try:
+            while job.phase == "downloading":
+                stage = r["stage"]
+                if stage == "pick":
+                    res = self._reproducedResult(job)
+                    r.update(stage="download", name=res["name"], meta=res.get("meta") or {})
+                    job.transfer = self.client(start=False).start_download(
+                        job.id, res["name"], os.path.join(job.workDir, "rerun-" + os.path.basename(res["name"])))
+                elif stage == "download":
+                    if not job.transfer.step(left()):
+                        return
+                    transfer, job.transfer = job.transfer, None
+                    if transfer.error is not None:
+                        message = panel_message(transfer.error.message)
+                        raise ServiceError(f"downloading the re-run result failed: {message}", transfer.error.status)
+                    r.update(stage="load", path=str(transfer.result))
+                    job.transfer = NrrdLoader(r["path"])
+                elif stage == "load":
+                    loader = job.transfer
+                    if not loader.done and not loader.step(left()):
+                        return
+                    job.transfer = None
+                    if loader.error is not None:
+                        raise ServiceError(f"reading the re-run result failed: {loader.error}")
+                    if loader.supported:
+                        array, dims, ijkToRas = loader.array, loader.dims, loader.ijk_to_ras
+                    else:  # a format the stepwise reader does not take: Slicer's reader, outside the scene
+                        array, dims, ijkToRas = read_standalone(r["path"])
+                    os.remove(r["path"])
+                    node = r["node"]
+                    image = node.GetImageData()
+                    if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
+                        raise ServiceError(f"{node.GetName()!r} has no voxels any more")
+                    have = tuple(image.GetDimensions())
+                    if tuple(dims) != have:
+                        raise ServiceError(f"the re-run result has {'x'.join(map(str, dims))} voxels, "
+                                           f"{node.GetName()!r} {'x'.join(map(str, have))}: not the same result")
+                    from vtk.util import numpy_support
+
+                    r.update(stage="compare", geometry=ijkToRas)
+                    job.transfer = VoxelDifference(numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()), array)
+                elif stage == "compare":
+                    if not job.transfer.step(left()):
+                        return
+                    diff, job.transfer = job.transfer, None
+                    job.report = self._reproduceReport(job, diff)
+                    self._end(job)
+                    return
+                if left() <= 0:
+                    return
+        except ServiceError as exc:
+            self._end(job, exc)
+        except (OSError, ValueError) as exc:
+            self._end(job, ServiceError(f"comparing with the re-run result failed: {exc}"))
+
+    def _reproduceReport(self, job: Job, diff: VoxelDifference) -> dict:
+        import numpy as np
+        import vtk
+
+        r = job.reproduce
+        prov, node = r["provenance"], r["node"]
+        new = r["meta"].get("provenance") or {}
+        notes = []
+        for key in ("weights_sha256", "device", "torch_version", "generator_version"):
+            was, now = prov.get(key), new.get(key)
+            if was is not None and now is not None and was != now:
+                notes.append(f"{key} differs: recorded {was}, now {now}" +
+                             (" (the model's weights changed)" if key == "weights_sha256" else ""))
+        m = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(m)
+        mine = np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+        if np.abs(mine - np.asarray(r["geometry"], float)).max() > 1e-3:
+            notes.append("the node's grid is not the re-run's (moved or resampled since?): voxels compared by index")
+        tolerance = reproduce_tolerance(prov)
+        report = {"equal": bool(diff.max_abs <= tolerance), "max_abs": float(diff.max_abs),
+                  "mean_abs": float(diff.mean_abs), "tolerance": float(tolerance), "result": r["name"],
+                  "task": (prov.get("job") or {}).get("task"), "units": prov.get("units"),
+                  "input_checked": bool(r["inputChecked"]), "notes": notes,
+                  "seconds": time.monotonic() - r["started"]}
+        report["text"] = reproduce_text(node.GetName(), report)
+        return report
 
     @staticmethod
     def provenance(node) -> dict | None:
@@ -785,7 +1290,7 @@ class ServiceLogic:
         if job.phase == "service":
             self._stepService(job, left)
         if job.phase == "downloading":
-            self._stepDownloads(job, left)
+            (self._stepDownloads if job.reproduce is None else self._stepReproduce)(job, left)
         if job.phase == "cleanup" and (job.transfer is None or job.transfer.step(left())):
             job.transfer, job.phase = None, "finished"
         return job.status
@@ -799,7 +1304,7 @@ class ServiceLogic:
                 os.remove(path)
         if transfer.error is not None:
             error = transfer.error
-            if not isinstance(error, ServiceUnavailable):
+            if not isinstance(error, (ServiceUnavailable, WrongInput)):
                 error = ServiceError(panel_message(error.message), error.status)
             self._end(job, error)
             return
@@ -837,7 +1342,7 @@ class ServiceLogic:
                 job.phase = "downloading"
                 return
             step = job.status.get("preview_step")
-            if step is not None and step != job.previewStep and job.previewTransfer is None:
+            if step is not None and step != job.previewStep and job.previewTransfer is None and job.reproduce is None:
                 job.previewTransfer = self.client(start=False).start_preview(
                     job.id, os.path.join(job.workDir, "preview.nrrd"))
                 job.previewStep = step
@@ -1146,7 +1651,8 @@ def segment_mapping(segmentationNode, text: str) -> dict:
     return mapping
 
 
-__all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError",
+__all__ = ["ServiceLogic", "Job", "panel_message", "default_python", "segment_mapping", "InputError", "WrongInput",
+           "DicomExport", "CheckedUpload", "TASK_PARAMS", "reproduce_tolerance", "recorded_request", "reproduce_text",
            "UnmappedSegmentsError", "controlnet_label_names", "DEFAULT_LABEL_NAMES",
            "ServiceError", "ServiceUnavailable", "JobFailed", "JobCancelled", "TERMINAL", "PREVIEW_NAME", "POLL_BUDGET_S",
            "EncodedUpload", "markSynthetic", "PROVENANCE_ATTRIBUTE", "MAX_SAMPLES"]

@@ -404,7 +404,8 @@ def test_a_broken_torch_cannot_break_the_dependency_check(tmp_path):
 # -- nothing the panel calls waits on the network or a child process ------------------------------------------
 # (the stepwise forms are tested against a real service in test_slicer_transfers.py / test_slicer_service.py)
 BLOCKING_LOGIC = {"connect", "health", "client", "missingDependencies", "unload", "waitJob", "generate",
-                  "synthesizeFromSegmentation", "simulateSparseView", "reconstructSparseView", "startServer"}
+                  "synthesizeFromSegmentation", "simulateSparseView", "reconstructSparseView", "startServer", "reproduce",
+                  "evaluate"}
 
 
 def _calls(node):

@@ -940,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation_cli import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub, _add_server_args)
+    from .dataset_cli import add_parser as add_dataset_parser
+
+    add_dataset_parser(sub)
     return parser
 
 

@@ -568,8 +568,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """A marked MedDiffusion result file -> a marked DICOM series (its provenance carried over)."""
-    from .data.volumes import read_volume
-    from .reproduce import provenance_of
+    from .reproduce import provenance_of, read_result
     from .results import ResultVolume, write_result
 
     if args.format != "dicom":
@@ -579,7 +578,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise UserError(f"{args.file}: no MedDiffusion provenance; export converts MedDiffusion results only (a NIfTI "
                         "needs its .json sidecar)")
     _check_outputs([Path(args.out)], args.overwrite, "dicom")
-    vol = read_volume(args.file)
+    vol = read_result(args.file)  # a volume file, or a DICOM series folder
     out = write_result(ResultVolume(Path(args.file).name, vol, {"provenance": prov}), args.out, args.overwrite, "dicom")
     print(f"wrote {out}: DICOM series of {vol.shape[2]} slices, marked synthetic")
     return 0

@@ -215,15 +215,15 @@ def _check_grid(row: int, rid: str, path: Path, size: Any, spacing: Any) -> None
 
 
 def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str | Path = ".", name: str | None = None,
-                 layout: str = "nnunet", seed: int = 0, model: str | None = None, sampler: str | None = None,
+                 layout: str = "auto", seed: int = 0, model: str | None = None, sampler: str | None = None,
                  steps: int | None = None, device: str = "cpu") -> Plan:
     """Check every row and the output folder; nothing is written. ``base``: the folder label paths
     are relative to (the manifest's). A bad row is one :class:`UserError` naming the row."""
     from .controlnets import controlnet_meta
     from .jobspec import resolve
 
-    if layout not in LAYOUTS:
-        raise UserError(f"unknown layout {layout!r}; use {', '.join(LAYOUTS)}")
+    if layout not in (*LAYOUTS, "auto"):
+        raise UserError(f"unknown layout {layout!r}; use {', '.join(LAYOUTS)} or auto")
     if not rows:
         raise UserError("the manifest has no rows")
     if len(rows) > MAX_ROWS:
@@ -283,13 +283,36 @@ def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str |
             raise _row_error(row, rid, str(exc)) from None
         except (FileNotFoundError, ValueError) as exc:
             raise _row_error(row, rid, str(exc)) from None
+    if layout == "auto":
+        layout = "nnunet" if any(c.paired for c in cases) else "flat"
+    if layout == "nnunet" and not any(c.paired for c in cases):
+        raise UserError("nnU-Net v2 trains on image+mask pairs: every case needs 'labels' and 'controlnet' (or use "
+                        "--layout flat for images only)")
     if layout == "nnunet" and len({c.paired for c in cases}) > 1:
         odd = next(c for c in cases if c.paired != cases[0].paired)
         raise _row_error(odd.row, odd.id, "nnU-Net needs a label map for every case or for none; this row "
                                           f"{'has' if odd.paired else 'has no'} labels but row {cases[0].row} "
                                           f"{'has' if cases[0].paired else 'has none'}")
+    same: dict[str, Case] = {}
+    for c in cases:  # two rows asking for the same volume (a default seed can meet another row's seed)
+        spec = c.spec.to_dict()
+        spec["inputs"] = {}
+        key = json.dumps([spec, str(c.labels) if c.labels else None], sort_keys=True, default=str)
+        if key in same:
+            raise _row_error(c.row, c.id, f"asks for the same volume as row {same[key].row} (id {same[key].id}): the "
+                                          "same request and seed; give one of them another seed")
+        same[key] = c
     digest = _digest(name, layout, cases)
     plan = Plan(out, name, layout, cases, digest, label_names if any(c.paired for c in cases) else {"background": 0})
+    owners: dict[Path, Case | None] = {plan.out / n: None for n in DATASET_FILES}
+    for c in cases:  # a file name must belong to one case (flat: id "x_label" vs the label of "x")
+        for path in plan.files(c).values():
+            if path in owners:
+                other = owners[path]
+                raise _row_error(c.row, c.id, f"its file {path.name} is also "
+                                              + (f"a file of row {other.row} (id {other.id})" if other else
+                                                 "one of the dataset's own files") + "; choose another id")
+            owners[path] = c
     _check_out(plan)
     return plan
 
@@ -301,10 +324,18 @@ def _digest(name: str, layout: str, cases: Sequence[Case]) -> str:
         spec = c.spec.to_dict()
         spec["params"] = {k: v for k, v in spec["params"].items() if k != "device"}
         spec["inputs"] = {}
-        lab = hashlib.sha256(c.labels.read_bytes()).hexdigest() if c.labels else None
+        lab = _file_sha256(c.labels) if c.labels else None
         doc.append([c.row, c.id, spec, lab])
     blob = json.dumps([name, layout, doc], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _state_path(out: Path) -> Path:
@@ -382,6 +413,21 @@ def run_case(plan: Plan, case: Case, cache: Any) -> None:
                                     "files": [str(p.relative_to(plan.out)) for p in files.values()]})
 
 
+DATASET_FILES = ("dataset.json", "datalist.json")
+
+
+def _sweep_temporaries(plan: Plan) -> None:
+    """Remove the hidden temporary files of writes that a killed worker left (``.<name>.<pid>-...``
+    beside each output, :func:`MedDiffusionLib.io.atomic.atomic_path`): nnU-Net lists a folder's
+    files by their ending and would take them for cases. Runs after every worker is done."""
+    folders = {p.parent for c in plan.cases for p in plan.files(c).values()} | {plan.out}
+    for folder in folders:
+        if folder.is_dir():
+            for left in folder.glob(".*.tmp*"):
+                if left.is_file():
+                    left.unlink(missing_ok=True)
+
+
 def write_dataset_files(plan: Plan) -> None:
     """``dataset.json`` (nnU-Net v2) and the MONAI datalist ``datalist.json``, atomically."""
     from . import __version__ as version
@@ -453,9 +499,14 @@ def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = 
             bar.close()
     if barrier is not None:
         barrier()
-    if rank == 0 and all(plan.finished(c) for c in plan.cases):
-        write_dataset_files(plan)
-        summary.dataset_written = True
+    if rank == 0:
+        _sweep_temporaries(plan)
+        if all(plan.finished(c) for c in plan.cases):
+            write_dataset_files(plan)
+            summary.dataset_written = True
+        else:  # an older complete run's files would list cases that are missing now
+            for name in DATASET_FILES:
+                (plan.out / name).unlink(missing_ok=True)
     summary.seconds = time.monotonic() - t0
     return summary
 

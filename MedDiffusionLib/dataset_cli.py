@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import UserError
 
 EXAMPLES = """examples:
-  meddiffusion generate-dataset cases.jsonl --out Dataset501_SynthChest     # nnU-Net v2 raw layout
+  meddiffusion generate-dataset pairs.jsonl --out Dataset501_SynthChest     # pairs: nnU-Net v2 raw layout
   meddiffusion generate-dataset cases.csv --out synth --layout flat --seed 100
   meddiffusion generate-dataset --from-labels masks/ --controlnet chest-ct-mini-labels --out Dataset502_Pairs
   torchrun --nproc_per_node 4 -m MedDiffusionLib.cli generate-dataset cases.jsonl --out Dataset501_SynthChest
@@ -41,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the dataset folder (new, empty, or this dataset's from an earlier run)")
     p.add_argument("--from-labels", metavar="FOLDER", help="one pair per label map of FOLDER (instead of a manifest)")
     p.add_argument("--controlnet", help="the labels ControlNet for --from-labels")
-    p.add_argument("--layout", choices=("nnunet", "flat"), default="nnunet",
-                   help="nnunet (default): imagesTr/labelsTr/dataset.json; flat: one folder. Both get datalist.json")
+    p.add_argument("--layout", choices=("auto", "nnunet", "flat"), default="auto",
+                   help="nnunet: imagesTr/labelsTr/dataset.json (image+mask pairs: nnU-Net trains on pairs); flat: one "
+                        "folder; auto (default): nnunet for pairs, flat for images only. Both get datalist.json")
     p.add_argument("--name", help="the dataset's name (default: the --out folder's name)")
     p.add_argument("--seed", type=int, default=0, help="base seed: a row without a seed gets this + its row number")
     p.add_argument("--model", help="the model of rows that name none (default chest-ct-mini)")

@@ -458,7 +458,10 @@ class JobService:
     def unload(self) -> dict[str, Any]:
         names, deferred = [], []
         for device, cache in list(self.caches.items()):
-            if self.busy[device].acquire(blocking=False):
+            # no job running there: the worker may still be finishing one's bookkeeping (files, the
+            # job table) under the lock, a moment's wait; a running job defers the unload
+            idle = self.running.get(device) is None
+            if self.busy[device].acquire(timeout=5.0) if idle else self.busy[device].acquire(blocking=False):
                 try:
                     names += cache.clear()
                 finally:

@@ -26,6 +26,7 @@ Console use (the blocking forms step until the job ends and return the new nodes
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import re
@@ -339,12 +340,16 @@ class DicomExport:
         return self.rc is not None
 
     def cancel(self) -> None:
-        """Stop the export (the child and what it started); the library writes the series into a
-        temporary folder renamed only when complete, so nothing half-written is left."""
+        """Stop the export (the child and what it started). The library writes the series into a
+        hidden folder beside the target (``.<name>.<pid>-...tmp``), renamed only when complete; a
+        killed child cannot remove it, so it is removed here: nothing half-written is left."""
         if self.rc is not None:
             return
         if self.process is not None:
             self.process.kill()
+            parent, name = os.path.split(self.folder)
+            for left in glob.glob(os.path.join(glob.escape(parent), "." + glob.escape(name[:100]) + ".*.tmp")):
+                shutil.rmtree(left, ignore_errors=True)
         self._finish(-1, "the export was cancelled")
 
     def wait(self, timeout: float | None = None, idle: Callable[[float], None] | None = None) -> str:

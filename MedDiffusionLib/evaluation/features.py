@@ -25,7 +25,8 @@ an unknown name is one :class:`~MedDiffusionLib.weights.WeightsError` line. A va
 registered name is a path (``./NAME`` forces a path).
 
 MedicalNet's released ``resnet_10.pth`` (``{"state_dict": {"module.conv1.weight": ...}}``, plain
-tensors) can be given to ``add`` as it is: it is read once with ``torch.load(weights_only=True)``
+tensors) can be given to ``add`` as it is: it is read once with the safe unpickler
+(``torch.load(weights_only=True)`` plus a few inert container types)
 (:func:`MedDiffusionLib.io.safe_pickle.safe_load`, no code runs) and stored as safetensors. By hand::
 
     from safetensors.torch import save_file
@@ -327,7 +328,8 @@ def resolve_feature_weights(weights: str | Path, network: str | None = None) -> 
 
 def state_dict_from_pickle(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a PyTorch ``.pth``/``.pt`` file such as MedicalNet's ``resnet_10.pth``
-    (``{"state_dict": {...}}`` or a bare state dict), read with ``torch.load(weights_only=True)``
+    (``{"state_dict": {...}}`` or a bare state dict), read with the safe unpickler
+    (``torch.load(weights_only=True)`` plus inert containers)
     (:func:`~MedDiffusionLib.io.safe_pickle.safe_load`): tensors and plain containers only, no code runs."""
     from ..io.safe_pickle import safe_load
 

@@ -47,33 +47,32 @@ def single(tmp_path_factory):
         mp.undo()
 
 
-def test_images_only_nnunet_layout_rerun_and_redo(single, monkeypatch, capsys):
+def test_images_only_flat_layout_rerun_and_redo(single, monkeypatch, capsys):
     man, out = single
-    doc = json.loads((out / "dataset.json").read_text())
-    assert doc["channel_names"] == {"0": "CT"} and doc["labels"] == {"background": 0}
-    assert doc["numTraining"] == 3 and doc["file_ending"] == ".nii.gz" and doc["name"] == "Dataset501_Synth"
+    assert not (out / "dataset.json").exists()  # images only: flat (nnU-Net trains on pairs)
     datalist = json.loads((out / "datalist.json").read_text())
-    assert [t["image"] for t in datalist["training"]] == [f"imagesTr/{i}_0000.nii.gz" for i in IDS]
-    assert not (out / "labelsTr").exists()
+    assert datalist["name"] == "Dataset501_Synth" and datalist["synthetic"] is True
+    assert [t["image"] for t in datalist["training"]] == [f"{i}.nii.gz" for i in IDS]
     seeds = []
     for i in IDS:
-        img = out / "imagesTr" / f"{i}_0000.nii.gz"
+        img = out / f"{i}.nii.gz"
         prov = read_provenance(img)
-        assert prov and prov["task"] == "generate" and (out / "imagesTr" / f"{i}_0000.json").is_file()
+        assert prov and prov["task"] == "generate" and (out / f"{i}.json").is_file()
         seeds.append(prov.get("seed", json.loads((out / ".meddiffusion" / "done" / f"{i}.json").read_text())["seed"]))
     assert seeds == [11, 5 + 2, 5 + 3]  # the row's seed, else --seed + row number
-    before = {i: read_volume(out / "imagesTr" / f"{i}_0000.nii.gz").array for i in IDS}
+    before = {i: read_volume(out / f"{i}.nii.gz").array for i in IDS}
     capsys.readouterr()
     # a rerun skips everything
     assert _gen(monkeypatch, man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
     assert "0 done, 3 skipped" in capsys.readouterr().err
-    # a case without its image is redone, and only it, to the same voxels
-    (out / "imagesTr" / "b_0000.nii.gz").unlink()
-    mtime_a = (out / "imagesTr" / "a_0000.nii.gz").stat().st_mtime_ns
+    # a case without its image is redone, and only it, to the same voxels; a killed write's leftover goes
+    (out / "b.nii.gz").unlink()
+    (out / ".b.123-456-deadbeef.tmp.nii.gz").write_bytes(b"half")
+    mtime_a = (out / "a.nii.gz").stat().st_mtime_ns
     assert _gen(monkeypatch, man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
     assert "1 done, 2 skipped" in capsys.readouterr().err
-    assert (out / "imagesTr" / "a_0000.nii.gz").stat().st_mtime_ns == mtime_a
-    assert np.array_equal(read_volume(out / "imagesTr" / "b_0000.nii.gz").array, before["b"])
+    assert (out / "a.nii.gz").stat().st_mtime_ns == mtime_a
+    assert np.array_equal(read_volume(out / "b.nii.gz").array, before["b"])
     assert not [p for p in out.rglob("*.tmp*")]
 
 
@@ -114,10 +113,10 @@ def test_torchrun_two_ranks_match_one_process(single, tmp_path):
            "generate-dataset", str(man), "--out", str(out), "--seed", "5", *FAST]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "dataset.json").read_text()) == json.loads((one / "dataset.json").read_text())
+    assert json.loads((out / "datalist.json").read_text()) == json.loads((one / "datalist.json").read_text())
     for i in IDS:
-        a = read_volume(one / "imagesTr" / f"{i}_0000.nii.gz").array
-        b = read_volume(out / "imagesTr" / f"{i}_0000.nii.gz").array
+        a = read_volume(one / f"{i}.nii.gz").array
+        b = read_volume(out / f"{i}.nii.gz").array
         assert np.array_equal(a, b), i
 
 
@@ -131,6 +130,11 @@ BAD = {
     "duplicate id": ([{"id": "x"}, {"id": "z"}, {"id": "X"}], "row 3 (id X)"),
     "too many rows": ([{}, {}, {}], "more than 2 rows"),
     "another dataset": ([{"id": "x"}], "holds another dataset"),
+    "same request twice": ([{"id": "x", "seed": 3}, {"id": "y"}, {"id": "z"}], "row 3 (id z)"),  # --seed 0 + 3
+    "colliding names": ([{"id": "x_label", "labels": "masks/p1.nii.gz", "controlnet": "chest-ct-mini-labels"},
+                         {"id": "x", "labels": "masks/p1.nii.gz", "controlnet": "chest-ct-mini-labels", "seed": 9}],
+                        "row 2 (id x)"),
+    "nnU-Net without labels": ([{"id": "x"}], "nnU-Net v2 trains on image+mask pairs"),
 }
 
 
@@ -146,7 +150,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, c
         (out / ".meddiffusion").mkdir(parents=True)
         (out / ".meddiffusion" / "state.json").write_text(json.dumps({"name": "other", "layout": "nnunet"}))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    assert _gen(monkeypatch, man, "--out", out, *FAST) == 2
+    layout = {"colliding names": ["--layout", "flat"], "nnU-Net without labels": ["--layout", "nnunet"]}.get(case, [])
+    assert _gen(monkeypatch, man, "--out", out, *layout, *FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
@@ -178,13 +183,13 @@ def test_a_failing_case_does_not_stop_the_others_and_ctrl_c_keeps_finished_cases
         with pytest.raises(KeyboardInterrupt):
             ds.run_dataset(plan, progress=False, on_case=interrupt, cache=cache)
         assert plan.finished(plan.cases[0]) and not plan.finished(plan.cases[1])
-        assert not (tmp_path / "ds" / "dataset.json").exists()
+        assert not (tmp_path / "ds" / "datalist.json").exists()
         plan = ds.plan_dataset(rows, tmp_path / "ds", sampler="ddim", steps=2)
         summary = ds.run_dataset(plan, progress=False, cache=cache)
     finally:
         torch.set_num_threads(threads)
     assert (summary.done, summary.skipped, summary.failed) == (["c2"], ["c1"], [])
-    assert json.loads((tmp_path / "ds" / "dataset.json").read_text())["numTraining"] == 2
+    assert len(json.loads((tmp_path / "ds" / "datalist.json").read_text())["training"]) == 2
 
 
 def test_csv_manifest_reads_like_json_lines(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,28 +198,17 @@ def _execute(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], des
 
 def _execute_remote(args: argparse.Namespace, spec: "JobSpec", outputs: list[Path], show) -> tuple[list[dict], dict]:
     from .client import Client
+    from .results import output_folders, write_all
 
     client = Client(args.server, args.token, ca_file=getattr(args, "ca_file", None))
-    job_id = uuid.uuid4().hex  # ours: a Ctrl-C before the server's answer can still delete the job by it
-    try:
-        st = client.submit(spec.to_dict(), {k: v for k, v in spec.inputs.items()}, job_id=job_id)
-    except KeyboardInterrupt:
-        _delete_quietly(client, job_id)
-        raise
-    try:
-        st = client.wait(job_id, progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", [])))
-        _check_outputs(outputs, getattr(args, "overwrite", False), getattr(args, "format", None))
-        from .results import output_folders, write_all
-
-        with output_folders(outputs, getattr(args, "format", None)):
+    fmt = getattr(args, "format", None)
+    with client.job(spec.to_dict(), dict(spec.inputs),
+                    progress=lambda s: show(s.get("step", 0), s.get("total", 0), s.get("warnings", []))) as (job_id, st):
+        _check_outputs(outputs, getattr(args, "overwrite", False), fmt)
+        with output_folders(outputs, fmt):
             write_all(outputs, [lambda r=r, o=o: _download_marked(client, job_id, r, o, args)
                                 for r, o in zip(st["results"], outputs)])
         return [r["meta"] for r in st["results"]], st["spec"]["params"]
-    except KeyboardInterrupt:
-        client.cancel(job_id)
-        raise
-    finally:
-        _delete_quietly(client, job_id)
 
 
 def _download_marked(client: "Client", job_id: str, result: dict, out: Path, args: argparse.Namespace) -> None:
@@ -249,15 +237,6 @@ def _download_marked(client: "Client", job_id: str, result: dict, out: Path, arg
         except BaseException:
             out.unlink(missing_ok=True)
             raise
-
-
-def _delete_quietly(client: "Client", job_id: str) -> None:
-    """Delete a remote job (a queued or running one is cancelled first, an upload in flight is
-    dropped); the server may be gone, and then the job expires there anyway."""
-    try:
-        client.delete(job_id, timeout=10)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

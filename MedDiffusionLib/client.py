@@ -18,6 +18,7 @@ Never import torch, numpy or any other third-party package here.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import http.client
 import io
@@ -214,6 +215,29 @@ class Client:
 
     def cancel(self, job_id: str) -> dict:
         return self._request("POST", f"/jobs/{quote(job_id)}/cancel")
+
+    @contextlib.contextmanager
+    def job(self, spec: dict, files: dict[str, str | Path] | None = None,
+            progress: Callable[[dict], None] | None = None) -> Iterator[tuple[str, dict]]:
+        """Run a job to its end and keep it while the block reads its results: yields ``(job id,
+        final status)``; the job is deleted on the service afterwards, whatever happens (the id is
+        ours, so a Ctrl-C before the server's answer can still delete it; a server that is gone
+        expires it). :meth:`wait`'s errors pass through."""
+        job_id = uuid.uuid4().hex
+        refused = False
+        try:
+            try:
+                self.submit(spec, files, job_id=job_id)
+            except ServiceError:  # answered no, or unreachable: no job was made (a Ctrl-C is not this)
+                refused = True
+                raise
+            yield job_id, self.wait(job_id, progress=progress)
+        finally:
+            if not refused:
+                try:
+                    self.delete(job_id, timeout=10)  # a queued or running job is cancelled first
+                except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
+                    pass
 
     def delete(self, job_id: str, timeout: float | None = None) -> None:
         """Delete a job: cancelled first if it is queued or running; an upload still in flight

@@ -150,25 +150,15 @@ def _describe(report: Any, args: argparse.Namespace) -> list[str]:
 
 def _paired_on_service(args: argparse.Namespace) -> Any:
     """Paired evaluation as an ``evaluate`` job on ``--server`` (the two files uploaded; the job is
-    deleted there afterwards, also on Ctrl-C)."""
-    import uuid
-
+    deleted there afterwards, also on Ctrl-C: :meth:`~MedDiffusionLib.client.Client.job`)."""
     from .client import Client
     from .evaluation.report import EvaluationReport
 
     client = Client(args.server, args.token, ca_file=getattr(args, "ca_file", None))
     spec = {"task": "evaluate", "params": {"labels": bool(args.labels), "resample": bool(args.resample)},
             "inputs": {"prediction": Path(args.pred).name, "reference": Path(args.ref).name}}
-    job_id = uuid.uuid4().hex  # ours: a Ctrl-C before the server's answer can still delete the job by it
-    try:
-        client.submit(spec, {"prediction": args.pred, "reference": args.ref}, job_id=job_id)
-        st = client.wait(job_id)
+    with client.job(spec, {"prediction": args.pred, "reference": args.ref}) as (_, st):
         return EvaluationReport.from_dict(st["results"][0]["meta"]["metrics"])
-    finally:
-        try:
-            client.delete(job_id, timeout=10)
-        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
-            pass
 
 
 def run(args: argparse.Namespace) -> int:

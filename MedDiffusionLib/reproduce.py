@@ -112,31 +112,21 @@ def recorded_spec(prov: Mapping[str, Any], device: str | None = None) -> Any:
 
 
 def _run_on_service(client: Any, spec: Any, inputs: Mapping[str, str | Path], wanted: str | None) -> Any:
-    """Run ``spec`` as a job on a service (``client``: :class:`~MedDiffusionLib.client.Client`) and
-    return the wanted result as a :class:`~MedDiffusionLib.results.ResultVolume` (the job is
-    deleted there afterwards)."""
+    """Run ``spec`` as a job on a service (``client``: :class:`~MedDiffusionLib.client.Client`,
+    :meth:`~MedDiffusionLib.client.Client.job`) and return the wanted result as a
+    :class:`~MedDiffusionLib.results.ResultVolume`."""
     from .data.volumes import read_volume
     from .results import ResultVolume
 
-    import uuid
-
     doc = spec.to_dict()
     doc["inputs"] = {name: Path(path).name for name, path in inputs.items()}
-    job_id = uuid.uuid4().hex  # ours: a Ctrl-C before the server's answer can still delete the job by it
-    try:
-        client.submit(doc, dict(inputs), job_id=job_id)
-        st = client.wait(job_id)
+    with client.job(doc, dict(inputs)) as (job_id, st):
         match = [r for r in st["results"] if r["name"] == wanted] if wanted else st["results"][:1]
         if not match:
             raise UserError(f"the re-run job made {', '.join(r['name'] for r in st['results'])}, not {wanted!r}")
         with tempfile.TemporaryDirectory(prefix="meddiffusion-reproduce-") as tmp:
             local = client.download(job_id, match[0]["name"], Path(tmp) / Path(match[0]["name"]).name)
             return ResultVolume(match[0]["name"], read_volume(local), dict(match[0].get("meta") or {}))
-    finally:
-        try:
-            client.delete(job_id, timeout=10)
-        except Exception:  # noqa: BLE001 - the server may be gone; the job expires there anyway
-            pass
 
 
 def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, device: str | None = None,

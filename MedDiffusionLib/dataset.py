@@ -387,18 +387,27 @@ def _prepare(plan: Plan) -> None:
             (plan.out / "labelsTr").mkdir(exist_ok=True)
 
 
-def run_case(plan: Plan, case: Case, cache: Any) -> None:
-    """Run one case and write its files (each atomic), then its completion marker."""
+def compute_case(case: Case, cache: Any = None, label: Any = None) -> Any:
+    """Run one case's job in this process; its image (a :class:`~MedDiffusionLib.results.ResultVolume`).
+    ``label``: the case's label map as a :class:`~MedDiffusionLib.data.volumes.Volume` (read from
+    ``case.labels`` when not given: a worker on another machine gets the voxels, not the path)."""
+    from .jobs import run_job
+
+    inputs = {"input": label} if case.paired and label is not None else None
+    return run_job(case.spec, inputs, cache=cache).results[0]
+
+
+def store_case(plan: Plan, case: Case, image: Any) -> None:
+    """Write a computed case: its label map (a pair; copied from ``case.labels``, as uint8 when its
+    values fit), its image (marked, with its provenance sidecar), each atomically, then its
+    completion marker. Where the image was computed (here, a service, a Ray worker) does not matter."""
     import numpy as np
 
-    from .jobs import run_job
     from .provenance import sha256_of
     from .results import write_result
 
     files = plan.files(case)
     plan.marker(case).unlink(missing_ok=True)
-    result = run_job(case.spec, cache=cache)
-    image = result.results[0]
     if case.paired:
         from .data.volumes import read_volume, write_volume
 
@@ -411,6 +420,75 @@ def run_case(plan: Plan, case: Case, cache: Any) -> None:
     _write_json(plan.marker(case), {"id": case.id, "row": case.row, "seed": case.spec.params["seed"],
                                     "image_sha256": sha256_of(np.asarray(image.volume.array)),
                                     "files": [str(p.relative_to(plan.out)) for p in files.values()]})
+
+
+def run_case(plan: Plan, case: Case, cache: Any) -> None:
+    """Run one case here and write its files (each atomic), then its completion marker."""
+    store_case(plan, case, compute_case(case, cache))
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A failed case's reason: the error's message on one line (at most 300 characters)."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
+
+
+class Tracker:
+    """The cases' summary, progress bar (cases done / total, ETA) and ``on_case`` callback, shared
+    by every way of running cases; :meth:`record` may be called from several threads."""
+
+    def __init__(self, total: int, *, progress: bool = True, desc: str = "cases", position: int | None = None,
+                 on_case: Callable[[Case, str], None] | None = None):
+        import threading
+
+        self.summary = Summary()
+        self.on_case = on_case
+        self._lock = threading.Lock()
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="case", desc=desc, position=position, leave=True)
+
+    def record(self, case: Case, status: str, reason: str = "") -> None:
+        """``status``: done, skipped or failed (with its ``reason``)."""
+        with self._lock:
+            if status == "failed":
+                self.summary.failed.append((case.id, reason))
+            else:
+                getattr(self.summary, status).append(case.id)
+            if self.bar is not None:
+                self.bar.update(1)
+        if self.on_case:
+            self.on_case(case, status)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+#: How a list of unfinished cases is run: ``runner(plan, cases, tracker)`` computes and stores each
+#: case (:func:`store_case`) and records it (``tracker.record``). :func:`run_here` runs them in this
+#: process; :mod:`MedDiffusionLib.dataset_remote` sends them to job services, and
+#: :mod:`MedDiffusionLib.dataset_ray` to a Ray cluster.
+Runner = Callable[[Plan, list[Case], Tracker], None]
+
+
+def run_here(cache: Any = None) -> Runner:
+    """A runner that computes the cases one after another in this process (one model cache)."""
+    def runner(plan: Plan, cases: list[Case], tracker: Tracker) -> None:
+        from .model_cache import ModelCache
+
+        nonlocal cache
+        cache = cache or ModelCache()
+        for case in cases:
+            try:
+                run_case(plan, case, cache)
+            except Exception as exc:  # noqa: BLE001 - recorded, the other cases go on
+                tracker.record(case, "failed", failure_reason(exc))
+                continue
+            tracker.record(case, "done")
+
+    return runner
 
 
 DATASET_FILES = ("dataset.json", "datalist.json")
@@ -458,45 +536,29 @@ def dist_env() -> tuple[int, int, int]:
 
 def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = None,
                 barrier: Callable[[], None] | None = None, progress: bool = True,
-                on_case: Callable[[Case, str], None] | None = None) -> Summary:
+                on_case: Callable[[Case, str], None] | None = None, runner: Runner | None = None) -> Summary:
     """Run this rank's cases (case i, counted from 0, goes to rank i % world_size), skipping the
-    finished ones; a failing case is recorded with its reason and the others go on. Then
-    ``barrier()`` (all ranks' cases over) and, on rank 0, the dataset files when every case is
-    finished. ``KeyboardInterrupt`` propagates: finished cases stay, a rerun continues."""
-    from .model_cache import ModelCache
-
+    finished ones, with ``runner`` (default :func:`run_here`: in this process); a failing case is
+    recorded with its reason and the others go on. Then ``barrier()`` (all ranks' cases over) and,
+    on rank 0, the dataset files when every case is finished. ``KeyboardInterrupt`` propagates:
+    finished cases stay, a rerun continues."""
     t0 = time.monotonic()
-    cache = cache or ModelCache()
-    summary = Summary()
     _prepare(plan)
     mine = [c for i, c in enumerate(plan.cases) if i % world_size == rank]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(mine), unit="case", desc=f"rank {rank}" if world_size > 1 else "cases",
-                   position=rank if world_size > 1 else None, leave=True)
+    tracker = Tracker(len(mine), progress=progress, desc=f"rank {rank}" if world_size > 1 else "cases",
+                      position=rank if world_size > 1 else None, on_case=on_case)
     try:
+        pending = []
         for case in mine:
             if plan.finished(case):
-                summary.skipped.append(case.id)
-                status = "skipped"
+                tracker.record(case, "skipped")
             else:
-                try:
-                    run_case(plan, case, cache)
-                    summary.done.append(case.id)
-                    status = "done"
-                except Exception as exc:  # noqa: BLE001 - recorded, the other cases go on
-                    reason = " ".join(str(exc).split()) or type(exc).__name__
-                    summary.failed.append((case.id, reason[:300]))
-                    status = "failed"
-            if on_case:
-                on_case(case, status)
-            if bar is not None:
-                bar.update(1)
+                pending.append(case)
+        if pending:
+            (runner or run_here(cache))(plan, pending, tracker)
     finally:
-        if bar is not None:
-            bar.close()
+        tracker.close()
+    summary = tracker.summary
     if barrier is not None:
         barrier()
     if rank == 0:
@@ -511,5 +573,6 @@ def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = 
     return summary
 
 
-__all__ = ["MAX_ROWS", "LAYOUTS", "COLUMNS", "Case", "Plan", "Summary", "read_manifest", "rows_from_labels",
-           "plan_dataset", "run_case", "run_dataset", "write_dataset_files", "dist_env"]
+__all__ = ["MAX_ROWS", "LAYOUTS", "COLUMNS", "Case", "Plan", "Summary", "Tracker", "Runner", "read_manifest",
+           "rows_from_labels", "plan_dataset", "compute_case", "store_case", "run_case", "run_here", "run_dataset",
+           "write_dataset_files", "dist_env", "failure_reason"]

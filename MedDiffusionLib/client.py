@@ -56,7 +56,11 @@ class ServiceUnavailable(ServiceError):
 
 
 class JobFailed(ServiceError):
-    """The job ended with an error; ``message`` is the server's explanation."""
+    """The job ended with an error; ``message`` is the server's explanation, ``kind`` its kind
+    (``request``: the request or an input is wrong, running it again gives the same error;
+    ``resources``, ``time_limit``, ``internal``; ``None`` when the server does not say)."""
+
+    kind: str | None = None
 
 
 class JobCancelled(ServiceError):
@@ -273,7 +277,9 @@ class Client:
             if st["state"] == "done":
                 return st
             if st["state"] == "failed":
-                raise JobFailed(st.get("error") or "the job failed", None)
+                failed = JobFailed(st.get("error") or "the job failed", None)
+                failed.kind = st.get("error_kind")
+                raise failed
             if st["state"] == "cancelled":
                 raise JobCancelled("the job was cancelled", None)
             if deadline is not None and time.monotonic() > deadline:

@@ -15,7 +15,12 @@ import os
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .dataset import Runner
 
 EXAMPLES = """examples:
   meddiffusion generate-dataset pairs.jsonl --out Dataset501_SynthChest     # pairs: nnU-Net v2 raw layout
@@ -52,6 +57,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="auto (default: cuda:LOCAL_RANK when CUDA, else cpu), cpu, cuda:N")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: CPU cores // processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("scale-out (one of them; or run the command under torchrun)")
+    g.add_argument("--server", metavar="URL[,URL...]",
+                   help="send the cases to these job services (`meddiffusion serve`), a comma list; each server "
+                        "runs one case at a time on its own device, files are written here")
+    g.add_argument("--token", help="the services' token (default: $MEDDIFFUSION_TOKEN)")
+    g.add_argument("--ca-file", metavar="PEM", help="certificate authority file for https:// servers")
+    g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the cases on Ray: a running cluster's ADDRESS (host:port, ray://host:10001 or auto), or "
+                        "without one a Ray instance started here; one model replica per GPU (pip install "
+                        "meddiffusion[ray])")
+    g.add_argument("--workers", type=int, help="--ray: model replicas (default: one per GPU of the cluster; on CPUs, "
+                                               "cluster CPUs // --threads)")
+    g.add_argument("--retries", type=int, default=2, help="--ray / --server: times a failed case is tried again "
+                                                          "(default 2; a refused request is not retried)")
     p.set_defaults(func=run)
     return p
 
@@ -82,23 +101,34 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--controlnet goes with --from-labels; a manifest names its ControlNet per row")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads must be positive")
+    if args.server and args.ray:
+        raise UserError("--server and --ray are two ways to run the cases: choose one")
+    if args.workers is not None and args.workers < 1:
+        raise UserError("--workers must be positive")
+    if args.retries < 0 or args.retries > 10:
+        raise UserError("--retries must be from 0 to 10")
+    remote = bool(args.server or args.ray)
     rank, world, local_rank = ds.dist_env()
-    device = _device(args.device, local_rank)
+    if remote and world > 1:
+        raise UserError("--server / --ray send the cases out from one process: do not run them under torchrun")
+    # remote workers choose their own device (auto: their GPU, else their CPU) unless --device says
+    device = (args.device or "auto") if remote else _device(args.device, local_rank)
     if args.manifest is not None:
         rows, base = ds.read_manifest(args.manifest), Path(args.manifest).resolve().parent
     else:
         rows, base = ds.rows_from_labels(args.from_labels, args.controlnet), Path(".")
     plan = ds.plan_dataset(rows, args.out, base=base, name=args.name, layout=args.layout, seed=args.seed,
                            model=args.model, sampler=args.sampler, steps=args.steps, device=device)
+    runner = _runner(args, device) if remote else None
     import torch
 
-    threads = args.threads or (max(1, _cores() // world) if world > 1 else None)
+    threads = None if remote else args.threads or (max(1, _cores() // world) if world > 1 else None)
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     group = _init_group(world)
     try:
-        summary = ds.run_dataset(plan, rank=rank, world_size=world, progress=not args.quiet,
+        summary = ds.run_dataset(plan, rank=rank, world_size=world, progress=not args.quiet, runner=runner,
                                  barrier=(lambda: torch.distributed.barrier()) if group else None)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cases are kept in {plan.out}; run the same command again to continue",
@@ -116,9 +146,22 @@ def run(args: argparse.Namespace) -> int:
         if summary.dataset_written:
             print(f"dataset: {plan.out} ({len(plan.cases)} cases, layout {plan.layout})", file=sys.stderr)
         else:
-            print(f"dataset files not written: not every case is finished; run the same command again",
+            print("dataset files not written: not every case is finished; run the same command again",
                   file=sys.stderr)
     return 1 if summary.failed else 0
+
+
+def _runner(args: argparse.Namespace, device: str) -> "Runner":
+    """The runner of ``--server`` or ``--ray``; both check that their workers answer before
+    anything is written (a bad address is one line, exit 2)."""
+    if args.server:
+        from .dataset_remote import server_runner
+
+        return server_runner(args.server, args.token or os.environ.get("MEDDIFFUSION_TOKEN"), ca_file=args.ca_file,
+                             retries=args.retries, device=args.device)
+    from .dataset_ray import ray_runner
+
+    return ray_runner(args.ray, workers=args.workers, threads=args.threads, retries=args.retries, device=device)
 
 
 def _init_group(world: int) -> bool:

@@ -111,24 +111,6 @@ def recorded_spec(prov: Mapping[str, Any], device: str | None = None) -> Any:
     return JobSpec.from_dict(dict(doc, params=params))
 
 
-def _run_on_service(client: Any, spec: Any, inputs: Mapping[str, str | Path], wanted: str | None) -> Any:
-    """Run ``spec`` as a job on a service (``client``: :class:`~MedDiffusionLib.client.Client`,
-    :meth:`~MedDiffusionLib.client.Client.job`) and return the wanted result as a
-    :class:`~MedDiffusionLib.results.ResultVolume`."""
-    from .data.volumes import read_volume
-    from .results import ResultVolume
-
-    doc = spec.to_dict()
-    doc["inputs"] = {name: Path(path).name for name, path in inputs.items()}
-    with client.job(doc, dict(inputs)) as (job_id, st):
-        match = [r for r in st["results"] if r["name"] == wanted] if wanted else st["results"][:1]
-        if not match:
-            raise UserError(f"the re-run job made {', '.join(r['name'] for r in st['results'])}, not {wanted!r}")
-        with tempfile.TemporaryDirectory(prefix="meddiffusion-reproduce-") as tmp:
-            local = client.download(job_id, match[0]["name"], Path(tmp) / Path(match[0]["name"]).name)
-            return ResultVolume(match[0]["name"], read_volume(local), dict(match[0].get("meta") or {}))
-
-
 def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, device: str | None = None,
               progress: Callable[[Any], None] | None = None, cancel: Callable[[], bool] | None = None,
               keep: str | Path | None = None, client: Any = None) -> ReproduceReport:
@@ -176,7 +158,9 @@ def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, 
     spec = spec.with_inputs({name: name for name in vols})
     wanted = prov.get("result")
     if client is not None:
-        new = _run_on_service(client, spec, {name: given[name] for name in vols}, wanted)
+        from .remote import run_on_service
+
+        new = run_on_service(client, spec.to_dict(), {name: given[name] for name in vols}, wanted)
     else:
         res = run_job(spec, vols, progress=progress, cancel=cancel)
         match = [r for r in res.results if r.name == wanted] if wanted else res.results[:1]

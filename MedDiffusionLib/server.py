@@ -116,6 +116,10 @@ class Job:
     eta_s: float | None = None
     message: str = "waiting in the queue"
     error: str | None = None
+    # why it failed: "request" (the request or an input is wrong: running it again gives the same
+    # error), "resources" (memory), "time_limit", "internal"; None otherwise (and for a job failed
+    # by a restart)
+    error_kind: str | None = None
     warnings: list[str] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
     preview_step: int | None = None
@@ -384,6 +388,7 @@ class JobService:
                 job.state, job.phase = "failed", "done"
                 job.error = job.message = (f"the job ran longer than this server's limit of "
                                            f"{self.limits.caps.job_time_limit_s:.0f} s and was stopped")
+                job.error_kind = "time_limit"
                 log.warning("job %s stopped at the time limit", job.id)
                 return
             if isinstance(exc, Cancelled) or type(exc).__name__ == "Cancelled" or job.cancel.is_set():
@@ -391,6 +396,8 @@ class JobService:
                 log.info("job %s cancelled", job.id)
                 return
             job.state, job.phase = "failed", "done"
+            job.error_kind = "request" if isinstance(exc, UserError) else "resources" if isinstance(
+                exc, (ResourceError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError" else "internal"
             if type(exc).__name__ == "OutOfMemoryError":
                 job.error = oom_advice(job.spec.params)
             else:
@@ -479,7 +486,7 @@ class JobService:
         spec["inputs"] = {k: (job.input_names.get(k, v) if own else k) for k, v in spec["inputs"].items()}
         return {"id": job.id, "owner": job.owner, "task": job.spec.task, "state": job.state, "phase": job.phase,
                 "step": job.step, "total": job.total, "eta_s": job.eta_s, "message": job.message, "error": job.error,
-                "warnings": job.warnings, "position": self.position(job), "results": job.results,
+                "error_kind": job.error_kind, "warnings": job.warnings, "position": self.position(job), "results": job.results,
                 "preview_step": job.preview_step, "spec": spec, "device": job.device,
                 "created": job.created, "finished": job.finished}
 

@@ -1,0 +1,180 @@
+"""``meddiffusion generate-dataset --server URL[,URL...]``: the cases of a dataset sent to job services.
+
+For labs whose GPUs sit behind ``meddiffusion serve``. Each case is one job (the request resolved
+here, the device left to the server unless ``--device`` names one; a pair's label map uploaded as
+its input), run through :meth:`MedDiffusionLib.client.Client.job` (our own job id, deleted on the
+server afterwards, also on Ctrl-C). The result is downloaded into a temporary folder, read back and
+written here with :func:`~MedDiffusionLib.dataset.store_case`, so the files, markers and resumption
+are those of a local run. The server runs the same :func:`~MedDiffusionLib.jobs.run_job`, so a
+case's voxels are those of a local run with the same CPU threads (or the same GPU).
+
+Scheduling: :data:`IN_FLIGHT` threads per server take cases from one shared queue; a service runs
+its jobs one at a time per device, so the second job waits on the server while the first runs and
+the upload and download of one case overlap the sampling of another. A server that stops answering
+is dropped and its case goes back to the queue for the others; when no server is left, the
+remaining cases are reported failed. A job that fails on a server is tried again (``retries``
+times); a request the server refuses (an HTTP 4xx, or a job failed with ``error_kind``
+``request``: a label map with values the ControlNet does not know, say) is not.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+from .errors import UserError
+
+IN_FLIGHT = 2          # jobs per server at a time: one sampling, one uploading / queued / downloading
+MAX_SERVERS = 64
+CONNECT_TIMEOUT_S = 10.0
+
+
+class _Stop(Exception):
+    """Raised inside a job's progress callback to leave it (the job is deleted on the server)."""
+
+
+def _clients(urls: str, token: str | None, ca_file: str | None) -> list[Any]:
+    from .client import Client, ServiceError
+
+    names = [u.strip().rstrip("/") for u in (urls or "").split(",") if u.strip()]
+    if not names:
+        raise UserError("--server needs at least one URL (a comma list: http://gpu1:8765,http://gpu2:8765)")
+    if len(names) > MAX_SERVERS:
+        raise UserError(f"--server: at most {MAX_SERVERS} servers")
+    if len(set(names)) != len(names):
+        raise UserError("--server names a server twice")
+    clients = []
+    for url in names:
+        try:
+            client = Client(url, token, ca_file=ca_file)
+            client.health(timeout=CONNECT_TIMEOUT_S)
+            client.jobs()  # the token: health answers without it
+        except ServiceError as exc:
+            raise UserError(f"--server {url}: {exc}") from None
+        except ValueError as exc:  # a malformed URL
+            raise UserError(f"--server {url}: {exc}") from None
+        clients.append(client)
+    return clients
+
+
+def server_runner(urls: str, token: str | None, *, ca_file: str | None = None, retries: int = 2,
+                  device: str | None = None) -> Any:
+    """A :data:`~MedDiffusionLib.dataset.Runner` that runs the cases on the job services ``urls``
+    (a comma list). Every server must answer (and accept the token) now: a bad one is a
+    :class:`UserError`, before anything is written. ``device``: the device to ask the servers
+    for (default: their own choice, ``auto``)."""
+    clients = _clients(urls, token, ca_file)
+
+    def runner(plan: Any, cases: list[Any], tracker: Any) -> None:
+        _Dispatch(clients, plan, tracker, retries, device).run(cases)
+
+    return runner
+
+
+class _Dispatch:
+    def __init__(self, clients: list[Any], plan: Any, tracker: Any, retries: int, device: str | None):
+        self.clients, self.plan, self.tracker = clients, plan, tracker
+        self.retries, self.device = retries, device
+        self.todo: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.left = 0                           # cases not yet recorded
+        self.stop = threading.Event()
+        self.gone: dict[int, str] = {}          # server index -> why it was dropped
+        self.interrupt: BaseException | None = None  # raised by the tracker's callback in a worker thread
+
+    def run(self, cases: list[Any]) -> None:
+        from .dataset import failure_reason
+
+        self.left = len(cases)
+        for case in cases:
+            self.todo.put((case, 0))
+        threads = [threading.Thread(target=self._work, args=(i,), name=f"meddiffusion-dataset-{i}-{k}", daemon=True)
+                   for i in range(len(self.clients)) for k in range(IN_FLIGHT)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            self.stop.set()
+            for t in threads:  # each deletes its job on its server
+                t.join(15)
+            raise
+        if self.interrupt is not None:
+            raise self.interrupt
+        why = "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(self.gone.items()))
+        while True:  # every server was dropped: what is left fails
+            try:
+                case, _ = self.todo.get_nowait()
+            except queue.Empty:
+                break
+            self._record(case, "failed", failure_reason(RuntimeError(f"no server left ({why})")))
+
+    def _record(self, case: Any, status: str, reason: str = "") -> None:
+        with self.lock:
+            self.left -= 1
+        try:
+            self.tracker.record(case, status, reason)
+        except BaseException as exc:  # noqa: BLE001 - the callback's Ctrl-C (or error) ends the run
+            self.interrupt = self.interrupt or exc
+            self.stop.set()
+
+    def _work(self, index: int) -> None:
+        from .client import JobCancelled, JobFailed, ServiceError, ServiceUnavailable
+        from .dataset import failure_reason, store_case
+
+        client = self.clients[index]
+        while not self.stop.is_set() and index not in self.gone:
+            try:
+                case, tries = self.todo.get(timeout=0.2)
+            except queue.Empty:
+                with self.lock:
+                    if self.left <= 0 or len(self.gone) == len(self.clients):
+                        return
+                continue
+            if self.stop.is_set():
+                return
+            try:
+                image = self._compute(client, case)
+                store_case(self.plan, case, image)
+            except _Stop:
+                return
+            except ServiceUnavailable as exc:  # the server went away: its case goes to another one
+                with self.lock:
+                    self.gone.setdefault(index, str(exc))
+                self.todo.put((case, tries))
+                return
+            except JobCancelled as exc:  # cancelled on the server by someone else: tried again
+                self._again(case, tries, failure_reason(exc))
+            except JobFailed as exc:  # a refused request fails again: recorded at once
+                if exc.kind == "request":
+                    self._record(case, "failed", failure_reason(exc))
+                else:
+                    self._again(case, tries, failure_reason(exc))
+            except ServiceError as exc:  # a 4xx: the server refuses this request; trying again cannot help
+                self._record(case, "failed", failure_reason(exc))
+            except Exception as exc:  # noqa: BLE001 - writing here failed (disk full, ...): recorded
+                self._record(case, "failed", failure_reason(exc))
+            else:
+                self._record(case, "done")
+
+    def _again(self, case: Any, tries: int, reason: str) -> None:
+        if tries < self.retries:
+            self.todo.put((case, tries + 1))
+        else:
+            self._record(case, "failed", reason + (f" (tried {tries + 1} times)" if tries else ""))
+
+    def _compute(self, client: Any, case: Any) -> Any:
+        """One case as one job on ``client``'s server: its image as a ResultVolume."""
+        from .remote import run_on_service, service_spec
+
+        def check(_status: dict) -> None:
+            if self.stop.is_set():
+                raise _Stop
+
+        return run_on_service(client, service_spec(case.spec, self.device or "auto"),
+                              {"input": case.labels} if case.paired else None, progress=check)
+
+
+__all__ = ["server_runner", "IN_FLIGHT"]

@@ -1,0 +1,172 @@
+"""``meddiffusion generate-dataset --server URL,URL``: the cases sent to two real ``meddiffusion serve``
+subprocesses on 127.0.0.1 (one CPU thread each), compared case for case with a one-process run;
+a run killed midway, a server that goes away, refused requests and bad addresses."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from MedDiffusionLib import cli
+from MedDiffusionLib import dataset as ds
+from MedDiffusionLib.client import LocalServer, free_port, new_token
+from MedDiffusionLib.data.volumes import read_volume, write_volume
+from MedDiffusionLib.dataset_remote import server_runner
+from MedDiffusionLib.provenance import read_provenance
+from test_generate_dataset import FAST, _label_map, _manifest
+
+ROWS = [{"id": f"c{i}", "seed": 20 + i} for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    token = new_token()  # one token for both: --token is given once
+    srvs = [LocalServer(log_file=logs / f"serve{i}.log", token=token, env={"OMP_NUM_THREADS": "1"}) for i in range(2)]
+    try:
+        for s in srvs:
+            s.start(timeout=120)
+        yield srvs
+    finally:
+        for s in srvs:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The images-only dataset made in this process with one thread (the servers' count)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    man = _manifest(tmp / "cases.jsonl", ROWS)
+    out = tmp / "one"
+    assert cli.main(["generate-dataset", str(man), "--out", str(out), "--threads", "1", *FAST]) == 0
+    return man, out
+
+
+def _urls(servers) -> str:
+    return ",".join(s.url for s in servers)
+
+
+def _same(a: Path, b: Path, ids) -> None:
+    assert json.loads((a / "datalist.json").read_text())["training"] == \
+        json.loads((b / "datalist.json").read_text())["training"]
+    for i in ids:
+        x, y = read_volume(a / f"{i}.nii.gz"), read_volume(b / f"{i}.nii.gz")
+        assert np.array_equal(x.array, y.array), i
+        assert np.allclose(x.affine, y.affine, atol=1e-5), i
+        assert read_provenance(b / f"{i}.nii.gz")["seed"] == read_provenance(a / f"{i}.nii.gz")["seed"]
+
+
+def test_two_servers_match_one_process_and_share_the_cases(servers, reference, tmp_path, capsys):
+    man, one = reference
+    out = tmp_path / "served"
+    before = [s.client().health()["model_loads"] for s in servers]
+    assert cli.main(["generate-dataset", str(man), "--out", str(out), "--server", _urls(servers),
+                     "--token", servers[0].token, *FAST]) == 0, capsys.readouterr().err
+    assert "5 done, 0 skipped (already finished), 0 failed" in capsys.readouterr().err
+    _same(one, out, [r["id"] for r in ROWS])
+    # both servers worked (each loaded the model for its first case: this is the module's first run on
+    # them), and no job is left on either
+    assert before == [0, 0] and [s.client().health()["model_loads"] for s in servers] == [1, 1]
+    assert all(s.client().jobs() == [] for s in servers)
+
+
+def test_pairs_through_a_server_give_the_nnunet_folder(servers, tmp_path, capsys):
+    lab = _label_map(tmp_path)
+    rows = [{"id": "p1", "labels": "masks/p1.nii.gz", "controlnet": "chest-ct-mini-labels", "seed": 3}]
+    man = _manifest(tmp_path / "pairs.jsonl", rows)
+    local, served = tmp_path / "Dataset601_Local", tmp_path / "Dataset601_Served"
+    assert cli.main(["generate-dataset", str(man), "--out", str(local), "--name", "D601", "--threads", "1",
+                     *FAST]) == 0
+    assert cli.main(["generate-dataset", str(man), "--out", str(served), "--name", "D601", "--server",
+                     servers[1].url, "--token", servers[1].token, *FAST]) == 0, capsys.readouterr().err
+    assert json.loads((served / "dataset.json").read_text()) == json.loads((local / "dataset.json").read_text())
+    for rel in ("imagesTr/p1_0000.nii.gz", "labelsTr/p1.nii.gz"):
+        assert np.array_equal(read_volume(local / rel).array, read_volume(served / rel).array), rel
+    assert np.array_equal(read_volume(served / "labelsTr/p1.nii.gz").array, read_volume(lab).array)
+    assert read_provenance(served / "imagesTr/p1_0000.nii.gz")["task"] == "synthesize"
+
+
+def test_killed_midway_then_rerun_ends_with_the_same_files(servers, reference, tmp_path):
+    man, one = reference
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MEDDIFFUSION_TOKEN=servers[0].token)
+    cmd = [sys.executable, "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out", str(out),
+           "--server", servers[0].url, *FAST]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    done = out / ".meddiffusion" / "done"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (done.is_dir() and any(done.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no clean-up at all: the rerun must cope
+    proc.communicate(timeout=30)
+    finished = sorted(p.stem for p in done.iterdir())
+    assert 1 <= len(finished) < len(ROWS) and not (out / "datalist.json").exists()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(finished)} skipped" in rerun.stderr
+    _same(one, out, [r["id"] for r in ROWS])
+    assert not [p for p in out.rglob("*.tmp*")]
+
+
+def test_a_server_that_goes_away_leaves_its_cases_to_the_other(tmp_path, reference):
+    man, one = reference
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    token = new_token()
+    pair = [LocalServer(log_file=logs / f"s{i}.log", token=token, env={"OMP_NUM_THREADS": "1"}) for i in range(2)]
+    try:
+        for s in pair:
+            s.start(timeout=120)
+        plan = ds.plan_dataset(ds.read_manifest(man), tmp_path / "gone", base=man.parent, sampler="ddim", steps=2,
+                               device="auto")
+
+        def stop_second(case, status):
+            if pair[1].running:
+                pair[1].stop()
+
+        summary = ds.run_dataset(plan, progress=False, on_case=stop_second,
+                                 runner=server_runner(",".join(s.url for s in pair), token, retries=0))
+    finally:
+        for s in pair:
+            s.stop()
+    assert summary.failed == [] and sorted(summary.done) == sorted(r["id"] for r in ROWS)
+    _same(one, tmp_path / "gone", [r["id"] for r in ROWS])
+
+
+def test_a_refused_case_fails_once_and_the_others_finish(servers, tmp_path, capsys):
+    lab = _label_map(tmp_path)
+    lv = read_volume(lab)
+    write_volume(lv.with_array(np.full(lv.shape, 7, np.int16)), tmp_path / "masks" / "seven.nii.gz")
+    rows = [{"id": "bad", "labels": "masks/seven.nii.gz", "controlnet": "chest-ct-mini-labels"},
+            {"id": "good", "labels": "masks/p1.nii.gz", "controlnet": "chest-ct-mini-labels"}]
+    man = _manifest(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "Dataset602_Refused"
+    assert cli.main(["generate-dataset", str(man), "--out", str(out), "--server", _urls(servers), "--token",
+                     servers[0].token, *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "1 done, 0 skipped (already finished), 1 failed" in err and "failed: bad: " in err and "[7]" in err
+    assert "tried" not in err  # a refusal is not retried
+    assert (out / "imagesTr" / "good_0000.nii.gz").is_file() and not (out / "dataset.json").exists()
+
+
+@pytest.mark.parametrize("what", ["closed port", "bad token", "twice", "with ray"])
+def test_bad_servers_are_one_line_and_nothing_is_written(what, servers, tmp_path, capsys):
+    man = _manifest(tmp_path / "m.jsonl", [{"id": "x"}])
+    out = tmp_path / "out"
+    url, token = servers[0].url, servers[0].token
+    args = {"closed port": ["--server", f"{url},http://127.0.0.1:{free_port()}", "--token", token],
+            "bad token": ["--server", url, "--token", "not-the-token"],
+            "twice": ["--server", f"{url},{url}", "--token", token],
+            "with ray": ["--server", url, "--token", token, "--ray"]}[what]
+    assert cli.main(["generate-dataset", str(man), "--out", str(out), *args, *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert not out.exists()

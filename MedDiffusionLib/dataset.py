@@ -36,13 +36,14 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .errors import UserError
 
 MAX_ROWS = 10_000                      # cases of one dataset
+MAX_BATCH = 16                         # cases of one job (--batch)
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # the manifest file
 LAYOUTS = ("nnunet", "flat")
 COLUMNS = ("id", "class", "size", "spacing", "seed", "model", "sampler", "steps", "labels", "controlnet")
@@ -60,8 +61,9 @@ class Case:
 
     row: int
     id: str
-    spec: Any  # a resolved JobSpec
+    spec: Any  # a resolved JobSpec (this case alone)
     labels: Path | None = None
+    batch: int = 0  # the index of the batch (Plan.batches) it runs in
 
     @property
     def paired(self) -> bool:
@@ -76,6 +78,8 @@ class Plan:
     cases: list[Case]
     digest: str
     label_names: dict[str, int] = field(default_factory=dict)
+    # the batches, each one job: (its cases, its resolved spec); one case each unless --batch > 1
+    batches: list[tuple[list[Case], Any]] = field(default_factory=list)
 
     def files(self, case: Case) -> dict[str, Path]:
         """The files of a case: ``image`` (+ its provenance sidecar ``sidecar``) and ``label`` for a pair."""
@@ -97,6 +101,12 @@ class Plan:
 
     def finished(self, case: Case) -> bool:
         return self.marker(case).is_file() and all(p.is_file() for p in self.files(case).values())
+
+    def units(self, cases: Iterable[Case]) -> list[tuple[list[Case], Any]]:
+        """The batches ``cases`` belong to (plan order), each whole: a batch runs as planned even
+        when some of its cases are finished, so every case's voxels are those of the planned job."""
+        wanted = sorted({c.batch for c in cases})
+        return [self.batches[b] for b in wanted]
 
 
 @dataclass
@@ -216,14 +226,19 @@ def _check_grid(row: int, rid: str, path: Path, size: Any, spacing: Any) -> None
 
 def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str | Path = ".", name: str | None = None,
                  layout: str = "auto", seed: int = 0, model: str | None = None, sampler: str | None = None,
-                 steps: int | None = None, device: str = "cpu") -> Plan:
+                 steps: int | None = None, device: str = "cpu", batch: int = 1) -> Plan:
     """Check every row and the output folder; nothing is written. ``base``: the folder label paths
-    are relative to (the manifest's). A bad row is one :class:`UserError` naming the row."""
+    are relative to (the manifest's). A bad row is one :class:`UserError` naming the row.
+    ``batch``: images-only rows asking for the same volume but for the seed (same model, class,
+    size, spacing, sampler, steps) run up to this many at a time as one job (plan order), each
+    volume with its own seed (:meth:`~MedDiffusionLib.pipelines.generation.GenerationPipeline.generators`)."""
     from .controlnets import controlnet_meta
     from .jobspec import resolve
 
     if layout not in (*LAYOUTS, "auto"):
         raise UserError(f"unknown layout {layout!r}; use {', '.join(LAYOUTS)} or auto")
+    if not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise UserError(f"--batch must be from 1 to {MAX_BATCH}")
     if not rows:
         raise UserError("the manifest has no rows")
     if len(rows) > MAX_ROWS:
@@ -302,8 +317,10 @@ def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str |
             raise _row_error(c.row, c.id, f"asks for the same volume as row {same[key].row} (id {same[key].id}): the "
                                           "same request and seed; give one of them another seed")
         same[key] = c
-    digest = _digest(name, layout, cases)
-    plan = Plan(out, name, layout, cases, digest, label_names if any(c.paired for c in cases) else {"background": 0})
+    cases, batches = _batches(cases, batch)
+    digest = _digest(name, layout, cases, batch)
+    plan = Plan(out, name, layout, cases, digest, label_names if any(c.paired for c in cases) else {"background": 0},
+                batches)
     owners: dict[Path, Case | None] = {plan.out / n: None for n in DATASET_FILES}
     for c in cases:  # a file name must belong to one case (flat: id "x_label" vs the label of "x")
         for path in plan.files(c).values():
@@ -317,8 +334,48 @@ def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str |
     return plan
 
 
-def _digest(name: str, layout: str, cases: Sequence[Case]) -> str:
-    """The plan's hash: what decides every case's voxels (the device excluded)."""
+def _batches(cases: list[Case], size: int) -> tuple[list[Case], list[tuple[list[Case], Any]]]:
+    """Group the cases into batches (plan order): images-only cases whose requests differ only in
+    the seed, ``size`` at a time; a pair (its own label map) runs alone. Each batch's spec is
+    resolved here: ``num_volumes`` and one seed per volume (``seeds``)."""
+    from .jobspec import as_request, resolve
+
+    groups: dict[str, list[Case]] = {}
+    order: list[list[Case]] = []
+    for c in cases:
+        if c.paired or size == 1:
+            order.append([c])
+            continue
+        spec = c.spec.to_dict()
+        spec["params"] = {k: v for k, v in spec["params"].items() if k != "seed"}
+        key = json.dumps(spec, sort_keys=True, default=str)
+        group = groups.get(key)
+        if group is None or len(group) == size:
+            group = groups[key] = []
+            order.append(group)
+        group.append(c)
+    out: list[Case] = []
+    batches: list[tuple[list[Case], Any]] = []
+    for b, group in enumerate(order):
+        members = [replace(c, batch=b) for c in group]
+        out += members
+        if len(members) == 1:
+            spec = members[0].spec
+        else:
+            first = members[0]
+            try:
+                spec = resolve(as_request(first.spec, num_volumes=len(members),
+                                          seeds=[m.spec.params["seed"] for m in members]))
+            except UserError as exc:
+                raise _row_error(first.row, first.id, f"a batch of {len(members)} from this row: {exc}; use a "
+                                                      "smaller --batch") from None
+        batches.append((members, spec))
+    out.sort(key=lambda c: c.row)
+    return out, batches
+
+
+def _digest(name: str, layout: str, cases: Sequence[Case], batch: int = 1) -> str:
+    """The plan's hash: what decides every case's voxels (the device excluded), the batches too."""
     doc = []
     for c in cases:
         spec = c.spec.to_dict()
@@ -326,7 +383,8 @@ def _digest(name: str, layout: str, cases: Sequence[Case]) -> str:
         spec["inputs"] = {}
         lab = _file_sha256(c.labels) if c.labels else None
         doc.append([c.row, c.id, spec, lab])
-    blob = json.dumps([name, layout, doc], sort_keys=True, default=str).encode()
+    extra = [batch, [c.batch for c in cases]] if batch > 1 else []
+    blob = json.dumps([name, layout, doc, *extra], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -387,14 +445,38 @@ def _prepare(plan: Plan) -> None:
             (plan.out / "labelsTr").mkdir(exist_ok=True)
 
 
-def compute_case(case: Case, cache: Any = None, label: Any = None) -> Any:
-    """Run one case's job in this process; its image (a :class:`~MedDiffusionLib.results.ResultVolume`).
-    ``label``: the case's label map as a :class:`~MedDiffusionLib.data.volumes.Volume` (read from
-    ``case.labels`` when not given: a worker on another machine gets the voxels, not the path)."""
+def compute_unit(spec: Any, members: Sequence[Case], cache: Any = None, label: Any = None) -> list[Any]:
+    """Run one batch's job (``spec``, from :attr:`Plan.batches`) in this process: its images
+    (:class:`~MedDiffusionLib.results.ResultVolume`), one per member in order. ``label``: a pair's
+    label map as a :class:`~MedDiffusionLib.data.volumes.Volume` (read from ``case.labels`` when
+    not given: a worker on another machine gets the voxels, not the path)."""
     from .jobs import run_job
 
-    inputs = {"input": label} if case.paired and label is not None else None
-    return run_job(case.spec, inputs, cache=cache).results[0]
+    inputs = {"input": label} if members[0].paired and label is not None else None
+    images = run_job(spec, inputs, cache=cache).results
+    if len(images) != len(members):
+        raise RuntimeError(f"the job made {len(images)} volumes for a batch of {len(members)}")
+    return images
+
+
+def finish_unit(plan: Plan, members: Sequence[Case], images: Sequence[Any], pending: Any, tracker: "Tracker") -> None:
+    """Store the batch's images of the ``pending`` members (:func:`store_case`) and record each."""
+    for case, image in zip(members, images):
+        if case.id not in pending:
+            continue
+        try:
+            store_case(plan, case, image)
+        except Exception as exc:  # noqa: BLE001 - writing here failed (disk full, ...): recorded
+            tracker.record(case, "failed", failure_reason(exc))
+            continue
+        tracker.record(case, "done")
+
+
+def fail_unit(members: Sequence[Case], pending: Any, tracker: "Tracker", reason: str) -> None:
+    """Record every ``pending`` member of a batch as failed with ``reason``."""
+    for case in members:
+        if case.id in pending:
+            tracker.record(case, "failed", reason)
 
 
 def store_case(plan: Plan, case: Case, image: Any) -> None:
@@ -420,11 +502,6 @@ def store_case(plan: Plan, case: Case, image: Any) -> None:
     _write_json(plan.marker(case), {"id": case.id, "row": case.row, "seed": case.spec.params["seed"],
                                     "image_sha256": sha256_of(np.asarray(image.volume.array)),
                                     "files": [str(p.relative_to(plan.out)) for p in files.values()]})
-
-
-def run_case(plan: Plan, case: Case, cache: Any) -> None:
-    """Run one case here and write its files (each atomic), then its completion marker."""
-    store_case(plan, case, compute_case(case, cache))
 
 
 def failure_reason(exc: BaseException) -> str:
@@ -466,27 +543,29 @@ class Tracker:
             self.bar.close()
 
 
-#: How a list of unfinished cases is run: ``runner(plan, cases, tracker)`` computes and stores each
-#: case (:func:`store_case`) and records it (``tracker.record``). :func:`run_here` runs them in this
-#: process; :mod:`MedDiffusionLib.dataset_remote` sends them to job services, and
-#: :mod:`MedDiffusionLib.dataset_ray` to a Ray cluster.
+#: How a list of unfinished cases is run: ``runner(plan, cases, tracker)`` runs the batches they
+#: belong to (:meth:`Plan.units`), stores the unfinished members (:func:`finish_unit`) and records
+#: each (``tracker.record``). :func:`run_here` runs them in this process;
+#: :mod:`MedDiffusionLib.dataset_remote` sends them to job services, :mod:`MedDiffusionLib.dataset_ray`
+#: to a Ray cluster.
 Runner = Callable[[Plan, list[Case], Tracker], None]
 
 
 def run_here(cache: Any = None) -> Runner:
-    """A runner that computes the cases one after another in this process (one model cache)."""
+    """A runner that computes the batches one after another in this process (one model cache)."""
     def runner(plan: Plan, cases: list[Case], tracker: Tracker) -> None:
         from .model_cache import ModelCache
 
         nonlocal cache
         cache = cache or ModelCache()
-        for case in cases:
+        pending = {c.id for c in cases}
+        for members, spec in plan.units(cases):
             try:
-                run_case(plan, case, cache)
+                images = compute_unit(spec, members, cache)
             except Exception as exc:  # noqa: BLE001 - recorded, the other cases go on
-                tracker.record(case, "failed", failure_reason(exc))
+                fail_unit(members, pending, tracker, failure_reason(exc))
                 continue
-            tracker.record(case, "done")
+            finish_unit(plan, members, images, pending, tracker)
 
     return runner
 
@@ -537,14 +616,14 @@ def dist_env() -> tuple[int, int, int]:
 def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = None,
                 barrier: Callable[[], None] | None = None, progress: bool = True,
                 on_case: Callable[[Case, str], None] | None = None, runner: Runner | None = None) -> Summary:
-    """Run this rank's cases (case i, counted from 0, goes to rank i % world_size), skipping the
-    finished ones, with ``runner`` (default :func:`run_here`: in this process); a failing case is
+    """Run this rank's cases (batch i, counted from 0, goes to rank i % world_size; a batch is one
+    case unless --batch > 1), skipping the finished ones, with ``runner`` (default :func:`run_here`: in this process); a failing case is
     recorded with its reason and the others go on. Then ``barrier()`` (all ranks' cases over) and,
     on rank 0, the dataset files when every case is finished. ``KeyboardInterrupt`` propagates:
     finished cases stay, a rerun continues."""
     t0 = time.monotonic()
     _prepare(plan)
-    mine = [c for i, c in enumerate(plan.cases) if i % world_size == rank]
+    mine = [c for c in plan.cases if c.batch % world_size == rank]
     tracker = Tracker(len(mine), progress=progress, desc=f"rank {rank}" if world_size > 1 else "cases",
                       position=rank if world_size > 1 else None, on_case=on_case)
     try:
@@ -574,5 +653,6 @@ def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = 
 
 
 __all__ = ["MAX_ROWS", "LAYOUTS", "COLUMNS", "Case", "Plan", "Summary", "Tracker", "Runner", "read_manifest",
-           "rows_from_labels", "plan_dataset", "compute_case", "store_case", "run_case", "run_here", "run_dataset",
+           "rows_from_labels", "plan_dataset", "compute_unit", "store_case", "finish_unit", "fail_unit", "run_here",
+           "run_dataset",
            "write_dataset_files", "dist_env", "failure_reason"]

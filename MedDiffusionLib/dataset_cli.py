@@ -55,6 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--sampler", help="sampler of rows that name none (ddpm, ddim, dpm++)")
     p.add_argument("--steps", type=int, help="sampler steps of rows that name none")
     p.add_argument("--device", default=None, help="auto (default: cuda:LOCAL_RANK when CUDA, else cpu), cpu, cuda:N")
+    p.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="images-only rows that differ only in the seed run up to N at a time as one job (faster; each "
+                        "volume keeps its own seed, but a batch's voxels differ from one-case runs: the VQ decoder "
+                        "turns float-level differences into other codes). Default 1: a case is exactly what "
+                        "`meddiffusion generate --seed S` makes. Fixed in the plan, so any number of workers gives "
+                        "the same voxels")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: CPU cores // processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("scale-out (one of them; or run the command under torchrun)")
@@ -118,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         rows, base = ds.rows_from_labels(args.from_labels, args.controlnet), Path(".")
     plan = ds.plan_dataset(rows, args.out, base=base, name=args.name, layout=args.layout, seed=args.seed,
-                           model=args.model, sampler=args.sampler, steps=args.steps, device=device)
+                           model=args.model, sampler=args.sampler, steps=args.steps, device=device,
+                           batch=args.batch)
     runner = _runner(args, device) if remote else None
     import torch
 

@@ -1,20 +1,22 @@
 """``meddiffusion generate-dataset --server URL[,URL...]``: the cases of a dataset sent to job services.
 
-For labs whose GPUs sit behind ``meddiffusion serve``. Each case is one job (the request resolved
-here, the device left to the server unless ``--device`` names one; a pair's label map uploaded as
-its input), run through :meth:`MedDiffusionLib.client.Client.job` (our own job id, deleted on the
-server afterwards, also on Ctrl-C). The result is downloaded into a temporary folder, read back and
-written here with :func:`~MedDiffusionLib.dataset.store_case`, so the files, markers and resumption
-are those of a local run. The server runs the same :func:`~MedDiffusionLib.jobs.run_job`, so a
-case's voxels are those of a local run with the same CPU threads (or the same GPU).
+For labs whose GPUs sit behind ``meddiffusion serve``. Each batch (one case, unless ``--batch``
+groups several) is one job: the request resolved here, the device left to the server unless
+``--device`` names one, a pair's label map uploaded as its input. It runs through
+:meth:`MedDiffusionLib.client.Client.job` (our own job id, deleted on the server afterwards, also
+on Ctrl-C). The results are downloaded into a temporary folder, read back and written here with
+:func:`~MedDiffusionLib.dataset.finish_unit`, so the files, markers and resumption are those of a
+local run. The server runs the same :func:`~MedDiffusionLib.jobs.run_job`, so a case's voxels are
+those of a local run with the same CPU threads (or the same GPU).
 
-Scheduling: :data:`IN_FLIGHT` threads per server take cases from one shared queue; a service runs
-its jobs one at a time per device, so the second job waits on the server while the first runs and
-the upload and download of one case overlap the sampling of another. A server that stops answering
-is dropped and its case goes back to the queue for the others; when no server is left, the
+Scheduling: :data:`IN_FLIGHT` threads per server take batches from one shared queue; a service
+runs its jobs one at a time per device, so the second job waits on the server while the first runs
+and the upload and download of one overlap the sampling of another. A server that stops answering
+is dropped and its batch goes back to the queue for the others; when no server is left, the
 remaining cases are reported failed. A job that fails on a server is tried again (``retries``
 times); a request the server refuses (an HTTP 4xx, or a job failed with ``error_kind``
-``request``: a label map with values the ControlNet does not know, say) is not.
+``request``: a label map with values the ControlNet does not know, say) is not. All servers take
+the one ``--token``.
 """
 from __future__ import annotations
 
@@ -77,7 +79,8 @@ class _Dispatch:
         self.retries, self.device = retries, device
         self.todo: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
-        self.left = 0                           # cases not yet recorded
+        self.left = 0                           # batches not yet over
+        self.pending: set[str] = set()          # the ids of the cases to store
         self.stop = threading.Event()
         self.gone: dict[int, str] = {}          # server index -> why it was dropped
         self.interrupt: BaseException | None = None  # raised by the tracker's callback in a worker thread
@@ -85,9 +88,11 @@ class _Dispatch:
     def run(self, cases: list[Any]) -> None:
         from .dataset import failure_reason
 
-        self.left = len(cases)
-        for case in cases:
-            self.todo.put((case, 0))
+        units = self.plan.units(cases)
+        self.pending = {c.id for c in cases}
+        self.left = len(units)
+        for unit in units:
+            self.todo.put((unit, 0))
         threads = [threading.Thread(target=self._work, args=(i,), name=f"meddiffusion-dataset-{i}-{k}", daemon=True)
                    for i in range(len(self.clients)) for k in range(IN_FLIGHT)]
         for t in threads:
@@ -106,28 +111,34 @@ class _Dispatch:
         why = "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(self.gone.items()))
         while True:  # every server was dropped: what is left fails
             try:
-                case, _ = self.todo.get_nowait()
+                unit, _ = self.todo.get_nowait()
             except queue.Empty:
                 break
-            self._record(case, "failed", failure_reason(RuntimeError(f"no server left ({why})")))
+            self._over(unit, None, failure_reason(RuntimeError(f"no server left ({why})")))
 
-    def _record(self, case: Any, status: str, reason: str = "") -> None:
+    def _over(self, unit: tuple, images: list | None, reason: str = "") -> None:
+        """A batch is over: its images stored (``images``) or its pending cases failed (``reason``)."""
+        from .dataset import fail_unit, finish_unit
+
         with self.lock:
             self.left -= 1
         try:
-            self.tracker.record(case, status, reason)
+            if images is None:
+                fail_unit(unit[0], self.pending, self.tracker, reason)
+            else:
+                finish_unit(self.plan, unit[0], images, self.pending, self.tracker)
         except BaseException as exc:  # noqa: BLE001 - the callback's Ctrl-C (or error) ends the run
             self.interrupt = self.interrupt or exc
             self.stop.set()
 
     def _work(self, index: int) -> None:
         from .client import JobCancelled, JobFailed, ServiceError, ServiceUnavailable
-        from .dataset import failure_reason, store_case
+        from .dataset import failure_reason
 
         client = self.clients[index]
         while not self.stop.is_set() and index not in self.gone:
             try:
-                case, tries = self.todo.get(timeout=0.2)
+                unit, tries = self.todo.get(timeout=0.2)
             except queue.Empty:
                 with self.lock:
                     if self.left <= 0 or len(self.gone) == len(self.clients):
@@ -136,45 +147,50 @@ class _Dispatch:
             if self.stop.is_set():
                 return
             try:
-                image = self._compute(client, case)
-                store_case(self.plan, case, image)
+                images = self._compute(client, unit)
             except _Stop:
                 return
-            except ServiceUnavailable as exc:  # the server went away: its case goes to another one
+            except ServiceUnavailable as exc:  # the server went away: its batch goes to another one
                 with self.lock:
                     self.gone.setdefault(index, str(exc))
-                self.todo.put((case, tries))
+                self.todo.put((unit, tries))
                 return
             except JobCancelled as exc:  # cancelled on the server by someone else: tried again
-                self._again(case, tries, failure_reason(exc))
+                self._again(unit, tries, failure_reason(exc))
             except JobFailed as exc:  # a refused request fails again: recorded at once
                 if exc.kind == "request":
-                    self._record(case, "failed", failure_reason(exc))
+                    self._over(unit, None, failure_reason(exc))
                 else:
-                    self._again(case, tries, failure_reason(exc))
+                    self._again(unit, tries, failure_reason(exc))
             except ServiceError as exc:  # a 4xx: the server refuses this request; trying again cannot help
-                self._record(case, "failed", failure_reason(exc))
-            except Exception as exc:  # noqa: BLE001 - writing here failed (disk full, ...): recorded
-                self._record(case, "failed", failure_reason(exc))
+                self._over(unit, None, failure_reason(exc))
+            except Exception as exc:  # noqa: BLE001 - reading the download failed: recorded
+                self._over(unit, None, failure_reason(exc))
             else:
-                self._record(case, "done")
+                self._over(unit, images)
 
-    def _again(self, case: Any, tries: int, reason: str) -> None:
+    def _again(self, unit: tuple, tries: int, reason: str) -> None:
         if tries < self.retries:
-            self.todo.put((case, tries + 1))
+            self.todo.put((unit, tries + 1))
         else:
-            self._record(case, "failed", reason + (f" (tried {tries + 1} times)" if tries else ""))
+            self._over(unit, None, reason + (f" (tried {tries + 1} times)" if tries else ""))
 
-    def _compute(self, client: Any, case: Any) -> Any:
-        """One case as one job on ``client``'s server: its image as a ResultVolume."""
-        from .remote import run_on_service, service_spec
+    def _compute(self, client: Any, unit: tuple) -> list:
+        """One batch as one job on ``client``'s server: its images as ResultVolumes, in order."""
+        from .jobspec import as_request
+        from .remote import run_on_service
+
+        members, spec = unit
 
         def check(_status: dict) -> None:
             if self.stop.is_set():
                 raise _Stop
 
-        return run_on_service(client, service_spec(case.spec, self.device or "auto"),
-                              {"input": case.labels} if case.paired else None, progress=check)
+        images = run_on_service(client, as_request(spec, self.device or "auto"),
+                                {"input": members[0].labels} if members[0].paired else None, progress=check)
+        if len(images) != len(members):
+            raise RuntimeError(f"the server made {len(images)} volumes for a batch of {len(members)}")
+        return images
 
 
 __all__ = ["server_runner", "IN_FLIGHT"]

@@ -133,7 +133,8 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             if pipe.precompiled_network(p["size"], p["num_volumes"]) is not None:
                 prog.emit("sampling", 0, p["steps"], "sampling", notice="using the compiled noise network "
                           "(`meddiffusion compile`)")
-            gen = pipe.generate(p["class"], p["size"], p["spacing"], p["seed"], p["sampler"], p["steps"],
+            seed = p["seed"] if p["seeds"] is None else p["seeds"]
+            gen = pipe.generate(p["class"], p["size"], p["spacing"], seed, p["sampler"], p["steps"],
                                 p["num_volumes"], prog.step, cancel, tiling=p["tiling"],
                                 memory_limit_bytes=job_memory_limit(p), spill_dir=spill_dir,
                                 **_preview_kw(pipe, p, preview, spill_dir))

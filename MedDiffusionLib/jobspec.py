@@ -31,7 +31,7 @@ OUTPUT_FORMATS = (".nrrd", ".nii.gz", ".nii", ".mha")
 SPEC_FIELDS = ("task", "model", "weights", "controlnet", "params", "inputs", "output_format")
 
 PARAM_DEFAULTS: dict[str, Any] = {
-    "class": None, "size": None, "spacing": None, "seed": 0, "sampler": None, "steps": None, "num_volumes": 1,
+    "class": None, "size": None, "spacing": None, "seed": 0, "seeds": None, "sampler": None, "steps": None, "num_volumes": 1,
     "hu": None, "hu_window": None, "device": "auto", "mode": "fast", "precision": "fp32", "tiling": "auto",
     "max_memory_gb": None, "compile": False, "views": 40, "bins": 512, "preview_every": 0, "force": False, "num_samples": 1,
     "labels": False, "resample": False,
@@ -40,7 +40,7 @@ PARAM_DEFAULTS: dict[str, Any] = {
 _SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
                     "preview_every", "force")
 TASK_PARAMS: dict[str, tuple[str, ...]] = {
-    "generate": ("class", "size", "spacing", "num_volumes", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
+    "generate": ("class", "size", "spacing", "num_volumes", "seeds", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
     "synthesize": ("num_samples", *_SAMPLING_PARAMS),
     "reconstruct": ("num_samples", *_SAMPLING_PARAMS),
     "simulate-sparse-view": ("views", "bins", "device", "force"),
@@ -231,6 +231,31 @@ def _finite(value: Any, what: str, lo: float | None = None, hi: float | None = N
     return out
 
 
+def as_request(spec: JobSpec, device: str | None = None, **params: Any) -> dict[str, Any]:
+    """A resolved spec as a request again (to resolve anew, here or on a service): the task's own
+    parameters only (what resolution filled in for the others is left to the resolver), with
+    ``params`` laid over them and ``device`` replacing the spec's (``None``: kept)."""
+    doc = spec.to_dict()
+    p = {k: v for k, v in doc["params"].items() if k in TASK_PARAMS[doc["task"]]}
+    p.update(params)
+    if device is not None:
+        p["device"] = device
+    return dict({k: doc.get(k) for k in ("task", "model", "weights", "controlnet", "output_format")}, params=p,
+                inputs=dict(doc.get("inputs") or {}))
+
+
+def _seeds(seeds: Any, num_volumes: int) -> list[int]:
+    """One seed per volume (generate): a list of ``num_volumes`` whole numbers."""
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise UserError(f"seeds must be a list of whole numbers, one per volume, got {show(seeds)}")
+    if len(seeds) > MAX_VOLUMES:
+        raise UserError(f"seeds: at most {MAX_VOLUMES} (one per volume), got {len(seeds)}")
+    out = [_whole(v, "a seed", -MAX_SEED, MAX_SEED) for v in seeds]
+    if len(out) != num_volumes:
+        raise UserError(f"seeds gives {len(out)} seeds for num_volumes {num_volumes}: give one seed per volume")
+    return out
+
+
 def _check_params(p: dict[str, Any]) -> None:
     """Types and absolute ranges of every parameter, whatever the task (in place: whole floats
     become ints). An error names its field (:attr:`UserError.field`)."""
@@ -250,7 +275,8 @@ def _check_params(p: dict[str, Any]) -> None:
         ("spacing", lambda: _triple(p["spacing"], "spacing", float)),
         ("hu_window", lambda: _pair(p["hu_window"], "the HU window")),
     ]
-    optional = ("steps", "max_memory_gb", "size", "spacing", "hu_window")
+    optional = ("steps", "max_memory_gb", "size", "spacing", "hu_window", "seeds")
+    checks.append(("seeds", lambda: _seeds(p["seeds"], p["num_volumes"])))
     for key, check in checks:
         if p[key] is not None or key not in optional:
             with about(key):

@@ -115,6 +115,9 @@ class JobParams(BaseModel):
     sampler: Optional[Literal["ddpm", "ddim", "dpm++"]] = None
     steps: Optional[Steps] = Field(None, description="sampler steps (ddim, dpm++; DDPM runs its full schedule)")
     num_volumes: Optional[Volumes] = None
+    seeds: Optional[Annotated[list[Seed], Len(1, jobspec.MAX_VOLUMES)]] = Field(
+        None, description="generate: one seed per volume (as many as num_volumes): volume i's noise comes from its own "
+                          "generator, as in a one-volume run with seeds[i] (default: seed, one stream for the batch)")
     num_samples: Optional[Samples] = Field(
         None, description="synthesize / reconstruct: draw N samples (seeds seed..seed+N-1 in batches) and return "
                           "them with their voxel-wise mean and standard deviation")

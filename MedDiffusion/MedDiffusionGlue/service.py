@@ -132,7 +132,7 @@ START_TIMEOUT_S = 180.0  # how long a starting local server may take to answer
 _SAMPLING_PARAMS = ("seed", "sampler", "steps", "device", "mode", "precision", "tiling", "max_memory_gb",
                     "preview_every", "force")
 TASK_PARAMS = {  # the parameters each task takes (jobspec.TASK_PARAMS; evaluate makes no volume to reproduce)
-    "generate": ("class", "size", "spacing", "num_volumes", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
+    "generate": ("class", "size", "spacing", "num_volumes", "seeds", "hu", "hu_window", "compile", *_SAMPLING_PARAMS),
     "synthesize": ("num_samples", *_SAMPLING_PARAMS),
     "reconstruct": ("num_samples", *_SAMPLING_PARAMS),
     "simulate-sparse-view": ("views", "bins", "device", "force"),

@@ -28,7 +28,7 @@ from ..models.biflownet import BiFlowNet
 from ..models.kernels import KERNEL_MODES, form_for, mode_plan, param_tag
 from ..models.precompiled import PrecompiledNoise, find_or_build, package_path, weights_digest
 from ..registry import ModelEntry
-from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, scheduler_for
+from ..schedulers import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, draw_noise, scheduler_for
 from .loop import CancelFn, ProgressFn, StepCallback, denoise
 
 log = logging.getLogger("meddiffusion")
@@ -276,12 +276,23 @@ class GenerationPipeline(KernelModeMixin):
         return self._packages[path]
 
     # -- steps ---------------------------------------------------------------------------------------
-    def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int = 0, sampler: str | None = None,
+    def generators(self, seed: int | Sequence[int], batch: int) -> torch.Generator | list[torch.Generator]:
+        """The run's noise generator(s) on this device: one seeded with ``seed`` for the whole batch
+        (the official stream), or, for a list of ``batch`` seeds, one per volume."""
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != batch:
+                raise UserError(f"{len(seed)} seeds for {batch} volumes: give one seed per volume")
+            return [torch.Generator(device=self.device).manual_seed(int(s)) for s in seed]
+        return torch.Generator(device=self.device).manual_seed(int(seed))
+
+    def sample_latents(self, class_index: int, size_xyz: Sequence[int], seed: int | Sequence[int] = 0, sampler: str | None = None,
                        steps: int | None = None, batch: int = 1, progress: ProgressFn | None = None,
                        cancel: CancelFn | None = None, noise_net: Callable[..., torch.Tensor] | None = None,
                        callback: StepCallback | None = None) -> torch.Tensor:
         """Diffusion-space latents ``(batch, C, d, h, w)``. With a CPU or CUDA generator seeded
         with ``seed`` the noise sequence equals the official ``torch.manual_seed(seed)`` run.
+        ``seed`` a list of ``batch`` seeds: volume i's noise comes from its own generator (seeded
+        with ``seed[i]``), as in a one-volume run with that seed (:meth:`generators`).
         ``sampler`` and ``steps`` are required, a resolved pair
         (:func:`MedDiffusionLib.defaults.resolve_sampling`; :meth:`generate` resolves them).
 
@@ -291,8 +302,8 @@ class GenerationPipeline(KernelModeMixin):
             raise UserError(f"number of volumes must be positive, got {batch}")
         scheduler = scheduler_for(sampler, self.diffusion, steps)
         d, h, w = self.latent_shape(size_xyz)
-        gen = torch.Generator(device=self.device).manual_seed(int(seed))
-        z = torch.randn((batch, self.net.channels, d, h, w), generator=gen, device=self.device)
+        gen = self.generators(seed, batch)
+        z = draw_noise((batch, self.net.channels, d, h, w), gen, self.device)
         y = torch.full((batch,), int(class_index), dtype=torch.long, device=self.device)
         res = torch.tensor([d, h, w], dtype=torch.float32, device=self.device) / 64.0
         net = noise_net if noise_net is not None else (self.precompiled_network(size_xyz, batch) or self.noise_model())
@@ -525,12 +536,13 @@ class GenerationPipeline(KernelModeMixin):
 
     # -- all together --------------------------------------------------------------------------------
     def generate(self, class_index: int | str | None = None, size_xyz: Sequence[int] | None = None,
-                 spacing_xyz: Sequence[float] | None = None, seed: int = 0, sampler: str | None = None,
-                 steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
+                 spacing_xyz: Sequence[float] | None = None, seed: int | Sequence[int] = 0,
+                 sampler: str | None = None, steps: int | None = None, num_volumes: int = 1, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, tiling: str = "auto",
                  callback: StepCallback | None = None, memory_limit_bytes: float | None = None,
                  spill_dir: str | Path | None = None) -> list[GeneratedVolume]:
-        """Generate ``num_volumes`` volumes in one batch. Unset arguments come from the model's
+        """Generate ``num_volumes`` volumes in one batch (``seed``: one for the batch, or a list with
+        one per volume: see :meth:`sample_latents`). Unset arguments come from the model's
         registry entry (default class, its first trained size and spacing, default sampler), through
         the same resolver as every job (:func:`MedDiffusionLib.defaults.generation_defaults`).
         ``callback(step_index, t, latents, pred_x0)`` is called after every sampler step.
@@ -549,6 +561,7 @@ class GenerationPipeline(KernelModeMixin):
                                                spill_dir=spill_dir)
         meta = {"model": entry.id if entry else None, "sampler": r["sampler"], "steps": r["steps"]}
         spacing_xyz = r["spacing"]
-        return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seed),
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(images)
+        return [GeneratedVolume(img[0].numpy(), tuple(float(s) for s in spacing_xyz), class_index, int(seeds[i]),
                                 dict(meta, index=i, decode=plans[i].meta()))
                 for i, img in enumerate(images)]

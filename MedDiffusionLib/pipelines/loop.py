@@ -2,7 +2,7 @@
 a per-step callback (the Slicer live preview)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -15,12 +15,14 @@ CancelFn = Callable[[], bool]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
-def denoise(scheduler: Scheduler, model_fn: NoiseFn, z: torch.Tensor, generator: torch.Generator | None = None,
+def denoise(scheduler: Scheduler, model_fn: NoiseFn, z: torch.Tensor,
+            generator: torch.Generator | Sequence[torch.Generator] | None = None,
             progress: ProgressFn | None = None, cancel: CancelFn | None = None,
             callback: StepCallback | None = None) -> torch.Tensor:
     """Run ``scheduler`` from noise ``z`` ``(B, C, D, H, W)`` over its ``timesteps``.
 
-    ``model_fn(x, t)`` returns the predicted noise (``t`` int64 ``(B,)``). Before each step
+    ``model_fn(x, t)`` returns the predicted noise (``t`` int64 ``(B,)``). ``generator``: the
+    stochastic steps' noise (a list: one generator per sample, :func:`~MedDiffusionLib.schedulers.draw_noise`). Before each step
     ``cancel()`` is asked (True raises :class:`~MedDiffusionLib.errors.Cancelled`); after it
     ``progress(i + 1, n)`` and ``callback(i, t, latents, pred_x0)`` are called with the new latents
     and the step's clamped x0 prediction (read-only views: copy to keep them)."""

@@ -3,8 +3,8 @@ from ..defaults import resolve_sampling  # the one resolver of (sampler, steps);
 from ..errors import Cancelled
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, cosine_beta_schedule, ddim_timesteps
 from .samplers import (SCHEDULERS, DDIMScheduler, DDPMScheduler, DPMSolverPlusPlus2MScheduler, Scheduler,
-                       SchedulerOutput, make_scheduler, scheduler_for)
+                       SchedulerOutput, draw_noise, make_scheduler, scheduler_for)
 
 __all__ = ["Cancelled", "NUM_TRAIN_TIMESTEPS", "GaussianDiffusion", "cosine_beta_schedule", "ddim_timesteps", "Scheduler", "SchedulerOutput",
            "DDPMScheduler", "DDIMScheduler", "DPMSolverPlusPlus2MScheduler", "SCHEDULERS", "make_scheduler", "scheduler_for",
-           "resolve_sampling"]
+           "resolve_sampling", "draw_noise"]

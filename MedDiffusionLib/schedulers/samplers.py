@@ -20,12 +20,25 @@ which diffusers does not reproduce (``Testing/tests/test_samplers.py`` shows eac
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 
 from ..defaults import SAMPLERS, resolve_sampling
 from .gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion, ddim_timesteps
+
+
+def draw_noise(shape: Sequence[int], generator: torch.Generator | Sequence[torch.Generator] | None,
+               device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise of ``shape`` ``(B, ...)`` from ``generator`` (``None``: the global
+    RNG). A list of B generators draws sample i from generator i alone, exactly what a batch of one
+    seeded with it would draw (diffusers' per-sample generators): a volume's noise then does not
+    depend on the batch it runs in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
 class SchedulerOutput(NamedTuple):
@@ -76,7 +89,7 @@ class Scheduler:
         return i, t, torch.full((sample.shape[0],), t, dtype=torch.long, device=sample.device)
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> SchedulerOutput:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SchedulerOutput:
         raise NotImplementedError
 
 
@@ -96,7 +109,7 @@ class DDPMScheduler(Scheduler):
         self._index = 0
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> SchedulerOutput:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SchedulerOutput:
         _, t, tt = self._begin(t, sample)
         gd, x = self.diffusion, sample
         x0 = gd.predict_start(x, tt, model_output).clamp(-1.0, 1.0)
@@ -105,7 +118,7 @@ class DDPMScheduler(Scheduler):
         if generator is None:
             noise = torch.randn_like(x)
         else:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = draw_noise(x.shape, generator, x.device, x.dtype)
         nonzero = 0.0 if t == 0 else 1.0
         return SchedulerOutput(mean + nonzero * (0.5 * log_var).exp() * noise, x0)
 
@@ -117,7 +130,7 @@ class DDIMScheduler(Scheduler):
     name = "ddim"
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> SchedulerOutput:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SchedulerOutput:
         i, t, tt = self._begin(t, sample)
         gd, x = self.diffusion, sample
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
@@ -142,7 +155,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
         self._prev: tuple[torch.Tensor, float] | None = None  # (x0, h) of the previous step
 
     def step(self, model_output: torch.Tensor, t: int | torch.Tensor, sample: torch.Tensor,
-             generator: torch.Generator | None = None) -> SchedulerOutput:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> SchedulerOutput:
         i, t, tt = self._begin(t, sample)
         if i == 0:
             self._prev = None

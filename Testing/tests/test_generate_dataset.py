@@ -200,3 +200,62 @@ def test_csv_manifest_reads_like_json_lines(tmp_path):
     plan = ds.plan_dataset(rows, tmp_path / "o", seed=10)
     assert [c.id for c in plan.cases] == ["a", "case_0002"] and plan.cases[1].spec.params["seed"] == 12
     assert not (tmp_path / "o").exists()
+
+
+def test_batches_are_fixed_in_the_plan_and_reproducible(tmp_path, monkeypatch, capsys):
+    """--batch 2: rows differing only in the seed run two at a time as one job with one seed per
+    volume; the batches are the plan's, so two torchrun ranks write the same voxels, a rerun redoes
+    a lost case inside its whole batch, and `reproduce` re-runs the recorded batch exactly."""
+    from MedDiffusionLib.reproduce import reproduce
+
+    rows = [{"id": f"c{i}", "seed": 20 + i} for i in range(5)]
+    man = _manifest(tmp_path / "cases.jsonl", rows)
+    out = tmp_path / "batched"
+    common = ["--batch", "2", "--seed", "0", *FAST]
+    assert _gen(monkeypatch, man, "--out", out, "--threads", 1, *common) == 0
+    plan = ds.plan_dataset(rows, out, sampler="ddim", steps=2, batch=2)
+    assert [[c.id for c in members] for members, _ in plan.batches] == [["c0", "c1"], ["c2", "c3"], ["c4"]]
+    prov = read_provenance(out / "c1.nii.gz")
+    assert prov["seed"] == 21 and prov["result"] == "result_1.nii.gz"
+    assert prov["job"]["params"]["seeds"] == [20, 21] and prov["job"]["params"]["num_volumes"] == 2
+    assert read_provenance(out / "c4.nii.gz")["job"]["params"].get("seeds") is None  # a batch of one
+    vols = {r["id"]: read_volume(out / f"{r['id']}.nii.gz").array for r in rows}
+    assert not np.array_equal(vols["c0"], vols["c1"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report = reproduce(out / "c1.nii.gz")
+    finally:
+        torch.set_num_threads(threads)
+    assert report.equal and report.max_abs == 0.0, report.text()
+    # two ranks (batch i on rank i % 2) write the same voxels
+    two = tmp_path / "two"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out", str(two), *common],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cid, arr in vols.items():
+        assert np.array_equal(read_volume(two / f"{cid}.nii.gz").array, arr), cid
+    # a lost case is redone inside its batch, to the same voxels; its batch mate is left alone
+    (out / "c1.nii.gz").unlink()
+    mtime = (out / "c0.nii.gz").stat().st_mtime_ns
+    capsys.readouterr()
+    assert _gen(monkeypatch, man, "--out", out, "--threads", 1, *common) == 0
+    assert "1 done, 4 skipped" in capsys.readouterr().err
+    assert (out / "c0.nii.gz").stat().st_mtime_ns == mtime
+    assert np.array_equal(read_volume(out / "c1.nii.gz").array, vols["c1"])
+    # other batches would make other voxels: another dataset
+    assert _gen(monkeypatch, man, "--out", out, "--batch", "3", *FAST) == 2
+    assert "holds another dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seeds, words", [([1, 2, 3], "3 seeds for num_volumes 2"), ("12", "list of whole numbers"),
+                                          ([1, "x"], "seed"), (list(range(65)), "at most 64")])
+def test_bad_per_volume_seeds_are_refused(seeds, words):
+    from MedDiffusionLib.errors import UserError
+    from MedDiffusionLib.jobspec import resolve
+
+    with pytest.raises(UserError, match=words) as exc:
+        resolve({"task": "generate", "params": {"num_volumes": 2, "seeds": seeds}})
+    assert exc.value.field == "seeds"

@@ -9,7 +9,7 @@ from MedDiffusionLib.errors import Cancelled, UserError
 from MedDiffusionLib.models.biflownet import BiFlowNet
 from MedDiffusionLib.pipelines.loop import denoise
 from MedDiffusionLib.schedulers import (SCHEDULERS, GaussianDiffusion, SchedulerOutput, cosine_beta_schedule,
-                                        ddim_timesteps, make_scheduler, resolve_sampling)
+                                        ddim_timesteps, draw_noise, make_scheduler, resolve_sampling)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +158,36 @@ def test_q_sample_matches_closed_form():
     torch.testing.assert_close(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
     # inverting is well conditioned only away from t=999 (1/sqrt(abar_999) ~ 6e4)
     torch.testing.assert_close(gd.predict_start(xt[:2], t[:2], noise[:2]), x0[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_per_sample_generators_draw_what_a_batch_of_one_draws(tiny):
+    """A list of generators (one per sample): sample i's noise, in the initial latents and in every
+    DDPM step, is what a one-sample run seeded with seeds[i] draws, whatever the batch."""
+    shape = (3, 8, 8, 8, 8)
+    seeds = [7, 11, 7]
+    both = draw_noise(shape, [torch.Generator().manual_seed(s) for s in seeds], "cpu")
+    for i, s in enumerate(seeds):
+        assert torch.equal(both[i:i + 1], draw_noise((1, *shape[1:]), torch.Generator().manual_seed(s), "cpu"))
+    assert not torch.equal(both[0], both[1]) and torch.equal(both[0], both[2])
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        draw_noise(shape, [torch.Generator(), torch.Generator()], "cpu")
+    # the DDPM loop: sample 1 of a seeded pair == a one-sample loop with its own generator
+    y, res = torch.tensor([0, 3]), torch.tensor([0.125] * 3)
+    z = torch.randn(2, 8, 8, 8, 8)
+    def run(zz, yy, gens):
+        return denoise(_short_ddpm(), lambda x, t: tiny(x, t, yy, res), zz, gens)
+
+    with torch.no_grad():
+        pair = run(z, y, [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
+        alone = run(z[1:], y[1:], [torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(pair[1:], alone, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # and not the batch's second draw from one generator
+        shared = run(z, y, torch.Generator().manual_seed(2))
+    assert (shared[1:] - alone).abs().max() > 1e-2
+
+
+def _short_ddpm():
+    """A DDPM scheduler stepped over the last 4 timesteps only (each step draws noise)."""
+    sch = make_scheduler("ddpm")
+    sch.timesteps = sch.timesteps[-4:]
+    return sch

@@ -4,8 +4,9 @@
 :func:`rows_from_labels` makes one row per label map of a folder; :func:`plan_dataset` checks every
 row (each one through :func:`MedDiffusionLib.jobspec.resolve`, all of them before anything runs)
 and the output folder, and returns a :class:`Plan`; :func:`run_dataset` runs the cases of this
-process (all of them, or under torchrun every ``WORLD_SIZE``-th) one job per case and, on rank 0,
-writes the dataset files once every case is finished.
+process (all of them, or under torchrun every ``WORLD_SIZE``-th batch) with a :data:`Runner` (in
+this process, on job services: :mod:`.dataset_remote`, on Ray: :mod:`.dataset_ray`) and, on rank
+0, writes the dataset files once every case is finished.
 
 Rows (columns): ``id`` (default ``case_<row:04d>``; row numbers start at 1), ``class``, ``size``
 (``[x, y, z]``; ``64x64x64`` in CSV), ``spacing``, ``seed`` (default ``--seed`` + row number),
@@ -18,14 +19,21 @@ Layouts: ``nnunet`` (nnU-Net v2 raw: ``imagesTr/<id>_0000.nii.gz``, ``labelsTr/<
 ``<id>_label.nii.gz``, ``datalist.json``). Every image is marked as synthetic by
 :func:`~MedDiffusionLib.results.write_result`: its NIfTI ``descrip`` and a JSON sidecar
 ``<name>.json`` beside it (nnU-Net v2 lists a case's files by ``file_ending``, ``.nii.gz``, so
-the sidecars in ``imagesTr`` are ignored by it).
+the sidecars in ``imagesTr`` are ignored by it: nnunetv2 2.8.1 ``utilities/utils.py:26,36-37,47``;
+a test runs its ``verify_dataset_integrity`` on a generated folder).
 
 State: ``<DIR>/.meddiffusion/state.json`` records the dataset's name, layout and the plan's hash
 (another dataset in the same folder is refused); ``<DIR>/.meddiffusion/done/<id>.json`` is written
 (atomically) after a case's files: a case is finished when its marker and all its files exist, so a
-rerun skips finished cases and redoes partial ones. Every case runs as its own job
-(``num_volumes`` 1) with its own seed, so a case's voxels do not depend on the number of workers or
-on which cases ran before it.
+rerun skips finished cases and redoes partial ones.
+
+Batches: by default every case runs as its own job (``num_volumes`` 1) with its own seed, the
+volume ``meddiffusion generate --seed S`` makes. With ``batch`` > 1 images-only rows that differ
+only in the seed run that many at a time as one job with one seed per volume (``seeds``); a batch
+gives other voxels than one-case runs (the VQ decoder turns float-level differences of a batched
+forward into other codes), so the batches are fixed in the plan (and its hash): whatever the number
+of workers, and on a rerun (a lost case is redone inside its whole batch), a case's voxels are the
+same, and ``meddiffusion reproduce`` re-runs the recorded batch.
 """
 from __future__ import annotations
 
@@ -617,9 +625,10 @@ def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = 
                 barrier: Callable[[], None] | None = None, progress: bool = True,
                 on_case: Callable[[Case, str], None] | None = None, runner: Runner | None = None) -> Summary:
     """Run this rank's cases (batch i, counted from 0, goes to rank i % world_size; a batch is one
-    case unless --batch > 1), skipping the finished ones, with ``runner`` (default :func:`run_here`: in this process); a failing case is
-    recorded with its reason and the others go on. Then ``barrier()`` (all ranks' cases over) and,
-    on rank 0, the dataset files when every case is finished. ``KeyboardInterrupt`` propagates:
+    case unless --batch > 1), skipping the finished ones, with ``runner`` (default
+    :func:`run_here`: in this process); a failing case is recorded with its reason and the others
+    go on. Then ``barrier()`` (all ranks' cases over) and, on rank 0, the dataset files when every
+    case is finished. ``KeyboardInterrupt`` propagates:
     finished cases stay, a rerun continues."""
     t0 = time.monotonic()
     _prepare(plan)
@@ -654,5 +663,4 @@ def run_dataset(plan: Plan, *, rank: int = 0, world_size: int = 1, cache: Any = 
 
 __all__ = ["MAX_ROWS", "LAYOUTS", "COLUMNS", "Case", "Plan", "Summary", "Tracker", "Runner", "read_manifest",
            "rows_from_labels", "plan_dataset", "compute_unit", "store_case", "finish_unit", "fail_unit", "run_here",
-           "run_dataset",
-           "write_dataset_files", "dist_env", "failure_reason"]
+           "run_dataset", "write_dataset_files", "dist_env", "failure_reason"]

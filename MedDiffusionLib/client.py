@@ -58,7 +58,8 @@ class ServiceUnavailable(ServiceError):
 class JobFailed(ServiceError):
     """The job ended with an error; ``message`` is the server's explanation, ``kind`` its kind
     (``request``: the request or an input is wrong, running it again gives the same error;
-    ``resources``, ``time_limit``, ``internal``; ``None`` when the server does not say)."""
+    ``resources``, ``time_limit``, ``internal``, ``interrupted``; ``None`` when the server does
+    not say)."""
 
     kind: str | None = None
 

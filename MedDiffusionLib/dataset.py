@@ -33,7 +33,8 @@ only in the seed run that many at a time as one job with one seed per volume (``
 gives other voxels than one-case runs (the VQ decoder turns float-level differences of a batched
 forward into other codes), so the batches are fixed in the plan (and its hash): whatever the number
 of workers, and on a rerun (a lost case is redone inside its whole batch), a case's voxels are the
-same, and ``meddiffusion reproduce`` re-runs the recorded batch.
+same (with the same device and threads per process), and ``meddiffusion reproduce`` re-runs the
+recorded batch.
 """
 from __future__ import annotations
 
@@ -326,7 +327,7 @@ def plan_dataset(rows: Sequence[dict[str, Any]], out: str | Path, *, base: str |
                                           "same request and seed; give one of them another seed")
         same[key] = c
     cases, batches = _batches(cases, batch)
-    digest = _digest(name, layout, cases, batch)
+    digest = _digest(name, layout, cases)
     plan = Plan(out, name, layout, cases, digest, label_names if any(c.paired for c in cases) else {"background": 0},
                 batches)
     owners: dict[Path, Case | None] = {plan.out / n: None for n in DATASET_FILES}
@@ -382,7 +383,7 @@ def _batches(cases: list[Case], size: int) -> tuple[list[Case], list[tuple[list[
     return out, batches
 
 
-def _digest(name: str, layout: str, cases: Sequence[Case], batch: int = 1) -> str:
+def _digest(name: str, layout: str, cases: Sequence[Case]) -> str:
     """The plan's hash: what decides every case's voxels (the device excluded), the batches too."""
     doc = []
     for c in cases:
@@ -391,7 +392,9 @@ def _digest(name: str, layout: str, cases: Sequence[Case], batch: int = 1) -> st
         spec["inputs"] = {}
         lab = _file_sha256(c.labels) if c.labels else None
         doc.append([c.row, c.id, spec, lab])
-    extra = [batch, [c.batch for c in cases]] if batch > 1 else []
+    # the batches of more than one case (what --batch changes); none: the hash of one-case jobs
+    extra = [[c.id for c in cases if c.batch == b] for b in sorted({c.batch for c in cases})]
+    extra = [extra] if any(len(group) > 1 for group in extra) else []
     blob = json.dumps([name, layout, doc, *extra], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -60,13 +60,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "volume keeps its own seed, but a batch's voxels differ from one-case runs: the VQ decoder "
                         "turns float-level differences into other codes). Default 1: a case is exactly what "
                         "`meddiffusion generate --seed S` makes. Fixed in the plan, so any number of workers gives "
-                        "the same voxels")
+                        "the same voxels (with the same device and threads per process)")
     p.add_argument("--threads", type=int, help="CPU threads per process (default: CPU cores // processes)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     g = p.add_argument_group("scale-out (one of them; or run the command under torchrun)")
     g.add_argument("--server", metavar="URL[,URL...]",
-                   help="send the cases to these job services (`meddiffusion serve`), a comma list; each server "
-                        "runs one case at a time on its own device, files are written here")
+                   help="send the cases to these job services (`meddiffusion serve`), a comma list; two jobs in "
+                        "flight per server (each server runs one at a time per device), files are written here")
     g.add_argument("--token", help="the services' token (default: $MEDDIFFUSION_TOKEN)")
     g.add_argument("--ca-file", metavar="PEM", help="certificate authority file for https:// servers")
     g.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -109,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--threads must be positive")
     if args.server and args.ray:
         raise UserError("--server and --ray are two ways to run the cases: choose one")
+    if args.server and (args.workers is not None or args.threads is not None):
+        raise UserError("--workers and --threads size Ray workers and local processes; a server runs with its own "
+                        "threads (`meddiffusion serve` under OMP_NUM_THREADS)")
+    if args.workers is not None and not args.ray:
+        raise UserError("--workers goes with --ray (torchrun's --nproc_per_node sets the local processes)")
     if args.workers is not None and args.workers < 1:
         raise UserError("--workers must be positive")
     if args.retries < 0 or args.retries > 10:
@@ -146,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
             torch.set_num_threads(before)
         if group:
             torch.distributed.destroy_process_group()
+        if hasattr(runner, "close"):  # a Ray instance the command started (also when no case was left to run)
+            runner.close()
     who = f"rank {rank}: " if world > 1 else ""
     for line in summary.lines():
         print(who + line, file=sys.stderr)

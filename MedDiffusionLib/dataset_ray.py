@@ -47,6 +47,7 @@ from .errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0   # a cluster address must answer within this
 WAIT_NOTICE_S = 60.0      # say so when no worker has started for this long
+START_TIMEOUT_S = 1800.0  # no worker at all for this long (the cluster lost its nodes): what is left fails
 _ADDRESS = re.compile(r"^(?:ray://)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>\d{1,5})$")
 
 
@@ -101,7 +102,7 @@ def connect(address: str) -> bool:
     try:
         ray.init(address=None if address == "local" else address, logging_level=logging.WARNING,
                  log_to_driver=False)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - ConnectionError, gRPC errors of ray:// ...: one line
         raise UserError(f"--ray {address}: cannot {'start' if address == 'local' else 'join'} Ray: "
                         f"{failure_reason(RuntimeError(_first_line(exc)))}") from None
     return True
@@ -180,15 +181,18 @@ class RayRunner:
             pass
 
     def close(self) -> None:
-        """Shut down the Ray instance this runner started (if it did)."""
+        """Shut down the Ray instance this runner started (if it did); the runner is spent."""
         if self.started_ray and self.ray.is_initialized():
             self.ray.shutdown()
         self.started_ray = False
+        self.closed = True
 
     def __call__(self, plan: Plan, cases: list[Case], tracker: Tracker) -> None:
         from . import __version__
         from .data.volumes import read_volume
 
+        if getattr(self, "closed", False):
+            raise RuntimeError("this Ray runner is closed (its Ray instance was shut down): make a new one")
         ray = self.ray
         errors = ray.exceptions
         pending = {c.id for c in cases}
@@ -248,6 +252,11 @@ class RayRunner:
                         what = f"{self.num_gpus} GPU" if self.num_gpus else f"{self.num_cpus} CPU"
                         note(f"waiting for {len(starting)} Ray worker(s) to start: each needs {what} free on the "
                              "cluster")
+                    if not busy and not idle and time.monotonic() - since > START_TIMEOUT_S:
+                        reason = f"no Ray worker started within {START_TIMEOUT_S:.0f} s"
+                        while queue:
+                            fail_unit(units[queue.popleft()][0], pending, tracker, reason)
+                        break
                     continue
                 ref = ready[0]
                 if ref in starting:

@@ -14,14 +14,19 @@ runs its jobs one at a time per device, so the second job waits on the server wh
 and the upload and download of one overlap the sampling of another. A server that stops answering
 is dropped and its batch goes back to the queue for the others; when no server is left, the
 remaining cases are reported failed. A job that fails on a server is tried again (``retries``
-times); a request the server refuses (an HTTP 4xx, or a job failed with ``error_kind``
-``request``: a label map with values the ControlNet does not know, say) is not. All servers take
+times; a busy answer, 429 or 503, is waited out first); a request the server refuses (an HTTP
+400, 401, 403, 404, 413, 415 or 422, or a job failed with ``error_kind`` ``request``: a label map
+with values the ControlNet does not know, say; or ``time_limit``) is not. A server that stops
+answering is asked again after 2, 5 and 10 s before it is dropped; its batch goes to the queue
+again, and a batch that every server lost fails (a case that crashes servers does not take them
+all down one after another). All servers take
 the one ``--token``.
 """
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 from .errors import UserError
@@ -29,6 +34,12 @@ from .errors import UserError
 IN_FLIGHT = 2          # jobs per server at a time: one sampling, one uploading / queued / downloading
 MAX_SERVERS = 64
 CONNECT_TIMEOUT_S = 10.0
+PROBES_S = (2.0, 5.0, 10.0)  # a server that stopped answering is asked again after these waits before it is dropped
+BUSY_WAIT_S = 5.0            # a busy answer (429, 503: queue full) is waited out this long times the try
+# answers that refuse the request itself (running it again gets the same answer)
+REFUSALS = (400, 401, 403, 404, 413, 415, 422)
+# failed jobs that are not tried again: the request is wrong, or it ran into the server's time limit
+FINAL_KINDS = ("request", "time_limit")
 
 
 class _Stop(Exception):
@@ -60,29 +71,44 @@ def _clients(urls: str, token: str | None, ca_file: str | None) -> list[Any]:
 
 
 def server_runner(urls: str, token: str | None, *, ca_file: str | None = None, retries: int = 2,
-                  device: str | None = None) -> Any:
+                  device: str | None = None) -> "ServerRunner":
     """A :data:`~MedDiffusionLib.dataset.Runner` that runs the cases on the job services ``urls``
     (a comma list). Every server must answer (and accept the token) now: a bad one is a
     :class:`UserError`, before anything is written. ``device``: the device to ask the servers
-    for (default: their own choice, ``auto``)."""
-    clients = _clients(urls, token, ca_file)
+    for (default: their own choice, ``auto``). A batch is sent at most ``1 + retries`` times."""
+    return ServerRunner(_clients(urls, token, ca_file), retries, device)
 
-    def runner(plan: Any, cases: list[Any], tracker: Any) -> None:
-        _Dispatch(clients, plan, tracker, retries, device).run(cases)
 
-    return runner
+class ServerRunner:
+    """The runner of :func:`server_runner`. After a call, ``retried`` lists ``(ids, reason)`` for
+    every batch sent again (``ids``: its cases' ids, comma separated) and ``dropped`` the servers
+    that stopped answering (url -> why)."""
+
+    def __init__(self, clients: list[Any], retries: int, device: str | None):
+        self.clients, self.retries, self.device = clients, retries, device
+        self.retried: list[tuple[str, str]] = []
+        self.dropped: dict[str, str] = {}
+
+    def __call__(self, plan: Any, cases: list[Any], tracker: Any) -> None:
+        run = _Dispatch(self.clients, plan, tracker, self.retries, self.device, self.retried)
+        try:
+            run.run(cases)
+        finally:
+            self.dropped.update({self.clients[i].url: why for i, why in run.gone.items()})
 
 
 class _Dispatch:
-    def __init__(self, clients: list[Any], plan: Any, tracker: Any, retries: int, device: str | None):
+    def __init__(self, clients: list[Any], plan: Any, tracker: Any, retries: int, device: str | None,
+                 retried: list[tuple[str, str]]):
         self.clients, self.plan, self.tracker = clients, plan, tracker
-        self.retries, self.device = retries, device
+        self.retries, self.device, self.retried = retries, device, retried
         self.todo: queue.Queue = queue.Queue()
         self.lock = threading.Lock()
         self.left = 0                           # batches not yet over
         self.pending: set[str] = set()          # the ids of the cases to store
         self.stop = threading.Event()
         self.gone: dict[int, str] = {}          # server index -> why it was dropped
+        self.suspect: set[int] = set()          # servers that stopped answering, being asked again
         self.interrupt: BaseException | None = None  # raised by the tracker's callback in a worker thread
 
     def run(self, cases: list[Any]) -> None:
@@ -93,6 +119,7 @@ class _Dispatch:
         self.left = len(units)
         for unit in units:
             self.todo.put((unit, 0))
+        self.handoffs: dict[int, set[int]] = {id(unit): set() for unit in units}  # servers that lost it
         threads = [threading.Thread(target=self._work, args=(i,), name=f"meddiffusion-dataset-{i}-{k}", daemon=True)
                    for i in range(len(self.clients)) for k in range(IN_FLIGHT)]
         for t in threads:
@@ -137,6 +164,9 @@ class _Dispatch:
 
         client = self.clients[index]
         while not self.stop.is_set() and index not in self.gone:
+            if index in self.suspect:  # another thread asks whether this server answers again
+                self.stop.wait(0.2)
+                continue
             try:
                 unit, tries = self.todo.get(timeout=0.2)
             except queue.Empty:
@@ -150,27 +180,63 @@ class _Dispatch:
                 images = self._compute(client, unit)
             except _Stop:
                 return
-            except ServiceUnavailable as exc:  # the server went away: its batch goes to another one
+            except ServiceUnavailable as exc:  # no answer: the batch goes back, and the server is asked
+                # again a few times before it is dropped. A batch whose server went away as many times
+                # as there are servers fails: it may be what crashes them
                 with self.lock:
-                    self.gone.setdefault(index, str(exc))
-                self.todo.put((unit, tries))
-                return
+                    self.suspect.add(index)  # its other threads take no work until it answers again
+                    self.handoffs[id(unit)].add(index)
+                    handoffs = len(self.handoffs[id(unit)])
+                reason = f"{client.url}: {failure_reason(exc)}"
+                if handoffs >= len(self.clients):
+                    self._over(unit, None, f"{reason} (every server stopped answering while it ran)")
+                else:
+                    with self.lock:
+                        self.retried.append((", ".join(c.id for c in unit[0]), reason))
+                    self.todo.put((unit, tries))
+                answers = self._answers_again(client)
+                with self.lock:
+                    self.suspect.discard(index)
+                    if not answers:
+                        self.gone.setdefault(index, failure_reason(exc))
+                if not answers:
+                    return
             except JobCancelled as exc:  # cancelled on the server by someone else: tried again
                 self._again(unit, tries, failure_reason(exc))
-            except JobFailed as exc:  # a refused request fails again: recorded at once
-                if exc.kind == "request":
+            except JobFailed as exc:  # a refused request (or one over the time limit) fails again: recorded
+                if exc.kind in FINAL_KINDS:
                     self._over(unit, None, failure_reason(exc))
                 else:
                     self._again(unit, tries, failure_reason(exc))
-            except ServiceError as exc:  # a 4xx: the server refuses this request; trying again cannot help
-                self._over(unit, None, failure_reason(exc))
+            except ServiceError as exc:
+                if exc.status in REFUSALS:  # the server refuses this request: trying again cannot help
+                    self._over(unit, None, failure_reason(exc))
+                else:  # busy (429, 503: the queue is full), a conflict, an internal error: later
+                    self.stop.wait(BUSY_WAIT_S * (tries + 1))
+                    self._again(unit, tries, failure_reason(exc))
             except Exception as exc:  # noqa: BLE001 - reading the download failed: recorded
                 self._over(unit, None, failure_reason(exc))
             else:
                 self._over(unit, images)
 
+    def _answers_again(self, client: Any) -> bool:
+        """Whether a server that stopped answering answers again within :data:`PROBES_S`."""
+        for wait in PROBES_S:
+            end = time.monotonic() + wait
+            while time.monotonic() < end:
+                if self.stop.wait(0.2) or self.left <= 0:  # stopped, or nothing left to do
+                    return False
+            try:
+                client.health(timeout=CONNECT_TIMEOUT_S)
+                return True
+            except Exception:  # noqa: BLE001 - still no answer
+                continue
+        return False
+
     def _again(self, unit: tuple, tries: int, reason: str) -> None:
         if tries < self.retries:
+            with self.lock:
+                self.retried.append((", ".join(c.id for c in unit[0]), reason))
             self.todo.put((unit, tries + 1))
         else:
             self._over(unit, None, reason + (f" (tried {tries + 1} times)" if tries else ""))
@@ -193,4 +259,4 @@ class _Dispatch:
         return images
 
 
-__all__ = ["server_runner", "IN_FLIGHT"]
+__all__ = ["server_runner", "ServerRunner", "IN_FLIGHT"]

@@ -244,8 +244,9 @@ def as_request(spec: JobSpec, device: str | None = None, **params: Any) -> dict[
                 inputs=dict(doc.get("inputs") or {}))
 
 
-def _seeds(seeds: Any, num_volumes: int) -> list[int]:
-    """One seed per volume (generate): a list of ``num_volumes`` whole numbers."""
+def _seeds(seeds: Any, num_volumes: int, seed: int) -> list[int]:
+    """One seed per volume (generate): a list of ``num_volumes`` whole numbers, the first of them
+    ``seed`` (left out, ``seed`` and ``num_volumes`` follow ``seeds``: :func:`resolve`)."""
     if not isinstance(seeds, (list, tuple)) or not seeds:
         raise UserError(f"seeds must be a list of whole numbers, one per volume, got {show(seeds)}")
     if len(seeds) > MAX_VOLUMES:
@@ -253,6 +254,8 @@ def _seeds(seeds: Any, num_volumes: int) -> list[int]:
     out = [_whole(v, "a seed", -MAX_SEED, MAX_SEED) for v in seeds]
     if len(out) != num_volumes:
         raise UserError(f"seeds gives {len(out)} seeds for num_volumes {num_volumes}: give one seed per volume")
+    if out[0] != seed:
+        raise UserError(f"seed {seed} and seeds {out[0]}, ...: with seeds, seed is the first of them (or leave it out)")
     return out
 
 
@@ -276,7 +279,7 @@ def _check_params(p: dict[str, Any]) -> None:
         ("hu_window", lambda: _pair(p["hu_window"], "the HU window")),
     ]
     optional = ("steps", "max_memory_gb", "size", "spacing", "hu_window", "seeds")
-    checks.append(("seeds", lambda: _seeds(p["seeds"], p["num_volumes"])))
+    checks.append(("seeds", lambda: _seeds(p["seeds"], p["num_volumes"], p["seed"])))
     for key, check in checks:
         if p[key] is not None or key not in optional:
             with about(key):
@@ -395,6 +398,12 @@ def resolve(spec: JobSpec | dict, service: bool = False, caps: Caps | None = Non
     _check_task_params(spec)
     p = dict(PARAM_DEFAULTS)
     p.update({k: v for k, v in spec.params.items() if v is not None or k in ("class", "size", "spacing")})
+    seeds = p["seeds"]
+    if isinstance(seeds, (list, tuple)) and seeds:  # one seed per volume: the count and the first seed follow
+        if spec.params.get("num_volumes") is None:
+            p["num_volumes"] = min(len(seeds), MAX_VOLUMES)  # too many: the seeds check says so
+        if spec.params.get("seed") is None:
+            p["seed"] = seeds[0]
     _check_params(p)
     if service and spec.weights:
         raise UserError("the job service does not open local paths: choose a model by its registry id, not a "

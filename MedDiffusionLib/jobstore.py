@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("id", "owner", "task", "state", "spec", "device", "message", "error", "warnings", "results",
-           "input_names", "created", "finished")
+           "input_names", "created", "finished", "error_kind")
 JSON_COLUMNS = ("spec", "warnings", "results", "input_names")
 SCHEMA = f"CREATE TABLE IF NOT EXISTS jobs ({', '.join(c + (' TEXT PRIMARY KEY' if c == 'id' else '') for c in COLUMNS)})"
 
@@ -32,6 +32,10 @@ class JobStore:
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=DELETE")
         self._db.execute(SCHEMA)
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in COLUMNS:  # a table an older version made: the columns added since (NULL in its rows)
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column}")
 
     def save(self, row: dict[str, Any]) -> None:
         values = [json.dumps(row[c]) if c in JSON_COLUMNS else row[c] for c in COLUMNS]

@@ -160,7 +160,8 @@ def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, 
     if client is not None:
         from .remote import run_on_service
 
-        new = run_on_service(client, spec.to_dict(), {name: given[name] for name in vols}, wanted)[0]
+        new = run_on_service(client, spec.to_dict(), {name: given[name] for name in vols}, wanted,
+                             first_only=True)[0]
     else:
         res = run_job(spec, vols, progress=progress, cancel=cancel)
         match = [r for r in res.results if r.name == wanted] if wanted else res.results[:1]

@@ -117,8 +117,8 @@ class Job:
     message: str = "waiting in the queue"
     error: str | None = None
     # why it failed: "request" (the request or an input is wrong: running it again gives the same
-    # error), "resources" (memory), "time_limit", "internal"; None otherwise (and for a job failed
-    # by a restart)
+    # error), "resources" (memory), "time_limit", "internal", "interrupted" (the server restarted
+    # while it ran); None otherwise
     error_kind: str | None = None
     warnings: list[str] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -136,7 +136,8 @@ class Job:
         return {"id": self.id, "owner": self.owner, "task": self.spec.task, "state": self.state,
                 "spec": _jsonable(self.spec.to_dict()), "device": self.device, "message": self.message,
                 "error": self.error, "warnings": self.warnings, "results": self.results,
-                "input_names": self.input_names, "created": self.created, "finished": self.finished}
+                "input_names": self.input_names, "created": self.created, "finished": self.finished,
+                "error_kind": self.error_kind}
 
 
 def _queue_full(limits: Limits) -> HTTPException:
@@ -214,13 +215,15 @@ class JobService:
                 shutil.rmtree(folder, ignore_errors=True)
                 continue
             job = Job(row["id"], spec, row["device"], folder, state=row["state"], message=row["message"] or "",
-                      error=row["error"], warnings=row["warnings"] or [], results=row["results"] or [],
+                      error=row["error"], error_kind=row.get("error_kind"), warnings=row["warnings"] or [],
+                      results=row["results"] or [],
                       created=row["created"], finished=row["finished"], owner=row["owner"],
                       input_names=row["input_names"] or {})
             job.phase = "done" if job.state in ("done", "failed", "cancelled") else "queued"
             if job.state == "running" or (job.state == "queued" and not folder.is_dir()):
                 job.state, job.phase, job.finished = "failed", "done", now
                 job.error = job.message = "the server restarted while this job ran; submit it again"
+                job.error_kind = "interrupted"
                 job.results = []
                 self._drop_files(job)
                 shutil.rmtree(folder / "results", ignore_errors=True)

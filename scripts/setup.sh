@@ -12,11 +12,11 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test,evaluate,nnunet,ray]"
+.venv/bin/python -m pip install --quiet -e ".[test,evaluate,nnunet-check,ray]"
 # nnU-Net v2, for the test that runs its own dataset integrity check on a generated dataset: only
 # what nnunetv2.experiment_planning.verify_dataset_integrity imports. nnunetv2 and its two DKFZ
 # helpers go in without their dependencies (their full set pulls timm and torchvision, and with them
-# another, CUDA, torch); the plain packages those modules import come with the "nnunet" extra above.
+# another, CUDA, torch); the plain packages those modules import come with the "nnunet-check" extra above.
 .venv/bin/python -m pip install --quiet --no-deps "nnunetv2>=2.8,<3" "acvl-utils>=0.2.6,<0.3" \
     "batchgenerators>=0.25.1,<0.26"
 # Compile the bundled model's noise network ahead of time for its default size (one-time, about a

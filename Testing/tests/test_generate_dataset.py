@@ -110,7 +110,7 @@ def test_torchrun_two_ranks_match_one_process(single, tmp_path):
     out = tmp_path / "Dataset501_Synth"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "MedDiffusionLib.cli",
-           "generate-dataset", str(man), "--out", str(out), "--seed", "5", *FAST]
+           "generate-dataset", str(man), "--out", str(out), "--seed", "5", "--threads", "1", *FAST]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "datalist.json").read_text()) == json.loads((one / "datalist.json").read_text())
@@ -232,7 +232,8 @@ def test_batches_are_fixed_in_the_plan_and_reproducible(tmp_path, monkeypatch, c
     two = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out", str(two), *common],
+                           "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out", str(two), "--threads", "1",
+                           *common],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for cid, arr in vols.items():
@@ -250,12 +251,21 @@ def test_batches_are_fixed_in_the_plan_and_reproducible(tmp_path, monkeypatch, c
     assert "holds another dataset" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("seeds, words", [([1, 2, 3], "3 seeds for num_volumes 2"), ("12", "list of whole numbers"),
-                                          ([1, "x"], "seed"), (list(range(65)), "at most 64")])
-def test_bad_per_volume_seeds_are_refused(seeds, words):
+@pytest.mark.parametrize("params, words", [
+    ({"num_volumes": 2, "seeds": [1, 2, 3]}, "3 seeds for num_volumes 2"),
+    ({"seeds": "12"}, "list of whole numbers"), ({"seeds": [1, "x"]}, "seed"),
+    ({"seeds": list(range(65))}, "at most 64"), ({"seed": 5, "seeds": [1, 2]}, "seed is the first of them")])
+def test_bad_per_volume_seeds_are_refused(params, words):
     from MedDiffusionLib.errors import UserError
     from MedDiffusionLib.jobspec import resolve
 
     with pytest.raises(UserError, match=words) as exc:
-        resolve({"task": "generate", "params": {"num_volumes": 2, "seeds": seeds}})
+        resolve({"task": "generate", "params": params})
     assert exc.value.field == "seeds"
+
+
+def test_per_volume_seeds_set_the_count_and_the_first_seed():
+    from MedDiffusionLib.jobspec import resolve
+
+    p = resolve({"task": "generate", "params": {"seeds": [7, 3, 9]}}).params
+    assert (p["num_volumes"], p["seed"], p["seeds"]) == (3, 7, [7, 3, 9])

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,16 @@ def _urls(servers) -> str:
     return ",".join(s.url for s in servers)
 
 
+def _jobs_done(server) -> float:
+    """The server's count of generate jobs that ended done (its Prometheus metrics)."""
+    req = urllib.request.Request(server.url + "/v1/metrics", headers={"Authorization": f"Bearer {server.token}"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("meddiffusion_jobs_finished_total{") and 'state="done"' in line
+               and 'task="generate"' in line)
+
+
 def _same(a: Path, b: Path, ids) -> None:
     assert json.loads((a / "datalist.json").read_text())["training"] == \
         json.loads((b / "datalist.json").read_text())["training"]
@@ -67,14 +79,14 @@ def _same(a: Path, b: Path, ids) -> None:
 def test_two_servers_match_one_process_and_share_the_cases(servers, reference, tmp_path, capsys):
     man, one = reference
     out = tmp_path / "served"
-    before = [s.client().health()["model_loads"] for s in servers]
+    before = [_jobs_done(s) for s in servers]
     assert cli.main(["generate-dataset", str(man), "--out", str(out), "--server", _urls(servers),
                      "--token", servers[0].token, *FAST]) == 0, capsys.readouterr().err
     assert "5 done, 0 skipped (already finished), 0 failed" in capsys.readouterr().err
     _same(one, out, [r["id"] for r in ROWS])
-    # both servers worked (each loaded the model for its first case: this is the module's first run on
-    # them), and no job is left on either
-    assert before == [0, 0] and [s.client().health()["model_loads"] for s in servers] == [1, 1]
+    # both servers worked, one job per case in all, and no job is left on either
+    ran = [_jobs_done(s) - b for s, b in zip(servers, before)]
+    assert sum(ran) == len(ROWS) and min(ran) >= 1, ran
     assert all(s.client().jobs() == [] for s in servers)
 
 
@@ -116,6 +128,32 @@ def test_killed_midway_then_rerun_ends_with_the_same_files(servers, reference, t
     assert not [p for p in out.rglob("*.tmp*")]
 
 
+def test_ctrl_c_deletes_the_jobs_keeps_finished_cases_and_the_rerun_continues(servers, reference, tmp_path):
+    man, one = reference
+    out = tmp_path / "interrupted"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MEDDIFFUSION_TOKEN=servers[0].token)
+    cmd = [sys.executable, "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out", str(out),
+           "--server", _urls(servers), *FAST]
+    earlier = {j["id"] for s in servers for j in s.client().jobs()}  # a killed client's jobs stay (test above)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = out / ".meddiffusion" / "done"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not (done.is_dir() and any(done.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to continue" in err
+    finished = sorted(p.stem for p in done.iterdir())
+    assert 1 <= len(finished) < len(ROWS) and not (out / "datalist.json").exists()
+    # the jobs in flight were deleted on the servers
+    assert {j["id"] for s in servers for j in s.client().jobs()} <= earlier
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(finished)} skipped" in rerun.stderr
+    _same(one, out, [r["id"] for r in ROWS])
+
+
 def test_a_server_that_goes_away_leaves_its_cases_to_the_other(tmp_path, reference):
     man, one = reference
     logs = tmp_path / "logs"
@@ -128,16 +166,21 @@ def test_a_server_that_goes_away_leaves_its_cases_to_the_other(tmp_path, referen
         plan = ds.plan_dataset(ds.read_manifest(man), tmp_path / "gone", base=man.parent, sampler="ddim", steps=2,
                                device="auto")
 
-        def stop_second(case, status):
-            if pair[1].running:
+        once = threading.Lock()
+
+        def stop_second(case, status):  # called from the runner's threads: stop the second server once
+            if once.acquire(blocking=False):
                 pair[1].stop()
 
-        summary = ds.run_dataset(plan, progress=False, on_case=stop_second,
-                                 runner=server_runner(",".join(s.url for s in pair), token, retries=0))
+        runner = server_runner(",".join(s.url for s in pair), token, retries=0)
+        summary = ds.run_dataset(plan, progress=False, on_case=stop_second, runner=runner)
     finally:
         for s in pair:
             s.stop()
     assert summary.failed == [] and sorted(summary.done) == sorted(r["id"] for r in ROWS)
+    # the second server had jobs when it stopped: they went to the first (retries=0: a hand-off is no retry)
+    assert list(runner.dropped) == [pair[1].url] and runner.retried, (runner.dropped, runner.retried)
+    assert all(pair[1].url in why for _, why in runner.retried)
     _same(one, tmp_path / "gone", [r["id"] for r in ROWS])
 
 
@@ -157,7 +200,7 @@ def test_a_refused_case_fails_once_and_the_others_finish(servers, tmp_path, caps
     assert (out / "imagesTr" / "good_0000.nii.gz").is_file() and not (out / "dataset.json").exists()
 
 
-@pytest.mark.parametrize("what", ["closed port", "bad token", "twice", "with ray"])
+@pytest.mark.parametrize("what", ["closed port", "bad token", "twice", "with ray", "with workers"])
 def test_bad_servers_are_one_line_and_nothing_is_written(what, servers, tmp_path, capsys):
     man = _manifest(tmp_path / "m.jsonl", [{"id": "x"}])
     out = tmp_path / "out"
@@ -165,7 +208,8 @@ def test_bad_servers_are_one_line_and_nothing_is_written(what, servers, tmp_path
     args = {"closed port": ["--server", f"{url},http://127.0.0.1:{free_port()}", "--token", token],
             "bad token": ["--server", url, "--token", "not-the-token"],
             "twice": ["--server", f"{url},{url}", "--token", token],
-            "with ray": ["--server", url, "--token", token, "--ray"]}[what]
+            "with ray": ["--server", url, "--token", token, "--ray"],
+            "with workers": ["--server", url, "--token", token, "--workers", "2"]}[what]
     assert cli.main(["generate-dataset", str(man), "--out", str(out), *args, *FAST]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err

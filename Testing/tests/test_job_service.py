@@ -673,3 +673,28 @@ def test_evaluate_job_through_the_service(client, work_dir, tmp_path, capsys):
     assert "--window" in capsys.readouterr().err
     # the uploads (patient data, perhaps) do not outlive their jobs
     assert not [p for n in ("prediction", "reference") for p in work_dir.glob(f"*/{n}.*")]
+
+
+def test_job_table_of_an_older_version_gains_the_error_kind_column(tmp_path):
+    """A jobs.sqlite3 written before `error_kind` existed opens, keeps its rows (kind unknown),
+    and stores the kind from then on (a restarted server still tells a refused request apart)."""
+    import sqlite3
+
+    from MedDiffusionLib.jobstore import COLUMNS, JobStore
+
+    old = [c for c in COLUMNS if c != "error_kind"]
+    path = tmp_path / "jobs.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute(f"CREATE TABLE jobs ({', '.join(c + (' TEXT PRIMARY KEY' if c == 'id' else '') for c in old)})")
+    db.execute(f"INSERT INTO jobs ({', '.join(old)}) VALUES ({', '.join('?' * len(old))})",
+               ["a", "owner", "generate", "failed", "{}", "cpu", "m", "e", "[]", "[]", "{}", 1.0, 2.0])
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    try:
+        assert store.rows()[0]["error_kind"] is None and store.rows()[0]["error"] == "e"
+        row = dict(store.rows()[0], id="b", spec={}, error_kind="request")
+        store.save(row)
+        assert {r["id"]: r["error_kind"] for r in store.rows()} == {"a": None, "b": "request"}
+    finally:
+        store.close()

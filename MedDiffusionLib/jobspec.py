@@ -231,11 +231,12 @@ def _finite(value: Any, what: str, lo: float | None = None, hi: float | None = N
     return out
 
 
-def as_request(spec: JobSpec, device: str | None = None, **params: Any) -> dict[str, Any]:
-    """A resolved spec as a request again (to resolve anew, here or on a service): the task's own
-    parameters only (what resolution filled in for the others is left to the resolver), with
-    ``params`` laid over them and ``device`` replacing the spec's (``None``: kept)."""
-    doc = spec.to_dict()
+def as_request(spec: JobSpec | dict[str, Any], device: str | None = None, **params: Any) -> dict[str, Any]:
+    """A resolved spec (or its dict, as a provenance records it) as a request again, to resolve
+    anew, here or on a service: the task's own parameters only (what resolution filled in for the
+    others is left to the resolver), with ``params`` laid over them and ``device`` replacing the
+    spec's (``None``: kept)."""
+    doc = spec.to_dict() if isinstance(spec, JobSpec) else spec
     p = {k: v for k, v in doc["params"].items() if k in TASK_PARAMS[doc["task"]]}
     p.update(params)
     if device is not None:

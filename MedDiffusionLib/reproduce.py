@@ -97,18 +97,14 @@ def _tolerance(prov: Mapping[str, Any]) -> float:
 
 def recorded_spec(prov: Mapping[str, Any], device: str | None = None) -> Any:
     """The job spec a provenance records (``device`` replaces the recorded device)."""
-    from .jobspec import TASK_PARAMS, JobSpec
+    from .jobspec import TASK_PARAMS, JobSpec, as_request
 
     job = prov.get("job")
     if not isinstance(job, dict) or not isinstance(job.get("params"), dict) or job.get("task") not in TASK_PARAMS:
         raise UserError("the provenance records no job to re-run (a file marked by another tool or an older "
                         "MedDiffusion, or a NIfTI without its .json sidecar)")
     # the task's own parameters, as resolved (the others are what resolution filled in for it)
-    params = {k: v for k, v in job["params"].items() if k in TASK_PARAMS[job["task"]]}
-    if device is not None:
-        params["device"] = device
-    doc = {k: job.get(k) for k in ("task", "model", "weights", "controlnet", "output_format")}
-    return JobSpec.from_dict(dict(doc, params=params))
+    return JobSpec.from_dict(dict(as_request(job, device), inputs={}))
 
 
 def reproduce(path: str | Path, inputs: Mapping[str, str | Path] | None = None, device: str | None = None,

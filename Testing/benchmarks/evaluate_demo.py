@@ -96,6 +96,16 @@ def generation(args: argparse.Namespace, out: dict) -> None:
         out["generation"][name] = rep.to_dict()
 
 
+def controlled(args: argparse.Namespace, task: str, controlnet: str, path: Path) -> Volume:
+    """One ControlNet job on the CPU (DDIM ``--steps``, ``--seed``) from the volume at ``path``."""
+    t0 = time.time()
+    vol = run_job({"task": task, "controlnet": controlnet,
+                   "params": {"sampler": "ddim", "steps": args.steps, "seed": args.seed, "device": "cpu"},
+                   "inputs": {"input": str(path)}}).results[0].volume
+    log(f"{task} ({controlnet}) in {time.time() - t0:.0f} s")
+    return vol
+
+
 def sparse_view(args: argparse.Namespace, work: Path, out: dict) -> None:
     ct_path = DATA / "lung2_crop.nii.gz"
     ct = read_volume(ct_path)
@@ -104,11 +114,7 @@ def sparse_view(args: argparse.Namespace, work: Path, out: dict) -> None:
                    "inputs": {"input": str(ct_path)}}).results[0].volume
     write_volume(fbp, work / "fbp40.nrrd")
     log(f"simulated 40-view FBP in {time.time() - t0:.0f} s")
-    t0 = time.time()
-    rec = run_job({"task": "reconstruct", "controlnet": "chest-ct-mini-sparse-view",
-                   "params": {"sampler": "ddim", "steps": args.steps, "seed": args.seed, "device": "cpu"},
-                   "inputs": {"input": str(work / "fbp40.nrrd")}}).results[0].volume
-    log(f"reconstructed in {time.time() - t0:.0f} s")
+    rec = controlled(args, "reconstruct", "chest-ct-mini-sparse-view", work / "fbp40.nrrd")
     print(f"\n# 2. sparse-view CT: lung2_crop ({'x'.join(map(str, ct.shape))} voxels), 40 views, FBP vs "
           f"chest-ct-mini-sparse-view (DDIM {args.steps}), against the full-view CT on its grid")
     for name, vol in (("FBP 40 views (input, baseline)", fbp), ("ControlNet reconstruction", rec)):
@@ -121,11 +127,7 @@ def labels_to_ct(args: argparse.Namespace, work: Path, out: dict) -> None:
     ct = read_volume(DATA / "lung2_crop.nii.gz")
     labels = ct.with_array(ct_labels_from_hu(ct.array.astype(np.float32)).astype(np.int16))
     write_volume(labels, work / "labels.nrrd")
-    t0 = time.time()
-    syn = run_job({"task": "synthesize", "controlnet": "chest-ct-mini-labels",
-                   "params": {"sampler": "ddim", "steps": args.steps, "seed": args.seed, "device": "cpu"},
-                   "inputs": {"input": str(work / "labels.nrrd")}}).results[0].volume
-    log(f"synthesized in {time.time() - t0:.0f} s")
+    syn = controlled(args, "synthesize", "chest-ct-mini-labels", work / "labels.nrrd")
     print(f"\n# 3. label -> CT: labels of lung2_crop (1 lung, 2 soft tissue, 3 bone; 0 air), chest-ct-mini-labels "
           f"(DDIM {args.steps})")
     rep = paired_metrics(syn, ct)

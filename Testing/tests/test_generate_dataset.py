@@ -29,22 +29,24 @@ def _manifest(path: Path, rows) -> Path:
     return path
 
 
-def _gen(monkeypatch, *argv) -> int:
+def _gen(*argv) -> int:
     return cli.main(["generate-dataset", *map(str, argv)])
+
+
+def same_voxels(a: Path, b: Path, ids) -> None:
+    """The images of cases ``ids`` in two flat dataset folders have equal voxels."""
+    for i in ids:
+        assert np.array_equal(read_volume(a / f"{i}.nii.gz").array, read_volume(b / f"{i}.nii.gz").array), i
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """The 3-case images-only dataset, made once in this process."""
-    mp = pytest.MonkeyPatch()
-    try:
-        tmp = tmp_path_factory.mktemp("single")
-        man = _manifest(tmp / "cases.jsonl", ROWS)
-        out = tmp / "Dataset501_Synth"
-        assert _gen(mp, man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
-        yield man, out
-    finally:
-        mp.undo()
+    tmp = tmp_path_factory.mktemp("single")
+    man = _manifest(tmp / "cases.jsonl", ROWS)
+    out = tmp / "Dataset501_Synth"
+    assert _gen(man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
+    return man, out
 
 
 def test_images_only_flat_layout_rerun_and_redo(single, monkeypatch, capsys):
@@ -63,13 +65,13 @@ def test_images_only_flat_layout_rerun_and_redo(single, monkeypatch, capsys):
     before = {i: read_volume(out / f"{i}.nii.gz").array for i in IDS}
     capsys.readouterr()
     # a rerun skips everything
-    assert _gen(monkeypatch, man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
+    assert _gen(man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
     assert "0 done, 3 skipped" in capsys.readouterr().err
     # a case without its image is redone, and only it, to the same voxels; a killed write's leftover goes
     (out / "b.nii.gz").unlink()
     (out / ".b.123-456-deadbeef.tmp.nii.gz").write_bytes(b"half")
     mtime_a = (out / "a.nii.gz").stat().st_mtime_ns
-    assert _gen(monkeypatch, man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
+    assert _gen(man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
     assert "1 done, 2 skipped" in capsys.readouterr().err
     assert (out / "a.nii.gz").stat().st_mtime_ns == mtime_a
     assert np.array_equal(read_volume(out / "b.nii.gz").array, before["b"])
@@ -94,7 +96,7 @@ def test_pair_case_with_the_labels_controlnet(tmp_path, monkeypatch):
                                                 "controlnet": "chest-ct-mini-labels",
                                                 "size": list(lv.shape), "spacing": list(lv.spacing)}])
     out = tmp_path / "Dataset502_Pairs"
-    assert _gen(monkeypatch, man, "--out", out, "--threads", 1, *FAST) == 0
+    assert _gen(man, "--out", out, "--threads", 1, *FAST) == 0
     doc = json.loads((out / "dataset.json").read_text())
     assert doc["labels"]["background"] == 0 and sorted(doc["labels"].values()) == [0, 1, 2, 3, 4]
     assert json.loads((out / "datalist.json").read_text())["training"] == [
@@ -114,10 +116,7 @@ def test_torchrun_two_ranks_match_one_process(single, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "datalist.json").read_text()) == json.loads((one / "datalist.json").read_text())
-    for i in IDS:
-        a = read_volume(one / f"{i}.nii.gz").array
-        b = read_volume(out / f"{i}.nii.gz").array
-        assert np.array_equal(a, b), i
+    same_voxels(one, out, IDS)
 
 
 BAD = {
@@ -151,7 +150,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, c
         (out / ".meddiffusion" / "state.json").write_text(json.dumps({"name": "other", "layout": "nnunet"}))
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     layout = {"colliding names": ["--layout", "flat"], "nnU-Net without labels": ["--layout", "nnunet"]}.get(case, [])
-    assert _gen(monkeypatch, man, "--out", out, *layout, *FAST) == 2
+    assert _gen(man, "--out", out, *layout, *FAST) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
@@ -165,7 +164,7 @@ def test_a_failing_case_does_not_stop_the_others_and_ctrl_c_keeps_finished_cases
     man = _manifest(tmp_path / "m.jsonl", [{"id": "bad", "labels": "masks/seven.nii.gz",
                                             "controlnet": "chest-ct-mini-labels"}, {"id": "good"}])
     out = tmp_path / "flat"
-    assert _gen(monkeypatch, man, "--out", out, "--layout", "flat", "--threads", 1, *FAST) == 1
+    assert _gen(man, "--out", out, "--layout", "flat", "--threads", 1, *FAST) == 1
     err = capsys.readouterr().err
     assert "1 done, 0 skipped (already finished), 1 failed" in err and "failed: bad: " in err and "[7]" in err
     assert (out / "good.nii.gz").is_file() and not (out / "bad.nii.gz").exists()
@@ -212,7 +211,7 @@ def test_batches_are_fixed_in_the_plan_and_reproducible(tmp_path, monkeypatch, c
     man = _manifest(tmp_path / "cases.jsonl", rows)
     out = tmp_path / "batched"
     common = ["--batch", "2", "--seed", "0", *FAST]
-    assert _gen(monkeypatch, man, "--out", out, "--threads", 1, *common) == 0
+    assert _gen(man, "--out", out, "--threads", 1, *common) == 0
     plan = ds.plan_dataset(rows, out, sampler="ddim", steps=2, batch=2)
     assert [[c.id for c in members] for members, _ in plan.batches] == [["c0", "c1"], ["c2", "c3"], ["c4"]]
     prov = read_provenance(out / "c1.nii.gz")
@@ -236,18 +235,17 @@ def test_batches_are_fixed_in_the_plan_and_reproducible(tmp_path, monkeypatch, c
                            *common],
                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for cid, arr in vols.items():
-        assert np.array_equal(read_volume(two / f"{cid}.nii.gz").array, arr), cid
+    same_voxels(out, two, vols)
     # a lost case is redone inside its batch, to the same voxels; its batch mate is left alone
     (out / "c1.nii.gz").unlink()
     mtime = (out / "c0.nii.gz").stat().st_mtime_ns
     capsys.readouterr()
-    assert _gen(monkeypatch, man, "--out", out, "--threads", 1, *common) == 0
+    assert _gen(man, "--out", out, "--threads", 1, *common) == 0
     assert "1 done, 4 skipped" in capsys.readouterr().err
     assert (out / "c0.nii.gz").stat().st_mtime_ns == mtime
     assert np.array_equal(read_volume(out / "c1.nii.gz").array, vols["c1"])
     # other batches would make other voxels: another dataset
-    assert _gen(monkeypatch, man, "--out", out, "--batch", "3", *FAST) == 2
+    assert _gen(man, "--out", out, "--batch", "3", *FAST) == 2
     assert "holds another dataset" in capsys.readouterr().err
 
 

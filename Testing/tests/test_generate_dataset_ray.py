@@ -16,24 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedDiffusionLib import cli
 from MedDiffusionLib import dataset as ds
-from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
+from MedDiffusionLib.data.volumes import Volume, write_volume
 from MedDiffusionLib.provenance import read_provenance
 
-FAST = ["--sampler", "ddim", "--steps", "2", "--device", "cpu", "--quiet"]
-ROWS = [{"id": "a", "seed": 11}, {"id": "b", "size": [64, 64, 64], "spacing": [4.8, 4.8, 4.3]}, {"class": 1}]
-IDS = ["a", "b", "case_0003"]
+from test_generate_dataset import FAST, IDS, ROWS, _gen, _manifest, same_voxels
+
 NAME = "Dataset501_Synth"
-
-
-def _manifest(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def _gen(*argv) -> int:
-    return cli.main(["generate-dataset", *map(str, argv)])
 
 
 def _plan(rows, out: Path, **kw):
@@ -61,12 +50,6 @@ def _no_workers_left(timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.1)
     return True
-
-
-def _same_as(reference: Path, out: Path, ids=IDS) -> None:
-    for i in ids:
-        a, b = read_volume(reference / f"{i}.nii.gz").array, read_volume(out / f"{i}.nii.gz").array
-        assert np.array_equal(a, b), i
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +81,7 @@ def test_ray_run_equals_a_single_process_run(ray_local, reference, tmp_path, cap
     assert _gen(man, "--out", out, "--seed", 5, "--ray", "--threads", 1, *FAST) == 0
     assert "3 done, 0 skipped (already finished), 0 failed" in capsys.readouterr().err
     assert json.loads((out / "datalist.json").read_text()) == json.loads((one / "datalist.json").read_text())
-    _same_as(one, out)
+    same_voxels(one, out, IDS)
     for i in IDS:
         prov = read_provenance(out / f"{i}.nii.gz")
         assert prov and prov["task"] == "generate" and (out / f"{i}.json").is_file()
@@ -130,7 +113,7 @@ def test_ctrl_c_keeps_finished_cases_and_a_rerun_ends_with_the_same_files(ray_lo
     assert summary.skipped == finished and sorted(summary.done) == sorted(set(IDS) - set(finished))
     assert summary.failed == [] and summary.dataset_written
     assert json.loads((out / "datalist.json").read_text()) == json.loads((one / "datalist.json").read_text())
-    _same_as(one, out)
+    same_voxels(one, out, IDS)
     assert not [p for p in out.rglob("*.tmp*")]
 
 
@@ -168,7 +151,7 @@ def test_a_refused_case_fails_once_and_a_killed_workers_case_is_retried(ray_loca
     died = [cid for cid, why in runner.retried if "the Ray worker died" in why]
     assert died and set(died) <= set(IDS) | {"gpu99"}, runner.retried
     assert runner.started > 2  # the dead workers were replaced
-    _same_as(one, out)
+    same_voxels(one, out, IDS)
     assert not (out / "bad.nii.gz").exists() and not (out / "datalist.json").exists()
     assert _no_workers_left()
 

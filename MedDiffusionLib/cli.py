@@ -217,16 +217,10 @@ def _download_marked(client: "Client", job_id: str, result: dict, out: Path, arg
     dicom``: the NRRD is converted here into a DICOM series with the result's provenance."""
     prov = (result.get("meta") or {}).get("provenance")
     if getattr(args, "format", None) == "dicom":
-        import tempfile
+        from .remote import download_result
+        from .results import write_result
 
-        from .data.volumes import read_volume
-        from .results import ResultVolume, write_result
-
-        with tempfile.TemporaryDirectory(prefix="meddiffusion-dl-") as tmp:
-            local = Path(tmp) / Path(result["name"]).name
-            client.download(job_id, result["name"], local)
-            vol = read_volume(local)
-        write_result(ResultVolume(result["name"], vol, {"provenance": prov}), out, args.overwrite, "dicom")
+        write_result(download_result(client, job_id, result), out, args.overwrite, "dicom")
         return
     client.download(job_id, result["name"], out)
     if prov and out.name.lower().endswith((".nii", ".nii.gz")):

@@ -385,26 +385,20 @@ def _batches(cases: list[Case], size: int) -> tuple[list[Case], list[tuple[list[
 
 def _digest(name: str, layout: str, cases: Sequence[Case]) -> str:
     """The plan's hash: what decides every case's voxels (the device excluded), the batches too."""
+    from .weights import sha256_file
+
     doc = []
     for c in cases:
         spec = c.spec.to_dict()
         spec["params"] = {k: v for k, v in spec["params"].items() if k != "device"}
         spec["inputs"] = {}
-        lab = _file_sha256(c.labels) if c.labels else None
+        lab = sha256_file(c.labels) if c.labels else None
         doc.append([c.row, c.id, spec, lab])
     # the batches of more than one case (what --batch changes); none: the hash of one-case jobs
     extra = [[c.id for c in cases if c.batch == b] for b in sorted({c.batch for c in cases})]
     extra = [extra] if any(len(group) > 1 for group in extra) else []
     blob = json.dumps([name, layout, doc, *extra], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _state_path(out: Path) -> Path:
@@ -436,11 +430,10 @@ def _check_out(plan: Plan) -> None:
 
 # -- running --------------------------------------------------------------------------------------------
 def _write_json(path: Path, doc: Any) -> None:
-    from .io.atomic import atomic_path
+    from .io.atomic import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(doc, indent=1), encoding="utf-8")
+    atomic_write_text(path, json.dumps(doc, indent=1))
 
 
 def _prepare(plan: Plan) -> None:

@@ -93,8 +93,8 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
                                     cancel=cancel)
             metrics = report.to_json_dict()  # strict JSON: a perfect PSNR is "inf"
             prog.emit("writing", 0, 0, "writing")
-            return _named(JobResult(spec, [ResultVolume(result_names(spec)[0], None, {"task": spec.task, "metrics": metrics})],
-                                    time.monotonic() - t0, warnings))
+            return JobResult(spec, [ResultVolume(result_names(spec)[0], None, {"task": spec.task, "metrics": metrics})],
+                             time.monotonic() - t0, warnings)
         if spec.task == "simulate-sparse-view":
             from .pipelines.conditioned import simulate_sparse_view
 
@@ -114,7 +114,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             prog.emit("writing", 0, 0, "writing")
             meta = {"task": spec.task, "views": p["views"], "units": "HU"}
             meta["provenance"] = job_provenance(spec, meta, device=device, inputs=vols)
-            return _named(JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings))
+            return JobResult(spec, [ResultVolume(result_names(spec)[0], out, meta)], time.monotonic() - t0, warnings)
 
         prog.emit("loading", 0, p["steps"], "loading weights")
         if device == "cpu" and p["mode"] == "fast":
@@ -151,7 +151,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
                             units="HU" if p["hu_window"] else "model units [-1, 1]", hu_window=p["hu_window"])
                 meta["provenance"] = job_provenance(spec, meta, device=device, **_weights_of(pipe))
                 results.append(ResultVolume(name, g.volume(p["hu_window"]), meta))
-            return _named(JobResult(spec, results, time.monotonic() - t0, warnings))
+            return JobResult(spec, results, time.monotonic() - t0, warnings)
 
         pipe = cache.controlled(spec, device, controlnet_dirs)
         check_memory(spec, device, pipe, vols, spill_dir, max_spill_bytes)
@@ -172,8 +172,8 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         prov = job_provenance(spec, meta, device=device, inputs=vols, **_weights_of(pipe.base))
         names = result_names(spec)
         if n == 1:
-            return _named(JobResult(spec, [ResultVolume(names[0], outs[0], dict(meta, provenance=prov))],
-                             time.monotonic() - t0, warnings))
+            return JobResult(spec, [ResultVolume(names[0], outs[0], dict(meta, provenance=prov))],
+                             time.monotonic() - t0, warnings)
         from .pipelines.conditioned import sample_statistics
 
         results = [ResultVolume(names[i], vol, dict(meta, statistic="sample", sample_index=i,
@@ -185,7 +185,7 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
             what = {"statistic": stat, "samples": n}
             results.append(ResultVolume(name, outs[0].with_array(arr),
                                         dict(meta, **what, provenance=dict(prov, **what))))
-        return _named(JobResult(spec, results, time.monotonic() - t0, warnings))
+        return JobResult(spec, results, time.monotonic() - t0, warnings)
     except MemoryError as exc:
         raise ResourceError(f"out of memory: {exc or 'the run needs more RAM'}; try a smaller size or fewer volumes") \
             from exc
@@ -193,15 +193,6 @@ def run_job(spec: JobSpec | dict, inputs: dict[str, Any] | None = None, *, cache
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError without importing torch here
             raise ResourceError(oom_advice(p)) from exc
         raise
-
-
-def _named(result: JobResult) -> JobResult:
-    """Each result's provenance names the result it belongs to (``result``: ``meddiffusion
-    reproduce`` re-runs the recorded job and compares this one)."""
-    for r in result.results:
-        if isinstance(r.meta.get("provenance"), dict):
-            r.meta["provenance"] = dict(r.meta["provenance"], result=r.name)
-    return result
 
 
 def _weights_of(pipe: Any) -> dict[str, Any]:

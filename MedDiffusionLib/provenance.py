@@ -111,12 +111,9 @@ def sidecar_path(path: str | Path) -> Path:
 
 def write_sidecar(path: str | Path, prov: Mapping[str, Any]) -> Path:
     """Write the JSON sidecar of volume file ``path`` atomically; returns the sidecar's path."""
-    from .io.atomic import atomic_path
+    from .io.atomic import atomic_write_text
 
-    side = sidecar_path(path)
-    with atomic_path(side) as tmp:
-        Path(tmp).write_text(json.dumps(dict(prov), indent=1), encoding="utf-8")
-    return side
+    return atomic_write_text(sidecar_path(path), json.dumps(dict(prov), indent=1))
 
 
 def metadata_fields(prov: Mapping[str, Any]) -> dict[str, str]:

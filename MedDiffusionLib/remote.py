@@ -17,9 +17,6 @@ def run_on_service(client: Any, spec: Mapping[str, Any], inputs: Mapping[str, st
     (input name -> local file, uploaded) and return its results (only the one named ``wanted``,
     when given; only the first with ``first_only``) as :class:`~MedDiffusionLib.results.ResultVolume` s read from temporary
     downloads. ``progress(status)`` after each poll (it may raise to leave; the job is deleted)."""
-    from .data.volumes import read_volume
-    from .results import ResultVolume
-
     doc = dict(spec)
     inputs = dict(inputs or {})
     doc["inputs"] = {name: Path(path).name for name, path in inputs.items()}
@@ -28,12 +25,18 @@ def run_on_service(client: Any, spec: Mapping[str, Any], inputs: Mapping[str, st
         match = match[:1] if first_only else match
         if not match:
             raise UserError(f"the job made {', '.join(r['name'] for r in st['results'])}, not {wanted!r}")
-        out = []
-        with tempfile.TemporaryDirectory(prefix="meddiffusion-job-") as tmp:
-            for r in match:
-                local = client.download(job_id, r["name"], Path(tmp) / Path(r["name"]).name)
-                out.append(ResultVolume(r["name"], read_volume(local), dict(r.get("meta") or {})))
-        return out
+        return [download_result(client, job_id, r) for r in match]
 
 
-__all__ = ["run_on_service"]
+def download_result(client: Any, job_id: str, result: Mapping[str, Any]) -> Any:
+    """One result of a finished job (its status entry ``result``: name and meta) as a
+    :class:`~MedDiffusionLib.results.ResultVolume`, read from a temporary download."""
+    from .data.volumes import read_volume
+    from .results import ResultVolume
+
+    with tempfile.TemporaryDirectory(prefix="meddiffusion-job-") as tmp:
+        local = client.download(job_id, result["name"], Path(tmp) / Path(result["name"]).name)
+        return ResultVolume(result["name"], read_volume(local), dict(result.get("meta") or {}))
+
+
+__all__ = ["run_on_service", "download_result"]

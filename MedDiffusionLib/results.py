@@ -23,10 +23,18 @@ class ResultVolume:
 
 @dataclass
 class JobResult:
+    """A job's results, in order. Each result's provenance names the result it belongs to
+    (``result``: ``meddiffusion reproduce`` re-runs the recorded job and compares this one)."""
+
     spec: JobSpec
     results: list[ResultVolume]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for r in self.results:
+            if isinstance(r.meta.get("provenance"), dict):
+                r.meta["provenance"] = dict(r.meta["provenance"], result=r.name)
 
 
 def result_names(spec: JobSpec) -> list[str]:
@@ -77,12 +85,9 @@ def write_result(r: ResultVolume, out: str | Path, overwrite: bool = False, fmt:
     if r.volume is None:  # evaluate: the metrics, as JSON
         import json
 
-        from .io.atomic import atomic_path, check_output_path
+        from .io.atomic import atomic_write_text, check_output_path
 
-        path = check_output_path(out, overwrite)
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(r.meta.get("metrics") or {}, indent=1), encoding="utf-8")
-        return path
+        return atomic_write_text(check_output_path(out, overwrite), json.dumps(r.meta.get("metrics") or {}, indent=1))
     if fmt == "dicom":
         from .io.dicom import write_dicom_series
 

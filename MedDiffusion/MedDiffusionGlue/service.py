@@ -1390,17 +1390,6 @@ class ServiceLogic:
                 self._end(job, ServiceError(f"downloading the results failed: {panel_message(transfer.error.message)}",
                                             transfer.error.status))
                 return
-            if str(transfer.result).lower().endswith(".json"):  # metrics (small), not a volume
-                try:
-                    with open(transfer.result, encoding="utf-8") as fh:
-                        job.metrics = json.load(fh)
-                    os.remove(transfer.result)
-                except (OSError, ValueError) as exc:
-                    self._removeNodes(job)
-                    self._end(job, ServiceError(f"reading {results[job.downloaded]['name']} failed: {exc}"))
-                    return
-                job.downloaded += 1
-                continue
             try:  # read into memory in steps (NrrdLoader), then made a node at once (_stepLoad)
                 job.transfer = NrrdLoader(str(transfer.result))
             except OSError as exc:
@@ -1488,7 +1477,7 @@ class ServiceLogic:
             job.outputs.update(sequence=job.sequence, browser=browser, proxy=proxy)
             others = [n for n in job.nodes if n is not job.sequence]
             job.nodes = others + [proxy, job.sequence, browser]  # mean, std, proxy, sequence, browser
-        metrics = job.metrics if job.metrics is not None else job.status.get("metrics")
+        metrics = job.metrics
         if isinstance(metrics, dict) and "table" not in job.outputs:
             table, chart, series, plotTable = self.metricsTable(metrics.get("rows") or [], f"{job.name} metrics",
                                                                 show=False)

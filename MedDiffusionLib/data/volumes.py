@@ -571,21 +571,43 @@ def read_volume(path: str | Path, *, max_bytes: int | None = None, max_voxels: i
     try:
         img = reader.Execute()
     except RuntimeError as err:  # SimpleITK's reader reports every unreadable file this way
-        reason = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
-        reason = _scrub(reason, path, label, name is not None)
+        reason = _scrub(itk_reason(err), path, label, name is not None)
         raise UserError(f"{label}: not a readable volume{f' ({reason[:160]})' if reason else ''}; MedDiffusion "
                         f"reads {', '.join(SUFFIXES)} images") from err
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{label}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
                          f"{img.GetNumberOfComponentsPerPixel()} component(s)")
-    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    vol = volume_from_sitk(img)
     if header.nifti_float:
-        arr = _restore_nonfinite(path, suffix, arr, header, label)
-    direction = np.array(img.GetDirection()).reshape(3, 3)
+        vol = Volume(_restore_nonfinite(path, suffix, vol.array, header, label), vol.affine)
+    return vol
+
+
+def itk_reason(err: BaseException) -> str:
+    """The line of a SimpleITK error that says why ('' when none does)."""
+    return next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
+
+
+def volume_from_sitk(img: Any) -> Volume:
+    """A 3-D SimpleITK image as a :class:`Volume` (array ``(X, Y, Z)``, a view of ITK's ``(Z, Y, X)``
+    array; RAS affine from ITK's LPS geometry)."""
+    import SimpleITK as sitk
+
     lps = np.eye(4)
-    lps[:3, :3] = direction * np.array(img.GetSpacing())[None, :]
+    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
     lps[:3, 3] = img.GetOrigin()
-    return Volume(arr, LPS_TO_RAS @ lps)
+    return Volume(np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0)), LPS_TO_RAS @ lps)
+
+
+def set_sitk_grid(img: Any, vol: Volume) -> Any:
+    """Give a SimpleITK image ``vol``'s grid (LPS, as ITK stores it): spacing, origin, then the
+    direction (ITK raises ``RuntimeError`` for axes that are not orthonormal). Returns ``img``."""
+    lps = LPS_TO_RAS @ vol.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(v) for v in lps[:3, 3]])
+    img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
+    return img
 
 
 def _scrub(reason: str, path: Path, label: str, strict: bool) -> str:
@@ -685,12 +707,7 @@ def _write_marked(vol: Volume, path: Path, suffix: str, provenance: Mapping[str,
         else:
             import SimpleITK as sitk
 
-            lps = LPS_TO_RAS @ vol.affine
-            spacing = np.linalg.norm(lps[:3, :3], axis=0)
-            img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vol.array, (2, 1, 0))))
-            img.SetSpacing([float(s) for s in spacing])
-            img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
-            img.SetOrigin([float(v) for v in lps[:3, 3]])
+            img = set_sitk_grid(sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(vol.array, (2, 1, 0)))), vol)
             for key, value in prov_mod.metadata_fields(provenance or {}).items():
                 img.SetMetaData(key, value)
             sitk.WriteImage(img, str(tmp), useCompression=True)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..data.volumes import LPS_TO_RAS, Volume, check_ct_intensities, check_finite
+from ..data.volumes import Volume, check_ct_intensities, check_finite, set_sitk_grid
 from ..errors import Cancelled, UserError
 from .report import EvaluationReport
 
@@ -71,13 +71,9 @@ def same_grid(a: Volume, b: Volume, tolerance: float = GRID_TOLERANCE) -> bool:
 
 
 def _set_geometry(img, vol: Volume):
-    """Give a SimpleITK image ``vol``'s grid (LPS, as ITK stores it)."""
-    lps = LPS_TO_RAS @ vol.affine
-    spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(v) for v in lps[:3, 3]])
+    """Give a SimpleITK image ``vol``'s grid (:func:`~MedDiffusionLib.data.volumes.set_sitk_grid`)."""
     try:
-        img.SetDirection([float(v) for v in (lps[:3, :3] / spacing[None, :]).reshape(-1)])
+        set_sitk_grid(img, vol)
     except RuntimeError as err:  # ITK wants orthonormal axes
         raise UserError(f"cannot resample a volume whose axes are not orthogonal ({describe_grid(vol, True)})") from err
     return img

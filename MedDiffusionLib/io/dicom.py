@@ -50,7 +50,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from ..data.volumes import LPS_TO_RAS, Volume
+from ..data.volumes import LPS_TO_RAS, Volume, itk_reason, volume_from_sitk
 from ..errors import ResourceError, UserError
 
 MAX_SLICES = 4096  # slices (files) one series may have, written or read
@@ -457,11 +457,8 @@ def read_dicom_series(folder: str | os.PathLike, *, max_voxels: int | None = DEF
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise UserError(f"{path}: expected a single-channel 3-D image, got {img.GetDimension()}-D with "
                         f"{img.GetNumberOfComponentsPerPixel()} component(s)")
-    arr = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
-    lps = np.eye(4)
-    lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())[None, :]
-    lps[:3, 3] = img.GetOrigin()
-    return Volume(np.ascontiguousarray(arr), LPS_TO_RAS @ lps)
+    vol = volume_from_sitk(img)
+    return Volume(np.ascontiguousarray(vol.array), vol.affine)
 
 
 def _check_slices(path: Path, reader: Any, img: Any, count: int) -> None:
@@ -491,8 +488,7 @@ def _check_slices(path: Path, reader: Any, img: Any, count: int) -> None:
 
 
 def _reason(err: BaseException) -> str:
-    line = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln or "Could not" in ln), "")
-    return (line or type(err).__name__)[:160]
+    return (itk_reason(err) or type(err).__name__)[:160]
 
 
 def _first_dicom(folder: str | os.PathLike) -> tuple[Path, Any]:

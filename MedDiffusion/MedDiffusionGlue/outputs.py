@@ -23,8 +23,8 @@ import os
 import tempfile
 from typing import Any, Iterable, Mapping
 
-from .nodes import (PIECE_BYTES, InputError, NrrdEncoder, check_scalar_volume, place_in_hierarchy, remove_node,
-                    set_voxels, set_window, write_volume)
+from .nodes import (PIECE_BYTES, InputError, NrrdEncoder, _image_array, check_scalar_volume, geometry,
+                    place_in_hierarchy, remove_node, set_voxels, set_window, write_volume)
 
 PROVENANCE_ATTRIBUTE = "MedDiffusion.provenance."  # one node attribute per provenance field
 MAX_MARK_FIELDS = 64
@@ -398,12 +398,6 @@ def export_volume(node, path: str) -> str:
 
 # -- reproduce: the input's fingerprint, the voxel-wise comparison, a result read outside the scene ------------------
 # Both run in short steps on the main thread (about PIECE_BYTES of voxels a step): the panel's timer moves them on.
-def _image_voxels(image):
-    from vtk.util import numpy_support
-
-    return numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(-1)
-
-
 class VoxelSha256:
     """The sha256 ``MedDiffusionLib.provenance.sha256_of`` gives the voxels the service reads from
     the NRRD :class:`~nodes.NrrdEncoder` uploads for ``image``: the ``(i, j, k)`` array in C order
@@ -419,7 +413,7 @@ class VoxelSha256:
         import numpy as np
 
         dims = tuple(int(d) for d in image.GetDimensions())
-        flat = _image_voxels(image)
+        flat = _image_array(image).reshape(-1)
         self._kji = flat.reshape(dims[2], dims[1], dims[0])
         self._lut = lut
         dtype = np.dtype(flat.dtype if lut is None else lut.dtype)
@@ -491,8 +485,6 @@ class VoxelDifference:
 def read_standalone(path: str):
     """A volume file read by Slicer's storage node into a scalar volume node of no scene (nothing
     enters the scene): returns (flat voxels, dimensions, IJK->RAS 4x4 as nested lists)."""
-    import vtk
-
     slicer = _slicer()
     node = slicer.vtkMRMLScalarVolumeNode()
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -500,11 +492,8 @@ def read_standalone(path: str):
     storage.SetSingleFile(1)
     if not storage.ReadData(node) or node.GetImageData() is None:
         raise OSError(f"could not read {os.path.basename(str(path))}")
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    image = node.GetImageData()
-    return (_image_voxels(image).copy(), tuple(image.GetDimensions()),
-            [[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_ras, dims = geometry(node)
+    return _image_array(node.GetImageData()).reshape(-1).copy(), tuple(dims), ijk_to_ras
 
 
 # -- evaluation metrics: a table and a bar chart ----------------------------------------------------------------

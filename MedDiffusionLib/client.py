@@ -233,8 +233,8 @@ class Client:
         try:
             try:
                 self.submit(spec, files, job_id=job_id)
-            except ServiceError:  # answered no, or unreachable: no job was made (a Ctrl-C is not this)
-                refused = True
+            except ServiceError as exc:  # an answer that says no: no job was made. No answer (a
+                refused = exc.status is not None  # timeout after the upload) may have made one: deleted
                 raise
             yield job_id, self.wait(job_id, progress=progress)
         finally:

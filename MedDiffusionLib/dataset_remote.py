@@ -35,6 +35,7 @@ IN_FLIGHT = 2          # jobs per server at a time: one sampling, one uploading 
 MAX_SERVERS = 64
 CONNECT_TIMEOUT_S = 10.0
 PROBES_S = (2.0, 5.0, 10.0)  # a server that stopped answering is asked again after these waits before it is dropped
+STOP_WAIT_S = 30.0           # after Ctrl-C: how long the threads get to delete their jobs on the servers
 BUSY_WAIT_S = 5.0            # a busy answer (429, 503: queue full) is waited out this long times the try
 # answers that refuse the request itself (running it again gets the same answer)
 REFUSALS = (400, 401, 403, 404, 413, 415, 422)
@@ -120,18 +121,24 @@ class _Dispatch:
         for unit in units:
             self.todo.put((unit, 0))
         self.handoffs: dict[int, set[int]] = {id(unit): set() for unit in units}  # servers that lost it
-        threads = [threading.Thread(target=self._work, args=(i,), name=f"meddiffusion-dataset-{i}-{k}", daemon=True)
-                   for i in range(len(self.clients)) for k in range(IN_FLIGHT)]
-        for t in threads:
-            t.start()
+        # each thread sets its own event when it ends. Thread.join is not used: on Python 3.11 a
+        # Ctrl-C that lands inside join() marks a thread that still runs as ended (CPython's
+        # _wait_for_tstate_lock releases the lock the live thread holds), and the process would
+        # then exit before that thread deleted its job on its server
+        ended = [threading.Event() for _ in range(len(self.clients) * IN_FLIGHT)]
+        for n, event in enumerate(ended):
+            i = n // IN_FLIGHT
+            threading.Thread(target=self._work, args=(i, event), name=f"meddiffusion-dataset-{i}-{n % IN_FLIGHT}",
+                             daemon=True).start()
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(0.2)
+            for event in ended:
+                while not event.wait(0.2):
+                    pass
         except KeyboardInterrupt:
             self.stop.set()
-            for t in threads:  # each deletes its job on its server
-                t.join(15)
+            deadline = time.monotonic() + STOP_WAIT_S
+            for event in ended:  # each thread deletes its job on its server
+                event.wait(max(0.0, deadline - time.monotonic()))
             raise
         if self.interrupt is not None:
             raise self.interrupt
@@ -158,7 +165,13 @@ class _Dispatch:
             self.interrupt = self.interrupt or exc
             self.stop.set()
 
-    def _work(self, index: int) -> None:
+    def _work(self, index: int, ended: threading.Event) -> None:
+        try:
+            self._take_work(index)
+        finally:
+            ended.set()
+
+    def _take_work(self, index: int) -> None:
         from .client import JobCancelled, JobFailed, ServiceError, ServiceUnavailable
         from .dataset import failure_reason
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import DATA
 from MedDiffusionLib.auth import add_user
-from MedDiffusionLib.client import Client, LocalServer, ServiceError
+from MedDiffusionLib.client import Client, LocalServer, ServiceError, ServiceUnavailable
 from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
 
 CT = DATA / "lung2_crop.nii.gz"
@@ -411,6 +411,24 @@ def test_ctrl_c_deletes_the_remote_job(lab, tmp_path, moment):
     _until(lambda: {p.name for p in lab.work.iterdir()} == before, 30, "the job folder to go")
     assert not out.exists()
     assert all(j["state"] in ("done", "failed", "cancelled") for j in _client(lab, "alice").jobs())
+
+
+def test_a_submit_whose_answer_never_comes_leaves_no_job(lab):
+    """Client.job: the upload reached the server (which made the job) but the answer did not come
+    back before the client's timeout. The job is deleted, not left running for nobody."""
+    proxy = _HoldingProxy(lab.port)  # holds the server's answer to the first connection, the submit
+    try:
+        client = Client(f"http://127.0.0.1:{proxy.port}", lab.tokens["alice"], timeout=3.0)
+        with pytest.raises(ServiceUnavailable):
+            with client.job({"task": "generate", "params": QUICK}):
+                pass
+        assert proxy.count >= 2  # a second connection: the delete
+        job_id = json.loads(bytes(proxy.held).split(b"\r\n\r\n", 1)[1])["id"]
+        with pytest.raises(ServiceError) as exc:
+            _client(lab, "alice").status(job_id)
+        assert exc.value.status == 404
+    finally:
+        proxy.close()
 
 
 def test_queue_full_is_answered_before_the_body(tmp_path):

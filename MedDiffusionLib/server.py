@@ -298,10 +298,12 @@ class JobService:
                     self.running[device] = None
                     job.inputs.clear()
                     self._drop_files(job)
-                    if job.deleted:
+                    with self.lock:  # against a concurrent delete: a deleted job's row is never written again
+                        deleted = job.deleted
+                        if not deleted:
+                            self.save(job)
+                    if deleted:
                         shutil.rmtree(job.folder, ignore_errors=True)
-                    else:
-                        self.save(job)
                     if self.metrics is not None:
                         self.metrics.finished(job)
 
@@ -453,7 +455,7 @@ class JobService:
             job.deleted = True
             running = job.state == "running"
             receiving = job.state == "receiving"
-        self.store.delete(job.id)
+            self.store.delete(job.id)
         if not (running or receiving):  # a running job's folder goes when its worker lets go of it
             shutil.rmtree(job.folder, ignore_errors=True)
 

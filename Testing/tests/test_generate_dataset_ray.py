@@ -133,6 +133,9 @@ def test_a_refused_case_fails_once_and_a_killed_workers_case_is_retried(ray_loca
 
     def kill_the_workers(case, status):  # SIGKILL every worker once, as the OOM killer would
         if status == "done" and not killed:
+            end = time.monotonic() + 60  # the second worker may still be starting (titled ray::IDLE)
+            while len(_worker_pids()) < 2 and time.monotonic() < end:
+                time.sleep(0.1)
             killed.extend(_worker_pids())
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)

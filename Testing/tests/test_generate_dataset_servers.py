@@ -105,6 +105,11 @@ def test_pairs_through_a_server_give_the_nnunet_folder(servers, tmp_path, capsys
     assert read_provenance(served / "imagesTr/p1_0000.nii.gz")["task"] == "synthesize"
 
 
+def _markers(done: Path) -> list[str]:
+    """The finished cases' ids: their done-markers (not a marker's hidden temporary file)."""
+    return sorted(p.stem for p in done.glob("[!.]*.json")) if done.is_dir() else []
+
+
 def test_killed_midway_then_rerun_ends_with_the_same_files(servers, reference, tmp_path):
     man, one = reference
     out = tmp_path / "killed"
@@ -114,11 +119,11 @@ def test_killed_midway_then_rerun_ends_with_the_same_files(servers, reference, t
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     done = out / ".meddiffusion" / "done"
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not (done.is_dir() and any(done.iterdir())) and time.monotonic() < deadline:
+    while proc.poll() is None and not _markers(done) and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # no clean-up at all: the rerun must cope
     proc.communicate(timeout=30)
-    finished = sorted(p.stem for p in done.iterdir())
+    finished = _markers(done)
     assert 1 <= len(finished) < len(ROWS) and not (out / "datalist.json").exists()
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -137,13 +142,13 @@ def test_ctrl_c_deletes_the_jobs_keeps_finished_cases_and_the_rerun_continues(se
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     done = out / ".meddiffusion" / "done"
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not (done.is_dir() and any(done.iterdir())) and time.monotonic() < deadline:
+    while proc.poll() is None and not _markers(done) and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "run the same command again to continue" in err
-    finished = sorted(p.stem for p in done.iterdir())
+    finished = _markers(done)
     assert 1 <= len(finished) < len(ROWS) and not (out / "datalist.json").exists()
     # the jobs in flight were deleted on the servers
     assert {j["id"] for s in servers for j in s.client().jobs()} <= earlier
@@ -164,6 +169,9 @@ def test_a_server_that_goes_away_leaves_its_cases_to_the_other(tmp_path, referen
             s.start(timeout=120)
         plan = ds.plan_dataset(ds.read_manifest(man), tmp_path / "gone", base=man.parent, sampler="ddim", steps=2,
                                device="auto")
+        # a long job (DDPM, 1000 steps) ahead on the second server: the dataset's jobs there are
+        # still queued when the first case is done (on the first server) and the second one stops
+        pair[1].client().submit({"task": "generate", "params": {"sampler": "ddpm"}})
 
         once = threading.Lock()
 

@@ -438,7 +438,8 @@ def test_cli_prints_one_cpu_warning_and_warns_on_non_ct_input(tmp_path):
 
 
 def test_queue_limit_and_result_lifetime(tmp_path):
-    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--max-queue", "1", "--result-ttl", "1"])
+    # results kept 3 s: long enough for wait() to see the job done on a loaded machine, short for the test
+    srv = LocalServer(log_file=tmp_path / "serve.log", extra_args=["--max-queue", "1", "--result-ttl", "3"])
     srv.start()
     try:
         c = srv.client()

@@ -150,7 +150,9 @@ def test_an_empty_folder_fails_in_the_real_child_with_one_clear_message(mod, tmp
 
 
 def test_progress_lines_show_and_success_says_added_model(mod, tmp_path):
-    python = _standin_python(tmp_path, 'echo "autoencoder.safetensors: converting" >&2\nsleep 0.5\n'
+    go = tmp_path / "go"  # the stand-in goes on once the test has seen its progress line
+    python = _standin_python(tmp_path, 'echo "autoencoder.safetensors: converting" >&2\n'
+                                       f'for i in $(seq 600); do [ -e "{go}" ] && break; sleep 0.05; done\n'
                                        'echo "my-model: imported into /cache/my-model; ..."\n')
     w = _widget(mod, python=python)
     w._startAddWeights(str(tmp_path))
@@ -159,6 +161,8 @@ def test_progress_lines_show_and_success_says_added_model(mod, tmp_path):
     while w._import is not None and time.monotonic() < end:
         w._onTimer()
         seen.add(w.ui.statusLabel.text)
+        if "adding weights: autoencoder.safetensors: converting" in seen:
+            go.touch()
         time.sleep(0.05)
     assert "adding weights: autoencoder.safetensors: converting" in seen
     assert mod["shown"] == [] and w.ui.statusLabel.text.startswith("added my-model")

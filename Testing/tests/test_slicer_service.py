@@ -210,7 +210,7 @@ def test_live_preview_node_follows_the_run_and_goes_at_the_end(logic):
     import time
 
     before = _ids(logic.scene, "vtkMRMLScalarVolumeNode")
-    job = logic.submitGenerate(sampler="ddim", steps=40, device="cpu", previewEvery=5)
+    job = logic.submitGenerate(sampler="ddim", steps=80, device="cpu", previewEvery=10)
     previews = set()
     deadline = time.monotonic() + 180
     while not job.done and time.monotonic() < deadline:
@@ -221,7 +221,7 @@ def test_live_preview_node_follows_the_run_and_goes_at_the_end(logic):
             assert job.previewNode.GetImageData().GetDimensions() == (64, 64, 64)
         time.sleep(0.02)
     nodes_ = logic.finishJob(job)
-    assert previews and previews <= set(range(5, 41, 5)), previews
+    assert previews and previews <= set(range(10, 81, 10)), previews
     added = _ids(logic.scene, "vtkMRMLScalarVolumeNode") - before
     result = nodes_[0] if isinstance(nodes_, list) else nodes_
     assert added == {result.GetID()}  # the preview node was removed, only the result stays

@@ -16,7 +16,8 @@ BUDGET = 0.05
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = LocalServer(log_file=tmp_path_factory.mktemp("log") / "serve.log")
+    srv = LocalServer(log_file=tmp_path_factory.mktemp("log") / "serve.log",
+                      env={"OMP_NUM_THREADS": "1"})  # a core stays free for the timed steps
     srv.start(timeout=120)
     yield srv
     srv.stop()

@@ -20,8 +20,10 @@ The driver (this process) keeps the plan: it hands a job (one case, or a ``--bat
 for a pair, read here and sent through the object store) to an idle actor, which runs
 :func:`~MedDiffusionLib.dataset.compute_unit` and returns the images; the driver writes them with
 :func:`~MedDiffusionLib.dataset.finish_unit`. The workers need no shared file system, but every
-node needs this version of MedDiffusion (checked when an actor starts: the voxels depend on it).
-A request the library refuses (a ``UserError``: it would be refused again) fails its cases at once;
+node needs this version of MedDiffusion (checked when an actor starts: the voxels depend on it)
+and the weights, or a way to download them (a worker without them fails the case with the
+weights' own message, as a local run would). A request the library refuses (a ``UserError``: it
+would be refused again) fails its cases at once;
 any other error, or a worker that died (a node lost, the OOM killer), sends the job again, up to
 ``retries`` times, and a dead actor is replaced. On CPUs a case's voxels equal a single-process
 run's with the same number of threads (one per actor unless ``--threads`` says otherwise).

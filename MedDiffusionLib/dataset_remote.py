@@ -16,7 +16,9 @@ is dropped and its batch goes back to the queue for the others; when no server i
 remaining cases are reported failed. A job that fails on a server is tried again (``retries``
 times; a busy answer, 429 or 503, is waited out first); a request the server refuses (an HTTP
 400, 401, 403, 404, 413, 415 or 422, or a job failed with ``error_kind`` ``request``: a label map
-with values the ControlNet does not know, say; or ``time_limit``) is not. A server that stops
+with values the ControlNet does not know, say; or ``time_limit``) is not. A job failed with
+``error_kind`` ``setup`` (that server lacks the weights, say, offline with an empty cache) goes to
+the other servers, and fails with each one's reason when none can run it. A server that stops
 answering is asked again after 2, 5 and 10 s before it is dropped; its batch goes to the queue
 again, and a batch that every server lost fails (a case that crashes servers does not take them
 all down one after another). All servers take
@@ -110,6 +112,7 @@ class _Dispatch:
         self.stop = threading.Event()
         self.gone: dict[int, str] = {}          # server index -> why it was dropped
         self.suspect: set[int] = set()          # servers that stopped answering, being asked again
+        self.unable: dict[int, dict[int, str]] = {}  # id(batch) -> {server index: why it cannot run it}
         self.interrupt: BaseException | None = None  # raised by the tracker's callback in a worker thread
 
     def run(self, cases: list[Any]) -> None:
@@ -121,6 +124,7 @@ class _Dispatch:
         for unit in units:
             self.todo.put((unit, 0))
         self.handoffs: dict[int, set[int]] = {id(unit): set() for unit in units}  # servers that lost it
+        self.unable = {id(unit): {} for unit in units}
         # each thread sets its own event when it ends. Thread.join is not used: on Python 3.11 a
         # Ctrl-C that lands inside join() marks a thread that still runs as ended (CPython's
         # _wait_for_tstate_lock releases the lock the live thread holds), and the process would
@@ -189,6 +193,9 @@ class _Dispatch:
                 continue
             if self.stop.is_set():
                 return
+            if index in self.unable[id(unit)]:  # this server cannot run it: left to the others
+                self._elsewhere(unit, tries)
+                continue
             try:
                 images = self._compute(client, unit)
             except _Stop:
@@ -217,7 +224,11 @@ class _Dispatch:
             except JobCancelled as exc:  # cancelled on the server by someone else: tried again
                 self._again(unit, tries, failure_reason(exc))
             except JobFailed as exc:  # a refused request (or one over the time limit) fails again: recorded
-                if exc.kind in FINAL_KINDS:
+                if exc.kind == "setup":  # this server lacks the weights or the ControlNet: another may have them
+                    with self.lock:
+                        self.unable[id(unit)][index] = failure_reason(exc)
+                    self._elsewhere(unit, tries, f"{client.url}: {failure_reason(exc)}")
+                elif exc.kind in FINAL_KINDS:
                     self._over(unit, None, failure_reason(exc))
                 else:
                     self._again(unit, tries, failure_reason(exc))
@@ -245,6 +256,22 @@ class _Dispatch:
             except Exception:  # noqa: BLE001 - still no answer
                 continue
         return False
+
+    def _elsewhere(self, unit: tuple, tries: int, handed: str = "") -> None:
+        """A batch some servers cannot run (``error_kind`` ``setup``) goes back to the queue for the
+        others (``handed``: why, recorded in ``retried``); it fails, with every server's reason,
+        when no server left can run it."""
+        with self.lock:
+            why_not = {**self.gone, **self.unable[id(unit)]}  # server index -> why it cannot run it
+        if len(why_not) == len(self.clients):
+            why = "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(why_not.items()))
+            self._over(unit, None, f"no server can run it ({why})")
+        else:
+            if handed:
+                with self.lock:
+                    self.retried.append((", ".join(c.id for c in unit[0]), handed))
+            self.todo.put((unit, tries))
+            self.stop.wait(0.2)  # the other servers' threads take it
 
     def _again(self, unit: tuple, tries: int, reason: str) -> None:
         if tries < self.retries:

@@ -56,6 +56,12 @@ def message_field(message: str) -> tuple[str | None, str]:
     return (m.group(1), message[m.end():]) if m else (None, message)
 
 
+class SetupError(UserError):
+    """What the request needs is missing or broken in this installation (weights not downloaded
+    and no way to download them, a ControlNet not installed): the same request may run on another
+    installation. The job service reports it as ``error_kind`` ``setup``."""
+
+
 class ResourceError(MedDiffusionError, RuntimeError):
     """The machine cannot do what was asked (out of memory, disk full, no CUDA); message for the
     user, with the ``field`` that would change it when there is one (``"device"``)."""
@@ -65,4 +71,4 @@ class Cancelled(MedDiffusionError, RuntimeError):
     """A job was cancelled between sampler steps."""
 
 
-__all__ = ["MedDiffusionError", "UserError", "ResourceError", "Cancelled", "about", "fielded", "message_field"]
+__all__ = ["MedDiffusionError", "UserError", "SetupError", "ResourceError", "Cancelled", "about", "fielded", "message_field"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .controlnets import find_controlnet, resolve_controlnet
 from .defaults import show
-from .errors import UserError
+from .errors import SetupError
 
 if TYPE_CHECKING:
     from .jobspec import JobSpec
@@ -60,13 +60,13 @@ class ModelCache:
                    controlnet_dirs: Sequence[str | Path] | None = None) -> Any:
         """The pipeline of ``spec``'s ControlNet: a name found in ``controlnet_dirs`` (default: the
         bundled ones), else (``local_paths`` only) a file or run folder. A name that was there when
-        the request was resolved but is gone now is a :class:`UserError` about ``controlnet``."""
+        the request was resolved but is gone now is a :class:`SetupError` about ``controlnet``."""
         from .pipelines.conditioned import ControlledPipeline
 
         p = spec.params
         path = find_controlnet(spec.controlnet, controlnet_dirs)
         if path is None and not self.local_paths:
-            raise UserError(f"the ControlNet {show(spec.controlnet)} is not installed here any more",
+            raise SetupError(f"the ControlNet {show(spec.controlnet)} is not installed here any more",
                             field="controlnet")
         if path is None:
             path = resolve_controlnet(spec.controlnet, controlnet_dirs)

@@ -64,7 +64,7 @@ from . import __version__
 from .data.volumes import DETACHED_SUFFIXES
 from .data.volumes import SUFFIXES as UPLOAD_SUFFIXES  # single-file formats only
 from .auth import AuditLog, FailureLimiter, User, Users
-from .errors import Cancelled, MedDiffusionError, ResourceError, UserError, fielded
+from .errors import Cancelled, MedDiffusionError, ResourceError, SetupError, UserError, fielded
 from .controlnets import controlnet_search_path, named_controlnets
 from .defaults import sampling_defaults_for
 from .jobs import oom_advice, run_job
@@ -117,8 +117,9 @@ class Job:
     message: str = "waiting in the queue"
     error: str | None = None
     # why it failed: "request" (the request or an input is wrong: running it again gives the same
-    # error), "resources" (memory), "time_limit", "internal", "interrupted" (the server restarted
-    # while it ran); None otherwise
+    # error), "setup" (this server lacks what it needs: weights not downloaded, a ControlNet not
+    # installed; another server may run it), "resources" (memory), "time_limit", "internal",
+    # "interrupted" (the server restarted while it ran); None otherwise
     error_kind: str | None = None
     warnings: list[str] = field(default_factory=list)
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -401,8 +402,9 @@ class JobService:
                 log.info("job %s cancelled", job.id)
                 return
             job.state, job.phase = "failed", "done"
-            job.error_kind = "request" if isinstance(exc, UserError) else "resources" if isinstance(
-                exc, (ResourceError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError" else "internal"
+            job.error_kind = "setup" if isinstance(exc, SetupError) else "request" if isinstance(
+                exc, UserError) else "resources" if isinstance(exc, (ResourceError, MemoryError)) or type(
+                exc).__name__ == "OutOfMemoryError" else "internal"
             if type(exc).__name__ == "OutOfMemoryError":
                 job.error = oom_advice(job.spec.params)
             else:

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import UserError
+from .errors import SetupError
 from .paths import RESOURCES, converted_root, imported_dir, imports_root, user_registry_path
 from .registry import (ModelEntry, RegistryError, builtin_ids, class_names, get_model, models, read_user_registry, schema,
                        validate_model)
@@ -36,7 +36,7 @@ from .registry import (ModelEntry, RegistryError, builtin_ids, class_names, get_
 ROLES = ("autoencoder", "biflownet")
 
 
-class WeightsError(UserError):
+class WeightsError(SetupError):
     """Weights that are missing, corrupt or unusable; the message says what to do."""
 
 

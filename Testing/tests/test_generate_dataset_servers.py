@@ -221,3 +221,53 @@ def test_bad_servers_are_one_line_and_nothing_is_written(what, servers, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert not out.exists()
+
+
+def test_a_server_without_the_weights_leaves_its_cases_to_one_that_has_them(tmp_path, monkeypatch, parity_ae,
+                                                                             parity_bf):
+    """error_kind "setup": the first server is offline with an empty cache (the hub model's weights
+    cannot be had there), the second downloads them from a hub on 127.0.0.1. Every case ends on the
+    second; with the first alone, every case fails with its reason, at once."""
+    from hub_server import FakeHub
+    from test_weights_hub import REPO, _official_files, _registry
+
+    files = _official_files(parity_ae, parity_bf)
+    reg = _registry(tmp_path, files)
+    monkeypatch.setenv("MEDDIFFUSION_REGISTRY", str(reg))  # the plan made here knows the hub model
+    ids = [f"h{i}" for i in range(4)]
+    man = _manifest(tmp_path / "hub.jsonl", [{"id": i, "seed": n} for n, i in enumerate(ids)])
+    token = new_token()
+    common = {"OMP_NUM_THREADS": "1", "MEDDIFFUSION_REGISTRY": str(reg), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+    def plan(name):
+        return ds.plan_dataset(ds.read_manifest(man), tmp_path / name, base=man.parent, model="tiny-hub",
+                               sampler="ddim", steps=2, device="auto")
+
+    with FakeHub(REPO, files) as hub:
+        offline = LocalServer(log_file=tmp_path / "offline.log", token=token,
+                              env={**common, "HF_HOME": str(tmp_path / "hf0"), "MEDDIFFUSION_CACHE": str(tmp_path / "md0"),
+                                   "HF_HUB_OFFLINE": "1"})
+        online = LocalServer(log_file=tmp_path / "online.log", token=token,
+                             env={**common, "HF_HOME": str(tmp_path / "hf1"), "MEDDIFFUSION_CACHE": str(tmp_path / "md1"),
+                                  "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})
+        try:
+            for s in (offline, online):
+                s.start(timeout=120)
+            both = plan("both")
+            runner = server_runner(f"{offline.url},{online.url}", token, retries=0)
+            summary = ds.run_dataset(both, progress=False, runner=runner)
+            alone = plan("alone")
+            lone_runner = server_runner(offline.url, token, retries=2)
+            lone = ds.run_dataset(alone, progress=False, runner=lone_runner)
+        finally:
+            for s in (offline, online):
+                s.stop()
+    assert summary.failed == [] and sorted(summary.done) == ids, summary.failed
+    # the offline server's threads took cases first (4 cases, 2 in flight per server): handed over, not retried
+    assert runner.retried and runner.dropped == {}, (runner.retried, runner.dropped)
+    assert all(offline.url in why and "offline" in why for _, why in runner.retried), runner.retried
+    assert all(read_provenance(both.files(c)["image"])["model"] == "tiny-hub" for c in both.cases)
+    assert sorted(i for i, _ in lone.failed) == ids and lone.done == []
+    assert all(why.startswith(f"no server can run it ({offline.url}: ") and "offline" in why
+               for _, why in lone.failed), lone.failed
+    assert lone_runner.retried == []  # not sent to the same server again

@@ -58,8 +58,7 @@ class ServiceUnavailable(ServiceError):
 class JobFailed(ServiceError):
     """The job ended with an error; ``message`` is the server's explanation, ``kind`` its kind
     (``request``: the request or an input is wrong, running it again gives the same error;
-    ``setup``: the server lacks what the job needs, weights or a ControlNet, another server may
-    run it; ``resources``, ``time_limit``, ``internal``, ``interrupted``; ``None`` when the server
+    ``setup``: the server lacks the weights the job needs, another server may run it; ``resources``, ``time_limit``, ``internal``, ``interrupted``; ``None`` when the server
     does not say)."""
 
     kind: str | None = None
@@ -234,8 +233,9 @@ class Client:
         try:
             try:
                 self.submit(spec, files, job_id=job_id)
-            except ServiceError as exc:  # an answer that says no: no job was made. No answer (a
-                refused = exc.status is not None  # timeout after the upload) may have made one: deleted
+            except ServiceError as exc:  # a 4xx (or a local file not found): no job was made. No
+                # answer (a timeout after the upload), or a proxy's 502/504, may hide one: it is deleted
+                refused = not isinstance(exc, ServiceUnavailable) and (exc.status or 0) < 500
                 raise
             yield job_id, self.wait(job_id, progress=progress)
         finally:

@@ -19,9 +19,9 @@ times; a busy answer, 429 or 503, is waited out first); a request the server ref
 with values the ControlNet does not know, say; or ``time_limit``) is not. A job failed with
 ``error_kind`` ``setup`` (that server lacks the weights, say, offline with an empty cache) goes to
 the other servers, and fails with each one's reason when none can run it. A server that stops
-answering is asked again after 2, 5 and 10 s before it is dropped; its batch goes to the queue
-again, and a batch that every server lost fails (a case that crashes servers does not take them
-all down one after another). All servers take
+answering is asked again after 2, 5 and 10 s before it is dropped; its batch goes to the other
+servers, never back to it, and a batch that no server left can run fails (a case that crashes
+servers does not take them all down one after another). All servers take
 the one ``--token``.
 """
 from __future__ import annotations
@@ -37,7 +37,8 @@ IN_FLIGHT = 2          # jobs per server at a time: one sampling, one uploading 
 MAX_SERVERS = 64
 CONNECT_TIMEOUT_S = 10.0
 PROBES_S = (2.0, 5.0, 10.0)  # a server that stopped answering is asked again after these waits before it is dropped
-STOP_WAIT_S = 30.0           # after Ctrl-C: how long the threads get to delete their jobs on the servers
+STOP_WAIT_S = 45.0           # after Ctrl-C: how long the threads get to delete their jobs (a status poll's
+                             # 30 s timeout and the delete's 10 s); a second Ctrl-C leaves at once
 BUSY_WAIT_S = 5.0            # a busy answer (429, 503: queue full) is waited out this long times the try
 # answers that refuse the request itself (running it again gets the same answer)
 REFUSALS = (400, 401, 403, 404, 413, 415, 422)
@@ -112,7 +113,9 @@ class _Dispatch:
         self.stop = threading.Event()
         self.gone: dict[int, str] = {}          # server index -> why it was dropped
         self.suspect: set[int] = set()          # servers that stopped answering, being asked again
-        self.unable: dict[int, dict[int, str]] = {}  # id(batch) -> {server index: why it cannot run it}
+        # id(batch) -> {server index: why it cannot run that batch}: it stopped answering while the
+        # batch ran there, or it lacks what the batch needs (error_kind setup)
+        self.cannot: dict[int, dict[int, str]] = {}
         self.interrupt: BaseException | None = None  # raised by the tracker's callback in a worker thread
 
     def run(self, cases: list[Any]) -> None:
@@ -123,18 +126,17 @@ class _Dispatch:
         self.left = len(units)
         for unit in units:
             self.todo.put((unit, 0))
-        self.handoffs: dict[int, set[int]] = {id(unit): set() for unit in units}  # servers that lost it
-        self.unable = {id(unit): {} for unit in units}
+        self.cannot = {id(unit): {} for unit in units}
         # each thread sets its own event when it ends. Thread.join is not used: on Python 3.11 a
         # Ctrl-C that lands inside join() marks a thread that still runs as ended (CPython's
         # _wait_for_tstate_lock releases the lock the live thread holds), and the process would
         # then exit before that thread deleted its job on its server
         ended = [threading.Event() for _ in range(len(self.clients) * IN_FLIGHT)]
-        for n, event in enumerate(ended):
-            i = n // IN_FLIGHT
-            threading.Thread(target=self._work, args=(i, event), name=f"meddiffusion-dataset-{i}-{n % IN_FLIGHT}",
-                             daemon=True).start()
         try:
+            for n, event in enumerate(ended):
+                i = n // IN_FLIGHT
+                threading.Thread(target=self._work, args=(i, event), name=f"meddiffusion-dataset-{i}-{n % IN_FLIGHT}",
+                                 daemon=True).start()
             for event in ended:
                 while not event.wait(0.2):
                     pass
@@ -146,7 +148,7 @@ class _Dispatch:
             raise
         if self.interrupt is not None:
             raise self.interrupt
-        why = "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(self.gone.items()))
+        why = self._whys(self.gone)
         while True:  # every server was dropped: what is left fails
             try:
                 unit, _ = self.todo.get_nowait()
@@ -193,27 +195,20 @@ class _Dispatch:
                 continue
             if self.stop.is_set():
                 return
-            if index in self.unable[id(unit)]:  # this server cannot run it: left to the others
+            if index in self.cannot[id(unit)]:  # this server cannot run it: left to the others
                 self._elsewhere(unit, tries)
                 continue
             try:
                 images = self._compute(client, unit)
             except _Stop:
                 return
-            except ServiceUnavailable as exc:  # no answer: the batch goes back, and the server is asked
-                # again a few times before it is dropped. A batch whose server went away as many times
-                # as there are servers fails: it may be what crashes them
+            except ServiceUnavailable as exc:  # no answer: the batch goes to the other servers (never
+                # to this one again: it may be what crashes it), and the server is asked again a few
+                # times before it is dropped
                 with self.lock:
                     self.suspect.add(index)  # its other threads take no work until it answers again
-                    self.handoffs[id(unit)].add(index)
-                    handoffs = len(self.handoffs[id(unit)])
-                reason = f"{client.url}: {failure_reason(exc)}"
-                if handoffs >= len(self.clients):
-                    self._over(unit, None, f"{reason} (every server stopped answering while it ran)")
-                else:
-                    with self.lock:
-                        self.retried.append((", ".join(c.id for c in unit[0]), reason))
-                    self.todo.put((unit, tries))
+                    self.cannot[id(unit)][index] = f"stopped answering while it ran ({failure_reason(exc)})"
+                self._elsewhere(unit, tries, f"{client.url}: {failure_reason(exc)}")
                 answers = self._answers_again(client)
                 with self.lock:
                     self.suspect.discard(index)
@@ -224,9 +219,9 @@ class _Dispatch:
             except JobCancelled as exc:  # cancelled on the server by someone else: tried again
                 self._again(unit, tries, failure_reason(exc))
             except JobFailed as exc:  # a refused request (or one over the time limit) fails again: recorded
-                if exc.kind == "setup":  # this server lacks the weights or the ControlNet: another may have them
+                if exc.kind == "setup":  # this server lacks the weights: another may have them
                     with self.lock:
-                        self.unable[id(unit)][index] = failure_reason(exc)
+                        self.cannot[id(unit)][index] = failure_reason(exc)
                     self._elsewhere(unit, tries, f"{client.url}: {failure_reason(exc)}")
                 elif exc.kind in FINAL_KINDS:
                     self._over(unit, None, failure_reason(exc))
@@ -258,25 +253,31 @@ class _Dispatch:
         return False
 
     def _elsewhere(self, unit: tuple, tries: int, handed: str = "") -> None:
-        """A batch some servers cannot run (``error_kind`` ``setup``) goes back to the queue for the
-        others (``handed``: why, recorded in ``retried``); it fails, with every server's reason,
-        when no server left can run it."""
+        """A batch some servers cannot run (:attr:`cannot`) goes back to the queue for the others
+        (``handed``: why it left this one, recorded in ``retried``); it fails, with every server's
+        reason, when no server left can run it (dropped servers count)."""
         with self.lock:
-            why_not = {**self.gone, **self.unable[id(unit)]}  # server index -> why it cannot run it
+            why_not = {**self.gone, **self.cannot[id(unit)]}
         if len(why_not) == len(self.clients):
-            why = "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(why_not.items()))
-            self._over(unit, None, f"no server can run it ({why})")
-        else:
-            if handed:
-                with self.lock:
-                    self.retried.append((", ".join(c.id for c in unit[0]), handed))
-            self.todo.put((unit, tries))
-            self.stop.wait(0.2)  # the other servers' threads take it
+            self._over(unit, None, f"no server can run it ({self._whys(why_not)})")
+            return
+        if handed:
+            self._note(unit, handed)
+        self.todo.put((unit, tries))
+        self.stop.wait(0.2)  # the other servers' threads take it
+
+    def _whys(self, whys: dict[int, str]) -> str:
+        """``url: why; ...`` of server index -> why."""
+        return "; ".join(f"{self.clients[i].url}: {msg}" for i, msg in sorted(whys.items()))
+
+    def _note(self, unit: tuple, reason: str) -> None:
+        """Record a batch sent again in ``retried``."""
+        with self.lock:
+            self.retried.append((", ".join(c.id for c in unit[0]), reason))
 
     def _again(self, unit: tuple, tries: int, reason: str) -> None:
         if tries < self.retries:
-            with self.lock:
-                self.retried.append((", ".join(c.id for c in unit[0]), reason))
+            self._note(unit, reason)
             self.todo.put((unit, tries + 1))
         else:
             self._over(unit, None, reason + (f" (tried {tries + 1} times)" if tries else ""))

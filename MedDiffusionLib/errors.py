@@ -58,8 +58,9 @@ def message_field(message: str) -> tuple[str | None, str]:
 
 class SetupError(UserError):
     """What the request needs is missing or broken in this installation (weights not downloaded
-    and no way to download them, a ControlNet not installed): the same request may run on another
-    installation. The job service reports it as ``error_kind`` ``setup``."""
+    and no way to download them, corrupt weights, a ControlNet removed since the request was
+    accepted): the same request may run on another installation. The job service reports it as
+    ``error_kind`` ``setup``; a ControlNet a server does not know at all is refused at its door."""
 
 
 class ResourceError(MedDiffusionError, RuntimeError):

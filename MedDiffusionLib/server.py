@@ -117,8 +117,8 @@ class Job:
     message: str = "waiting in the queue"
     error: str | None = None
     # why it failed: "request" (the request or an input is wrong: running it again gives the same
-    # error), "setup" (this server lacks what it needs: weights not downloaded, a ControlNet not
-    # installed; another server may run it), "resources" (memory), "time_limit", "internal",
+    # error), "setup" (this server lacks the weights it needs: another server may run it),
+    # "resources" (memory), "time_limit", "internal",
     # "interrupted" (the server restarted while it ran); None otherwise
     error_kind: str | None = None
     warnings: list[str] = field(default_factory=list)
@@ -299,11 +299,9 @@ class JobService:
                     self.running[device] = None
                     job.inputs.clear()
                     self._drop_files(job)
-                    with self.lock:  # against a concurrent delete: a deleted job's row is never written again
-                        deleted = job.deleted
-                        if not deleted:
-                            self.save(job)
-                    if deleted:
+                    with self.lock:  # against a concurrent delete: save() writes no deleted job's row
+                        self.save(job)
+                    if job.deleted:
                         shutil.rmtree(job.folder, ignore_errors=True)
                     if self.metrics is not None:
                         self.metrics.finished(job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from sockets_util import shut
 from MedDiffusionLib import cli
 from MedDiffusionLib import dataset as ds
 from MedDiffusionLib.client import LocalServer, free_port, new_token
@@ -223,30 +225,42 @@ def test_bad_servers_are_one_line_and_nothing_is_written(what, servers, tmp_path
     assert not out.exists()
 
 
+def _hub_model(tmp_path, parity_ae, parity_bf):
+    """(hub files, a model registry with the hub model ``tiny-hub``, a server env that knows it)."""
+    from test_weights_hub import _official_files, _registry
+
+    files = _official_files(parity_ae, parity_bf)
+    reg = _registry(tmp_path, files)
+    return files, reg, {"OMP_NUM_THREADS": "1", "MEDDIFFUSION_REGISTRY": str(reg), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def _offline_server(tmp_path, name, token, env) -> LocalServer:
+    """A server offline with an empty cache: it cannot have a hub model's weights."""
+    return LocalServer(log_file=tmp_path / f"{name}.log", token=token,
+                       env={**env, "HF_HOME": str(tmp_path / f"hf-{name}"), "MEDDIFFUSION_CACHE": str(tmp_path / f"md-{name}"),
+                            "HF_HUB_OFFLINE": "1"})
+
+
 def test_a_server_without_the_weights_leaves_its_cases_to_one_that_has_them(tmp_path, monkeypatch, parity_ae,
                                                                              parity_bf):
     """error_kind "setup": the first server is offline with an empty cache (the hub model's weights
     cannot be had there), the second downloads them from a hub on 127.0.0.1. Every case ends on the
     second; with the first alone, every case fails with its reason, at once."""
     from hub_server import FakeHub
-    from test_weights_hub import REPO, _official_files, _registry
+    from test_weights_hub import REPO
 
-    files = _official_files(parity_ae, parity_bf)
-    reg = _registry(tmp_path, files)
+    files, reg, common = _hub_model(tmp_path, parity_ae, parity_bf)
     monkeypatch.setenv("MEDDIFFUSION_REGISTRY", str(reg))  # the plan made here knows the hub model
     ids = [f"h{i}" for i in range(4)]
     man = _manifest(tmp_path / "hub.jsonl", [{"id": i, "seed": n} for n, i in enumerate(ids)])
     token = new_token()
-    common = {"OMP_NUM_THREADS": "1", "MEDDIFFUSION_REGISTRY": str(reg), "HF_HUB_DISABLE_TELEMETRY": "1"}
 
     def plan(name):
         return ds.plan_dataset(ds.read_manifest(man), tmp_path / name, base=man.parent, model="tiny-hub",
                                sampler="ddim", steps=2, device="auto")
 
     with FakeHub(REPO, files) as hub:
-        offline = LocalServer(log_file=tmp_path / "offline.log", token=token,
-                              env={**common, "HF_HOME": str(tmp_path / "hf0"), "MEDDIFFUSION_CACHE": str(tmp_path / "md0"),
-                                   "HF_HUB_OFFLINE": "1"})
+        offline = _offline_server(tmp_path, "offline", token, common)
         online = LocalServer(log_file=tmp_path / "online.log", token=token,
                              env={**common, "HF_HOME": str(tmp_path / "hf1"), "MEDDIFFUSION_CACHE": str(tmp_path / "md1"),
                                   "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url})
@@ -271,3 +285,81 @@ def test_a_server_without_the_weights_leaves_its_cases_to_one_that_has_them(tmp_
     assert all(why.startswith(f"no server can run it ({offline.url}: ") and "offline" in why
                for _, why in lone.failed), lone.failed
     assert lone_runner.retried == []  # not sent to the same server again
+
+
+class _AnswerDroppingProxy:
+    """A TCP proxy on 127.0.0.1 in front of a server: every job submission (``POST /v1/jobs``)
+    reaches the server, which makes the job, but its answer is dropped and the connection closed,
+    as a server that crashes on that job would look; every other request goes through."""
+
+    def __init__(self, port: int):
+        self.target = port
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            shut(src, dst)
+
+    def _serve(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target), timeout=60)
+        first = client.recv(65536)
+        upstream.sendall(first)
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        if first.startswith(b"POST /v1/jobs "):
+            try:
+                upstream.recv(65536)  # the server answered: the job exists; the client never hears of it
+                self.dropped += 1
+            finally:
+                shut(client, upstream)  # not only close(): the pipe thread is still reading them
+        else:
+            self._pipe(upstream, client)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_a_batch_no_server_can_run_fails_instead_of_going_round(tmp_path, parity_ae, parity_bf):
+    """One server lacks the weights (setup); the other keeps answering but loses every job of the
+    batch (its answer never comes). Each server is left out for that batch once: it fails with both
+    reasons instead of going between them for ever, and the job the lost answer made is deleted."""
+    _, reg, common = _hub_model(tmp_path, parity_ae, parity_bf)
+    man = _manifest(tmp_path / "one.jsonl", [{"id": "lost", "seed": 1}])
+    token = new_token()
+    servers = [_offline_server(tmp_path, name, token, common) for name in ("nos", "drops")]
+    proxy = None
+    try:
+        for s in servers:
+            s.start(timeout=120)
+        proxy = _AnswerDroppingProxy(servers[1].port)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), MEDDIFFUSION_TOKEN=token, MEDDIFFUSION_REGISTRY=str(reg))
+        run = subprocess.run([sys.executable, "-m", "MedDiffusionLib.cli", "generate-dataset", str(man), "--out",
+                              str(tmp_path / "out"), "--model", "tiny-hub", "--server", f"{servers[0].url},{proxy.url}",
+                              *FAST], env=env, capture_output=True, text=True, timeout=180)
+        left = servers[1].client().jobs()
+    finally:
+        if proxy is not None:
+            proxy.close()
+        for s in servers:
+            s.stop()
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert "failed: lost: no server can run it (" in run.stderr, run.stderr[-2000:]
+    assert f"{servers[0].url}: " in run.stderr and "offline" in run.stderr
+    assert f"{proxy.url}: stopped answering while it ran" in run.stderr
+    assert proxy.dropped == 1 and left == []  # sent there once; the job it made was deleted

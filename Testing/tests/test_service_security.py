@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA
+from sockets_util import shut
 from MedDiffusionLib.auth import add_user
 from MedDiffusionLib.client import Client, LocalServer, ServiceError, ServiceUnavailable
 from MedDiffusionLib.data.volumes import Volume, read_volume, write_volume
@@ -358,20 +359,12 @@ class _HoldingProxy:
         except OSError:
             pass
         finally:
-            for sock in (src, dst):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            shut(src, dst)
 
     def close(self):
         self.closed.set()
         self.sock.close()
-        for sock in self.sockets:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        shut(*self.sockets)
 
 
 @pytest.mark.parametrize("moment", ["during the upload", "before the answer"])
@@ -423,7 +416,7 @@ def test_a_submit_whose_answer_never_comes_leaves_no_job(lab):
         with pytest.raises(ServiceUnavailable):
             with client.job({"task": "generate", "params": QUICK}):
                 pass
-        assert proxy.holding.is_set() and proxy.count >= 2  # the answer was held; a second connection: the delete
+        assert proxy.holding.wait(30) and proxy.count >= 2  # the answer was held; a second connection: the delete
     finally:
         proxy.close()
     # the job the upload made (or, had the delete come first, its folder) is gone

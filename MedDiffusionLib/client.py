@@ -672,6 +672,9 @@ def new_token() -> str:
     return token
 
 
+PORT_MOVES = 3  # a server whose chosen port was taken before it bound it starts on another, this often
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -921,6 +924,8 @@ class LocalServer:
         self.log_file = Path(log_file)
         self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen | None = None  # the direct child (maybe a launcher)
+        self._moves = 0  # restarts on another port since the last start()
+        self._log_start = 0
         self._tree: _Tree | None = None
         self._stopped: _Tree | None = None  # the last tree this server was asked to stop
         self._log = None
@@ -961,9 +966,38 @@ class LocalServer:
         return Client(self.url, self.token, timeout)
 
     def start(self, wait: bool = True, timeout: float = 120.0) -> None:
-        """Start the process (a no-op when it runs). ``wait=False`` returns at once: poll :meth:`ready`."""
+        """Start the process (a no-op when it runs). ``wait=False`` returns at once: poll :meth:`ready`
+        (and, when the process has exited, :meth:`restart_on_a_free_port`)."""
         if self.running:
             return
+        self._moves = 0
+        self._start(wait, timeout)
+
+    def port_was_taken(self) -> bool:
+        """Whether the process exited because its automatically chosen port was taken by another
+        program between the choice (:func:`free_port`) and the server's bind."""
+        if not self._auto_port or self.process is None or self.running:
+            return False
+        try:
+            with open(self.log_file, "rb") as fh:
+                fh.seek(self._log_start)
+                told = fh.read().lower()
+        except OSError:
+            return False
+        return b"address already in use" in told or b"10048" in told  # POSIX EADDRINUSE; WSAEADDRINUSE
+
+    def restart_on_a_free_port(self) -> bool:
+        """When :meth:`port_was_taken`, start again on another free port without waiting (at most
+        :data:`PORT_MOVES` times per :meth:`start`); True when it did."""
+        if self._moves >= PORT_MOVES or not self.port_was_taken():
+            return False
+        self._moves += 1
+        self.stop(timeout=0)  # collects the exited process
+        self.port = None
+        self._start(wait=False)
+        return True
+
+    def _start(self, wait: bool, timeout: float = 120.0) -> None:
         if self._auto_port and self.stopping:  # the old server may still hold its port
             self.port = None
         self.port = self.port or free_port()
@@ -981,6 +1015,8 @@ class LocalServer:
                "--exit-with-parent", str(os.getpid()), *self.extra_args]
         if self._log is None:
             self._log = open(self.log_file, "ab")
+        self._log.flush()
+        self._log_start = os.path.getsize(self.log_file)  # what this process writes comes after
         kwargs: dict[str, Any] = {}
         if os.name == "nt":  # no console window; its own group (no Ctrl+C/Break of ours reaches it)
             kwargs["creationflags"] = (getattr(subprocess, "CREATE_NO_WINDOW", 0)
@@ -1014,6 +1050,8 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and not self.running:
+                if self.restart_on_a_free_port():
+                    continue
                 raise ServiceUnavailable(f"the local MedDiffusion server exited with code {self.process.returncode}:\n"
                                          f"{self.log_tail()}")
             if self.ready(timeout=1.0):

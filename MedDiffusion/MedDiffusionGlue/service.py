@@ -668,6 +668,11 @@ class ServiceLogic:
             if self.isLocal:
                 server = self.localServer()
                 if not server.running:
+                    if c["started"] and server.restart_on_a_free_port():  # another program took its port
+                        if c["transfer"] is not None:
+                            c["transfer"].cancel()
+                            c["transfer"] = None
+                        return None
                     if c["started"]:
                         code = server.process.returncode if server.process is not None else None
                         raise ServiceUnavailable(f"the local MedDiffusion server exited (code {code}):\n"

@@ -294,3 +294,34 @@ def test_module_self_test_leaves_no_server_when_the_job_fails(tmp_path):
                 os.kill(real, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_port_taken_before_the_server_bound_it_is_left_for_another(tmp_path, monkeypatch):
+    """The port is chosen free, then another program binds it before the server does (the race of
+    two servers starting at once): the server exits on EADDRINUSE and is started on another port."""
+    from MedDiffusionLib import client as client_mod
+
+    blocker = socket.create_server(("127.0.0.1", 0))  # listening: nobody else can bind it
+    taken = blocker.getsockname()[1]
+    picks = [taken, taken]  # chosen twice in a row, then free ones
+    real = client_mod.free_port
+    monkeypatch.setattr(client_mod, "free_port", lambda host="127.0.0.1": picks.pop(0) if picks else real(host))
+    srv = LocalServer(log_file=tmp_path / "serve.log")
+    try:
+        srv.start(timeout=120)
+        assert srv.port != taken and srv.client().health()["version"]
+        assert (tmp_path / "serve.log").read_text().lower().count("address already in use") == 2
+        assert picks == []
+    finally:
+        srv.stop()
+        blocker.close()
+    # a port given by the caller is not changed: its server's exit is the error
+    blocker = socket.create_server(("127.0.0.1", 0))
+    fixed = LocalServer(port=blocker.getsockname()[1], log_file=tmp_path / "fixed.log")
+    try:
+        with pytest.raises(Exception, match="exited"):
+            fixed.start(timeout=120)
+        assert fixed.port == blocker.getsockname()[1]
+    finally:
+        fixed.stop()
+        blocker.close()

@@ -206,6 +206,33 @@ def test_a_dead_local_server_is_restarted_without_waiting(logic):
     assert answers[-1]["models"] and logic.cachedHealth() is answers[-1]
 
 
+def test_the_panel_moves_its_server_to_another_port_when_its_port_was_taken(monkeypatch):
+    """connectStep: the local server exits because another program bound its port first; the
+    panel starts it on another port (no wait on the main thread) and connects."""
+    import socket
+
+    from MedDiffusionLib import client as client_mod
+
+    blocker = socket.create_server(("127.0.0.1", 0))
+    taken = blocker.getsockname()[1]
+    picks = [taken]
+    real = client_mod.free_port
+    monkeypatch.setattr(client_mod, "free_port", lambda host="127.0.0.1": picks.pop(0) if picks else real(host))
+    lg = ServiceLogic(slicer.vtkMRMLScene())
+    lg.useLocalServer(sys.executable)
+    try:
+        answers = []
+        while not answers or answers[-1] is None:
+            answers.append(lg.connectStep())
+            lg._idle(0.02)
+        assert answers[0] is None and answers[-1]["version"]
+        assert lg.server.port != taken and picks == []
+        assert "address already in use" in lg.server.log_file.read_text().lower()
+    finally:
+        lg.stopServer()
+        blocker.close()
+
+
 def test_live_preview_node_follows_the_run_and_goes_at_the_end(logic):
     import time
 

@@ -580,9 +580,10 @@ DATASET_FILES = ("dataset.json", "datalist.json")
 def _sweep_temporaries(plan: Plan) -> None:
     """Remove the hidden temporary files of writes that a killed worker left (``.<name>.<pid>-...``
     beside each output, :func:`MedDiffusionLib.io.atomic.atomic_path`): nnU-Net lists a folder's
-    files by their ending and would take them for cases; a done-marker's is swept too. Runs after
-    every worker is done."""
-    folders = {p.parent for c in plan.cases for p in plan.files(c).values()} | {plan.out, plan.out / STATE_DIR / "done"}
+    files by their ending and would take them for cases; a done-marker's and the state file's are
+    swept too. Runs after every worker is done."""
+    folders = ({p.parent for c in plan.cases for p in plan.files(c).values()}
+               | {plan.out, plan.out / STATE_DIR, plan.out / STATE_DIR / "done"})
     for folder in folders:
         if folder.is_dir():
             for left in folder.glob(".*.tmp*"):

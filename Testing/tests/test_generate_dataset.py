@@ -71,6 +71,7 @@ def test_images_only_flat_layout_rerun_and_redo(single, monkeypatch, capsys):
     (out / "b.nii.gz").unlink()
     (out / ".b.123-456-deadbeef.tmp.nii.gz").write_bytes(b"half")
     (out / ".meddiffusion" / "done" / ".b.123-456-deadbeef.tmp.json").write_bytes(b"{")  # a marker's, too
+    (out / ".meddiffusion" / ".state.123-456-deadbeef.tmp.json").write_bytes(b"{")  # and the state file's
     mtime_a = (out / "a.nii.gz").stat().st_mtime_ns
     assert _gen(man, "--out", out, "--seed", 5, "--threads", 1, *FAST) == 0
     assert "1 done, 2 skipped" in capsys.readouterr().err

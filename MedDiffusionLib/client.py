@@ -58,8 +58,9 @@ class ServiceUnavailable(ServiceError):
 class JobFailed(ServiceError):
     """The job ended with an error; ``message`` is the server's explanation, ``kind`` its kind
     (``request``: the request or an input is wrong, running it again gives the same error;
-    ``setup``: the server lacks the weights the job needs, another server may run it; ``resources``, ``time_limit``, ``internal``, ``interrupted``; ``None`` when the server
-    does not say)."""
+    ``setup``: the server lacks the weights the job needs, another server may run it;
+    ``resources``, ``time_limit``, ``internal``, ``interrupted``; ``None`` when the server does
+    not say)."""
 
     kind: str | None = None
 

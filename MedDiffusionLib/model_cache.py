@@ -67,7 +67,7 @@ class ModelCache:
         path = find_controlnet(spec.controlnet, controlnet_dirs)
         if path is None and not self.local_paths:
             raise SetupError(f"the ControlNet {show(spec.controlnet)} is not installed here any more",
-                            field="controlnet")
+                             field="controlnet")
         if path is None:
             path = resolve_controlnet(spec.controlnet, controlnet_dirs)
         key = ("controlnet", spec.controlnet, spec.model, spec.weights, device, p["mode"], p["precision"])

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from sockets_util import shut
+from sockets_util import pipe, shut
 from MedDiffusionLib import cli
 from MedDiffusionLib import dataset as ds
 from MedDiffusionLib.client import LocalServer, free_port, new_token
@@ -307,21 +307,11 @@ class _AnswerDroppingProxy:
                 return
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            shut(src, dst)
-
     def _serve(self, client):
         upstream = socket.create_connection(("127.0.0.1", self.target), timeout=60)
         first = client.recv(65536)
         upstream.sendall(first)
-        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
         if first.startswith(b"POST /v1/jobs "):
             try:
                 upstream.recv(65536)  # the server answered: the job exists; the client never hears of it
@@ -329,7 +319,7 @@ class _AnswerDroppingProxy:
             finally:
                 shut(client, upstream)  # not only close(): the pipe thread is still reading them
         else:
-            self._pipe(upstream, client)
+            pipe(upstream, client)
 
     def close(self):
         self.sock.close()
